@@ -1,0 +1,146 @@
+"""Model Provider Registry: where an organisation's LLM and embedding model providers live,
+what they serve, and whether they answer."""
+
+import logging
+import os
+import secrets
+
+import sqlalchemy as sa
+from alembic.script import ScriptDirectory
+from flask import Flask
+from flask_migrate import Migrate
+
+from auth import verified_passwords  # noqa: F401  (registers the auth callbacks)
+from cli import register_commands
+from crypto import cipher
+from docs import apifairy, docs_bp
+from errors import errors_bp
+from health import health_bp
+from models import User, db
+from providers import providers_bp
+from schemas import ma
+
+log = logging.getLogger("registry")
+migrate = Migrate()
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MIGRATIONS_DIRECTORY = os.path.join(HERE, "migrations")
+MAX_BODY_BYTES = 64 * 1024
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off"}
+
+
+def read_bool(environ, name, default):
+    value = environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in TRUE_WORDS | FALSE_WORDS:
+        raise RuntimeError(f"{name} must be true or false, not {value!r}.")
+    return value in TRUE_WORDS
+
+
+def read_number(environ, name, default, kind=int):
+    value = environ.get(name, "").strip()
+    try:
+        number = kind(value) if value else default
+    except ValueError:
+        raise RuntimeError(f"{name} must be a number, not {value!r}.") from None
+    if number < 0:
+        raise RuntimeError(f"{name} must not be negative.")
+    return number
+
+
+def read_list(environ, name):
+    return [item.strip() for item in environ.get(name, "").split(",") if item.strip()]
+
+
+def load_config(environ):
+    """Configuration from the environment (section 5 of the API contract), read once."""
+    instance_path = os.path.abspath(environ.get("REGISTRY_INSTANCE_PATH") or os.path.join(HERE, "instance"))
+    return {
+        "INSTANCE_PATH": instance_path,
+        "SQLALCHEMY_DATABASE_URI": environ.get("DATABASE_URL") or f"sqlite:///{instance_path}/registry.db",
+        "ADMIN_USERNAME": environ.get("REGISTRY_ADMIN_USERNAME") or "admin",
+        "ADMIN_PASSWORD": environ.get("REGISTRY_ADMIN_PASSWORD") or None,
+        "ENCRYPTION_KEYS": read_list(environ, "REGISTRY_ENCRYPTION_KEYS"),
+        "VERIFY_ON_CREATE": read_bool(environ, "REGISTRY_VERIFY_ON_CREATE", True),
+        "UPSTREAM_TIMEOUT": read_number(environ, "REGISTRY_UPSTREAM_TIMEOUT", 10.0, float),
+        "MODELS_CACHE_TTL": read_number(environ, "REGISTRY_MODELS_CACHE_TTL", 300.0, float),
+        "PROBE_INTERVAL": read_number(environ, "REGISTRY_PROBE_INTERVAL", 60.0, float),
+        "PROBE_FAILURES": max(1, read_number(environ, "REGISTRY_PROBE_FAILURES", 2)),
+        "MANIFESTS": read_list(environ, "REGISTRY_MANIFESTS"),
+        "SYNC_INTERVAL": read_number(environ, "REGISTRY_SYNC_INTERVAL", 300.0, float),
+        "MAX_CONTENT_LENGTH": MAX_BODY_BYTES,
+        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+        "APIFAIRY_TITLE": "Model Provider Registry",
+        "APIFAIRY_VERSION": "1.0.0",
+        "APIFAIRY_APISPEC_PATH": "/openapi.json",
+        "APIFAIRY_UI": "swagger_ui",
+        "APIFAIRY_UI_PATH": "/docs",
+    }
+
+
+def tune_sqlite(dbapi_connection, connection_record):
+    """WAL for concurrent readers; FULL sync so an answered 201 survives a crash or power loss."""
+    cursor = dbapi_connection.cursor()
+    for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=30000", "foreign_keys=ON"):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
+def schema_head():
+    return ScriptDirectory(MIGRATIONS_DIRECTORY).get_current_head()
+
+
+def bootstrap_admin(app):
+    """Create the first admin when the database has no user (and its schema exists)."""
+    if not sa.inspect(db.engine).has_table(User.__tablename__):
+        return
+    if db.session.scalar(sa.select(User.id).limit(1)) is not None:
+        return
+    generated = app.config["ADMIN_PASSWORD"] is None
+    password = secrets.token_urlsafe(18) if generated else app.config["ADMIN_PASSWORD"]
+    admin = User(username=app.config["ADMIN_USERNAME"], role="admin")
+    admin.set_password(password)
+    db.session.add(admin)
+    try:
+        db.session.commit()
+    except sa.exc.IntegrityError:  # another worker created it first
+        db.session.rollback()
+        return
+    if generated:
+        path = os.path.join(app.instance_path, "admin-password")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as password_file:
+            password_file.write(password + "\n")
+        log.warning("created admin user %r; its generated password is in %s", admin.username, path)
+    else:
+        log.warning("created admin user %r from REGISTRY_ADMIN_PASSWORD", admin.username)
+
+
+def create_app(environ=None):
+    """Build the registry; `environ` replaces os.environ (tests pass their own)."""
+    config = load_config(os.environ if environ is None else environ)
+    app = Flask(__name__, instance_path=config.pop("INSTANCE_PATH"))
+    app.config.update(config, SCHEMA_HEAD=schema_head())
+    app.json.sort_keys = False
+    os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
+
+    db.init_app(app)
+    migrate.init_app(app, db, directory=MIGRATIONS_DIRECTORY, render_as_batch=True)
+    ma.init_app(app)
+    apifairy.init_app(app)
+    cipher.init_app(app)
+
+    app.register_blueprint(errors_bp)
+    app.register_blueprint(health_bp)
+    app.register_blueprint(docs_bp)
+    app.register_blueprint(providers_bp, url_prefix="/api/v1")
+    register_commands(app)
+
+    with app.app_context():
+        if db.engine.dialect.name == "sqlite":
+            sa.event.listen(db.engine, "connect", tune_sqlite)
+        bootstrap_admin(app)
+        db.session.remove()
+    return app

@@ -1,0 +1,74 @@
+"""Operator commands: `flask --app app users ...`."""
+
+import sys
+
+import click
+import sqlalchemy as sa
+from flask.cli import AppGroup
+
+from models import ROLES, User, db
+
+users_cli = AppGroup("users", help="Manage the users who may call the API.")
+
+
+def read_password(from_stdin):
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if not password:
+        raise click.ClickException("The password must not be empty.")
+    return password
+
+
+def find_user(username):
+    user = db.session.scalar(sa.select(User).where(User.username == username))
+    if user is None:
+        raise click.ClickException(f"No user named {username!r}.")
+    return user
+
+
+@users_cli.command("create")
+@click.argument("username")
+@click.option("--role", type=click.Choice(ROLES), required=True)
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input.")
+def create_user(username, role, password_stdin):
+    """Create a user with a role."""
+    if db.session.scalar(sa.select(User.id).where(User.username == username)) is not None:
+        raise click.ClickException(f"A user named {username!r} already exists.")
+    user = User(username=username, role=role)
+    user.set_password(read_password(password_stdin))
+    db.session.add(user)
+    db.session.commit()
+    click.echo(f"Created {role} {username}.")
+
+
+@users_cli.command("list")
+def list_users():
+    """List users and their roles."""
+    for user in db.session.scalars(sa.select(User).order_by(User.username)):
+        click.echo(f"{user.username}\t{user.role}")
+
+
+@users_cli.command("set-password")
+@click.argument("username")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input.")
+def set_password(username, password_stdin):
+    """Change a user's password."""
+    user = find_user(username)
+    user.set_password(read_password(password_stdin))
+    db.session.commit()
+    click.echo(f"Changed the password of {username}.")
+
+
+@users_cli.command("delete")
+@click.argument("username")
+def delete_user(username):
+    """Delete a user."""
+    db.session.delete(find_user(username))
+    db.session.commit()
+    click.echo(f"Deleted {username}.")
+
+
+def register_commands(app):
+    app.cli.add_command(users_cli)

@@ -1,0 +1,56 @@
+"""Encryption of stored API keys with Fernet, keys from the configuration or a key file."""
+
+import os
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from flask import current_app
+
+KEY_FILE_NAME = "encryption.key"
+
+
+def read_or_create_key_file(instance_path):
+    """The instance's own key, generated once with mode 0600 (several workers may race)."""
+    path = os.path.join(instance_path, KEY_FILE_NAME)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "wb") as key_file:
+            key_file.write(Fernet.generate_key())
+    with open(path, "rb") as key_file:
+        key = key_file.read().strip()
+    if not key:
+        raise RuntimeError(f"Encryption key file {path} is empty.")
+    return key
+
+
+class ApiKeyCipher:
+    """Seals with the first configured key, opens with any of them (per application)."""
+
+    def init_app(self, app):
+        keys = app.config["ENCRYPTION_KEYS"] or [read_or_create_key_file(app.instance_path)]
+        try:
+            app.extensions["api_key_cipher"] = MultiFernet([Fernet(key) for key in keys])
+        except ValueError:
+            raise RuntimeError("REGISTRY_ENCRYPTION_KEYS holds a key that is not a Fernet key.") from None
+
+    @property
+    def _fernet(self):
+        return current_app.extensions["api_key_cipher"]
+
+    def seal(self, api_key):
+        return self._fernet.encrypt(api_key.encode()).decode()
+
+    def open(self, sealed_api_key):
+        try:
+            return self._fernet.decrypt(sealed_api_key.encode()).decode()
+        except InvalidToken:
+            raise RuntimeError("A stored API key cannot be decrypted with the configured keys.") from None
+
+    def reseal(self, sealed_api_key):
+        """The same key sealed under the first configured key."""
+        return self._fernet.rotate(sealed_api_key.encode()).decode()
+
+
+cipher = ApiKeyCipher()

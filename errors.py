@@ -1,0 +1,83 @@
+"""Every error the service answers, as an RFC 9457 problem document, in one place."""
+
+import logging
+
+from apifairy.exceptions import ValidationError as RequestValidationError
+from flask import Blueprint, current_app, json, request
+from marshmallow import ValidationError
+from sqlalchemy.exc import OperationalError
+from werkzeug.exceptions import HTTPException
+from werkzeug.http import HTTP_STATUS_CODES
+
+errors_bp = Blueprint("errors", __name__)
+log = logging.getLogger(__name__)
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
+RFC_9110_TITLES = {413: "Content Too Large", 422: "Unprocessable Content"}
+
+
+class UpstreamError(Exception):
+    """An upstream provider failed; the message says how, never with the key."""
+
+
+def problem(status, detail, errors=None, headers=None):
+    document = {
+        "type": "about:blank",
+        "title": RFC_9110_TITLES.get(status) or HTTP_STATUS_CODES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+    }
+    if errors is not None:
+        document["errors"] = errors
+    return current_app.response_class(json.dumps(document), status=status, mimetype=PROBLEM_MEDIA_TYPE, headers=headers)
+
+
+def flatten_messages(messages, prefix=""):
+    """marshmallow's nested messages as {"dotted.path": [message, ...]}."""
+    if isinstance(messages, list):
+        return {prefix or "_schema": [str(message) for message in messages]}
+    flat = {}
+    for key, value in messages.items():
+        flat.update(flatten_messages(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def validation_problem(messages, detail):
+    return problem(422, detail, errors=flatten_messages(messages))
+
+
+@errors_bp.app_errorhandler(RequestValidationError)
+def request_validation_error(error):
+    # webargs keys messages by location: {"json": {...}} or {"query": {...}}
+    location, messages = next(iter(error.messages.items()), ("json", {}))
+    detail = "Request body is invalid." if location == "json" else "Query parameters are invalid."
+    return validation_problem(messages, detail)
+
+
+@errors_bp.app_errorhandler(ValidationError)
+def domain_validation_error(error):
+    return validation_problem(error.messages, "Request body is invalid.")
+
+
+@errors_bp.app_errorhandler(HTTPException)
+def http_error(error):
+    kept = {name: value for name, value in error.get_headers() if name in KEPT_HEADERS}
+    return problem(error.code, error.description, headers=kept)
+
+
+@errors_bp.app_errorhandler(UpstreamError)
+def upstream_error(error):
+    return problem(502, f"Upstream provider failed: {error}")
+
+
+@errors_bp.app_errorhandler(OperationalError)
+def database_unavailable(error):
+    log.error("database error on %s %s: %s", request.method, request.path, error.orig)
+    return problem(503, "The database is not available; try again shortly.")
+
+
+@errors_bp.app_errorhandler(Exception)
+def unexpected_error(error):
+    log.exception("unexpected error on %s %s", request.method, request.path)
+    return problem(500, "The server met an unexpected error; it has been logged.")

@@ -1,0 +1,37 @@
+"""Liveness and readiness, for load balancers and orchestrators (no authentication)."""
+
+import sqlalchemy as sa
+from apifairy import other_responses, response
+from flask import Blueprint, current_app
+from werkzeug.exceptions import ServiceUnavailable
+
+from models import db
+from schemas import StatusSchema
+
+health_bp = Blueprint("health", __name__)
+
+
+def schema_revision():
+    try:
+        return db.session.scalar(sa.text("SELECT version_num FROM alembic_version"))
+    except sa.exc.SQLAlchemyError:
+        db.session.rollback()
+        raise ServiceUnavailable("The database does not answer, or its schema has not been created.") from None
+
+
+@health_bp.route("/healthz")
+@response(StatusSchema)
+def healthz():
+    """Liveness: the process serves"""
+    return {"status": "ok"}
+
+
+@health_bp.route("/readyz")
+@response(StatusSchema)
+@other_responses({503: "The database does not answer or its schema is not current"})
+def readyz():
+    """Readiness: the database answers and its schema is current"""
+    revision, head = schema_revision(), current_app.config["SCHEMA_HEAD"]
+    if revision != head:
+        raise ServiceUnavailable(f"The database schema is at {revision}, not {head}: run the migrations.")
+    return {"status": "ready"}

@@ -1,0 +1,131 @@
+"""Tables, constraints and the small domain rules that belong to stored data."""
+
+import uuid
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
+
+import sqlalchemy as sa
+from flask_sqlalchemy import SQLAlchemy
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from crypto import cipher
+
+db = SQLAlchemy()
+
+CAPABILITIES_BY_TYPE = {
+    "anthropic": ("llm",),
+    "bedrock": ("llm",),
+    "cerebras": ("llm",),
+    "chutes": ("llm",),
+    "cohere": ("llm", "embedding"),
+    "deepseek": ("llm",),
+    "gemini": ("llm", "embedding"),
+    "github": ("llm",),
+    "groq": ("llm",),
+    "watsonx": ("llm", "embedding"),
+    "jan": ("llm",),
+    "mistral": ("llm", "embedding"),
+    "moonshot": ("llm",),
+    "nvidia": ("llm",),
+    "ollama": ("llm", "embedding"),
+    "openai": ("llm", "embedding"),
+    "openrouter": ("llm",),
+    "perplexity": ("llm",),
+    "together": ("llm",),
+    "voyage": ("embedding",),
+    "rits": ("llm", "embedding"),
+    "other": ("llm", "embedding"),
+}
+PROVIDER_TYPES = tuple(CAPABILITIES_BY_TYPE)
+CAPABILITIES = ("llm", "embedding")
+STATES = ("online", "offline")
+ROLES = ("reader", "service", "admin")
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def utcnow():
+    """Naive UTC, the form every timestamp column holds."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def new_id():
+    return str(uuid.uuid4())
+
+
+def normalize_base_url(url):
+    """Return the canonical form of a provider URL, or raise ValueError saying why."""
+    if any(ord(char) <= 0x20 or ord(char) >= 0x7F for char in url):
+        raise ValueError("URL must be ASCII without spaces or control characters.")
+    if "#" in url:
+        raise ValueError("URL must not contain a fragment.")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        raise ValueError("URL scheme must be http or https.")
+    if "@" in parts.netloc:
+        raise ValueError("URL must not contain user information.")
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise ValueError("URL must have a host.")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("URL port is invalid.") from None
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if port in (None, DEFAULT_PORTS[scheme]) else f"{host}:{port}"
+    normalized = f"{scheme}://{netloc}{parts.path.rstrip('/')}"
+    return f"{normalized}?{parts.query}" if parts.query else normalized
+
+
+class ModelProvider(db.Model):
+    __tablename__ = "model_providers"
+    __table_args__ = (sa.Index("ix_model_providers_newest", "created_at", "id"),)
+
+    id = sa.Column(sa.String(36), primary_key=True, default=new_id)
+    type = sa.Column(sa.String(32), nullable=False, index=True)
+    base_url = sa.Column(sa.String(2083), nullable=False, unique=True)
+    name = sa.Column(sa.Text)
+    description = sa.Column(sa.Text)
+    sealed_api_key = sa.Column(sa.Text, nullable=False)
+    watsonx_project_id = sa.Column(sa.Text)
+    watsonx_space_id = sa.Column(sa.Text)
+    # "registry" on the wire; the attribute name is reserved by SQLAlchemy's declarative base.
+    manifest = sa.Column("registry", sa.Text, index=True)
+    state = sa.Column(sa.String(16), nullable=False, default="online")
+    consecutive_failures = sa.Column(sa.Integer, nullable=False, default=0)
+    last_checked_at = sa.Column(sa.DateTime)
+    last_error = sa.Column(sa.Text)
+    created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
+    updated_at = sa.Column(sa.DateTime, nullable=False, default=utcnow, onupdate=utcnow)
+
+    @property
+    def capabilities(self):
+        return list(CAPABILITIES_BY_TYPE[self.type])
+
+    def seal_api_key(self, api_key):
+        self.sealed_api_key = cipher.seal(api_key)
+
+    def open_api_key(self):
+        return cipher.open(self.sealed_api_key)
+
+
+class User(db.Model):
+    __tablename__ = "users"
+
+    id = sa.Column(sa.Integer, primary_key=True)
+    username = sa.Column(sa.String(255), nullable=False, unique=True)
+    password_hash = sa.Column(sa.String(255), nullable=False)
+    role = sa.Column(sa.String(16), nullable=False)
+    created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
+
+    @property
+    def roles(self):
+        """A role includes every role before it."""
+        return list(ROLES[: ROLES.index(self.role) + 1])
+
+    def set_password(self, password):
+        self.password_hash = generate_password_hash(password)
+
+    def check_password(self, password):
+        return check_password_hash(self.password_hash, password)

@@ -1,0 +1,152 @@
+"""Every error status of the contract is a problem document that changes nothing."""
+
+import pytest
+
+from tests.conftest import basic_auth, provider_body
+
+PROVIDERS = "/api/v1/model_providers"
+
+
+def assert_problem(response, status):
+    assert response.status_code == status
+    assert response.content_type == "application/problem+json"
+    problem = response.get_json()
+    assert problem["status"] == status
+    assert problem["title"] and problem["detail"]
+    assert "Traceback" not in response.get_data(as_text=True)
+    return problem
+
+
+def count(client):
+    return client.get(PROVIDERS).get_json()["total_count"]
+
+
+@pytest.mark.parametrize("body", ["{not json", '{"type": "openai",', "\xff\xfe", ""])
+def test_body_that_is_not_json_is_400(admin, body):
+    response = admin.post(PROVIDERS, data=body, content_type="application/json")
+    assert_problem(response, 400)
+    assert count(admin) == 0
+
+
+@pytest.mark.parametrize("body", ["[]", '["openai"]', "42", '"text"', "null", "true"])
+def test_body_that_is_not_an_object_is_400(admin, body):
+    assert_problem(admin.post(PROVIDERS, data=body, content_type="application/json"), 400)
+
+
+def test_deeply_nested_json_is_400_or_422_never_500(admin):
+    response = admin.post(PROVIDERS, data="[" * 100000 + "]" * 100000, content_type="application/json")
+    assert response.status_code in (400, 413)
+    deep_object = '{"name": ' + "[" * 50000 + "]" * 50000 + "}"
+    assert admin.post(PROVIDERS, data=deep_object, content_type="application/json").status_code in (400, 413, 422)
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "application/problem+json"]
+)
+def test_other_content_type_is_415(admin, content_type):
+    response = admin.post(PROVIDERS, data='{"type": "openai"}', content_type=content_type)
+    assert_problem(response, 415)
+    assert count(admin) == 0
+
+
+def test_body_without_content_type_is_415(admin):
+    assert_problem(admin.post(PROVIDERS, data='{"type": "openai"}'), 415)
+
+
+def test_body_over_64_kib_is_413(admin):
+    response = admin.post(PROVIDERS, json=provider_body(description="d" * (64 * 1024)))
+    assert_problem(response, 413)
+    assert count(admin) == 0
+
+
+def test_missing_credentials_are_401_with_basic_challenge(anonymous):
+    response = anonymous.get(PROVIDERS)
+    assert_problem(response, 401)
+    assert response.headers["WWW-Authenticate"] == 'Basic realm="model-provider-registry"'
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        basic_auth("admin", "wrong"),
+        basic_auth("nobody", "admin-pass-1"),
+        basic_auth("", ""),
+        "Bearer admin-pass-1",
+        "Basic not-base64!!",
+        "Basic",
+    ],
+)
+def test_wrong_credentials_are_401(anonymous, authorization):
+    response = anonymous.get(PROVIDERS, headers={"Authorization": authorization})
+    assert_problem(response, 401)
+    assert response.headers["WWW-Authenticate"].startswith("Basic")
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [("post", PROVIDERS), ("patch", PROVIDERS + "/{id}"), ("delete", PROVIDERS + "/{id}")],
+)
+def test_reader_and_service_get_403_on_writes(admin, reader, service, method, path):
+    provider_id = admin.post(PROVIDERS, json=provider_body()).get_json()["id"]
+    for client in (reader, service):
+        response = getattr(client, method)(
+            path.format(id=provider_id), json={"name": "x"} if method != "delete" else None
+        )
+        assert_problem(response, 403)
+    assert admin.get(f"{PROVIDERS}/{provider_id}").get_json()["name"] is None
+
+
+@pytest.mark.parametrize("provider_id", ["0b6f2d6e-3f57-4a57-9f0e-2f7c1c5e8d11", "not-a-uuid", "1", "%00", "x" * 300])
+def test_unknown_or_malformed_id_is_404(admin, provider_id):
+    for method in ("get", "patch", "delete"):
+        response = getattr(admin, method)(f"{PROVIDERS}/{provider_id}", json={} if method == "patch" else None)
+        assert_problem(response, 404)
+
+
+def test_unknown_path_is_404(admin):
+    assert_problem(admin.get("/api/v1/nothing-here"), 404)
+
+
+@pytest.mark.parametrize("method, path", [("put", PROVIDERS), ("delete", PROVIDERS), ("post", PROVIDERS + "/some-id")])
+def test_method_not_allowed_is_405_with_allow(admin, method, path):
+    response = getattr(admin, method)(path)
+    assert_problem(response, 405)
+    assert "GET" in response.headers["Allow"]
+
+
+def test_duplicate_base_url_is_409_naming_the_existing_provider(admin):
+    existing = admin.post(PROVIDERS, json=provider_body()).get_json()
+    problem = assert_problem(admin.post(PROVIDERS, json=provider_body(name="again")), 409)
+    assert existing["id"] in problem["detail"]
+    assert count(admin) == 1
+
+
+def test_validation_problem_lists_errors_per_field(admin):
+    problem = assert_problem(admin.post(PROVIDERS, json={"type": "nope", "base_url": 5, "unknown": 1}), 422)
+    assert set(problem["errors"]) == {"type", "base_url", "api_key", "unknown"}
+    assert all(isinstance(messages, list) and messages for messages in problem["errors"].values())
+
+
+def test_bad_query_parameters_are_422(reader):
+    for query in (
+        "limit=0",
+        "limit=1001",
+        "limit=ten",
+        "type=azure",
+        "capability=vision",
+        "state=up",
+        "page_token=%%%",
+    ):
+        problem = assert_problem(reader.get(f"{PROVIDERS}?{query}"), 422)
+        assert query.split("=")[0] in problem["errors"]
+
+
+def test_database_gone_is_503_not_500(app, admin, instance_path):
+    from models import db
+
+    with app.app_context():
+        db.engine.dispose()
+    (instance_path / "registry.db").unlink()
+    (instance_path / "registry.db").mkdir()  # unopenable as a database
+    assert_problem(admin.get(PROVIDERS), 503)
+    assert_problem(app.test_client().get("/readyz"), 503)

@@ -1,0 +1,31 @@
+"""The registry under gunicorn with its own configuration, over a real socket."""
+
+from tests.conftest import provider_body
+
+SECRET = "sk-over-the-socket-7777"
+
+
+def test_create_list_get_patch_delete_over_a_socket(start_gunicorn):
+    server = start_gunicorn(workers=2)
+    with server.client("admin") as admin:
+        created = admin.post("/api/v1/model_providers", json=provider_body(api_key=SECRET))
+        assert created.status_code == 201, created.text
+        provider = created.json()
+        assert created.headers["Location"].endswith(provider["id"])
+
+        listed = admin.get("/api/v1/model_providers").json()
+        assert [item["id"] for item in listed["items"]] == [provider["id"]]
+        assert admin.get(f"/api/v1/model_providers/{provider['id']}").json() == provider
+
+        patched = admin.patch(f"/api/v1/model_providers/{provider['id']}", json={"name": "Renamed"})
+        assert patched.status_code == 200 and patched.json()["name"] == "Renamed"
+
+        assert admin.delete(f"/api/v1/model_providers/{provider['id']}").status_code == 204
+        assert admin.get(f"/api/v1/model_providers/{provider['id']}").status_code == 404
+    with server.client("reader") as reader:
+        assert reader.post("/api/v1/model_providers", json=provider_body()).status_code == 403
+    server.kill()
+    log = server.log()
+    assert '"POST /api/v1/model_providers" 201' in log
+    assert SECRET not in log
+    assert "Basic " not in log

@@ -1,0 +1,92 @@
+"""API keys never show in plain text: not in responses, logs, errors nor the database."""
+
+import logging
+import shutil
+import stat
+
+import pytest
+import sqlalchemy as sa
+from cryptography.fernet import Fernet
+
+from app import create_app
+from models import ModelProvider, User, db
+from tests.conftest import basic_auth, client_as, provider_body, registry_environ
+
+PROVIDERS = "/api/v1/model_providers"
+SECRET = "sk-PLAIN-TEXT-SECRET-4242"
+
+
+def database_bytes(instance_path):
+    return b"".join(path.read_bytes() for path in instance_path.glob("registry.db*"))
+
+
+def test_key_is_in_no_response_log_or_database_file(admin, instance_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    created = admin.post(PROVIDERS, json=provider_body(api_key=SECRET))
+    provider_id = created.get_json()["id"]
+    rotated = admin.patch(f"{PROVIDERS}/{provider_id}", json={"api_key": SECRET + "-ROTATED"})
+    refused = admin.post(PROVIDERS, json=provider_body(api_key=SECRET + "-DUP"))
+    invalid = admin.post(PROVIDERS, json=provider_body(api_key=SECRET + "-BAD", base_url="nope"))
+    listed = admin.get(PROVIDERS)
+    for response in (created, rotated, refused, invalid, listed):
+        assert SECRET.encode() not in response.data
+    assert refused.status_code == 409 and invalid.status_code == 422
+    assert SECRET not in caplog.text
+    assert SECRET.encode() not in database_bytes(instance_path)
+
+
+def test_stored_key_opens_to_what_was_sent(app, admin):
+    provider_id = admin.post(PROVIDERS, json=provider_body(api_key=SECRET)).get_json()["id"]
+    with app.app_context():
+        provider = db.session.get(ModelProvider, provider_id)
+        assert provider.sealed_api_key != SECRET
+        assert provider.open_api_key() == SECRET
+
+
+def test_generated_key_file_is_private(app, instance_path):
+    key_file = instance_path / "encryption.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    Fernet(key_file.read_bytes().strip())
+
+
+def test_configured_keys_are_used_and_no_key_file_is_made(make_app, instance_path):
+    key = Fernet.generate_key().decode()
+    app = make_app(REGISTRY_ENCRYPTION_KEYS=key)
+    provider_id = client_as(app, "admin").post(PROVIDERS, json=provider_body(api_key=SECRET)).get_json()["id"]
+    assert not (instance_path / "encryption.key").exists()
+    with app.app_context():
+        sealed = db.session.get(ModelProvider, provider_id).sealed_api_key
+    assert Fernet(key).decrypt(sealed.encode()).decode() == SECRET
+
+
+@pytest.fixture
+def userless_instance(tmp_path, template_database):
+    """A migrated database with no user yet, as on the first start."""
+    instance = tmp_path / "fresh"
+    instance.mkdir()
+    shutil.copy(template_database, instance / "registry.db")
+    with create_app(registry_environ(instance)).app_context():
+        db.session.execute(sa.delete(User))
+        db.session.commit()
+        db.engine.dispose()
+    return instance
+
+
+def test_generated_admin_password_file_is_private_and_works(userless_instance):
+    app = create_app(registry_environ(userless_instance, REGISTRY_ADMIN_USERNAME="root"))
+    password_file = userless_instance / "admin-password"
+    assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+    password = password_file.read_text().strip()
+    response = app.test_client().get(PROVIDERS, headers={"Authorization": basic_auth("root", password)})
+    assert response.status_code == 200
+
+
+def test_admin_from_environment_gets_no_password_file(userless_instance):
+    environ = registry_environ(userless_instance, REGISTRY_ADMIN_USERNAME="ops", REGISTRY_ADMIN_PASSWORD="ops-secret")
+    app = create_app(environ)
+    assert not (userless_instance / "admin-password").exists()
+    response = app.test_client().get(PROVIDERS, headers={"Authorization": basic_auth("ops", "ops-secret")})
+    assert response.status_code == 200
+    with app.app_context():
+        stored = db.session.scalar(sa.select(User.password_hash).where(User.username == "ops"))
+    assert "ops-secret" not in stored

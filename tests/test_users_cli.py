@@ -1,0 +1,77 @@
+"""`flask --app app users ...`: the operator's user commands, and roles over HTTP."""
+
+import pytest
+
+from tests.conftest import basic_auth, provider_body
+
+
+@pytest.fixture
+def cli(app):
+    runner = app.test_cli_runner()
+
+    def run(*args, input=None):
+        return runner.invoke(args=["users", *args], input=input)
+
+    return run
+
+
+def can_list(app, username, password):
+    response = app.test_client().get(
+        "/api/v1/model_providers", headers={"Authorization": basic_auth(username, password)}
+    )
+    return response.status_code
+
+
+def test_create_with_password_from_stdin_then_authenticate(app, cli):
+    result = cli("create", "ci-bot", "--role", "service", "--password-stdin", input="bot-secret\n")
+    assert result.exit_code == 0, result.output
+    assert can_list(app, "ci-bot", "bot-secret") == 200
+    assert can_list(app, "ci-bot", "wrong") == 401
+
+
+def test_create_with_prompted_password(app, cli):
+    result = cli("create", "alice", "--role", "reader", input="alice-pw\nalice-pw\n")
+    assert result.exit_code == 0, result.output
+    assert "alice-pw" not in result.output
+    assert can_list(app, "alice", "alice-pw") == 200
+
+
+def test_roles_decide_what_a_user_may_do(app, cli):
+    cli("create", "bob", "--role", "reader", "--password-stdin", input="pw\n")
+    response = app.test_client().post(
+        "/api/v1/model_providers", json=provider_body(), headers={"Authorization": basic_auth("bob", "pw")}
+    )
+    assert response.status_code == 403
+
+
+def test_list_shows_names_and_roles(cli):
+    output = cli("list").output
+    assert "admin\tadmin" in output and "reader\treader" in output and "service\tservice" in output
+
+
+def test_duplicate_user_and_bad_role_are_refused(cli):
+    assert cli("create", "admin", "--role", "admin", "--password-stdin", input="x\n").exit_code != 0
+    assert cli("create", "carol", "--role", "owner", "--password-stdin", input="x\n").exit_code != 0
+    assert cli("create", "dave", "--role", "reader", "--password-stdin", input="\n").exit_code != 0
+
+
+def test_set_password_takes_effect_at_once(app, cli):
+    assert can_list(app, "reader", "reader-pass-1") == 200
+    result = cli("set-password", "reader", "--password-stdin", input="new-reader-pw\n")
+    assert result.exit_code == 0, result.output
+    assert can_list(app, "reader", "reader-pass-1") == 401
+    assert can_list(app, "reader", "new-reader-pw") == 200
+
+
+def test_delete_takes_effect_at_once(app, cli):
+    assert can_list(app, "reader", "reader-pass-1") == 200
+    assert cli("delete", "reader").exit_code == 0
+    assert can_list(app, "reader", "reader-pass-1") == 401
+    assert cli("delete", "reader").exit_code != 0
+
+
+def test_recreated_user_does_not_inherit_a_cached_password(app, cli):
+    assert can_list(app, "reader", "reader-pass-1") == 200
+    cli("delete", "reader")
+    cli("create", "reader", "--role", "reader", "--password-stdin", input="another\n")
+    assert can_list(app, "reader", "reader-pass-1") == 401
