@@ -26,3 +26,16 @@ logconfig_dict = {
         "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
     },
 }
+
+
+def post_worker_init(worker):
+    """Each worker runs a scheduler thread; the database lease lets only one do the work."""
+    from scheduler import scheduler
+
+    scheduler.start(worker.wsgi)
+
+
+def worker_exit(server, worker):
+    from scheduler import scheduler
+
+    scheduler.stop()

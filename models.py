@@ -129,3 +129,32 @@ class User(db.Model):
 
     def check_password(self, password):
         return check_password_hash(self.password_hash, password)
+
+
+class Lease(db.Model):
+    """A named lock with an expiry, held by one process across workers and instances."""
+
+    __tablename__ = "leases"
+
+    name = sa.Column(sa.String(64), primary_key=True)
+    holder = sa.Column(sa.String(128), nullable=False)
+    expires_at = sa.Column(sa.DateTime, nullable=False)
+
+
+class JobRun(db.Model):
+    """When a background job last started, so a new lease holder keeps the same rhythm."""
+
+    __tablename__ = "job_runs"
+
+    name = sa.Column(sa.String(64), primary_key=True)
+    last_started_at = sa.Column(sa.DateTime, nullable=False)
+
+
+class SystemConfiguration(db.Model):
+    __tablename__ = "system_configuration"
+
+    id = sa.Column(sa.String(36), primary_key=True, default=new_id)
+    default_llm_model = sa.Column(sa.Text)
+    default_embedding_model = sa.Column(sa.Text)
+    updated_at = sa.Column(sa.DateTime, nullable=False, default=utcnow, onupdate=utcnow)
+    created_by = sa.Column(sa.String(255))

@@ -1,0 +1,134 @@
+"""Background work with one owner per database: the prober and the manifest sync.
+
+Every gunicorn worker runs a scheduler thread (started by gunicorn.conf.py, never by a
+route). Each tick, the thread tries to take or renew the lease row "scheduler"; only the
+holder runs jobs, so one database gets one prober however many workers and instances
+serve it. Job start times are stored too, so a new holder keeps the same rhythm.
+"""
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import sqlalchemy as sa
+
+from models import JobRun, Lease, db, utcnow
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_LEASE = "scheduler"
+TICK_SECONDS = 0.5
+LEASE_SECONDS = 15
+
+
+def holder_name():
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def try_lease(name, holder, seconds):
+    """Take or renew the lease `name` for `seconds`; True when `holder` has it."""
+    now = utcnow()
+    expires_at = now + timedelta(seconds=seconds)
+    renewed = db.session.execute(
+        sa.update(Lease)
+        .where(Lease.name == name, sa.or_(Lease.holder == holder, Lease.expires_at < now))
+        .values(holder=holder, expires_at=expires_at)
+    )
+    if renewed.rowcount == 1:
+        db.session.commit()
+        return True
+    db.session.rollback()
+    db.session.add(Lease(name=name, holder=holder, expires_at=expires_at))
+    try:
+        db.session.commit()
+        return True
+    except sa.exc.IntegrityError:
+        db.session.rollback()
+        return False
+
+
+def release_lease(name, holder):
+    db.session.execute(sa.delete(Lease).where(Lease.name == name, Lease.holder == holder))
+    db.session.commit()
+
+
+def claim_if_due(job_name, interval):
+    """Record a start of `job_name` when `interval` seconds have passed since the last."""
+    now = utcnow()
+    run = db.session.get(JobRun, job_name)
+    if run is not None and now - run.last_started_at < timedelta(seconds=interval):
+        return False
+    if run is None:
+        db.session.add(JobRun(name=job_name, last_started_at=now))
+    else:
+        run.last_started_at = now
+    db.session.commit()
+    return True
+
+
+class Scheduler:
+    def __init__(self):
+        self.jobs = []  # (name, interval config key, function of the app)
+        self._stop = threading.Event()
+        self._thread = None
+
+    def job(self, name, interval_setting):
+        def register(function):
+            self.jobs.append((name, interval_setting, function))
+            return function
+
+        return register
+
+    def start(self, app):
+        if not any(app.config[setting] > 0 for _, setting, _ in self.jobs):
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, args=(app,), name="scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self, app):
+        holder = holder_name()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="job") as executor:
+            running = None
+            while not self._stop.wait(TICK_SECONDS):
+                with app.app_context():
+                    try:
+                        if try_lease(SCHEDULER_LEASE, holder, LEASE_SECONDS) and (running is None or running.done()):
+                            running = self._start_due_jobs(app, executor)
+                    except Exception:
+                        log.exception("scheduler tick failed")
+                    finally:
+                        db.session.remove()
+            with app.app_context():
+                release_lease(SCHEDULER_LEASE, holder)
+
+    def _start_due_jobs(self, app, executor):
+        due = [
+            function
+            for name, setting, function in self.jobs
+            if app.config[setting] > 0 and claim_if_due(name, app.config[setting])
+        ]
+        return executor.submit(run_jobs, app, due) if due else None
+
+
+def run_jobs(app, functions):
+    for function in functions:
+        with app.app_context():
+            try:
+                function(app)
+            except Exception:
+                log.exception("background job %s failed", function.__name__)
+            finally:
+                db.session.remove()
+
+
+scheduler = Scheduler()
