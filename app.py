@@ -12,11 +12,13 @@ from flask_migrate import Migrate
 
 from auth import verified_passwords  # noqa: F401  (registers the auth callbacks)
 from cli import register_commands
+from configurations import configurations_bp
 from crypto import cipher
 from docs import apifairy, docs_bp
 from errors import errors_bp
 from health import health_bp
 from models import User, db
+from openai_compat import openai_bp
 from providers import providers_bp
 from schemas import ma
 
@@ -136,6 +138,8 @@ def create_app(environ=None):
     app.register_blueprint(health_bp)
     app.register_blueprint(docs_bp)
     app.register_blueprint(providers_bp, url_prefix="/api/v1")
+    app.register_blueprint(configurations_bp, url_prefix="/api/v1")
+    app.register_blueprint(openai_bp, url_prefix="/api/v1")
     register_commands(app)
 
     with app.app_context():

@@ -1,27 +1,38 @@
 """The model provider resource: /api/v1/model_providers."""
 
+import logging
+
 import sqlalchemy as sa
 from apifairy import arguments, authenticate, other_responses, response
-from flask import Blueprint, url_for
+from flask import Blueprint, current_app, url_for
 from marshmallow import ValidationError
 from werkzeug.exceptions import Conflict, NotFound
 
 from auth import auth
+from catalog import connection_of, match_models, provider_models, remember_models, resolve_model, verify_upstream
 from models import CAPABILITIES_BY_TYPE, ModelProvider, db
 from pagination import newest_first_page
+from prober import probe_one
 from schemas import (
     LocationHeaderSchema,
+    MatchPageSchema,
+    MatchRequestSchema,
+    ModelsPageSchema,
     ProviderChangesSchema,
     ProviderCreateSchema,
     ProviderSchema,
     ProvidersPageSchema,
     ProvidersQuerySchema,
+    ResolvedProviderSchema,
+    ResolveHeadersSchema,
+    ResolveRequestSchema,
+    VerifyQuerySchema,
     json_body,
     watsonx_id_errors,
 )
 
+log = logging.getLogger(__name__)
 providers_bp = Blueprint("providers", __name__)
-provider_schema = ProviderSchema()
 
 
 def get_provider_or_404(provider_id):
@@ -55,17 +66,30 @@ def commit_unique_base_url(provider):
         raise
 
 
-def create_provider(fields):
+def should_verify(query):
+    return query["verify"] and current_app.config["VERIFY_ON_CREATE"]
+
+
+def create_provider(fields, verify):
     refuse_if_base_url_taken(fields["base_url"])
     api_key = fields.pop("api_key")
+    upstream_models = verify_upstream(connection_of(fields["type"], fields["base_url"], api_key)) if verify else None
     provider = ModelProvider(**fields)
     provider.seal_api_key(api_key)
     db.session.add(provider)
     commit_unique_base_url(provider)
+    if upstream_models is not None:
+        remember_models(provider, upstream_models)
     return provider
 
 
-def update_provider(provider, changes):
+def verify_changed_connection(provider, changes):
+    if "base_url" in changes or "api_key" in changes:
+        api_key = changes["api_key"] if "api_key" in changes else provider.open_api_key()
+        verify_upstream(connection_of(provider.type, changes.get("base_url", provider.base_url), api_key))
+
+
+def update_provider(provider, changes, verify):
     refuse_if_managed(provider)
     merged = {
         field: changes.get(field, getattr(provider, field)) for field in ("watsonx_project_id", "watsonx_space_id")
@@ -75,6 +99,8 @@ def update_provider(provider, changes):
         raise ValidationError(errors)
     if "base_url" in changes:
         refuse_if_base_url_taken(changes["base_url"], provider.id)
+    if verify:
+        verify_changed_connection(provider, changes)
     if "api_key" in changes:
         provider.seal_api_key(changes.pop("api_key"))
     for field, value in changes.items():
@@ -96,11 +122,16 @@ def provider_filters(query):
 @providers_bp.route("/model_providers", methods=["POST"])
 @authenticate(auth, role="admin")
 @json_body(ProviderCreateSchema)
+@arguments(VerifyQuerySchema)
 @response(ProviderSchema, 201, headers=LocationHeaderSchema)
-@other_responses({409: "base_url is already registered"})
-def create(fields):
-    """Create a model provider"""
-    provider = create_provider(fields)
+@other_responses({400: "Upstream verification failed", 409: "base_url is already registered"})
+def create(fields, query):
+    """Create a model provider
+
+    Unless `verify=false` (or REGISTRY_VERIFY_ON_CREATE=false), the upstream's models are
+    listed with the given key first; a failure is a 400 saying why, and nothing is stored.
+    """
+    provider = create_provider(fields, should_verify(query))
     return provider, 201, {"Location": url_for("providers.get", provider_id=provider.id)}
 
 
@@ -125,11 +156,21 @@ def get(provider_id):
 @providers_bp.route("/model_providers/<provider_id>", methods=["PATCH"])
 @authenticate(auth, role="admin")
 @json_body(ProviderChangesSchema)
+@arguments(VerifyQuerySchema)
 @response(ProviderSchema)
-@other_responses({404: "No such model provider", 409: "base_url taken, or the provider is managed by a manifest"})
-def update(changes, provider_id):
-    """Update a model provider"""
-    return update_provider(get_provider_or_404(provider_id), changes)
+@other_responses(
+    {
+        400: "Upstream verification failed",
+        404: "No such model provider",
+        409: "base_url taken, or the provider is managed by a manifest",
+    }
+)
+def update(changes, query, provider_id):
+    """Update a model provider
+
+    A change of `base_url` or `api_key` is verified against the upstream first, as on create.
+    """
+    return update_provider(get_provider_or_404(provider_id), changes, should_verify(query))
 
 
 @providers_bp.route("/model_providers/<provider_id>", methods=["DELETE"])
@@ -142,3 +183,63 @@ def delete(provider_id):
     db.session.delete(provider)
     db.session.commit()
     return "", 204
+
+
+@providers_bp.route("/model_providers/<provider_id>/models", methods=["GET"])
+@authenticate(auth, role="reader")
+@response(ModelsPageSchema)
+@other_responses({404: "No such model provider", 502: "The upstream failed"})
+def list_models(provider_id):
+    """List the models a provider serves (cached for REGISTRY_MODELS_CACHE_TTL seconds)"""
+    models = provider_models(get_provider_or_404(provider_id))
+    return {"items": models, "total_count": len(models)}
+
+
+@providers_bp.route("/model_providers/<provider_id>/check", methods=["POST"])
+@authenticate(auth, role="admin")
+@response(ProviderSchema)
+@other_responses({404: "No such model provider"})
+def check(provider_id):
+    """Probe a provider now and return it with its fresh state"""
+    return probe_one(get_provider_or_404(provider_id))
+
+
+@providers_bp.route("/model_providers/match", methods=["POST"])
+@authenticate(auth, role="reader")
+@json_body(MatchRequestSchema)
+@response(MatchPageSchema)
+def match(request_fields):
+    """Rank the available models of a capability against suggested models
+
+    Candidates are the models of online providers with the capability. The configured
+    default model of the capability scores 0.5; a candidate scores 0.5 + r/2 when r, its
+    best difflib SequenceMatcher ratio against the suggested models (case-blind; a
+    suggestion without a "type:" prefix is compared with the upstream model id), is above
+    `score_cutoff`. Results score at least 0.5, best first, then by id.
+    """
+    return match_models(
+        request_fields["capability"], request_fields["suggested_models"], request_fields["score_cutoff"]
+    )
+
+
+@providers_bp.route("/model_providers/resolve", methods=["POST"])
+@authenticate(auth, role="service")
+@json_body(ResolveRequestSchema)
+@response(ResolvedProviderSchema, headers=ResolveHeadersSchema)
+@other_responses({404: "No provider serves the model", 503: "The model's provider is offline"})
+def resolve(request_fields):
+    """Connection details, API key included, of the provider serving a model"""
+    provider, upstream_id = resolve_model(request_fields["model"])
+    log.info(
+        "resolve by user %s: provider %s, model %s", auth.current_user().username, provider.id, request_fields["model"]
+    )
+    resolved = {
+        "provider_id": provider.id,
+        "type": provider.type,
+        "base_url": provider.base_url,
+        "model": upstream_id,
+        "api_key": provider.open_api_key(),
+        "watsonx_project_id": provider.watsonx_project_id,
+        "watsonx_space_id": provider.watsonx_space_id,
+    }
+    return resolved, {"Cache-Control": "no-store", "Pragma": "no-cache"}

@@ -174,3 +174,97 @@ class LocationHeaderSchema(ma.Schema):
 
 class StatusSchema(ma.Schema):
     status = fields.String(required=True)
+
+
+def validate_model_ref(model_ref):
+    provider_type, _, upstream_id = model_ref.partition(":")
+    if provider_type not in PROVIDER_TYPES or not upstream_id:
+        raise ValidationError('A model is named "{type}:{upstream model id}", e.g. "openai:gpt-4o".')
+
+
+class VerifyQuerySchema(ma.Schema):
+    verify = fields.Boolean(
+        load_default=True,
+        metadata={"description": "List the upstream's models with the key before storing (unless disabled)"},
+    )
+
+
+class ProviderRefSchema(ma.Schema):
+    id = fields.String(required=True, metadata={"format": "uuid"})
+    type = fields.String(required=True, validate=OneOf(PROVIDER_TYPES))
+    capabilities = fields.List(fields.String(validate=OneOf(CAPABILITIES)), required=True)
+
+
+class ModelSchema(ma.Schema):
+    id = fields.String(required=True, metadata={"description": '"{type}:{upstream model id}"'})
+    object = fields.String(required=True, validate=OneOf(["model"]))
+    created = fields.Integer(required=True, metadata={"description": "Unix seconds (0 when the upstream tells none)"})
+    owned_by = fields.String(required=True)
+    display_name = fields.String(allow_none=True)
+    provider = fields.Nested(ProviderRefSchema, required=True)
+
+
+class ModelsPageSchema(ma.Schema):
+    items = fields.List(fields.Nested(ModelSchema), required=True)
+    total_count = fields.Integer(required=True)
+
+
+class OpenAIModelListSchema(ma.Schema):
+    object = fields.String(required=True, validate=OneOf(["list"]))
+    data = fields.List(fields.Nested(ModelSchema), required=True)
+
+
+class MatchRequestSchema(ma.Schema):
+    capability = fields.String(required=True, validate=OneOf(CAPABILITIES))
+    suggested_models = fields.List(
+        fields.String(validate=Length(max=1024)), load_default=list, validate=Length(max=100)
+    )
+    score_cutoff = fields.Float(load_default=0.4, validate=Range(0, 1))
+
+
+class MatchResultSchema(ma.Schema):
+    model_id = fields.String(required=True)
+    score = fields.Float(required=True)
+
+
+class MatchPageSchema(ma.Schema):
+    items = fields.List(fields.Nested(MatchResultSchema), required=True)
+    total_count = fields.Integer(required=True)
+
+
+class ResolveRequestSchema(ma.Schema):
+    model = fields.String(required=True, validate=[Length(max=2048), validate_model_ref])
+
+
+class ResolvedProviderSchema(ma.Schema):
+    provider_id = fields.String(required=True, metadata={"format": "uuid"})
+    type = fields.String(required=True)
+    base_url = fields.String(required=True)
+    model = fields.String(required=True, metadata={"description": "The upstream's own model id"})
+    api_key = fields.String(required=True)
+    watsonx_project_id = fields.String(allow_none=True)
+    watsonx_space_id = fields.String(allow_none=True)
+
+
+def model_ref_field(capability):
+    return fields.String(
+        allow_none=True,
+        load_default=None,
+        validate=[Length(max=2048), validate_model_ref],
+        metadata={"description": f"Default {capability} model; null or absent clears it"},
+    )
+
+
+class SystemConfigurationChangesSchema(ma.Schema):
+    default_llm_model = model_ref_field("LLM")
+    default_embedding_model = model_ref_field("embedding")
+
+
+class SystemConfigurationSchema(SystemConfigurationChangesSchema):
+    id = fields.String(required=True, metadata={"format": "uuid"})
+    updated_at = Timestamp(required=True)
+    created_by = fields.String(allow_none=True, metadata={"description": "User who last changed it"})
+
+
+class ResolveHeadersSchema(ma.Schema):
+    cache_control = fields.String(data_key="Cache-Control", metadata={"description": "no-store"})

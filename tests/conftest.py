@@ -13,6 +13,7 @@ from flask_migrate import upgrade
 
 from app import create_app
 from models import User, db
+from tests.fake_upstreams import FakeUpstream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASSWORDS = {"admin": "admin-pass-1", "service": "service-pass-1", "reader": "reader-pass-1"}
@@ -183,3 +184,18 @@ def start_gunicorn(instance_path):
     yield start
     for server in servers:
         server.kill()
+
+
+@pytest.fixture
+def fake_upstream():
+    """Start fake upstreams: fake_upstream(flavor="openai", api_key=..., models=[...], delay=0)."""
+    upstreams = []
+
+    def start(**options):
+        upstream = FakeUpstream(**options)
+        upstreams.append(upstream)
+        return upstream
+
+    yield start
+    for upstream in upstreams:
+        upstream.down()

@@ -1,0 +1,65 @@
+"""The health prober: keeps every provider's `state` true to whether its upstream answers."""
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import sqlalchemy as sa
+from flask import current_app
+
+from catalog import list_or_error, provider_connection, remember_models
+from models import ModelProvider, db, utcnow
+from scheduler import scheduler
+
+log = logging.getLogger(__name__)
+
+PROBE_PARALLELISM = 4
+
+
+def record_probe(provider, upstream_models, error):
+    """Store one probe's outcome: online after one success, offline after N failures in a row."""
+    if error is None:
+        failures, state, last_error = 0, "online", None
+        remember_models(provider, upstream_models)
+    else:
+        failures = provider.consecutive_failures + 1
+        offline = failures >= current_app.config["PROBE_FAILURES"]
+        state, last_error = ("offline" if offline else provider.state), str(error)
+    if state != provider.state:
+        log.warning(
+            "provider %s (%s) is now %s%s", provider.id, provider.type, state, f": {last_error}" if last_error else ""
+        )
+    # A probe is not an edit: updated_at keeps its value.
+    db.session.execute(
+        sa.update(ModelProvider)
+        .where(ModelProvider.id == provider.id)
+        .values(
+            state=state,
+            consecutive_failures=failures,
+            last_checked_at=utcnow(),
+            last_error=last_error,
+            updated_at=ModelProvider.updated_at,
+        )
+    )
+
+
+def probe(providers):
+    connections = [provider_connection(provider) for provider in providers]
+    with ThreadPoolExecutor(max_workers=PROBE_PARALLELISM, thread_name_prefix="probe") as pool:
+        outcomes = list(pool.map(list_or_error, connections))
+    for provider, (upstream_models, error) in zip(providers, outcomes, strict=True):
+        record_probe(provider, upstream_models, error)
+    db.session.commit()
+
+
+def probe_one(provider):
+    probe([provider])
+    db.session.refresh(provider)
+    return provider
+
+
+@scheduler.job("probe", "PROBE_INTERVAL")
+def probe_all(app):
+    providers = db.session.scalars(sa.select(ModelProvider)).all()
+    if providers:
+        probe(providers)
+        log.debug("probed %d providers", len(providers))

@@ -1,0 +1,164 @@
+"""Small local HTTP servers that speak the real formats of the upstream providers."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+# Where each flavour's base_url points, relative to the server root.
+BASE_PATHS = {
+    "openai": "/v1",
+    "anthropic": "/v1",
+    "watsonx": "",
+    "github": "/inference",
+    "rits": "/v1",
+    "voyage": "/v1",
+}
+
+
+class FakeUpstream:
+    """One upstream on a free loopback port; it can go down and come back on the same port."""
+
+    def __init__(self, flavor="openai", api_key="sk-good", models=("gpt-4o", "gpt-4o-mini"), delay=0.0):
+        self.flavor = flavor
+        self.api_key = api_key
+        self.models = list(models)
+        self.delay = delay
+        self.status = None  # force an HTTP status, e.g. 500
+        self.body = None  # force a raw body, e.g. b"<html>"
+        self.hits = 0
+        self._lock = threading.Lock()
+        self._server = None
+        self.port = None
+        self.up()
+
+    @property
+    def base_url(self):
+        return f"http://127.0.0.1:{self.port}{BASE_PATHS[self.flavor]}"
+
+    def up(self):
+        handler = type("Handler", (UpstreamHandler,), {"upstream": self})
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port or 0), handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def down(self):
+        self._server.shutdown()
+        self._server.server_close()
+
+    def count_hit(self):
+        with self._lock:
+            self.hits += 1
+
+
+class UpstreamHandler(BaseHTTPRequestHandler):
+    upstream = None
+
+    def log_message(self, format, *args):
+        pass
+
+    def answer(self, status, document):
+        payload = document if isinstance(document, bytes) else json.dumps(document).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def do_GET(self):
+        upstream = self.upstream
+        upstream.count_hit()
+        if upstream.delay:
+            time.sleep(upstream.delay)
+        if upstream.status is not None or upstream.body is not None:
+            return self.answer(upstream.status or 200, upstream.body or {"error": "forced"})
+        route = getattr(self, f"serve_{upstream.flavor}")
+        return route(urlsplit(self.path))
+
+    def refuse_key(self, sent):
+        # Like real upstreams, echo the key that was sent: the registry must not repeat it.
+        self.answer(401, {"error": {"message": f"Incorrect API key provided: {sent}", "type": "invalid_request_error"}})
+
+    def bearer_matches(self):
+        expected = f"Bearer {self.upstream.api_key}" if self.upstream.api_key else None
+        return self.headers.get("Authorization") == expected
+
+    def serve_openai(self, url):
+        if url.path != "/v1/models":
+            return self.answer(404, {"error": "not found"})
+        if not self.bearer_matches():
+            return self.refuse_key(self.headers.get("Authorization"))
+        data = [
+            {"id": model, "object": "model", "created": 1700000000, "owned_by": "fake"}
+            for model in self.upstream.models
+        ]
+        self.answer(200, {"object": "list", "data": data})
+
+    def serve_rits(self, url):
+        if url.path != "/v1/models":
+            return self.answer(404, {"error": "not found"})
+        if self.headers.get("RITS_API_KEY") != self.upstream.api_key:
+            return self.refuse_key(self.headers.get("RITS_API_KEY"))
+        data = [
+            {"id": model, "object": "model", "created": 1700000000, "owned_by": "rits"}
+            for model in self.upstream.models
+        ]
+        self.answer(200, {"object": "list", "data": data})
+
+    def serve_anthropic(self, url):
+        if url.path != "/v1/models" or not self.headers.get("anthropic-version"):
+            return self.answer(400, {"type": "error", "error": {"type": "invalid_request_error"}})
+        if self.headers.get("x-api-key") != self.upstream.api_key:
+            return self.refuse_key(self.headers.get("x-api-key"))
+        after_id = parse_qs(url.query).get("after_id", [None])[0]
+        models = self.upstream.models
+        start = models.index(after_id) + 1 if after_id in models else 0
+        page = models[start : start + 1]  # one model per page, to exercise paging
+        data = [
+            {"type": "model", "id": model, "display_name": model.title(), "created_at": "2025-02-19T00:00:00Z"}
+            for model in page
+        ]
+        has_more = start + 1 < len(models)
+        self.answer(200, {"data": data, "has_more": has_more, "first_id": page[0], "last_id": page[-1]})
+
+    def serve_watsonx(self, url):
+        if url.path != "/ml/v1/foundation_model_specs" or "version" not in parse_qs(url.query):
+            return self.answer(400, {"errors": [{"code": "missing_version"}]})
+        resources = [
+            {
+                "model_id": model,
+                "label": model.split("/")[-1],
+                "provider": "IBM",
+                "functions": [{"id": "text_generation"}],
+                "lifecycle": [{"id": "available", "start_date": "2024-01-01"}],
+            }
+            for model in self.upstream.models
+        ]
+        resources.append(
+            {
+                "model_id": "ibm/granite-withdrawn",
+                "label": "withdrawn",
+                "provider": "IBM",
+                "lifecycle": [
+                    {"id": "available", "start_date": "2023-01-01"},
+                    {"id": "withdrawn", "start_date": "2024-06-01"},
+                ],
+            }
+        )
+        self.answer(200, {"total_count": len(resources), "limit": 200, "resources": resources})
+
+    def serve_github(self, url):
+        if url.path != "/catalog/models":
+            return self.answer(404, {"error": "not found"})
+        if not self.bearer_matches():
+            return self.refuse_key(self.headers.get("Authorization"))
+        catalog = [
+            {"id": model, "name": model.split("/")[-1].upper(), "publisher": model.split("/")[0], "registry": "azureml"}
+            for model in self.upstream.models
+        ]
+        self.answer(200, catalog)
+
+    def serve_voyage(self, url):
+        self.answer(404, {"detail": "Not Found"})

@@ -1,0 +1,123 @@
+"""The health prober keeps `state` true; under gunicorn it runs once per database."""
+
+import time
+
+import pytest
+
+from prober import probe_all
+from tests.conftest import client_as, provider_body
+
+PROVIDERS = "/api/v1/model_providers"
+
+
+def register(client, upstream):
+    body = provider_body(base_url=upstream.base_url, api_key=upstream.api_key)
+    return client.post(PROVIDERS, json=body).get_json()
+
+
+def probe_round(app):
+    with app.app_context():
+        probe_all(app)
+
+
+@pytest.fixture
+def prober_app(make_app):
+    return make_app(REGISTRY_PROBE_FAILURES="2", REGISTRY_UPSTREAM_TIMEOUT="1")
+
+
+def test_failures_in_a_row_turn_a_provider_offline_and_one_success_back_online(prober_app, fake_upstream):
+    admin = client_as(prober_app, "admin")
+    upstream = fake_upstream()
+    provider = register(admin, upstream)
+    path = f"{PROVIDERS}/{provider['id']}"
+
+    probe_round(prober_app)
+    probed = admin.get(path).get_json()
+    assert probed["state"] == "online" and probed["last_error"] is None and probed["last_checked_at"]
+
+    upstream.down()
+    probe_round(prober_app)
+    once = admin.get(path).get_json()
+    assert once["state"] == "online"
+    assert "could not connect" in once["last_error"]
+    probe_round(prober_app)
+    twice = admin.get(path).get_json()
+    assert twice["state"] == "offline"
+    assert twice["updated_at"] == provider["updated_at"]  # a probe is not an edit
+    assert admin.get(f"{PROVIDERS}?state=offline").get_json()["total_count"] == 1
+
+    upstream.up()
+    probe_round(prober_app)
+    back = admin.get(path).get_json()
+    assert back["state"] == "online" and back["last_error"] is None
+
+
+def test_check_probes_at_once(prober_app, fake_upstream):
+    admin = client_as(prober_app, "admin")
+    upstream = fake_upstream()
+    provider = register(admin, upstream)
+    upstream.down()
+    for expected_state in ("online", "offline"):
+        response = admin.post(f"{PROVIDERS}/{provider['id']}/check")
+        assert response.status_code == 200
+        assert response.get_json()["state"] == expected_state
+    upstream.up()
+    assert admin.post(f"{PROVIDERS}/{provider['id']}/check").get_json()["state"] == "online"
+
+
+def test_check_is_for_admins(prober_app, fake_upstream):
+    provider = register(client_as(prober_app, "admin"), fake_upstream())
+    assert client_as(prober_app, "reader").post(f"{PROVIDERS}/{provider['id']}/check").status_code == 403
+    assert client_as(prober_app, "admin").post(f"{PROVIDERS}/not-an-id/check").status_code == 404
+
+
+def wait_for(condition, timeout=15, step=0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(step)
+    return False
+
+
+def test_several_workers_probe_about_once_per_interval(start_gunicorn, fake_upstream):
+    server = start_gunicorn(workers=3, REGISTRY_PROBE_INTERVAL="1")
+    upstreams = [fake_upstream(), fake_upstream()]
+    with server.client("admin") as admin:
+        for upstream in upstreams:
+            assert (
+                admin.post(
+                    PROVIDERS, json=provider_body(base_url=upstream.base_url, api_key=upstream.api_key)
+                ).status_code
+                == 201
+            )
+    assert wait_for(lambda: all(upstream.hits >= 1 for upstream in upstreams))
+    start_hits = [upstream.hits for upstream in upstreams]
+    time.sleep(5)
+    for upstream, before in zip(upstreams, start_hits, strict=True):
+        probes = upstream.hits - before
+        assert 3 <= probes <= 7, f"{probes} probes in 5 intervals"  # three workers each probing would give ~15
+
+
+def test_down_upstream_goes_offline_by_the_prober_alone_and_check_brings_it_back(start_gunicorn, fake_upstream):
+    server = start_gunicorn(workers=2, REGISTRY_PROBE_INTERVAL="0.5", REGISTRY_UPSTREAM_TIMEOUT="1")
+    upstream = fake_upstream(models=["gpt-4o"])
+    with server.client("admin") as admin:
+        provider = admin.post(
+            PROVIDERS, json=provider_body(base_url=upstream.base_url, api_key=upstream.api_key)
+        ).json()
+        path = f"{PROVIDERS}/{provider['id']}"
+        match_body = {"capability": "llm", "suggested_models": ["gpt-4o"]}
+        assert [m["id"] for m in admin.get("/api/v1/openai/models").json()["data"]] == ["openai:gpt-4o"]
+        assert admin.post(f"{PROVIDERS}/match", json=match_body).json()["total_count"] == 1
+
+        upstream.down()
+        assert wait_for(lambda: admin.get(path).json()["state"] == "offline")
+        assert admin.get("/api/v1/openai/models").json()["data"] == []
+        assert admin.post(f"{PROVIDERS}/match", json=match_body).json()["items"] == []
+
+        upstream.up()
+        assert admin.post(f"{path}/check").json()["state"] == "online"
+        assert admin.post(f"{PROVIDERS}/match", json=match_body).json()["total_count"] == 1
+    server.kill()
+    assert "is now offline" in server.log()
