@@ -30,8 +30,20 @@ def holder_name():
 
 
 def try_lease(name, holder, seconds):
-    """Take or renew the lease `name` for `seconds`; True when `holder` has it."""
+    """Take or renew the lease `name` for `seconds`; True when `holder` has it.
+
+    Writes only to take a free or expired lease or to renew one past half its life, so
+    the ticks of every worker cost the database a read.
+    """
     now = utcnow()
+    lease = db.session.get(Lease, name)
+    if lease is not None:
+        mine, remaining = lease.holder == holder, lease.expires_at - now
+        db.session.rollback()
+        if not mine and remaining > timedelta(0):
+            return False
+        if mine and remaining > timedelta(seconds=seconds / 2):
+            return True
     expires_at = now + timedelta(seconds=seconds)
     renewed = db.session.execute(
         sa.update(Lease)
