@@ -10,7 +10,6 @@ from alembic.script import ScriptDirectory
 from flask import Flask
 from flask_migrate import Migrate
 
-from auth import verified_passwords  # noqa: F401  (registers the auth callbacks)
 from cli import register_commands
 from configurations import configurations_bp
 from crypto import cipher

@@ -81,31 +81,23 @@ class UpstreamHandler(BaseHTTPRequestHandler):
         # Like real upstreams, echo the key that was sent: the registry must not repeat it.
         self.answer(401, {"error": {"message": f"Incorrect API key provided: {sent}", "type": "invalid_request_error"}})
 
-    def bearer_matches(self):
-        expected = f"Bearer {self.upstream.api_key}" if self.upstream.api_key else None
-        return self.headers.get("Authorization") == expected
+    def serve_models_list(self, url, sent_key, expected_key, owned_by):
+        if url.path != "/v1/models":
+            return self.answer(404, {"error": "not found"})
+        if sent_key != expected_key:
+            return self.refuse_key(sent_key)
+        data = [
+            {"id": model, "object": "model", "created": 1700000000, "owned_by": owned_by}
+            for model in self.upstream.models
+        ]
+        self.answer(200, {"object": "list", "data": data})
 
     def serve_openai(self, url):
-        if url.path != "/v1/models":
-            return self.answer(404, {"error": "not found"})
-        if not self.bearer_matches():
-            return self.refuse_key(self.headers.get("Authorization"))
-        data = [
-            {"id": model, "object": "model", "created": 1700000000, "owned_by": "fake"}
-            for model in self.upstream.models
-        ]
-        self.answer(200, {"object": "list", "data": data})
+        expected = f"Bearer {self.upstream.api_key}" if self.upstream.api_key else None
+        self.serve_models_list(url, self.headers.get("Authorization"), expected, "fake")
 
     def serve_rits(self, url):
-        if url.path != "/v1/models":
-            return self.answer(404, {"error": "not found"})
-        if self.headers.get("RITS_API_KEY") != self.upstream.api_key:
-            return self.refuse_key(self.headers.get("RITS_API_KEY"))
-        data = [
-            {"id": model, "object": "model", "created": 1700000000, "owned_by": "rits"}
-            for model in self.upstream.models
-        ]
-        self.answer(200, {"object": "list", "data": data})
+        self.serve_models_list(url, self.headers.get("RITS_API_KEY"), self.upstream.api_key, "rits")
 
     def serve_anthropic(self, url):
         if url.path != "/v1/models" or not self.headers.get("anthropic-version"):
@@ -152,7 +144,7 @@ class UpstreamHandler(BaseHTTPRequestHandler):
     def serve_github(self, url):
         if url.path != "/catalog/models":
             return self.answer(404, {"error": "not found"})
-        if not self.bearer_matches():
+        if self.headers.get("Authorization") != f"Bearer {self.upstream.api_key}":
             return self.refuse_key(self.headers.get("Authorization"))
         catalog = [
             {"id": model, "name": model.split("/")[-1].upper(), "publisher": model.split("/")[0], "registry": "azureml"}
