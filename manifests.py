@@ -65,7 +65,10 @@ class SyncResult:
 
 def location_uri(location):
     """A configured location as its providers' `registry`: file:///abs/path, or the URL as is."""
-    parts = urlsplit(location)
+    try:
+        parts = urlsplit(location)
+    except ValueError:  # not a usable URL: kept as configured, for its sync to report
+        return location
     if parts.scheme.lower() not in ("", "file"):
         return location
     path = url2pathname(parts.path) if parts.scheme else location
@@ -101,13 +104,16 @@ def fetch_url(url):
                 raise ManifestError(f"Fetching the manifest answered HTTP {answer.status_code}.")
             for chunk in answer.iter_bytes():
                 content = within_size_limit(content + chunk)
-    except httpx.HTTPError as error:
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as error:  # ValueError: a host or port httpx cannot use
         raise ManifestError(f"Cannot fetch the manifest: {error or type(error).__name__}.") from None
     return content
 
 
 def read_location(uri):
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        raise ManifestError("The location is not a valid URL.") from None
     if parts.scheme == "file":
         return read_file(url2pathname(parts.path))
     if parts.scheme.lower() in ("http", "https"):

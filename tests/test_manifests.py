@@ -375,6 +375,23 @@ def test_json_manifests_file_urls_and_relative_paths(registry_app, tmp_path, mon
     ]
 
 
+def test_an_unusable_location_is_reported_not_a_500(registry_app, manifest_path):
+    unusable = {
+        "ftp://example.com/providers.yaml": "Unsupported location",
+        "file://[oops/providers.yaml": "The location is not a valid URL.",
+        "http://[::1/providers.yaml": "The location is not a valid URL.",
+        "http://127.0.0.1:port/providers.yaml": "Cannot fetch the manifest: Invalid port",
+        "http://bad..host/providers.yaml": "Cannot fetch the manifest",
+    }
+    app = registry_app(*unusable, manifest_path)
+    results = sync(app)
+    assert [result["location"] for result in results] == [*unusable, manifest_path.as_uri()]
+    for result, expected_error in zip(results[:-1], unusable.values(), strict=True):
+        assert result["error"].startswith(expected_error)
+    assert results[-1] == {"location": manifest_path.as_uri(), **counts(added=2)}
+    assert [status["outcome"] for status in registry_status(app)] == ["error"] * 5 + ["ok"]
+
+
 def test_patch_and_delete_of_a_managed_provider_are_409_naming_the_manifest(registry_app, manifest_path):
     app = registry_app(manifest_path)
     sync(app)
