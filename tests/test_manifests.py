@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import sqlalchemy as sa
+from cryptography.fernet import Fernet
 
 from manifests import MAX_MANIFEST_BYTES
 from models import ModelProvider, db
@@ -262,6 +263,15 @@ def test_key_rotation_through_the_manifest_reseals_only_that_key(registry_app, m
     assert {key: sealed for key, sealed in sealed_after.items() if key != openai_id} == {
         key: sealed for key, sealed in sealed_before.items() if key != openai_id
     }
+
+
+def test_a_key_sealed_under_a_retired_encryption_key_is_resealed_from_the_manifest(make_app, manifest_path):
+    settings = {"REGISTRY_MANIFESTS": str(manifest_path), "OPENAI_API_KEY": OPENAI_KEY}
+    sync(make_app(**settings))
+    new_key_app = make_app(REGISTRY_ENCRYPTION_KEYS=Fernet.generate_key().decode(), **settings)
+    assert sync(new_key_app) == [{"location": manifest_path.as_uri(), **counts(updated=2)}]
+    openai_id = by_base_url(new_key_app)["https://api.openai.com/v1"]["id"]
+    assert stored_api_key(new_key_app, openai_id) == OPENAI_KEY
 
 
 def test_a_changed_type_replaces_the_provider(registry_app, manifest_path):
