@@ -16,6 +16,7 @@ from crypto import cipher
 from docs import apifairy, docs_bp
 from errors import errors_bp
 from health import health_bp
+from manifests import registry_bp
 from models import User, db
 from openai_compat import openai_bp
 from providers import providers_bp
@@ -71,6 +72,7 @@ def load_config(environ):
         "PROBE_FAILURES": max(1, read_number(environ, "REGISTRY_PROBE_FAILURES", 2)),
         "MANIFESTS": read_list(environ, "REGISTRY_MANIFESTS"),
         "SYNC_INTERVAL": read_number(environ, "REGISTRY_SYNC_INTERVAL", 300.0, float),
+        "MANIFEST_VARIABLES": dict(environ),  # what ${VAR} in a manifest reads
         "MAX_CONTENT_LENGTH": MAX_BODY_BYTES,
         "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
         "APIFAIRY_TITLE": "Model Provider Registry",
@@ -139,6 +141,7 @@ def create_app(environ=None):
     app.register_blueprint(providers_bp, url_prefix="/api/v1")
     app.register_blueprint(configurations_bp, url_prefix="/api/v1")
     app.register_blueprint(openai_bp, url_prefix="/api/v1")
+    app.register_blueprint(registry_bp, url_prefix="/api/v1")
     register_commands(app)
 
     with app.app_context():

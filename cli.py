@@ -1,4 +1,4 @@
-"""Operator commands: `flask --app app users ...`."""
+"""Operator commands: `flask --app app users ...` and `flask --app app registry sync`."""
 
 import sys
 
@@ -6,9 +6,12 @@ import click
 import sqlalchemy as sa
 from flask.cli import AppGroup
 
+from errors import SyncInProgress
+from manifests import sync_manifests
 from models import ROLES, User, db
 
 users_cli = AppGroup("users", help="Manage the users who may call the API.")
+registry_cli = AppGroup("registry", help="Providers declared in manifests (REGISTRY_MANIFESTS).")
 
 
 def read_password(from_stdin):
@@ -70,5 +73,21 @@ def delete_user(username):
     click.echo(f"Deleted {username}.")
 
 
+@registry_cli.command("sync")
+def sync_registry():
+    """Sync every configured manifest now; exit status 1 when any of them failed."""
+    try:
+        results = sync_manifests()
+    except SyncInProgress as error:
+        raise click.ClickException(str(error)) from None
+    if not results:
+        click.echo("No manifests are configured.")
+    for result in results:
+        click.echo(result.describe())
+    if any(result.error for result in results):
+        raise click.exceptions.Exit(1)
+
+
 def register_commands(app):
     app.cli.add_command(users_cli)
+    app.cli.add_command(registry_cli)

@@ -21,6 +21,10 @@ class UpstreamError(Exception):
     """An upstream provider failed; the message says how, never with the key."""
 
 
+class SyncInProgress(Exception):
+    """Another process holds the manifest sync lease and did not finish in time."""
+
+
 def problem(status, detail, errors=None, headers=None):
     document = {
         "type": "about:blank",
@@ -69,6 +73,11 @@ def http_error(error):
 @errors_bp.app_errorhandler(UpstreamError)
 def upstream_error(error):
     return problem(502, f"Upstream provider failed: {error}")
+
+
+@errors_bp.app_errorhandler(SyncInProgress)
+def sync_in_progress(error):
+    return problem(409, str(error), headers={"Retry-After": "5"})
 
 
 @errors_bp.app_errorhandler(OperationalError)

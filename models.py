@@ -150,6 +150,17 @@ class JobRun(db.Model):
     last_started_at = sa.Column(sa.DateTime, nullable=False)
 
 
+class ManifestSync(db.Model):
+    """The last sync of one manifest location (its providers carry the location in "registry")."""
+
+    __tablename__ = "manifest_syncs"
+
+    location = sa.Column(sa.Text, primary_key=True)
+    synced_at = sa.Column(sa.DateTime, nullable=False)
+    outcome = sa.Column(sa.String(16), nullable=False)
+    error = sa.Column(sa.Text)
+
+
 class SystemConfiguration(db.Model):
     __tablename__ = "system_configuration"
 

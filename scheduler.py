@@ -68,11 +68,11 @@ def release_lease(name, holder):
     db.session.commit()
 
 
-def claim_if_due(job_name, interval):
-    """Record a start of `job_name` when `interval` seconds have passed since the last."""
+def claim_if_due(job_name, interval, now_anyway=False):
+    """Record a start of `job_name` when `interval` seconds have passed since the last, or `now_anyway`."""
     now = utcnow()
     run = db.session.get(JobRun, job_name)
-    if run is not None and now - run.last_started_at < timedelta(seconds=interval):
+    if not now_anyway and run is not None and now - run.last_started_at < timedelta(seconds=interval):
         return False
     if run is None:
         db.session.add(JobRun(name=job_name, last_started_at=now))
@@ -84,19 +84,22 @@ def claim_if_due(job_name, interval):
 
 class Scheduler:
     def __init__(self):
-        self.jobs = []  # (name, interval config key, function of the app)
+        self.jobs = []  # (name, interval config key, run on takeover, function of the app)
         self._stop = threading.Event()
         self._thread = None
 
-    def job(self, name, interval_setting):
+    def job(self, name, interval_setting, on_takeover=False):
+        """Run the decorated function every `interval_setting` seconds; with `on_takeover` also
+        as soon as a process becomes the lease holder, so a fresh start does not wait an interval."""
+
         def register(function):
-            self.jobs.append((name, interval_setting, function))
+            self.jobs.append((name, interval_setting, on_takeover, function))
             return function
 
         return register
 
     def start(self, app):
-        if not any(app.config[setting] > 0 for _, setting, _ in self.jobs):
+        if not any(app.config[setting] > 0 for _, setting, _, _ in self.jobs):
             return
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, args=(app,), name="scheduler", daemon=True)
@@ -110,12 +113,13 @@ class Scheduler:
     def _run(self, app):
         holder = holder_name()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="job") as executor:
-            running = None
+            running, holding = None, False
             while not self._stop.wait(TICK_SECONDS):
                 with app.app_context():
                     try:
-                        if try_lease(SCHEDULER_LEASE, holder, LEASE_SECONDS) and (running is None or running.done()):
-                            running = self._start_due_jobs(app, executor)
+                        was_holding, holding = holding, try_lease(SCHEDULER_LEASE, holder, LEASE_SECONDS)
+                        if holding and (running is None or running.done()):
+                            running = self._start_due_jobs(app, executor, took_over=not was_holding)
                     except Exception:
                         log.exception("scheduler tick failed")
                     finally:
@@ -123,11 +127,11 @@ class Scheduler:
             with app.app_context():
                 release_lease(SCHEDULER_LEASE, holder)
 
-    def _start_due_jobs(self, app, executor):
+    def _start_due_jobs(self, app, executor, took_over):
         due = [
             function
-            for name, setting, function in self.jobs
-            if app.config[setting] > 0 and claim_if_due(name, app.config[setting])
+            for name, setting, on_takeover, function in self.jobs
+            if app.config[setting] > 0 and claim_if_due(name, app.config[setting], took_over and on_takeover)
         ]
         return executor.submit(run_jobs, app, due) if due else None
 

@@ -268,3 +268,49 @@ class SystemConfigurationSchema(SystemConfigurationChangesSchema):
 
 class ResolveHeadersSchema(ma.Schema):
     cache_control = fields.String(data_key="Cache-Control", metadata={"description": "no-store"})
+
+
+class ManifestSchema(ma.Schema):
+    """A manifest document: providers declared in a file or at a URL, each entry a create body."""
+
+    model_providers = fields.List(fields.Nested(ProviderCreateSchema), required=True)
+
+    @validates_schema
+    def check_unique_base_urls(self, manifest, **kwargs):
+        first_entry_of = {}
+        errors = {}
+        for index, provider in enumerate(manifest["model_providers"]):
+            first = first_entry_of.setdefault(provider["base_url"], index)
+            if first != index:
+                errors[index] = {"base_url": [f"Same base_url as model_providers.{first}."]}
+        if errors:
+            raise ValidationError({"model_providers": errors})
+
+
+class ManifestSyncResultSchema(ma.Schema):
+    location = fields.String(required=True, metadata={"format": "uri", "description": "Manifest location"})
+    added = fields.Integer(required=True)
+    updated = fields.Integer(required=True)
+    removed = fields.Integer(required=True)
+    unchanged = fields.Integer(required=True)
+    error = fields.String(
+        allow_none=True, required=True, metadata={"description": "Why the manifest changed nothing; null on success"}
+    )
+
+
+class SyncSummarySchema(ma.Schema):
+    items = fields.List(fields.Nested(ManifestSyncResultSchema), required=True)
+    total_count = fields.Integer(required=True)
+
+
+class ManifestStatusSchema(ma.Schema):
+    location = fields.String(required=True, metadata={"format": "uri", "description": "Manifest location"})
+    last_synced_at = Timestamp(allow_none=True, required=True, metadata={"description": "null before the first sync"})
+    outcome = fields.String(allow_none=True, required=True, validate=OneOf(("ok", "error")))
+    error = fields.String(allow_none=True, required=True, metadata={"description": "Error of the last sync"})
+    provider_count = fields.Integer(required=True)
+
+
+class RegistrySchema(ma.Schema):
+    items = fields.List(fields.Nested(ManifestStatusSchema), required=True)
+    total_count = fields.Integer(required=True)

@@ -1,0 +1,364 @@
+"""Manifests: providers declared in files or at URLs, synced into the registry (section 8).
+
+A sync reads each configured location, validates it with the create body's schema and
+applies it in one transaction, whole or not at all; providers of locations no longer
+configured are removed, and providers created through the API are never touched. One
+sync runs at a time per database (the lease "manifest-sync"), whether the scheduler, the
+CLI or POST /api/v1/registry/sync started it.
+"""
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+import httpx
+import sqlalchemy as sa
+import yaml
+from apifairy import authenticate, other_responses, response
+from flask import Blueprint, current_app
+from marshmallow import ValidationError
+
+from auth import auth
+from errors import SyncInProgress, flatten_messages
+from models import ManifestSync, ModelProvider, db, utcnow
+from scheduler import holder_name, release_lease, scheduler, try_lease
+from schemas import ManifestSchema, RegistrySchema, SyncSummarySchema
+
+log = logging.getLogger(__name__)
+registry_bp = Blueprint("registry", __name__)
+manifest_schema = ManifestSchema()
+
+SYNC_LEASE = "manifest-sync"
+SYNC_WAIT_SECONDS = 10  # how long a sync waits for a running one to finish before giving up
+LEASE_POLL_SECONDS = 0.1
+LEASE_BASE_SECONDS = 60
+MAX_MANIFEST_BYTES = 1024 * 1024
+VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+DECLARED_FIELDS = ("name", "description", "watsonx_project_id", "watsonx_space_id")
+
+
+class ManifestError(Exception):
+    """Why a manifest changed nothing; the message never quotes a manifest's content."""
+
+
+@dataclass
+class SyncResult:
+    location: str
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    error: str | None = None
+
+    def describe(self):
+        if self.error:
+            return f"{self.location}: error: {self.error}"
+        counts = f"{self.added} added, {self.updated} updated, {self.removed} removed, {self.unchanged} unchanged"
+        return f"{self.location}: {counts}"
+
+
+def location_uri(location):
+    """A configured location as its providers' `registry`: file:///abs/path, or the URL as is."""
+    try:
+        parts = urlsplit(location)
+    except ValueError:  # not a usable URL: kept as configured, for its sync to report
+        return location
+    if parts.scheme.lower() not in ("", "file"):
+        return location
+    path = url2pathname(parts.path) if parts.scheme else location
+    return Path(os.path.abspath(path)).as_uri()
+
+
+def configured_locations():
+    return list(dict.fromkeys(location_uri(location) for location in current_app.config["MANIFESTS"]))
+
+
+# Reading
+
+
+def within_size_limit(content):
+    if len(content) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"The manifest is larger than {MAX_MANIFEST_BYTES} bytes.")
+    return content
+
+
+def read_file(path):
+    try:
+        with open(path, "rb") as manifest_file:
+            return within_size_limit(manifest_file.read(MAX_MANIFEST_BYTES + 1))
+    except OSError as error:
+        raise ManifestError(f"Cannot read the file: {error.strerror}.") from None
+
+
+def fetch_url(url):
+    content = b""
+    try:
+        with httpx.stream("GET", url, timeout=current_app.config["UPSTREAM_TIMEOUT"], follow_redirects=True) as answer:
+            if answer.status_code != 200:
+                raise ManifestError(f"Fetching the manifest answered HTTP {answer.status_code}.")
+            for chunk in answer.iter_bytes():
+                content = within_size_limit(content + chunk)
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as error:  # ValueError: a host or port httpx cannot use
+        raise ManifestError(f"Cannot fetch the manifest: {error or type(error).__name__}.") from None
+    return content
+
+
+def read_location(uri):
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        raise ManifestError("The location is not a valid URL.") from None
+    if parts.scheme == "file":
+        return read_file(url2pathname(parts.path))
+    if parts.scheme.lower() in ("http", "https"):
+        return fetch_url(uri)
+    raise ManifestError("Unsupported location: use a path, a file:// URL or an http(s):// URL.")
+
+
+def parse_document(content):
+    """JSON when it parses as JSON, else YAML. Errors say where, never quoting the line: it may hold a key."""
+    try:
+        return json.loads(content)
+    except (ValueError, RecursionError):
+        pass
+    try:
+        return yaml.safe_load(content)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ManifestError(f"Not valid YAML or JSON: {error.problem or error.context}{where}.") from None
+    except (yaml.YAMLError, RecursionError):
+        raise ManifestError("Not valid YAML or JSON.") from None
+
+
+def expand_text(text, variables, field_path):
+    def value_of(match):
+        name = match.group(1)
+        if name not in variables:
+            raise ManifestError(f"{field_path}: the environment variable {name} is not set.")
+        return variables[name]
+
+    return VARIABLE.sub(value_of, text)
+
+
+def expand_entry(entry, index, variables):
+    if not isinstance(entry, dict):
+        return entry
+    return {
+        field: expand_text(value, variables, f"model_providers.{index}.{field}") if isinstance(value, str) else value
+        for field, value in entry.items()
+    }
+
+
+def with_variables(document, variables):
+    """The document with ${VAR} in its entries' text fields replaced; the schema judges the rest."""
+    entries = document.get("model_providers")
+    if not isinstance(entries, list):
+        return document
+    expanded = [expand_entry(entry, index, variables) for index, entry in enumerate(entries)]
+    return {**document, "model_providers": expanded}
+
+
+def load_manifest(uri):
+    """The validated entries of the manifest at `uri`, or a ManifestError saying why not."""
+    document = parse_document(read_location(uri))
+    if not isinstance(document, dict):
+        raise ManifestError("The manifest must be a mapping with a model_providers list.")
+    document = with_variables(document, current_app.config["MANIFEST_VARIABLES"])
+    try:
+        return manifest_schema.load(document)["model_providers"]
+    except ValidationError as error:
+        problems = flatten_messages(error.messages).items()
+        raise ManifestError("; ".join(f"{field}: {' '.join(messages)}" for field, messages in problems)) from None
+
+
+# Applying
+
+
+def refuse_clashes(location, entries):
+    clash = db.session.scalars(
+        sa.select(ModelProvider)
+        .where(
+            ModelProvider.base_url.in_([entry["base_url"] for entry in entries]),
+            ModelProvider.manifest.is_distinct_from(location),
+        )
+        .order_by(ModelProvider.base_url)
+        .limit(1)
+    ).first()
+    if clash is not None:
+        origin = f"of the manifest {clash.manifest}" if clash.manifest else "created through the API"
+        raise ManifestError(f"base_url {clash.base_url} is already registered by model provider {clash.id} ({origin}).")
+
+
+def holds_api_key(provider, api_key):
+    try:
+        return provider.open_api_key() == api_key
+    except RuntimeError:  # sealed under a key no longer configured: the manifest's key replaces it
+        return False
+
+
+def update_from_entry(provider, entry):
+    """Make a stored provider say what its entry says; True when anything changed."""
+    changes = {field: entry.get(field) for field in DECLARED_FIELDS if getattr(provider, field) != entry.get(field)}
+    for field, value in changes.items():
+        setattr(provider, field, value)
+    key_changed = not holds_api_key(provider, entry["api_key"])
+    if key_changed:
+        provider.seal_api_key(entry["api_key"])
+    return bool(changes) or key_changed
+
+
+def provider_from_entry(location, entry):
+    declared = {field: entry.get(field) for field in DECLARED_FIELDS}
+    provider = ModelProvider(manifest=location, type=entry["type"], base_url=entry["base_url"], **declared)
+    provider.seal_api_key(entry["api_key"])
+    return provider
+
+
+def apply_manifest(location, entries):
+    """Bring the location's stored providers in line with its entries, uncommitted."""
+    refuse_clashes(location, entries)
+    stored = {
+        provider.base_url: provider
+        for provider in db.session.scalars(sa.select(ModelProvider).where(ModelProvider.manifest == location))
+    }
+    # An entry keeps its provider (and id) by base_url; a changed type makes it a new provider.
+    kept = {
+        entry["base_url"]: stored[entry["base_url"]]
+        for entry in entries
+        if entry["base_url"] in stored and stored[entry["base_url"]].type == entry["type"]
+    }
+    gone = [provider for base_url, provider in stored.items() if base_url not in kept]
+    for provider in gone:
+        db.session.delete(provider)
+    db.session.flush()  # frees the base_url of a replaced provider before its successor is inserted
+    updated = sum(update_from_entry(kept[entry["base_url"]], entry) for entry in entries if entry["base_url"] in kept)
+    db.session.add_all(provider_from_entry(location, entry) for entry in entries if entry["base_url"] not in kept)
+    try:
+        db.session.flush()
+    except sa.exc.IntegrityError:
+        raise ManifestError("A base_url of the manifest was registered meanwhile; sync again to see which.") from None
+    return SyncResult(
+        location, added=len(entries) - len(kept), updated=updated, removed=len(gone), unchanged=len(kept) - updated
+    )
+
+
+def record_sync(result):
+    """Store how the location's sync went, committing its changes with it."""
+    outcome = "error" if result.error else "ok"
+    db.session.merge(ManifestSync(location=result.location, synced_at=utcnow(), outcome=outcome, error=result.error))
+    db.session.commit()
+
+
+def sync_location(location):
+    try:
+        result = apply_manifest(location, load_manifest(location))
+    except ManifestError as error:
+        db.session.rollback()
+        result = SyncResult(location, error=str(error))
+    record_sync(result)
+    return result
+
+
+def remove_providers_of(location):
+    return db.session.execute(sa.delete(ModelProvider).where(ModelProvider.manifest == location)).rowcount
+
+
+def remove_dropped_locations(locations):
+    """Remove the providers (and sync state) of every location no longer configured."""
+    dropped = db.session.scalars(
+        sa.select(ModelProvider.manifest)
+        .distinct()
+        .where(ModelProvider.manifest.is_not(None), ModelProvider.manifest.not_in(locations))
+    ).all()
+    results = [SyncResult(location, removed=remove_providers_of(location)) for location in dropped]
+    db.session.execute(sa.delete(ManifestSync).where(ManifestSync.location.not_in(locations)))
+    db.session.commit()
+    return results
+
+
+def take_sync_lease(holder, location_count):
+    # Long enough for every location to take its full upstream timeout.
+    seconds = LEASE_BASE_SECONDS + current_app.config["UPSTREAM_TIMEOUT"] * location_count
+    deadline = time.monotonic() + SYNC_WAIT_SECONDS
+    while not try_lease(SYNC_LEASE, holder, seconds):
+        if time.monotonic() >= deadline:
+            raise SyncInProgress("A manifest sync is already running; try again shortly.")
+        time.sleep(LEASE_POLL_SECONDS)
+
+
+def sync_manifests():
+    """Sync every configured location now, one sync per database at a time; the results."""
+    locations = configured_locations()
+    holder = holder_name()
+    take_sync_lease(holder, len(locations))
+    try:
+        results = remove_dropped_locations(locations) + [sync_location(location) for location in locations]
+    finally:
+        db.session.rollback()  # what an unexpected error left half-applied must not ride on the release
+        release_lease(SYNC_LEASE, holder)
+    for result in results:
+        log.log(logging.WARNING if result.error else logging.INFO, "manifest sync of %s", result.describe())
+    return results
+
+
+@scheduler.job("manifest-sync", "SYNC_INTERVAL", on_takeover=True)
+def sync_on_schedule(app):
+    try:
+        sync_manifests()
+    except SyncInProgress:
+        log.info("scheduled manifest sync skipped: another sync is still running")
+
+
+def registry_status():
+    locations = configured_locations()
+    last_syncs = {
+        last_sync.location: last_sync
+        for last_sync in db.session.scalars(sa.select(ManifestSync).where(ManifestSync.location.in_(locations)))
+    }
+    provider_counts = dict(
+        db.session.execute(
+            sa.select(ModelProvider.manifest, sa.func.count())
+            .where(ModelProvider.manifest.in_(locations))
+            .group_by(ModelProvider.manifest)
+        ).all()
+    )
+    return [
+        location_status(location, last_syncs.get(location), provider_counts.get(location, 0)) for location in locations
+    ]
+
+
+def location_status(location, last_sync, provider_count):
+    last_sync = last_sync or ManifestSync(location=location)  # never synced: no time, outcome or error
+    return {
+        "location": location,
+        "last_synced_at": last_sync.synced_at,
+        "outcome": last_sync.outcome,
+        "error": last_sync.error,
+        "provider_count": provider_count,
+    }
+
+
+@registry_bp.route("/registry", methods=["GET"])
+@authenticate(auth, role="reader")
+@response(RegistrySchema)
+def status():
+    """List the configured manifest locations and their last sync"""
+    locations = registry_status()
+    return {"items": locations, "total_count": len(locations)}
+
+
+@registry_bp.route("/registry/sync", methods=["POST"])
+@authenticate(auth, role="admin")
+@response(SyncSummarySchema)
+@other_responses({409: "Another manifest sync is still running"})
+def sync():
+    """Sync every configured manifest now"""
+    results = sync_manifests()
+    return {"items": results, "total_count": len(results)}
