@@ -141,12 +141,11 @@ def test_bad_query_parameters_are_422(reader):
         assert query.split("=")[0] in problem["errors"]
 
 
-def test_database_gone_is_503_not_500(app, admin, instance_path):
+def test_database_gone_is_503_not_500(app, admin, databases, instance_path):
     from models import db
 
     with app.app_context():
         db.engine.dispose()
-    (instance_path / "registry.db").unlink()
-    (instance_path / "registry.db").mkdir()  # unopenable as a database
+    databases.destroy(instance_path)
     assert_problem(admin.get(PROVIDERS), 503)
     assert_problem(app.test_client().get("/readyz"), 503)
