@@ -7,7 +7,7 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import Conflict, NotFound
 
 from auth import auth
-from models import CAPABILITIES_BY_TYPE, ModelProvider, db
+from models import CAPABILITIES_BY_TYPE, ModelProvider, db, is_canonical_id
 from pagination import newest_first_page
 from schemas import (
     LocationHeaderSchema,
@@ -25,7 +25,7 @@ provider_schema = ProviderSchema()
 
 
 def get_provider_or_404(provider_id):
-    provider = db.session.get(ModelProvider, provider_id)
+    provider = db.session.get(ModelProvider, provider_id) if is_canonical_id(provider_id) else None
     if provider is None:
         raise NotFound(f"No model provider has id {provider_id!r}.")
     return provider
