@@ -4,6 +4,7 @@ PostgreSQL database, as behind a load balancer."""
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from cryptography.fernet import Fernet
@@ -114,3 +115,26 @@ def test_keys_written_through_either_instance_are_in_no_log_nor_pg_dump(database
     for server in (first, second):
         server.kill()
         assert secret not in server.log()
+
+
+def test_an_instance_on_a_shared_database_warns_when_keys_come_from_its_own_key_file(make_app, caplog):
+    make_app(REGISTRY_ENCRYPTION_KEYS=SHARED_ENCRYPTION_KEY)
+    assert "REGISTRY_ENCRYPTION_KEYS" not in caplog.text
+    make_app()
+    assert "REGISTRY_ENCRYPTION_KEYS is unset" in caplog.text
+
+
+def test_a_password_changed_through_one_instance_is_refused_at_once_by_the_other(
+    make_app, instance_path, start_instances
+):
+    servers = start_instances(2, database_url(instance_path), workers=1)
+    for server in servers:  # each instance's one worker now remembers the verified password
+        with server.client("reader") as reader:
+            assert reader.get(PROVIDERS).status_code == 200
+    cli = make_app().test_cli_runner()
+    assert cli.invoke(args=["users", "set-password", "reader", "--password-stdin"], input="changed-pw\n").exit_code == 0
+    for server in servers:
+        with server.client("reader") as reader:
+            assert reader.get(PROVIDERS).status_code == 401
+        with httpx.Client(base_url=server.base_url, auth=("reader", "changed-pw")) as reader:
+            assert reader.get(PROVIDERS).status_code == 200
