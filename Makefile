@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint format bench clean
+.PHONY: run test test-postgres lint format bench clean
 
 # The virtual environment, rebuilt when the pinned requirements change.
 $(INSTALLED): requirements.txt requirements-dev.txt
@@ -17,6 +17,12 @@ run: $(INSTALLED)
 
 test: $(INSTALLED) lint
 	$(BIN)/python -m pytest
+
+# The suite on PostgreSQL: a database per test, copied from a migrated template. The
+# default is what `.ci/start-postgres` sets up on this machine's PostgreSQL 15.
+TEST_DATABASE_URL ?= postgresql+psycopg://registry_test:registry_test@127.0.0.1:5432/registry_test
+test-postgres: $(INSTALLED)
+	TEST_DATABASE_URL='$(TEST_DATABASE_URL)' $(BIN)/python -m pytest
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

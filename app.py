@@ -12,7 +12,7 @@ from flask_migrate import Migrate
 
 from cli import register_commands
 from configurations import configurations_bp
-from crypto import cipher
+from crypto import KEY_FILE_NAME, cipher
 from docs import apifairy, docs_bp
 from errors import errors_bp
 from health import health_bp
@@ -147,6 +147,11 @@ def create_app(environ=None):
     with app.app_context():
         if db.engine.dialect.name == "sqlite":
             sa.event.listen(db.engine, "connect", tune_sqlite)
+        elif not app.config["ENCRYPTION_KEYS"]:
+            key_file = os.path.join(app.instance_path, KEY_FILE_NAME)
+            log.warning(
+                "REGISTRY_ENCRYPTION_KEYS is unset: every instance on this database needs the key in %s", key_file
+            )
         bootstrap_admin(app)
         db.session.remove()
     return app

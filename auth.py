@@ -12,7 +12,7 @@ from flask_httpauth import HTTPBasicAuth
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from errors import problem
-from models import User, db
+from models import User, db, is_storable_text
 
 REALM = "model-provider-registry"
 auth = HTTPBasicAuth(realm=REALM)
@@ -62,7 +62,7 @@ def decoy_password_hash():
 
 @auth.verify_password
 def verify_password(username, password):
-    if not username:
+    if not username or not is_storable_text(username):
         return None
     user = db.session.scalar(sa.select(User).where(User.username == username))
     if user is None:

@@ -52,6 +52,24 @@ def new_id():
     return str(uuid.uuid4())
 
 
+def is_canonical_id(text):
+    """True for a UUID in the lower-case canonical form every id is stored in."""
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
+
+
+def is_storable_text(text):
+    """True when every supported database can store `text`: PostgreSQL refuses NUL
+    characters, and an unpaired surrogate has no UTF-8 form."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
 def normalize_base_url(url):
     """Return the canonical form of a provider URL, or raise ValueError saying why."""
     if any(ord(char) <= 0x20 or ord(char) >= 0x7F for char in url):

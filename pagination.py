@@ -8,7 +8,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from apifairy.exceptions import ValidationError as RequestValidationError
 
-from models import db
+from models import db, is_storable_text
 
 
 def encode_page_token(row):
@@ -20,7 +20,10 @@ def decode_page_token(page_token):
     try:
         padded = page_token + "=" * (-len(page_token) % 4)
         position = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        return datetime.fromisoformat(position["created_at"]), str(position["id"])
+        created_at, row_id = datetime.fromisoformat(position["created_at"]), position["id"]
+        if not (isinstance(row_id, str) and is_storable_text(row_id)):
+            raise ValueError("the id is not text the database can compare")
+        return created_at, row_id
     except (ValueError, TypeError, KeyError, binascii.Error, UnicodeError):
         raise RequestValidationError(422, {"query": {"page_token": ["Not a valid page token."]}}) from None
 

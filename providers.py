@@ -10,7 +10,7 @@ from werkzeug.exceptions import Conflict, NotFound
 
 from auth import auth
 from catalog import connection_of, match_models, provider_models, remember_models, resolve_model, verify_upstream
-from models import CAPABILITIES_BY_TYPE, ModelProvider, db
+from models import CAPABILITIES_BY_TYPE, ModelProvider, db, is_canonical_id
 from pagination import newest_first_page
 from prober import probe_one
 from schemas import (
@@ -36,7 +36,7 @@ providers_bp = Blueprint("providers", __name__)
 
 
 def get_provider_or_404(provider_id):
-    provider = db.session.get(ModelProvider, provider_id)
+    provider = db.session.get(ModelProvider, provider_id) if is_canonical_id(provider_id) else None
     if provider is None:
         raise NotFound(f"No model provider has id {provider_id!r}.")
     return provider

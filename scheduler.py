@@ -33,7 +33,10 @@ def try_lease(name, holder, seconds):
     """Take or renew the lease `name` for `seconds`; True when `holder` has it.
 
     Writes only to take a free or expired lease or to renew one past half its life, so
-    the ticks of every worker cost the database a read.
+    the ticks of every worker cost the database a read. The conditional UPDATE settles a
+    race for an existing row on every database (on PostgreSQL a waiting UPDATE re-checks
+    its condition on the row its rival wrote); while no row exists one is inserted, and
+    the primary key settles that race.
     """
     now = utcnow()
     lease = db.session.get(Lease, name)
@@ -50,15 +53,15 @@ def try_lease(name, holder, seconds):
         .where(Lease.name == name, sa.or_(Lease.holder == holder, Lease.expires_at < now))
         .values(holder=holder, expires_at=expires_at)
     )
-    if renewed.rowcount == 1:
-        db.session.commit()
-        return True
-    db.session.rollback()
-    db.session.add(Lease(name=name, holder=holder, expires_at=expires_at))
+    if renewed.rowcount == 0:
+        if db.session.scalar(sa.select(Lease.holder).where(Lease.name == name)) is not None:
+            db.session.rollback()
+            return False
+        db.session.add(Lease(name=name, holder=holder, expires_at=expires_at))
     try:
         db.session.commit()
         return True
-    except sa.exc.IntegrityError:
+    except sa.exc.IntegrityError:  # another holder inserted the first row meanwhile
         db.session.rollback()
         return False
 

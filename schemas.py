@@ -10,7 +10,7 @@ from marshmallow import ValidationError, fields, validates_schema
 from marshmallow.validate import Length, OneOf, Range
 from werkzeug.exceptions import BadRequest, UnsupportedMediaType
 
-from models import CAPABILITIES, PROVIDER_TYPES, STATES, normalize_base_url
+from models import CAPABILITIES, PROVIDER_TYPES, STATES, is_storable_text, normalize_base_url
 
 ma = Marshmallow()
 
@@ -55,6 +55,16 @@ class Timestamp(fields.DateTime):
         super().__init__(format="%Y-%m-%dT%H:%M:%S.%fZ", **kwargs)
 
 
+class Text(fields.String):
+    """A string the database can store; a NUL character is a 422 here, not a 500 there."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if not is_storable_text(text):
+            raise ValidationError("Must be text without NUL characters or unpaired surrogates.")
+        return text
+
+
 class BaseURL(fields.String):
     """An absolute http(s) URL, 1 to 2083 characters as sent, loaded in normalized form."""
 
@@ -73,11 +83,11 @@ class BaseURL(fields.String):
 
 
 def optional_text(max_length, description):
-    return fields.String(allow_none=True, validate=Length(max=max_length), metadata={"description": description})
+    return Text(allow_none=True, validate=Length(max=max_length), metadata={"description": description})
 
 
 def watsonx_id(description):
-    return fields.String(allow_none=True, validate=Length(min=1, max=1024), metadata={"description": description})
+    return Text(allow_none=True, validate=Length(min=1, max=1024), metadata={"description": description})
 
 
 def watsonx_id_errors(provider_type, project_id, space_id):
@@ -97,7 +107,7 @@ class ProviderChangesSchema(ma.Schema):
     """PATCH body: any subset of the writable fields."""
 
     base_url = BaseURL(metadata={"description": "Base URL for the API (unique)"})
-    api_key = fields.String(
+    api_key = Text(
         validate=Length(max=API_KEY_MAX_LENGTH),
         load_only=True,
         metadata={"description": "Write-only; may be empty for keyless local servers"},
@@ -113,7 +123,7 @@ class ProviderCreateSchema(ProviderChangesSchema):
         required=True, validate=OneOf(PROVIDER_TYPES), metadata={"description": "Type of model provider"}
     )
     base_url = BaseURL(required=True, metadata={"description": "Base URL for the API (unique)"})
-    api_key = fields.String(
+    api_key = Text(
         required=True,
         validate=Length(max=API_KEY_MAX_LENGTH),
         load_only=True,
@@ -156,7 +166,7 @@ class ProvidersQuerySchema(ma.Schema):
     type = fields.String(validate=OneOf(PROVIDER_TYPES))
     capability = fields.String(validate=OneOf(CAPABILITIES))
     state = fields.String(validate=OneOf(STATES))
-    registry = fields.String(metadata={"description": "Manifest location the providers come from"})
+    registry = Text(metadata={"description": "Manifest location the providers come from"})
     limit = fields.Integer(load_default=100, validate=Range(1, 1000))
     page_token = fields.String(metadata={"description": "Opaque token from the previous page"})
 

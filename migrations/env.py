@@ -1,6 +1,7 @@
 import logging
 from logging.config import fileConfig
 
+import sqlalchemy as sa
 from alembic import context
 from flask import current_app
 
@@ -12,6 +13,11 @@ config = context.config
 # This line sets up loggers basically.
 fileConfig(config.config_file_name, disable_existing_loggers=False)
 logger = logging.getLogger("alembic.env")
+
+# PostgreSQL advisory lock key ("registry" in ASCII) that serializes migrations when
+# several instances start at once: the first applies them, the others wait, then find
+# the schema current.
+MIGRATIONS_LOCK_KEY = 0x7265676973747279
 
 
 def get_engine():
@@ -91,7 +97,14 @@ def run_migrations_online():
         context.configure(connection=connection, target_metadata=get_metadata(), **conf_args)
 
         with context.begin_transaction():
+            wait_for_other_migrators(connection)
             context.run_migrations()
+
+
+def wait_for_other_migrators(connection):
+    """Hold the migrations lock until this transaction ends (on SQLite one `make run` migrates)."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATIONS_LOCK_KEY})
 
 
 if context.is_offline_mode():

@@ -1,5 +1,7 @@
 import base64
+import itertools
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -9,6 +11,7 @@ import time
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from flask_migrate import upgrade
 
 from app import create_app
@@ -17,15 +20,25 @@ from tests.fake_upstreams import FakeUpstream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASSWORDS = {"admin": "admin-pass-1", "service": "service-pass-1", "reader": "reader-pass-1"}
+# A PostgreSQL database (postgresql+psycopg://...) whose role may create databases: the
+# whole suite then runs on PostgreSQL, with a fresh database per test. Unset: SQLite.
+TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
+# Instance folder -> its own PostgreSQL database; a folder not listed uses its SQLite file.
+DATABASE_URLS = {}
 
 
 def basic_auth(username, password):
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
+def database_url(instance_path):
+    return DATABASE_URLS.get(str(instance_path), f"sqlite:///{instance_path}/registry.db")
+
+
 def registry_environ(instance_path, **overrides):
     environ = {
         "REGISTRY_INSTANCE_PATH": str(instance_path),
+        "DATABASE_URL": database_url(instance_path),
         "REGISTRY_VERIFY_ON_CREATE": "false",
         "REGISTRY_PROBE_INTERVAL": "0",
         "REGISTRY_SYNC_INTERVAL": "0",
@@ -34,11 +47,9 @@ def registry_environ(instance_path, **overrides):
     return environ
 
 
-@pytest.fixture(scope="session")
-def template_database(tmp_path_factory):
-    """A migrated SQLite file with one user per role, copied for each test."""
-    instance = tmp_path_factory.mktemp("template")
-    app = create_app(registry_environ(instance))
+def migrate_and_add_users(instance_path):
+    """Apply the migrations to the folder's database and add one user per role."""
+    app = create_app(registry_environ(instance_path))
     with app.app_context():
         upgrade()
         for role, password in PASSWORDS.items():
@@ -47,15 +58,113 @@ def template_database(tmp_path_factory):
             db.session.add(user)
         db.session.commit()
         db.engine.dispose()
-    return instance / "registry.db"
+
+
+class SqliteDatabases:
+    """Each instance folder holds its own SQLite file, a copy of a migrated template."""
+
+    def __init__(self, template_folder):
+        self.template = template_folder / "registry.db"
+        migrate_and_add_users(template_folder)
+
+    def create(self, instance_path, migrated):
+        if migrated:
+            shutil.copy(self.template, instance_path / "registry.db")
+
+    def drop(self, instance_path):
+        pass  # removed with the test's temporary folder
+
+    def stored_bytes(self, instance_path):
+        return b"".join(path.read_bytes() for path in instance_path.glob("registry.db*"))
+
+    def destroy(self, instance_path):
+        (instance_path / "registry.db").unlink()
+        (instance_path / "registry.db").mkdir()  # unopenable as a database
+
+    def close(self):
+        pass
+
+
+class PostgresDatabases:
+    """Each instance folder gets its own database on the TEST_DATABASE_URL server, made
+    from a migrated template database by CREATE DATABASE ... TEMPLATE (a file copy)."""
+
+    def __init__(self, url, template_folder):
+        self.url = sa.make_url(url)
+        if self.url.get_backend_name() != "postgresql":
+            raise pytest.UsageError("TEST_DATABASE_URL must name a PostgreSQL database (postgresql+psycopg://...).")
+        self.server = sa.create_engine(self.url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+        self.prefix = f"{self.url.database}_{os.getpid()}"
+        self.numbers = itertools.count()
+        self.template = f"{self.prefix}_template"
+        self.execute(f'CREATE DATABASE "{self.template}"')
+        DATABASE_URLS[str(template_folder)] = self.url_of(self.template)
+        migrate_and_add_users(template_folder)
+
+    def execute(self, statement):
+        with self.server.connect() as connection:
+            connection.exec_driver_sql(statement)
+
+    def url_of(self, name, driver="postgresql+psycopg"):
+        return self.url.set(drivername=driver, database=name).render_as_string(hide_password=False)
+
+    def name_of(self, instance_path):
+        return sa.make_url(DATABASE_URLS[str(instance_path)]).database
+
+    def create(self, instance_path, migrated):
+        name = f"{self.prefix}_{next(self.numbers)}"
+        self.execute(f'CREATE DATABASE "{name}" TEMPLATE "{self.template if migrated else "template0"}"')
+        DATABASE_URLS[str(instance_path)] = self.url_of(name)
+
+    def drop(self, instance_path):
+        self.execute(f'DROP DATABASE IF EXISTS "{self.name_of(instance_path)}" WITH (FORCE)')
+        del DATABASE_URLS[str(instance_path)]
+
+    def stored_bytes(self, instance_path):
+        """Everything the database holds, as `pg_dump` writes it."""
+        libpq_url = self.url_of(self.name_of(instance_path), driver="postgresql")
+        return subprocess.run(["pg_dump", "--dbname", libpq_url], capture_output=True, check=True).stdout
+
+    def destroy(self, instance_path):
+        self.execute(f'DROP DATABASE "{self.name_of(instance_path)}" WITH (FORCE)')
+
+    def close(self):
+        self.execute(f'DROP DATABASE IF EXISTS "{self.template}"')
+        self.server.dispose()
+
+
+@pytest.fixture(scope="session")
+def databases(tmp_path_factory):
+    """Where each test's database lives: SQLite files, or PostgreSQL with TEST_DATABASE_URL."""
+    template_folder = tmp_path_factory.mktemp("template")
+    if TEST_DATABASE_URL:
+        backend = PostgresDatabases(TEST_DATABASE_URL, template_folder)
+    else:
+        backend = SqliteDatabases(template_folder)
+    yield backend
+    backend.close()
 
 
 @pytest.fixture
-def instance_path(tmp_path, template_database):
-    instance = tmp_path / "instance"
-    instance.mkdir()
-    shutil.copy(template_database, instance / "registry.db")
-    return instance
+def make_instance(tmp_path, databases):
+    """An instance folder with its own database: migrated with one user per role, or empty."""
+    folders = []
+
+    def make(name="instance", migrated=True):
+        folder = tmp_path / name
+        folder.mkdir()
+        databases.create(folder, migrated)
+        folders.append(folder)
+        return folder
+
+    yield make
+    for folder in folders:
+        databases.drop(folder)
+
+
+@pytest.fixture
+def instance_path(make_instance):
+    return make_instance()
 
 
 @pytest.fixture
@@ -140,10 +249,22 @@ def wait_until_serving(base_url, process, timeout=30):
     raise RuntimeError("gunicorn did not become ready")
 
 
-class Gunicorn:
-    """The registry served by gunicorn with the project's configuration, on a free port."""
+GUNICORN_COMMAND = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
+# What `make run` does: apply the migrations, then serve.
+MIGRATE_THEN_GUNICORN_COMMAND = [
+    "sh",
+    "-c",
+    f"{shlex.quote(sys.executable)} -m flask --app app db upgrade && exec {shlex.join(GUNICORN_COMMAND)}",
+]
 
-    def __init__(self, instance_path, workers=2, **overrides):
+
+class Gunicorn:
+    """The registry served by gunicorn with the project's configuration, on a free port.
+
+    `migrate_first` starts it as `make run` does; `wait=False` returns before it is ready
+    (call `wait_until_ready`), so that several can start at the same moment."""
+
+    def __init__(self, instance_path, workers=2, migrate_first=False, wait=True, **overrides):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = instance_path / f"gunicorn-{self.port}.log"
@@ -151,13 +272,17 @@ class Gunicorn:
         environ.update(HOST="127.0.0.1", PORT=str(self.port), WEB_CONCURRENCY=str(workers))
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+                MIGRATE_THEN_GUNICORN_COMMAND if migrate_first else GUNICORN_COMMAND,
                 cwd=ROOT,
                 env=environ,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        if wait:
+            self.wait_until_ready()
+
+    def wait_until_ready(self):
         wait_until_serving(self.base_url, self.process)
 
     def client(self, role):

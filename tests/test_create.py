@@ -156,6 +156,26 @@ def test_invalid_field_is_422_naming_it(admin, fields, field):
     assert field in problem["errors"]
 
 
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"name": "a\u0000b"}, "name"),
+        ({"description": "\u0000"}, "description"),
+        ({"api_key": "sk-\u0000"}, "api_key"),
+        ({"name": "\ud800"}, "name"),
+        ({"api_key": "sk-\udfff"}, "api_key"),
+        ({"type": "watsonx", "watsonx_project_id": "p\u0000"}, "watsonx_project_id"),
+        ({"type": "watsonx", "watsonx_space_id": "\udbff"}, "watsonx_space_id"),
+    ],
+)
+def test_text_no_database_can_store_is_422(admin, fields, field):
+    """PostgreSQL refuses NUL characters; an unpaired surrogate has no UTF-8 form."""
+    response = create(admin, **fields)
+    assert response.status_code == 422
+    assert field in response.get_json()["errors"]
+    assert admin.get("/api/v1/model_providers").get_json()["total_count"] == 0
+
+
 @pytest.mark.parametrize("missing", ["type", "base_url", "api_key"])
 def test_missing_required_field_is_422(admin, missing):
     body = provider_body()

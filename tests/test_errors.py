@@ -1,5 +1,8 @@
 """Every error status of the contract is a problem document that changes nothing."""
 
+import base64
+import json
+
 import pytest
 
 from tests.conftest import basic_auth, provider_body
@@ -15,6 +18,10 @@ def assert_problem(response, status):
     assert problem["title"] and problem["detail"]
     assert "Traceback" not in response.get_data(as_text=True)
     return problem
+
+
+def page_token(**position):
+    return base64.urlsafe_b64encode(json.dumps(position).encode()).decode()
 
 
 def count(client):
@@ -71,6 +78,7 @@ def test_missing_credentials_are_401_with_basic_challenge(anonymous):
         basic_auth("admin", "wrong"),
         basic_auth("nobody", "admin-pass-1"),
         basic_auth("", ""),
+        basic_auth("ad\x00min", "admin-pass-1"),
         "Bearer admin-pass-1",
         "Basic not-base64!!",
         "Basic",
@@ -136,17 +144,20 @@ def test_bad_query_parameters_are_422(reader):
         "capability=vision",
         "state=up",
         "page_token=%%%",
+        "registry=file%00",
+        "page_token=" + page_token(created_at="2024-01-01T00:00:00", id="a\u0000"),
+        "page_token=" + page_token(created_at="2024-01-01T00:00:00", id=7),
+        "page_token=" + page_token(id="0b6f2d6e-3f57-4a57-9f0e-2f7c1c5e8d11"),
     ):
         problem = assert_problem(reader.get(f"{PROVIDERS}?{query}"), 422)
         assert query.split("=")[0] in problem["errors"]
 
 
-def test_database_gone_is_503_not_500(app, admin, instance_path):
+def test_database_gone_is_503_not_500(app, admin, databases, instance_path):
     from models import db
 
     with app.app_context():
         db.engine.dispose()
-    (instance_path / "registry.db").unlink()
-    (instance_path / "registry.db").mkdir()  # unopenable as a database
+    databases.destroy(instance_path)
     assert_problem(admin.get(PROVIDERS), 503)
     assert_problem(app.test_client().get("/readyz"), 503)

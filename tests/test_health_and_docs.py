@@ -4,7 +4,9 @@ import re
 
 import sqlalchemy as sa
 
+from app import create_app
 from models import db
+from tests.conftest import registry_environ
 
 
 def test_healthz_answers_without_credentials(anonymous):
@@ -26,9 +28,8 @@ def test_readyz_is_503_when_the_schema_is_behind(app, anonymous):
     assert "migrations" in response.get_json()["detail"]
 
 
-def test_readyz_is_503_before_migrations(make_app, instance_path):
-    (instance_path / "registry.db").unlink()
-    app = make_app()
+def test_readyz_is_503_before_migrations(make_instance):
+    app = create_app(registry_environ(make_instance(migrated=False)))
     response = app.test_client().get("/readyz")
     assert response.status_code == 503
     assert response.content_type == "application/problem+json"

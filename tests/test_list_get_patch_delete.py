@@ -125,6 +125,8 @@ def test_patch_to_own_base_url_is_fine_and_to_anothers_is_409(admin):
         ({"api_key": None}, "api_key"),
         ({"base_url": "ftp://x"}, "base_url"),
         ({"name": "n" * 1025}, "name"),
+        ({"name": "\u0000"}, "name"),
+        ({"api_key": "\ud800"}, "api_key"),
         ({"state": "offline"}, "state"),
         ({"watsonx_project_id": "p"}, "watsonx_project_id"),
     ],

@@ -16,7 +16,6 @@ from cryptography.fernet import Fernet
 from manifests import MAX_MANIFEST_BYTES
 from models import ModelProvider, db
 from tests.conftest import ROOT, client_as, provider_body, registry_environ
-from tests.test_secrets import database_bytes
 
 PROVIDERS = "/api/v1/model_providers"
 REGISTRY = "/api/v1/registry"
@@ -202,7 +201,7 @@ def serve_manifest():
         server.stop()
 
 
-def test_first_sync_creates_the_declared_providers(registry_app, manifest_path, instance_path):
+def test_first_sync_creates_the_declared_providers(registry_app, manifest_path, instance_path, databases):
     app = registry_app(manifest_path)
     assert sync(app) == [{"location": manifest_path.as_uri(), **counts(added=2)}]
 
@@ -218,7 +217,7 @@ def test_first_sync_creates_the_declared_providers(registry_app, manifest_path, 
     )
     assert stored_api_key(app, openai["id"]) == OPENAI_KEY
     assert stored_api_key(app, providers["http://localhost:11434/v1"]["id"]) == ""
-    assert OPENAI_KEY.encode() not in database_bytes(instance_path)
+    assert OPENAI_KEY.encode() not in databases.stored_bytes(instance_path)
     filtered = client_as(app, "reader").get(PROVIDERS, query_string={"registry": manifest_path.as_uri()})
     assert filtered.get_json()["total_count"] == 2
 

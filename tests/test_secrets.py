@@ -1,7 +1,6 @@
 """API keys never show in plain text: not in responses, logs, errors nor the database."""
 
 import logging
-import shutil
 import stat
 
 import pytest
@@ -16,11 +15,7 @@ PROVIDERS = "/api/v1/model_providers"
 SECRET = "sk-PLAIN-TEXT-SECRET-4242"
 
 
-def database_bytes(instance_path):
-    return b"".join(path.read_bytes() for path in instance_path.glob("registry.db*"))
-
-
-def test_key_is_in_no_response_log_or_database_file(admin, instance_path, caplog):
+def test_key_is_in_no_response_log_or_database_file(admin, databases, instance_path, caplog):
     caplog.set_level(logging.DEBUG)
     created = admin.post(PROVIDERS, json=provider_body(api_key=SECRET))
     provider_id = created.get_json()["id"]
@@ -32,7 +27,9 @@ def test_key_is_in_no_response_log_or_database_file(admin, instance_path, caplog
         assert SECRET.encode() not in response.data
     assert refused.status_code == 409 and invalid.status_code == 422
     assert SECRET not in caplog.text
-    assert SECRET.encode() not in database_bytes(instance_path)
+    stored = databases.stored_bytes(instance_path)  # the SQLite file, or pg_dump's output
+    assert b"https://api.openai.com/v1" in stored
+    assert SECRET.encode() not in stored
 
 
 def test_stored_key_opens_to_what_was_sent(app, admin):
@@ -60,11 +57,9 @@ def test_configured_keys_are_used_and_no_key_file_is_made(make_app, instance_pat
 
 
 @pytest.fixture
-def userless_instance(tmp_path, template_database):
+def userless_instance(make_instance):
     """A migrated database with no user yet, as on the first start."""
-    instance = tmp_path / "fresh"
-    instance.mkdir()
-    shutil.copy(template_database, instance / "registry.db")
+    instance = make_instance("fresh")
     with create_app(registry_environ(instance)).app_context():
         db.session.execute(sa.delete(User))
         db.session.commit()

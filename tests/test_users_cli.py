@@ -55,6 +55,14 @@ def test_duplicate_user_and_bad_role_are_refused(cli):
     assert cli("create", "dave", "--role", "reader", "--password-stdin", input="\n").exit_code != 0
 
 
+@pytest.mark.parametrize("username", ["u" * 256, "with:colon", "surrogate\udc80"])
+def test_user_name_the_database_or_basic_auth_cannot_hold_is_refused(cli, username):
+    result = cli("create", username, "--role", "reader", "--password-stdin", input="pw\n")
+    assert result.exit_code == 1
+    assert "A user name is 1 to 255 characters" in result.output
+    assert username not in cli("list").output
+
+
 def test_set_password_takes_effect_at_once(app, cli):
     assert can_list(app, "reader", "reader-pass-1") == 200
     result = cli("set-password", "reader", "--password-stdin", input="new-reader-pw\n")

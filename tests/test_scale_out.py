@@ -1,0 +1,140 @@
+"""Several registry instances, each on its own "machine" (instance folder), on one
+PostgreSQL database, as behind a load balancer."""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from cryptography.fernet import Fernet
+
+from app import schema_head
+from tests.conftest import PASSWORDS, TEST_DATABASE_URL, Gunicorn, database_url, provider_body
+
+pytestmark = pytest.mark.skipif(
+    not TEST_DATABASE_URL,
+    reason="needs TEST_DATABASE_URL: instances share a PostgreSQL database (SQLite serves one machine)",
+)
+
+PROVIDERS = "/api/v1/model_providers"
+SHARED_ENCRYPTION_KEY = Fernet.generate_key().decode()
+
+
+@pytest.fixture
+def start_instances(tmp_path):
+    """Start `count` instances at the same moment on one database, each in its own
+    folder, sharing REGISTRY_ENCRYPTION_KEYS as the README says they must."""
+    servers = []
+
+    def start(count, on_database, **options):
+        started = []
+        for _ in range(count):
+            folder = tmp_path / f"machine-{len(servers)}"
+            folder.mkdir()
+            server = Gunicorn(
+                folder, wait=False, DATABASE_URL=on_database, REGISTRY_ENCRYPTION_KEYS=SHARED_ENCRYPTION_KEY, **options
+            )
+            servers.append(server)
+            started.append(server)
+        for server in started:
+            server.wait_until_ready()
+        return started
+
+    yield start
+    for server in servers:
+        server.kill()
+
+
+def test_provider_created_on_one_instance_is_read_patched_and_deleted_on_the_other(instance_path, start_instances):
+    first, second = start_instances(2, database_url(instance_path))
+    with first.client("admin") as on_first, second.client("admin") as on_second:
+        created = on_first.post(PROVIDERS, json=provider_body()).json()
+        path = f"{PROVIDERS}/{created['id']}"
+        assert on_second.get(path).json() == created
+
+        patched = on_second.patch(path, json={"name": "Patched on the second"})
+        assert patched.status_code == 200
+        assert on_first.get(path).json() == patched.json()
+        assert on_first.get(PROVIDERS).json()["items"] == [patched.json()]
+
+        assert on_second.delete(path).status_code == 204
+        assert on_first.get(path).status_code == 404
+
+
+def test_simultaneous_creates_of_one_base_url_across_instances_give_one_201(instance_path, start_instances):
+    servers = start_instances(2, database_url(instance_path))
+    spellings = ["https://api.example.com/v1", "HTTPS://API.Example.com:443/v1/", "https://api.example.com/v1//"]
+    attempts = 16
+    start_together = threading.Barrier(attempts)
+
+    def create(attempt):
+        with servers[attempt % 2].client("admin") as admin:
+            body = provider_body(base_url=spellings[attempt % len(spellings)])
+            start_together.wait()
+            return admin.post(PROVIDERS, json=body).status_code
+
+    with ThreadPoolExecutor(max_workers=attempts) as pool:
+        statuses = list(pool.map(create, range(attempts)))
+    assert sorted(statuses) == [201] + [409] * (attempts - 1)
+    for server in servers:
+        with server.client("reader") as reader:
+            assert reader.get(PROVIDERS).json()["total_count"] == 1
+
+
+def test_instances_started_at_once_on_an_empty_database_migrate_it_once_and_all_serve(make_instance, start_instances):
+    empty_database = database_url(make_instance("empty", migrated=False))
+    servers = start_instances(
+        3,
+        empty_database,
+        migrate_first=True,
+        REGISTRY_ADMIN_USERNAME="admin",
+        REGISTRY_ADMIN_PASSWORD=PASSWORDS["admin"],
+    )
+    migrating_servers = [server for server in servers if "Running upgrade" in server.log()]
+    assert len(migrating_servers) == 1
+    for server in servers:
+        with server.client("admin") as admin:
+            assert admin.get(PROVIDERS).status_code == 200
+    engine = sa.create_engine(empty_database, poolclass=sa.pool.NullPool)
+    with engine.connect() as connection:
+        assert connection.scalar(sa.text("SELECT version_num FROM alembic_version")) == schema_head()
+        assert connection.scalar(sa.text("SELECT count(*) FROM users")) == 1
+
+
+def test_keys_written_through_either_instance_are_in_no_log_nor_pg_dump(databases, instance_path, start_instances):
+    secret = "sk-SCALE-OUT-SECRET-5151"
+    first, second = start_instances(2, database_url(instance_path))
+    with first.client("admin") as on_first, second.client("admin") as on_second:
+        created = on_first.post(PROVIDERS, json=provider_body(api_key=secret))
+        rotated = on_second.patch(f"{PROVIDERS}/{created.json()['id']}", json={"api_key": secret + "-ROTATED"})
+    assert created.status_code == 201 and rotated.status_code == 200
+    dump = databases.stored_bytes(instance_path)
+    assert b"https://api.openai.com/v1" in dump
+    assert secret.encode() not in dump
+    for server in (first, second):
+        server.kill()
+        assert secret not in server.log()
+
+
+def test_an_instance_on_a_shared_database_warns_when_keys_come_from_its_own_key_file(make_app, caplog):
+    make_app(REGISTRY_ENCRYPTION_KEYS=SHARED_ENCRYPTION_KEY)
+    assert "REGISTRY_ENCRYPTION_KEYS" not in caplog.text
+    make_app()
+    assert "REGISTRY_ENCRYPTION_KEYS is unset" in caplog.text
+
+
+def test_a_password_changed_through_one_instance_is_refused_at_once_by_the_other(
+    make_app, instance_path, start_instances
+):
+    servers = start_instances(2, database_url(instance_path), workers=1)
+    for server in servers:  # each instance's one worker now remembers the verified password
+        with server.client("reader") as reader:
+            assert reader.get(PROVIDERS).status_code == 200
+    cli = make_app().test_cli_runner()
+    assert cli.invoke(args=["users", "set-password", "reader", "--password-stdin"], input="changed-pw\n").exit_code == 0
+    for server in servers:
+        with server.client("reader") as reader:
+            assert reader.get(PROVIDERS).status_code == 401
+        with httpx.Client(base_url=server.base_url, auth=("reader", "changed-pw")) as reader:
+            assert reader.get(PROVIDERS).status_code == 200
