@@ -2,6 +2,7 @@
 PostgreSQL database, as behind a load balancer."""
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -138,3 +139,31 @@ def test_a_password_changed_through_one_instance_is_refused_at_once_by_the_other
             assert reader.get(PROVIDERS).status_code == 401
         with httpx.Client(base_url=server.base_url, auth=("reader", "changed-pw")) as reader:
             assert reader.get(PROVIDERS).status_code == 200
+
+
+def test_instances_on_one_database_share_one_prober(instance_path, start_instances, fake_upstream):
+    upstream = fake_upstream()
+    first, second = start_instances(2, database_url(instance_path), REGISTRY_PROBE_INTERVAL="1")
+    with first.client("admin") as admin:
+        body = provider_body(base_url=upstream.base_url, api_key=upstream.api_key)
+        assert admin.post(PROVIDERS, json=body).status_code == 201
+    deadline = time.monotonic() + 15
+    while upstream.hits == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    before = upstream.hits
+    time.sleep(5)
+    probes = upstream.hits - before
+    assert 3 <= probes <= 7, f"{probes} probes in 5 intervals"  # four workers each probing would give ~20
+
+
+def test_a_provider_changed_through_one_instance_is_not_listed_stale_by_the_other(
+    instance_path, start_instances, fake_upstream
+):
+    old, new = fake_upstream(models=["old-model"]), fake_upstream(models=["new-model"])
+    first, second = start_instances(2, database_url(instance_path))
+    with first.client("admin") as on_first, second.client("admin") as on_second:
+        created = on_first.post(PROVIDERS, json=provider_body(base_url=old.base_url, api_key=old.api_key)).json()
+        models_path = f"{PROVIDERS}/{created['id']}/models"
+        assert [model["id"] for model in on_first.get(models_path).json()["items"]] == ["openai:old-model"]
+        on_second.patch(f"{PROVIDERS}/{created['id']}", json={"base_url": new.base_url, "api_key": new.api_key})
+        assert [model["id"] for model in on_first.get(models_path).json()["items"]] == ["openai:new-model"]
