@@ -152,6 +152,9 @@ def create_app(environ=None):
             log.warning(
                 "REGISTRY_ENCRYPTION_KEYS is unset: every instance on this database needs the key in %s", key_file
             )
-        bootstrap_admin(app)
+        try:
+            bootstrap_admin(app)
+        except sa.exc.OperationalError as error:
+            log.error("database not reachable at start (/readyz answers 503 until it is): %s", error.orig)
         db.session.remove()
     return app

@@ -64,13 +64,16 @@ class SyncResult:
 
 
 def location_uri(location):
-    """A configured location as its providers' `registry`: file:///abs/path, or the URL as is."""
+    """A configured location as its providers' `registry`: file:///abs/path, or the URL.
+
+    Credentials in a URL (user:password@) are dropped: the location is shown to readers.
+    """
     try:
         parts = urlsplit(location)
     except ValueError:  # not a usable URL: kept as configured, for its sync to report
         return location
     if parts.scheme.lower() not in ("", "file"):
-        return location
+        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     path = url2pathname(parts.path) if parts.scheme else location
     return Path(os.path.abspath(path)).as_uri()
 
@@ -99,7 +102,9 @@ def read_file(path):
 def fetch_url(url):
     content = b""
     try:
-        with httpx.stream("GET", url, timeout=current_app.config["UPSTREAM_TIMEOUT"], follow_redirects=True) as answer:
+        with httpx.stream(
+            "GET", url, timeout=current_app.config["UPSTREAM_TIMEOUT"], follow_redirects=True, trust_env=False
+        ) as answer:
             if answer.status_code != 200:
                 raise ManifestError(f"Fetching the manifest answered HTTP {answer.status_code}.")
             for chunk in answer.iter_bytes():

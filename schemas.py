@@ -51,8 +51,8 @@ def json_body(schema_class):
 class Timestamp(fields.DateTime):
     """RFC 3339 in UTC with a Z suffix; the database holds naive UTC."""
 
-    def __init__(self, **kwargs):
-        super().__init__(format="%Y-%m-%dT%H:%M:%S.%fZ", **kwargs)
+    def _serialize(self, value, attr, obj, **kwargs):
+        return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Text(fields.String):

@@ -6,7 +6,7 @@ import sqlalchemy as sa
 
 from app import create_app
 from models import db
-from tests.conftest import registry_environ
+from tests.conftest import free_port, registry_environ
 
 
 def test_healthz_answers_without_credentials(anonymous):
@@ -68,3 +68,12 @@ def test_docs_page_loads_only_local_assets(anonymous):
         asset = anonymous.get(source)
         assert asset.status_code == 200 and len(asset.data) > 1000
     assert "/openapi.json" in html
+
+
+def test_unreachable_database_at_start_serves_503_not_a_crash(make_app):
+    app = make_app(DATABASE_URL=f"postgresql+psycopg://nobody:nothing@127.0.0.1:{free_port()}/registry")
+    client = app.test_client()
+    assert client.get("/healthz").status_code == 200
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.content_type == "application/problem+json"

@@ -346,6 +346,16 @@ def test_a_manifest_url_answering_an_error_status_changes_nothing(registry_app, 
     assert snapshot(app) == before
 
 
+def test_credentials_in_a_manifest_url_are_never_shown(registry_app, serve_manifest):
+    server = serve_manifest(manifest(OPENAI))
+    with_credentials = server.url.replace("http://", "http://deploy:hunter2@")
+    app = registry_app(with_credentials)
+    (result,) = sync(app)
+    assert result["location"] == server.url
+    assert {provider["registry"] for provider in listing(app)} == {server.url}
+    assert [status["location"] for status in registry_status(app)] == [server.url]
+
+
 def test_providers_of_a_dropped_location_are_removed(registry_app, manifest_path, tmp_path):
     dropped_path = write_manifest(tmp_path / "dropped.yaml", manifest(ANTHROPIC))
     app = registry_app(manifest_path, dropped_path)
