@@ -8,7 +8,7 @@ from flask import request
 from flask_marshmallow import Marshmallow
 from marshmallow import ValidationError, fields, validates_schema
 from marshmallow.validate import Length, OneOf, Range
-from werkzeug.exceptions import BadRequest, UnsupportedMediaType
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
 
 from models import CAPABILITIES, PROVIDER_TYPES, STATES, normalize_base_url
 
@@ -19,12 +19,20 @@ API_KEY_MAX_LENGTH = 8192
 WATSONX_ID_FIELDS = ("watsonx_project_id", "watsonx_space_id")
 
 
+def read_body():
+    """The body; one sent without Content-Length (chunked) that runs past the limit is a 413."""
+    body = request.get_data(cache=True)
+    if len(body) == request.max_content_length and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
+    return body
+
+
 def read_json_object():
     """The request body as a JSON object, or the 415 or 400 that says why it is not."""
     if request.mimetype != "application/json":
         raise UnsupportedMediaType("Send the body as application/json.")
     try:
-        document = json.loads(request.get_data(cache=True))
+        document = json.loads(read_body())
     except (ValueError, RecursionError):
         raise BadRequest("The body is not valid JSON.") from None
     if not isinstance(document, dict):
@@ -51,8 +59,8 @@ def json_body(schema_class):
 class Timestamp(fields.DateTime):
     """RFC 3339 in UTC with a Z suffix; the database holds naive UTC."""
 
-    def __init__(self, **kwargs):
-        super().__init__(format="%Y-%m-%dT%H:%M:%S.%fZ", **kwargs)
+    def _serialize(self, value, attr, obj, **kwargs):
+        return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class BaseURL(fields.String):
