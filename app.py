@@ -10,7 +10,7 @@ from alembic.script import ScriptDirectory
 from flask import Flask
 from flask_migrate import Migrate
 
-from auth import verified_passwords  # noqa: F401  (registers the auth callbacks)
+from auth import init_auth
 from cli import register_commands
 from crypto import cipher
 from docs import apifairy, docs_bp
@@ -70,6 +70,8 @@ def load_config(environ):
         "PROBE_FAILURES": max(1, read_number(environ, "REGISTRY_PROBE_FAILURES", 2)),
         "MANIFESTS": read_list(environ, "REGISTRY_MANIFESTS"),
         "SYNC_INTERVAL": read_number(environ, "REGISTRY_SYNC_INTERVAL", 300.0, float),
+        "LOGIN_FAILURE_LIMIT": max(1, read_number(environ, "REGISTRY_LOGIN_FAILURES", 5)),
+        "LOGIN_WINDOW": read_number(environ, "REGISTRY_LOGIN_WINDOW", 60.0, float),
         "MAX_CONTENT_LENGTH": MAX_BODY_BYTES,
         "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
         "APIFAIRY_TITLE": "Model Provider Registry",
@@ -131,6 +133,7 @@ def create_app(environ=None):
     ma.init_app(app)
     apifairy.init_app(app)
     cipher.init_app(app)
+    init_auth(app)
 
     app.register_blueprint(errors_bp)
     app.register_blueprint(health_bp)

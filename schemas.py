@@ -67,7 +67,12 @@ class BaseURL(fields.String):
     """An absolute http(s) URL, 1 to 2083 characters as sent, loaded in normalized form."""
 
     def __init__(self, metadata=None, **kwargs):
-        limits = {"format": "uri", "minLength": 1, "maxLength": BASE_URL_MAX_LENGTH}
+        limits = {
+            "format": "uri",
+            "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://",
+            "minLength": 1,
+            "maxLength": BASE_URL_MAX_LENGTH,
+        }
         super().__init__(metadata={**limits, **(metadata or {})}, **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
@@ -99,6 +104,28 @@ def watsonx_id_errors(provider_type, project_id, space_id):
         for field, value in zip(WATSONX_ID_FIELDS, (project_id, space_id), strict=True)
         if value is not None
     }
+
+
+NOT_A_STRING = {"not": {"type": "string"}}
+# The same rule for a create body as JSON schema, for the OpenAPI document (docs.py).
+WATSONX_RULE_OF_CREATE = [
+    {
+        "description": "Any type but watsonx: no watsonx ids",
+        "properties": {
+            "type": {"not": {"enum": ["watsonx"]}},
+            "watsonx_project_id": NOT_A_STRING,
+            "watsonx_space_id": NOT_A_STRING,
+        },
+    },
+    *(
+        {
+            "description": f"watsonx with {field}",
+            "required": [field],
+            "properties": {"type": {"enum": ["watsonx"]}, field: {"type": "string"}, other_field: NOT_A_STRING},
+        }
+        for field, other_field in (WATSONX_ID_FIELDS, WATSONX_ID_FIELDS[::-1])
+    ),
+]
 
 
 class ProviderChangesSchema(ma.Schema):

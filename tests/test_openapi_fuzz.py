@@ -10,10 +10,7 @@ CONFIG = os.path.join(os.path.dirname(__file__), "schemathesis.toml")
 SCHEMATHESIS = os.path.join(os.path.dirname(sys.executable), "schemathesis")
 # Bounded so the suite stays fast: a few dozen cases per operation and phase, 40 s at most.
 BOUNDS = ["--max-examples", "25", "--max-time", "40", "--request-timeout", "10"]
-# Every check but positive_data_acceptance: the server rightly refuses some requests the
-# document cannot call invalid (page tokens it never issued, URLs that are not http(s) or
-# carry user-info, watsonx ids on a stored provider of another type).
-CHECKS = ["--checks", "all", "--exclude-checks", "positive_data_acceptance"]
+CHECKS = ["--checks", "all"]
 
 
 def test_every_operation_answers_as_its_document_says(start_gunicorn, tmp_path):
