@@ -10,6 +10,7 @@ from alembic.script import ScriptDirectory
 from flask import Flask
 from flask_migrate import Migrate
 
+from auth import init_auth
 from cli import register_commands
 from configurations import configurations_bp
 from crypto import KEY_FILE_NAME, cipher
@@ -73,6 +74,8 @@ def load_config(environ):
         "MANIFESTS": read_list(environ, "REGISTRY_MANIFESTS"),
         "SYNC_INTERVAL": read_number(environ, "REGISTRY_SYNC_INTERVAL", 300.0, float),
         "MANIFEST_VARIABLES": dict(environ),  # what ${VAR} in a manifest reads
+        "LOGIN_FAILURE_LIMIT": max(1, read_number(environ, "REGISTRY_LOGIN_FAILURES", 5)),
+        "LOGIN_WINDOW": read_number(environ, "REGISTRY_LOGIN_WINDOW", 60.0, float),
         "MAX_CONTENT_LENGTH": MAX_BODY_BYTES,
         "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
         "APIFAIRY_TITLE": "Model Provider Registry",
@@ -134,6 +137,7 @@ def create_app(environ=None):
     ma.init_app(app)
     apifairy.init_app(app)
     cipher.init_app(app)
+    init_auth(app)
 
     app.register_blueprint(errors_bp)
     app.register_blueprint(health_bp)

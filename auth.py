@@ -2,13 +2,17 @@
 
 import hashlib
 import hmac
+import math
 import os
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from functools import cache
 
 import sqlalchemy as sa
+from flask import current_app, request
 from flask_httpauth import HTTPBasicAuth
+from werkzeug.exceptions import TooManyRequests
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from errors import problem
@@ -55,15 +59,60 @@ class VerifiedPasswords:
 verified_passwords = VerifiedPasswords()
 
 
+class FailedLogins:
+    """Failed logins per client address and username over a sliding window, in this process.
+
+    After `limit` failures within `window` seconds a pair is refused, before its password
+    is checked, until its oldest failure leaves the window. Other addresses trying the
+    same name, and the same address trying other names, are not affected.
+    """
+
+    def __init__(self, limit, window, capacity=10000):
+        self.limit = limit
+        self.window = window
+        self._capacity = capacity
+        self._failures = OrderedDict()  # key -> deque of monotonic failure times
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(address, username):
+        return address, hashlib.sha256(username.encode()).digest()  # bounded size, whatever was sent
+
+    def retry_after(self, address, username):
+        """Seconds until this pair may try again, or 0 when it may now."""
+        now = time.monotonic()
+        with self._lock:
+            failures = self._failures.get(self._key(address, username))
+            while failures and failures[0] <= now - self.window:
+                failures.popleft()
+            if not failures or len(failures) < self.limit:
+                return 0
+            return max(1, math.ceil(failures[0] + self.window - now))
+
+    def record(self, address, username):
+        key = self._key(address, username)
+        with self._lock:
+            self._failures.setdefault(key, deque(maxlen=self.limit)).append(time.monotonic())
+            self._failures.move_to_end(key)
+            while len(self._failures) > self._capacity:
+                self._failures.popitem(last=False)
+
+    def forget(self, address, username):
+        with self._lock:
+            self._failures.pop(self._key(address, username), None)
+
+
 @cache
 def decoy_password_hash():
     return generate_password_hash(os.urandom(16).hex())
 
 
-@auth.verify_password
-def verify_password(username, password):
-    if not username or not is_storable_text(username):
-        return None
+def init_auth(app):
+    app.extensions["failed_logins"] = FailedLogins(app.config["LOGIN_FAILURE_LIMIT"], app.config["LOGIN_WINDOW"])
+    decoy_password_hash()  # made now, so the first unknown name costs no more than a wrong password
+
+
+def check_credentials(username, password):
     user = db.session.scalar(sa.select(User).where(User.username == username))
     if user is None:
         # Spend what a wrong password costs, so timing does not tell which names exist.
@@ -75,6 +124,24 @@ def verify_password(username, password):
         verified_passwords.add(user, password)
         return user
     return None
+
+
+@auth.verify_password
+def verify_password(username, password):
+    if not username or not is_storable_text(username):
+        return None
+    failed_logins = current_app.extensions["failed_logins"]
+    retry_after = failed_logins.retry_after(request.remote_addr, username)
+    if retry_after:
+        raise TooManyRequests(
+            f"Too many failed logins as this user from your address; retry in {retry_after} s.", retry_after=retry_after
+        )
+    user = check_credentials(username, password)
+    if user is None:
+        failed_logins.record(request.remote_addr, username)
+    else:
+        failed_logins.forget(request.remote_addr, username)
+    return user
 
 
 @auth.get_user_roles

@@ -1,4 +1,4 @@
-"""Operator commands: `flask --app app users ...` and `flask --app app registry sync`."""
+"""Operator commands: `flask --app app users ...`, `registry sync` and `keys rotate`."""
 
 import sys
 
@@ -6,12 +6,14 @@ import click
 import sqlalchemy as sa
 from flask.cli import AppGroup
 
+from crypto import UnopenableApiKey, cipher
 from errors import SyncInProgress
 from manifests import sync_manifests
-from models import ROLES, User, db, is_storable_text
+from models import ROLES, ModelProvider, User, db, is_storable_text
 
 users_cli = AppGroup("users", help="Manage the users who may call the API.")
 registry_cli = AppGroup("registry", help="Providers declared in manifests (REGISTRY_MANIFESTS).")
+keys_cli = AppGroup("keys", help="Manage the encryption of the stored API keys.")
 
 
 def read_password(from_stdin):
@@ -95,6 +97,36 @@ def sync_registry():
         raise click.exceptions.Exit(1)
 
 
+def reseal_api_key(provider_id, sealed_api_key):
+    """Seal one stored key anew, unless a running server changed it meanwhile; True when done."""
+    try:
+        resealed_api_key = cipher.reseal(sealed_api_key)
+    except UnopenableApiKey:
+        message = f"The API key of model provider {provider_id} opens with none of the configured keys"
+        raise click.ClickException(f"{message}; nothing was changed.") from None
+    resealed = db.session.execute(
+        sa.update(ModelProvider)
+        .where(ModelProvider.id == provider_id, ModelProvider.sealed_api_key == sealed_api_key)
+        .values(sealed_api_key=resealed_api_key, updated_at=ModelProvider.updated_at)
+    )
+    return resealed.rowcount == 1
+
+
+@keys_cli.command("rotate")
+def rotate_keys():
+    """Re-encrypt every stored API key under the first of REGISTRY_ENCRYPTION_KEYS.
+
+    Afterwards the keys after the first are no longer needed and can be dropped.
+    """
+    stored = db.session.execute(sa.select(ModelProvider.id, ModelProvider.sealed_api_key)).all()
+    resealed = sum(reseal_api_key(provider_id, sealed_api_key) for provider_id, sealed_api_key in stored)
+    db.session.commit()
+    click.echo(f"Re-encrypted {resealed} of {len(stored)} stored API keys under the first configured key.")
+    if resealed < len(stored):
+        click.echo("The others changed meanwhile (sealed by a running server); run the command again.")
+
+
 def register_commands(app):
     app.cli.add_command(users_cli)
     app.cli.add_command(registry_cli)
+    app.cli.add_command(keys_cli)

@@ -8,6 +8,10 @@ from flask import current_app
 KEY_FILE_NAME = "encryption.key"
 
 
+class UnopenableApiKey(RuntimeError):
+    """A stored API key that none of the configured encryption keys opens."""
+
+
 def read_or_create_key_file(instance_path):
     """The instance's own key, generated once with mode 0600 (several workers may race)."""
     path = os.path.join(instance_path, KEY_FILE_NAME)
@@ -46,11 +50,14 @@ class ApiKeyCipher:
         try:
             return self._fernet.decrypt(sealed_api_key.encode()).decode()
         except InvalidToken:
-            raise RuntimeError("A stored API key cannot be decrypted with the configured keys.") from None
+            raise UnopenableApiKey("A stored API key cannot be decrypted with the configured keys.") from None
 
     def reseal(self, sealed_api_key):
         """The same key sealed under the first configured key."""
-        return self._fernet.rotate(sealed_api_key.encode()).decode()
+        try:
+            return self._fernet.rotate(sealed_api_key.encode()).decode()
+        except InvalidToken:
+            raise UnopenableApiKey("A stored API key cannot be decrypted with the configured keys.") from None
 
 
 cipher = ApiKeyCipher()

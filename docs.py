@@ -4,6 +4,8 @@ import swagger_ui_bundle
 from apifairy import APIFairy
 from flask import Blueprint, send_from_directory
 
+from schemas import WATSONX_RULE_OF_CREATE
+
 apifairy = APIFairy()
 docs_bp = Blueprint("docs", __name__)
 
@@ -23,7 +25,16 @@ PROBLEM_SCHEMA = {
         },
     },
 }
-PROBLEM_RESPONSES_OF_AUTHENTICATED = {"401": "Missing or wrong credentials", "403": "Role not allowed"}
+PROBLEM_RESPONSES_OF_AUTHENTICATED = {
+    "401": "Missing or wrong credentials",
+    "403": "Role not allowed",
+    "429": "Too many failed logins as this user from this address; retry after Retry-After seconds",
+}
+# gunicorn refuses these before any route sees the request (gunicorn.conf.py).
+PROBLEM_RESPONSES_OF_EVERY_REQUEST = {
+    "414": "Request line (method, path and query) over 4094 bytes",
+    "431": "A header over 8190 bytes, or over 100 headers",
+}
 PROBLEM_RESPONSES_OF_BODIES = {
     "400": "Body is not a JSON object",
     "413": "Body over 64 KiB",
@@ -42,7 +53,19 @@ def problem_response(description):
     return {"description": description, "content": {"application/problem+json": {"schema": schema}}}
 
 
+def document_retry_after(responses):
+    if "429" in responses:
+        retry_after = {"description": "Seconds to wait", "schema": {"type": "integer", "minimum": 1}}
+        responses["429"]["headers"] = {"Retry-After": retry_after}
+
+
 @apifairy.process_apispec
+def complete_document(spec):
+    """What the marshmallow schemas cannot say: the watsonx rule of a create, and the problems."""
+    spec["components"]["schemas"]["ProviderCreate"]["oneOf"] = WATSONX_RULE_OF_CREATE
+    return document_problems(spec)
+
+
 def document_problems(spec):
     """Every error answer is a problem document; add the ones each kind of route can give."""
     spec["components"]["schemas"]["Problem"] = PROBLEM_SCHEMA
@@ -52,7 +75,7 @@ def document_problems(spec):
             for status, answer in list(responses.items()):
                 if not status.startswith("2"):
                     responses[status] = problem_response(answer["description"])
-            extra = {}
+            extra = dict(PROBLEM_RESPONSES_OF_EVERY_REQUEST)
             if "security" in operation:
                 extra.update(PROBLEM_RESPONSES_OF_AUTHENTICATED)
             if "requestBody" in operation:
@@ -61,4 +84,5 @@ def document_problems(spec):
                 extra.setdefault("422", "Parameters fail validation")
             for status, description in extra.items():
                 responses.setdefault(status, problem_response(description))
+            document_retry_after(responses)
     return spec

@@ -5,7 +5,8 @@ import logging
 from apifairy.exceptions import ValidationError as RequestValidationError
 from flask import Blueprint, current_app, json, request
 from marshmallow import ValidationError
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
@@ -78,6 +79,17 @@ def upstream_error(error):
 @errors_bp.app_errorhandler(SyncInProgress)
 def sync_in_progress(error):
     return problem(409, str(error), headers={"Retry-After": "5"})
+
+
+@errors_bp.app_errorhandler(StaleDataError)
+@errors_bp.app_errorhandler(ObjectDeletedError)
+def deleted_meanwhile(error):
+    return problem(404, "The resource was deleted by another request meanwhile.")
+
+
+@errors_bp.app_errorhandler(IntegrityError)
+def conflicting_write(error):
+    return problem(409, "The change conflicts with another request's change; read the resource again and retry.")
 
 
 @errors_bp.app_errorhandler(OperationalError)

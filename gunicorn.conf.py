@@ -1,6 +1,9 @@
 """gunicorn settings for the registry: `gunicorn -c gunicorn.conf.py wsgi:app`."""
 
+import json
 import os
+
+from gunicorn import util
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 # Requests are short and mostly wait on SQLite or an upstream: a few processes, each
@@ -11,6 +14,10 @@ worker_class = "gthread"
 timeout = 60
 graceful_timeout = 10
 keepalive = 5
+# gunicorn refuses these before the app sees the request (414 and 431), as problem documents below.
+limit_request_line = 4094
+limit_request_fields = 100
+limit_request_field_size = 8190
 # Access log without credentials: the request line (path and query) but no headers.
 accesslog = "-"
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
@@ -39,3 +46,30 @@ def worker_exit(server, worker):
     from scheduler import scheduler
 
     scheduler.stop()
+
+
+GUNICORN_REFUSALS = {
+    400: "The request is not valid HTTP/1.1.",
+    414: f"The request line (method, path and query) is over {limit_request_line} bytes.",
+    431: f"A request header is over {limit_request_field_size} bytes, or there are over {limit_request_fields}.",
+}
+
+
+def write_problem(sock, status, reason, message):
+    """gunicorn's own refusals as problem documents, like every other error of the registry.
+
+    gunicorn writes them as HTML through util.write_error; its message can quote the raw
+    request line or a header, so the detail is a fixed sentence per status instead.
+    """
+    problem = {
+        "type": "about:blank",
+        "title": reason,
+        "status": status,
+        "detail": GUNICORN_REFUSALS.get(status, f"{reason}."),
+    }
+    body = json.dumps(problem)
+    head = f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/problem+json\r\n"
+    util.write_nonblock(sock, f"{head}Content-Length: {len(body)}\r\n\r\n{body}".encode("latin-1"))
+
+
+util.write_error = write_problem

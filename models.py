@@ -70,6 +70,14 @@ def is_storable_text(text):
     return "\x00" not in text
 
 
+def is_host_name(host):
+    """Labels of 1 to 63 characters, 253 in all (a trailing dot allowed), as DNS takes them."""
+    try:
+        return len(host.encode("idna")) <= 254
+    except UnicodeError:
+        return False
+
+
 def normalize_base_url(url):
     """Return the canonical form of a provider URL, or raise ValueError saying why."""
     if any(ord(char) <= 0x20 or ord(char) >= 0x7F for char in url):
@@ -85,6 +93,8 @@ def normalize_base_url(url):
     host = (parts.hostname or "").lower()
     if not host:
         raise ValueError("URL must have a host.")
+    if ":" not in host and not is_host_name(host):
+        raise ValueError("URL host is not a valid host name.")
     try:
         port = parts.port
     except ValueError:

@@ -35,10 +35,14 @@ log = logging.getLogger(__name__)
 providers_bp = Blueprint("providers", __name__)
 
 
+def no_such_provider(provider_id):
+    return NotFound(f"No model provider has id {provider_id!r}.")
+
+
 def get_provider_or_404(provider_id):
     provider = db.session.get(ModelProvider, provider_id) if is_canonical_id(provider_id) else None
     if provider is None:
-        raise NotFound(f"No model provider has id {provider_id!r}.")
+        raise no_such_provider(provider_id)
     return provider
 
 
@@ -178,10 +182,11 @@ def update(changes, query, provider_id):
 @other_responses({404: "No such model provider", 409: "The provider is managed by a manifest"})
 def delete(provider_id):
     """Delete a model provider"""
-    provider = get_provider_or_404(provider_id)
-    refuse_if_managed(provider)
-    db.session.delete(provider)
+    refuse_if_managed(get_provider_or_404(provider_id))
+    deleted = db.session.execute(sa.delete(ModelProvider).where(ModelProvider.id == provider_id))
     db.session.commit()
+    if deleted.rowcount == 0:  # a concurrent request deleted it first
+        raise no_such_provider(provider_id)
     return "", 204
 
 

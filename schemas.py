@@ -8,7 +8,7 @@ from flask import request
 from flask_marshmallow import Marshmallow
 from marshmallow import ValidationError, fields, validates_schema
 from marshmallow.validate import Length, OneOf, Range
-from werkzeug.exceptions import BadRequest, UnsupportedMediaType
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
 
 from models import CAPABILITIES, PROVIDER_TYPES, STATES, is_storable_text, normalize_base_url
 
@@ -19,12 +19,20 @@ API_KEY_MAX_LENGTH = 8192
 WATSONX_ID_FIELDS = ("watsonx_project_id", "watsonx_space_id")
 
 
+def read_body():
+    """The body; one sent without Content-Length (chunked) that runs past the limit is a 413."""
+    body = request.get_data(cache=True)
+    if len(body) == request.max_content_length and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
+    return body
+
+
 def read_json_object():
     """The request body as a JSON object, or the 415 or 400 that says why it is not."""
     if request.mimetype != "application/json":
         raise UnsupportedMediaType("Send the body as application/json.")
     try:
-        document = json.loads(request.get_data(cache=True))
+        document = json.loads(read_body())
     except (ValueError, RecursionError):
         raise BadRequest("The body is not valid JSON.") from None
     if not isinstance(document, dict):
@@ -58,6 +66,11 @@ class Timestamp(fields.DateTime):
 class Text(fields.String):
     """A string the database can store; a NUL character is a 422 here, not a 500 there."""
 
+    pattern = "^[^\\u0000]*$"
+
+    def __init__(self, metadata=None, **kwargs):
+        super().__init__(metadata={"pattern": self.pattern, **(metadata or {})}, **kwargs)
+
     def _deserialize(self, value, attr, data, **kwargs):
         text = super()._deserialize(value, attr, data, **kwargs)
         if not is_storable_text(text):
@@ -69,7 +82,12 @@ class BaseURL(fields.String):
     """An absolute http(s) URL, 1 to 2083 characters as sent, loaded in normalized form."""
 
     def __init__(self, metadata=None, **kwargs):
-        limits = {"format": "uri", "minLength": 1, "maxLength": BASE_URL_MAX_LENGTH}
+        limits = {
+            "format": "uri",
+            "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://",
+            "minLength": 1,
+            "maxLength": BASE_URL_MAX_LENGTH,
+        }
         super().__init__(metadata={**limits, **(metadata or {})}, **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
@@ -101,6 +119,28 @@ def watsonx_id_errors(provider_type, project_id, space_id):
         for field, value in zip(WATSONX_ID_FIELDS, (project_id, space_id), strict=True)
         if value is not None
     }
+
+
+NOT_A_STRING = {"not": {"type": "string"}}
+# The same rule for a create body as JSON schema, for the OpenAPI document (docs.py).
+WATSONX_RULE_OF_CREATE = [
+    {
+        "description": "Any type but watsonx: no watsonx ids",
+        "properties": {
+            "type": {"not": {"enum": ["watsonx"]}},
+            "watsonx_project_id": NOT_A_STRING,
+            "watsonx_space_id": NOT_A_STRING,
+        },
+    },
+    *(
+        {
+            "description": f"watsonx with {field}",
+            "required": [field],
+            "properties": {"type": {"enum": ["watsonx"]}, field: {"type": "string"}, other_field: NOT_A_STRING},
+        }
+        for field, other_field in (WATSONX_ID_FIELDS, WATSONX_ID_FIELDS[::-1])
+    ),
+]
 
 
 class ProviderChangesSchema(ma.Schema):
@@ -192,6 +232,15 @@ def validate_model_ref(model_ref):
         raise ValidationError('A model is named "{type}:{upstream model id}", e.g. "openai:gpt-4o".')
 
 
+class ModelRef(Text):
+    """A model as "{type}:{upstream model id}", e.g. "openai:gpt-4o"."""
+
+    pattern = f"^({'|'.join(PROVIDER_TYPES)}):[^\\u0000]+$"
+
+    def __init__(self, **kwargs):
+        super().__init__(validate=[Length(max=2048), validate_model_ref], **kwargs)
+
+
 class VerifyQuerySchema(ma.Schema):
     verify = fields.Boolean(
         load_default=True,
@@ -243,7 +292,7 @@ class MatchPageSchema(ma.Schema):
 
 
 class ResolveRequestSchema(ma.Schema):
-    model = fields.String(required=True, validate=[Length(max=2048), validate_model_ref])
+    model = ModelRef(required=True)
 
 
 class ResolvedProviderSchema(ma.Schema):
@@ -257,10 +306,9 @@ class ResolvedProviderSchema(ma.Schema):
 
 
 def model_ref_field(capability):
-    return fields.String(
+    return ModelRef(
         allow_none=True,
         load_default=None,
-        validate=[Length(max=2048), validate_model_ref],
         metadata={"description": f"Default {capability} model; null or absent clears it"},
     )
 

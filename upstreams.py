@@ -69,6 +69,8 @@ def send(connection, url, headers=None, params=None):
         raise UpstreamError(f"could not connect to {connection.base_url} (connection refused or unreachable)") from None
     except httpx.HTTPError as error:
         raise UpstreamError(f"request to {connection.base_url} failed: {type(error).__name__}") from None
+    except (httpx.InvalidURL, ValueError):  # a host or port the HTTP client cannot use
+        raise UpstreamError(f"{connection.base_url} cannot be requested (host or port not usable)") from None
 
 
 def get_json(connection, url, headers=None, params=None):

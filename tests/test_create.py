@@ -119,6 +119,8 @@ def test_base_url_of_2083_characters_is_accepted_and_2084_refused(admin):
         "https:///v1",
         "https://example.com:99999",
         "https://exa mple.com",
+        "https://a..b/v1",
+        "https://" + "a" * 64 + ".example.com",
         "https://例え.jp",
         "mailto:someone@example.com",
     ],

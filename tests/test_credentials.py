@@ -1,0 +1,123 @@
+"""Guessing credentials: no user enumeration by cost, and repeated failures are refused with 429."""
+
+import statistics
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import PASSWORDS, basic_auth
+
+PROVIDERS = "/api/v1/model_providers"
+HOME, ELSEWHERE = "10.0.0.1", "10.0.0.2"
+
+
+def login(app, username, password, address=HOME):
+    client = app.test_client()
+    return client.get(
+        PROVIDERS, headers={"Authorization": basic_auth(username, password)}, environ_base={"REMOTE_ADDR": address}
+    )
+
+
+def slow_hashes_during(action):
+    """The password hashes computed while `action` runs in this thread, by their cost parameters.
+
+    Watches werkzeug's hashing function through the profiler hook, without replacing anything.
+    """
+    methods = []
+
+    def watch(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "_hash_internal":
+            methods.append(frame.f_locals["method"])
+
+    sys.setprofile(watch)
+    try:
+        action()
+    finally:
+        sys.setprofile(None)
+    return methods
+
+
+@pytest.fixture
+def patient_app(make_app):
+    """An app whose failed-login limit is out of the way of cost measurements."""
+    return make_app(REGISTRY_LOGIN_FAILURES="1000")
+
+
+def test_unknown_user_costs_the_same_hash_as_a_wrong_password(patient_app):
+    login(patient_app, "admin", PASSWORDS["admin"])  # remembered from now on
+    wrong_password = slow_hashes_during(lambda: login(patient_app, "admin", "wrong"))
+    unknown_user = slow_hashes_during(lambda: login(patient_app, "nobody", "wrong"))
+    remembered = slow_hashes_during(lambda: login(patient_app, "admin", PASSWORDS["admin"]))
+    assert wrong_password and unknown_user == wrong_password
+    assert remembered == []
+
+
+def cpu_seconds(action):
+    started = time.thread_time()
+    action()
+    return time.thread_time() - started
+
+
+def test_unknown_user_costs_the_same_cpu_time_as_a_wrong_password(patient_app):
+    """Thread CPU time, not wall time, so other processes on the machine do not blur it."""
+    login(patient_app, "admin", PASSWORDS["admin"])
+
+    def median_cost(username, password):
+        return statistics.median(cpu_seconds(lambda: login(patient_app, username, password)) for _ in range(5))
+
+    wrong_password, unknown_user = median_cost("admin", "wrong"), median_cost("nobody", "wrong")
+    remembered = median_cost("admin", PASSWORDS["admin"])
+    assert 0.5 < unknown_user / wrong_password < 2
+    assert unknown_user > 5 * remembered  # the measure does tell a slow hash from none
+
+
+def fail_logins(app, username, count, address=HOME):
+    return [login(app, username, "wrong", address).status_code for _ in range(count)]
+
+
+def test_repeated_failures_are_refused_with_429_and_retry_after(app):
+    assert fail_logins(app, "admin", 5) == [401] * 5
+    refused = login(app, "admin", PASSWORDS["admin"])  # even the right password, from this address
+    assert refused.status_code == 429
+    assert refused.content_type == "application/problem+json"
+    assert refused.get_json()["status"] == 429
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+
+
+def test_the_real_user_elsewhere_and_other_users_here_are_not_locked_out(app):
+    fail_logins(app, "admin", 6)
+    assert login(app, "admin", PASSWORDS["admin"], address=ELSEWHERE).status_code == 200
+    assert login(app, "reader", PASSWORDS["reader"]).status_code == 200
+
+
+def test_unknown_names_are_limited_like_known_ones(app):
+    assert fail_logins(app, "nobody", 6) == [401] * 5 + [429]
+
+
+def test_a_success_clears_the_failures(app):
+    fail_logins(app, "admin", 4)
+    assert login(app, "admin", PASSWORDS["admin"]).status_code == 200
+    assert fail_logins(app, "admin", 5) == [401] * 5
+
+
+def test_refusal_ends_when_the_window_has_passed(make_app):
+    app = make_app(REGISTRY_LOGIN_FAILURES="2", REGISTRY_LOGIN_WINDOW="1")
+    assert fail_logins(app, "admin", 3) == [401, 401, 429]
+    time.sleep(1.1)
+    assert login(app, "admin", PASSWORDS["admin"]).status_code == 200
+
+
+def test_limit_over_a_socket_keys_on_the_client_address(start_gunicorn):
+    server = start_gunicorn(workers=1)
+
+    def client_from(address, password):
+        transport = httpx.HTTPTransport(local_address=address)
+        return httpx.Client(base_url=server.base_url, auth=("admin", password), transport=transport)
+
+    with client_from("127.0.0.1", "wrong") as guesser:
+        statuses = [guesser.get(PROVIDERS).status_code for _ in range(6)]
+    assert statuses == [401] * 5 + [429]
+    with client_from("127.0.0.2", PASSWORDS["admin"]) as admin_elsewhere:
+        assert admin_elsewhere.get(PROVIDERS).status_code == 200

@@ -1,0 +1,72 @@
+"""`flask --app app keys rotate`: re-encrypt under the first key, then the old key can go."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import sqlalchemy as sa
+from cryptography.fernet import Fernet, InvalidToken
+
+from models import ModelProvider, db
+from tests.conftest import ROOT, client_as, provider_body, registry_environ
+
+FLASK = os.path.join(os.path.dirname(sys.executable), "flask")
+SECRETS = ["sk-rotate-one-1111", "sk-rotate-two-2222"]
+
+
+def rotate(instance_path, keys):
+    environ = {**os.environ, **registry_environ(instance_path, REGISTRY_ENCRYPTION_KEYS=",".join(keys))}
+    return subprocess.run(
+        [FLASK, "--app", "app", "keys", "rotate"], cwd=ROOT, env=environ, capture_output=True, text=True, timeout=60
+    )
+
+
+def app_with_providers(make_app, key):
+    """The registry with its keys sealed under `key` alone."""
+    app = make_app(REGISTRY_ENCRYPTION_KEYS=key)
+    admin = client_as(app, "admin")
+    for number, secret in enumerate(SECRETS):
+        body = provider_body(base_url=f"https://{number}.example.com", api_key=secret)
+        assert admin.post("/api/v1/model_providers", json=body).status_code == 201
+    return app
+
+
+def stored_keys(app):
+    with app.app_context():
+        return db.session.execute(sa.select(ModelProvider.sealed_api_key, ModelProvider.updated_at)).all()
+
+
+@pytest.fixture
+def old_key_and_new_key():
+    return Fernet.generate_key().decode(), Fernet.generate_key().decode()
+
+
+def test_rotation_lets_the_old_key_be_dropped(make_app, instance_path, old_key_and_new_key):
+    old_key, new_key = old_key_and_new_key
+    before = stored_keys(app_with_providers(make_app, old_key))
+
+    rotation = rotate(instance_path, [new_key, old_key])
+    assert rotation.returncode == 0, rotation.stderr
+    assert "Re-encrypted 2 of 2" in rotation.stdout
+
+    app = make_app(REGISTRY_ENCRYPTION_KEYS=new_key)
+    with app.app_context():
+        providers = db.session.scalars(sa.select(ModelProvider).order_by(ModelProvider.base_url)).all()
+        assert [provider.open_api_key() for provider in providers] == SECRETS
+    after = stored_keys(app)
+    for sealed_api_key, _ in after:
+        with pytest.raises(InvalidToken):
+            Fernet(old_key).decrypt(sealed_api_key.encode())
+    assert sorted(updated_at for _, updated_at in after) == sorted(updated_at for _, updated_at in before)
+    assert client_as(app, "admin").get("/api/v1/model_providers").get_json()["total_count"] == 2
+
+
+def test_rotation_without_the_old_key_changes_nothing(make_app, instance_path, old_key_and_new_key):
+    old_key, new_key = old_key_and_new_key
+    before = stored_keys(app_with_providers(make_app, old_key))
+    rotation = rotate(instance_path, [new_key])
+    assert rotation.returncode != 0
+    assert "opens with none of the configured keys" in rotation.stderr
+    assert not any(secret in rotation.stdout + rotation.stderr for secret in SECRETS)
+    assert stored_keys(make_app(REGISTRY_ENCRYPTION_KEYS=old_key)) == before
