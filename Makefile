@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test test-postgres lint format bench clean
+.PHONY: run test test-postgres lint format bench bench-throughput clean
 
 # The virtual environment, rebuilt when the pinned requirements change.
 $(INSTALLED): requirements.txt requirements-dev.txt
@@ -34,6 +34,10 @@ format: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(BIN)/python bench/models_list.py
+
+# The registry against a bare Flask app under the same gunicorn configuration (README, Performance).
+bench-throughput: $(INSTALLED)
+	$(BIN)/python bench/throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -60,9 +60,10 @@ def read_list(environ, name):
 def load_config(environ):
     """Configuration from the environment (section 5 of the API contract), read once."""
     instance_path = os.path.abspath(environ.get("REGISTRY_INSTANCE_PATH") or os.path.join(HERE, "instance"))
+    database_url = environ.get("DATABASE_URL") or f"sqlite:///{instance_path}/registry.db"
     return {
         "INSTANCE_PATH": instance_path,
-        "SQLALCHEMY_DATABASE_URI": environ.get("DATABASE_URL") or f"sqlite:///{instance_path}/registry.db",
+        "SQLALCHEMY_DATABASE_URI": database_url,
         "ADMIN_USERNAME": environ.get("REGISTRY_ADMIN_USERNAME") or "admin",
         "ADMIN_PASSWORD": environ.get("REGISTRY_ADMIN_PASSWORD") or None,
         "ENCRYPTION_KEYS": read_list(environ, "REGISTRY_ENCRYPTION_KEYS"),
@@ -77,7 +78,8 @@ def load_config(environ):
         "LOGIN_FAILURE_LIMIT": max(1, read_number(environ, "REGISTRY_LOGIN_FAILURES", 5)),
         "LOGIN_WINDOW": read_number(environ, "REGISTRY_LOGIN_WINDOW", 60.0, float),
         "MAX_CONTENT_LENGTH": MAX_BODY_BYTES,
-        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+        # A SQLite file drops no connection; a ping would cost a query on every request.
+        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": not database_url.startswith("sqlite")},
         "APIFAIRY_TITLE": "Model Provider Registry",
         "APIFAIRY_VERSION": "1.0.0",
         "APIFAIRY_APISPEC_PATH": "/openapi.json",

@@ -16,7 +16,7 @@ from werkzeug.exceptions import TooManyRequests
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from errors import problem
-from models import User, db, is_storable_text
+from models import User, db, is_storable_text, roles_up_to
 
 REALM = "model-provider-registry"
 auth = HTTPBasicAuth(realm=REALM)
@@ -112,15 +112,23 @@ def init_auth(app):
     decoy_password_hash()  # made now, so the first unknown name costs no more than a wrong password
 
 
+# Every request runs this: a Core statement built once, giving a row rather than a User object.
+USERS = User.__table__
+CREDENTIALS_BY_USERNAME = sa.select(USERS.c.id, USERS.c.username, USERS.c.password_hash, USERS.c.role).where(
+    USERS.c.username == sa.bindparam("username")
+)
+
+
 def check_credentials(username, password):
-    user = db.session.scalar(sa.select(User).where(User.username == username))
+    """The caller's (id, username, password_hash, role) row when the password is right."""
+    user = db.session.connection().execute(CREDENTIALS_BY_USERNAME, {"username": username}).first()
     if user is None:
         # Spend what a wrong password costs, so timing does not tell which names exist.
         check_password_hash(decoy_password_hash(), password)
         return None
     if (user, password) in verified_passwords:
         return user
-    if user.check_password(password):
+    if check_password_hash(user.password_hash, password):
         verified_passwords.add(user, password)
         return user
     return None
@@ -146,7 +154,7 @@ def verify_password(username, password):
 
 @auth.get_user_roles
 def user_roles(user):
-    return user.roles
+    return roles_up_to(user.role)
 
 
 @auth.error_handler

@@ -11,6 +11,11 @@ bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 worker_class = "gthread"
+# Each worker listens on its own SO_REUSEPORT socket, so the kernel spreads connections over
+# the workers; on one shared socket, whichever worker woke first took them, and one worker
+# could end up serving every keep-alive client while the other idled. (So a second server
+# started on the same port shares it rather than failing to bind.)
+reuse_port = True
 timeout = 60
 graceful_timeout = 10
 keepalive = 5

@@ -6,11 +6,13 @@ from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 from flask_sqlalchemy import SQLAlchemy
-from werkzeug.security import check_password_hash, generate_password_hash
+from werkzeug.security import generate_password_hash
 
 from crypto import cipher
 
-db = SQLAlchemy()
+# Objects keep their values after a commit: a response is built from what was just written,
+# without reading it back (nothing else writes to a session's objects meanwhile).
+db = SQLAlchemy(session_options={"expire_on_commit": False})
 
 CAPABILITIES_BY_TYPE = {
     "anthropic": ("llm",),
@@ -41,6 +43,11 @@ CAPABILITIES = ("llm", "embedding")
 STATES = ("online", "offline")
 ROLES = ("reader", "service", "admin")
 DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def roles_up_to(role):
+    """A role includes every role before it."""
+    return list(ROLES[: ROLES.index(role) + 1])
 
 
 def utcnow():
@@ -149,14 +156,10 @@ class User(db.Model):
 
     @property
     def roles(self):
-        """A role includes every role before it."""
-        return list(ROLES[: ROLES.index(self.role) + 1])
+        return roles_up_to(self.role)
 
     def set_password(self, password):
         self.password_hash = generate_password_hash(password)
-
-    def check_password(self, password):
-        return check_password_hash(self.password_hash, password)
 
 
 class Lease(db.Model):

@@ -1,7 +1,8 @@
 """What crosses HTTP (and manifests): marshmallow schemas for loading and dumping."""
 
 import json
-from functools import wraps
+import operator
+from functools import cached_property, wraps
 
 from apifairy import body
 from flask import request
@@ -60,7 +61,7 @@ class Timestamp(fields.DateTime):
     """RFC 3339 in UTC with a Z suffix; the database holds naive UTC."""
 
     def _serialize(self, value, attr, obj, **kwargs):
-        return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return None if value is None else value.isoformat(timespec="microseconds") + "Z"
 
 
 class Text(fields.String):
@@ -179,7 +180,40 @@ class ProviderCreateSchema(ProviderChangesSchema):
             raise ValidationError(errors)
 
 
-class ProviderSchema(ma.Schema):
+PLAIN_FIELDS = (fields.String, fields.Integer, fields.Boolean)
+
+
+def is_plain(field):
+    """A field whose value the models already hold in JSON form."""
+    return type(field) in PLAIN_FIELDS or (type(field) is fields.List and is_plain(field.inner))
+
+
+def field_reader(name, field):
+    """A function of an object giving the field's dumped value."""
+    read = operator.attrgetter(field.attribute or name)
+    if is_plain(field):
+        return read
+    return lambda obj: field._serialize(read(obj), name, obj)
+
+
+class DirectDumpSchema(ma.Schema):
+    """Dumps objects reading each attribute directly, plain fields as they are.
+
+    marshmallow's general path (dotted names, dicts, defaults for missing attributes) took
+    half the time of a page of 50 providers; the objects dumped here have every attribute.
+    """
+
+    def _serialize(self, obj, *, many=False):
+        if many and obj is not None:
+            return [self._serialize(item) for item in obj]
+        return {key: read(obj) for key, read in self._readers}
+
+    @cached_property
+    def _readers(self):
+        return [(field.data_key or name, field_reader(name, field)) for name, field in self.dump_fields.items()]
+
+
+class ProviderSchema(DirectDumpSchema):
     id = fields.String(required=True, metadata={"format": "uuid"})
     type = fields.String(
         required=True, validate=OneOf(PROVIDER_TYPES), metadata={"description": "Type of model provider"}
