@@ -1,6 +1,7 @@
 """Encryption of stored API keys with Fernet, keys from the configuration or a key file."""
 
 import os
+import tempfile
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from flask import current_app
@@ -13,15 +14,22 @@ class UnopenableApiKey(RuntimeError):
 
 
 def read_or_create_key_file(instance_path):
-    """The instance's own key, generated once with mode 0600 (several workers may race)."""
+    """The instance's own key, generated once with mode 0600.
+
+    Several workers may start at once: the key is written whole to a private temporary
+    file, then linked into place, so no worker ever reads a half-written key file.
+    """
     path = os.path.join(instance_path, KEY_FILE_NAME)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "wb") as key_file:
-            key_file.write(Fernet.generate_key())
+    if not os.path.exists(path):
+        fd, draft_path = tempfile.mkstemp(dir=instance_path, prefix=".key-")  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as draft:
+                draft.write(Fernet.generate_key())
+            os.link(draft_path, path)
+        except FileExistsError:  # another worker linked its key first: use that one
+            pass
+        finally:
+            os.unlink(draft_path)
     with open(path, "rb") as key_file:
         key = key_file.read().strip()
     if not key:

@@ -17,6 +17,8 @@ worker_class = "gthread"
 # started on the same port shares it rather than failing to bind.)
 reuse_port = True
 timeout = 60
+# No runtime control socket: its default path is one per user, shared by every instance.
+control_socket_disable = True
 graceful_timeout = 10
 keepalive = 5
 # gunicorn refuses these before the app sees the request (414 and 431), as problem documents below.

@@ -85,3 +85,15 @@ def test_admin_from_environment_gets_no_password_file(userless_instance):
     with app.app_context():
         stored = db.session.scalar(sa.select(User.password_hash).where(User.username == "ops"))
     assert "ops-secret" not in stored
+
+
+def test_workers_starting_at_once_share_one_whole_key_file(instance_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from crypto import read_or_create_key_file
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        keys = set(pool.map(lambda _: read_or_create_key_file(instance_path), range(64)))
+    assert len(keys) == 1
+    Fernet(keys.pop())
+    assert [path.name for path in instance_path.iterdir() if path.name.startswith(".key-")] == []
