@@ -10,6 +10,8 @@ from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
+from crypto import UnopenableApiKey
+
 errors_bp = Blueprint("errors", __name__)
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,14 @@ def conflicting_write(error):
 def database_unavailable(error):
     log.error("database error on %s %s: %s", request.method, request.path, error.orig)
     return problem(503, "The database is not available; try again shortly.")
+
+
+@errors_bp.app_errorhandler(UnopenableApiKey)
+def unopenable_api_key(error):
+    log.error("%s on %s %s: restore the missing key to REGISTRY_ENCRYPTION_KEYS", error, request.method, request.path)
+    return problem(
+        503, "A stored API key cannot be opened with the configured encryption keys; the operator must restore the key."
+    )
 
 
 @errors_bp.app_errorhandler(Exception)

@@ -7,6 +7,7 @@ import sqlalchemy as sa
 from flask import current_app
 
 from catalog import list_or_error, provider_connection, remember_models
+from crypto import UnopenableApiKey
 from models import ModelProvider, db, utcnow
 from scheduler import scheduler
 
@@ -42,10 +43,22 @@ def record_probe(provider, upstream_models, error):
     )
 
 
+def connection_or_error(provider):
+    try:
+        return provider_connection(provider), None
+    except UnopenableApiKey as error:  # unusable until the operator restores the key
+        return None, error
+
+
+def attempt(connection_and_error):
+    connection, error = connection_and_error
+    return (None, error) if error is not None else list_or_error(connection)
+
+
 def probe(providers):
-    connections = [provider_connection(provider) for provider in providers]
+    connections = [connection_or_error(provider) for provider in providers]
     with ThreadPoolExecutor(max_workers=PROBE_PARALLELISM, thread_name_prefix="probe") as pool:
-        outcomes = list(pool.map(list_or_error, connections))
+        outcomes = list(pool.map(attempt, connections))
     for provider, (upstream_models, error) in zip(providers, outcomes, strict=True):
         record_probe(provider, upstream_models, error)
     db.session.commit()

@@ -70,3 +70,23 @@ def test_rotation_without_the_old_key_changes_nothing(make_app, instance_path, o
     assert "opens with none of the configured keys" in rotation.stderr
     assert not any(secret in rotation.stdout + rotation.stderr for secret in SECRETS)
     assert stored_keys(make_app(REGISTRY_ENCRYPTION_KEYS=old_key)) == before
+
+
+def test_a_key_dropped_too_early_is_a_503_and_the_prober_marks_the_provider_offline(make_app, fake_upstream):
+    from prober import probe_all
+
+    upstream = fake_upstream(models=["gpt-4o"])
+    sealing_app = make_app(REGISTRY_ENCRYPTION_KEYS=Fernet.generate_key().decode())
+    body = provider_body(base_url=upstream.base_url, api_key=upstream.api_key)
+    provider = client_as(sealing_app, "admin").post("/api/v1/model_providers", json=body).get_json()
+
+    app = make_app(REGISTRY_ENCRYPTION_KEYS=Fernet.generate_key().decode(), REGISTRY_PROBE_FAILURES="1")
+    service = client_as(app, "service")
+    response = service.post("/api/v1/model_providers/resolve", json={"model": "openai:gpt-4o"})
+    assert response.status_code == 503
+    assert "encryption keys" in response.get_json()["detail"]
+    with app.app_context():
+        probe_all(app)
+    probed = service.get(f"/api/v1/model_providers/{provider['id']}").get_json()
+    assert probed["state"] == "offline"
+    assert "cannot be decrypted" in probed["last_error"]
