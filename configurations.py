@@ -1,12 +1,12 @@
 """System configuration: the default LLM and embedding models."""
 
-from apifairy import authenticate, response
+from apifairy import authenticate, body, response
 from flask import Blueprint
 
 from auth import auth
 from catalog import system_configuration
 from models import db
-from schemas import SystemConfigurationChangesSchema, SystemConfigurationSchema, json_body
+from schemas import SystemConfigurationChangesSchema, SystemConfigurationSchema
 
 configurations_bp = Blueprint("configurations", __name__)
 
@@ -21,7 +21,7 @@ def get_system():
 
 @configurations_bp.route("/configurations/system", methods=["PUT"])
 @authenticate(auth, role="admin")
-@json_body(SystemConfigurationChangesSchema)
+@body(SystemConfigurationChangesSchema)
 @response(SystemConfigurationSchema)
 def put_system(changes):
     """Replace the default models (a field that is null or absent clears it)"""

@@ -3,7 +3,7 @@
 import logging
 
 import sqlalchemy as sa
-from apifairy import arguments, authenticate, other_responses, response
+from apifairy import arguments, authenticate, body, other_responses, response
 from flask import Blueprint, current_app, url_for
 from marshmallow import ValidationError
 from werkzeug.exceptions import Conflict, NotFound
@@ -27,7 +27,6 @@ from schemas import (
     ResolveHeadersSchema,
     ResolveRequestSchema,
     VerifyQuerySchema,
-    json_body,
     watsonx_id_errors,
 )
 
@@ -125,7 +124,7 @@ def provider_filters(query):
 
 @providers_bp.route("/model_providers", methods=["POST"])
 @authenticate(auth, role="admin")
-@json_body(ProviderCreateSchema)
+@body(ProviderCreateSchema)
 @arguments(VerifyQuerySchema)
 @response(ProviderSchema, 201, headers=LocationHeaderSchema)
 @other_responses({400: "Upstream verification failed", 409: "base_url is already registered"})
@@ -159,7 +158,7 @@ def get(provider_id):
 
 @providers_bp.route("/model_providers/<provider_id>", methods=["PATCH"])
 @authenticate(auth, role="admin")
-@json_body(ProviderChangesSchema)
+@body(ProviderChangesSchema)
 @arguments(VerifyQuerySchema)
 @response(ProviderSchema)
 @other_responses(
@@ -211,7 +210,7 @@ def check(provider_id):
 
 @providers_bp.route("/model_providers/match", methods=["POST"])
 @authenticate(auth, role="reader")
-@json_body(MatchRequestSchema)
+@body(MatchRequestSchema)
 @response(MatchPageSchema)
 def match(request_fields):
     """Rank the available models of a capability against suggested models
@@ -229,7 +228,7 @@ def match(request_fields):
 
 @providers_bp.route("/model_providers/resolve", methods=["POST"])
 @authenticate(auth, role="service")
-@json_body(ResolveRequestSchema)
+@body(ResolveRequestSchema)
 @response(ResolvedProviderSchema, headers=ResolveHeadersSchema)
 @other_responses({404: "No provider serves the model", 503: "The model's provider is offline"})
 def resolve(request_fields):

@@ -2,9 +2,9 @@
 
 import json
 import operator
-from functools import cached_property, wraps
+from functools import cached_property
 
-from apifairy import body
+from apifairy.decorators import parser as request_parser
 from flask import request
 from flask_marshmallow import Marshmallow
 from marshmallow import ValidationError, fields, validates_schema
@@ -41,20 +41,11 @@ def read_json_object():
     return document
 
 
-def json_body(schema_class):
-    """apifairy's @body behind a gate that turns non-JSON bodies into 415 or 400, not 422."""
-
-    def decorator(handler):
-        validated = body(schema_class())(handler)
-
-        @wraps(validated)
-        def gated(*args, **kwargs):
-            read_json_object()
-            return validated(*args, **kwargs)
-
-        return gated
-
-    return decorator
+@request_parser.location_loader("json")
+def load_json_body(req, schema):
+    """What apifairy's @body validates: parsed once, and a body that is not a JSON object
+    is a 415 or 400 before the schema could call it a 422."""
+    return read_json_object()
 
 
 class Timestamp(fields.DateTime):
