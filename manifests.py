@@ -25,10 +25,12 @@ from flask import Blueprint, current_app
 from marshmallow import ValidationError
 
 from auth import auth
+from crypto import UnopenableApiKey
 from errors import SyncInProgress, flatten_messages
 from models import ManifestSync, ModelProvider, db, utcnow
 from scheduler import holder_name, release_lease, scheduler, try_lease
 from schemas import ManifestSchema, RegistrySchema, SyncSummarySchema
+from upstreams import http_client
 
 log = logging.getLogger(__name__)
 registry_bp = Blueprint("registry", __name__)
@@ -102,8 +104,8 @@ def read_file(path):
 def fetch_url(url):
     content = b""
     try:
-        with httpx.stream(
-            "GET", url, timeout=current_app.config["UPSTREAM_TIMEOUT"], follow_redirects=True, trust_env=False
+        with http_client().stream(
+            "GET", url, timeout=current_app.config["UPSTREAM_TIMEOUT"], follow_redirects=True
         ) as answer:
             if answer.status_code != 200:
                 raise ManifestError(f"Fetching the manifest answered HTTP {answer.status_code}.")
@@ -204,7 +206,7 @@ def refuse_clashes(location, entries):
 def holds_api_key(provider, api_key):
     try:
         return provider.open_api_key() == api_key
-    except RuntimeError:  # sealed under a key no longer configured: the manifest's key replaces it
+    except UnopenableApiKey:  # sealed under a key no longer configured: the manifest's key replaces it
         return False
 
 
