@@ -18,7 +18,7 @@ from docs import apifairy, docs_bp
 from errors import errors_bp
 from health import health_bp
 from manifests import registry_bp
-from models import User, db
+from models import User, close_read_connection, db
 from openai_compat import openai_bp
 from providers import providers_bp
 from schemas import ma
@@ -135,6 +135,7 @@ def create_app(environ=None):
     os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
 
     db.init_app(app)
+    app.teardown_appcontext(close_read_connection)
     migrate.init_app(app, db, directory=MIGRATIONS_DIRECTORY, render_as_batch=True)
     ma.init_app(app)
     apifairy.init_app(app)

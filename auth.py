@@ -16,7 +16,7 @@ from werkzeug.exceptions import TooManyRequests
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from errors import problem
-from models import User, db, is_storable_text, roles_up_to
+from models import User, is_storable_text, read_connection, roles_up_to
 
 REALM = "model-provider-registry"
 auth = HTTPBasicAuth(realm=REALM)
@@ -121,7 +121,7 @@ CREDENTIALS_BY_USERNAME = sa.select(USERS.c.id, USERS.c.username, USERS.c.passwo
 
 def check_credentials(username, password):
     """The caller's (id, username, password_hash, role) row when the password is right."""
-    user = db.session.connection().execute(CREDENTIALS_BY_USERNAME, {"username": username}).first()
+    user = read_connection().execute(CREDENTIALS_BY_USERNAME, {"username": username}).first()
     if user is None:
         # Spend what a wrong password costs, so timing does not tell which names exist.
         check_password_hash(decoy_password_hash(), password)

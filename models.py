@@ -5,6 +5,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
+from flask import g
 from flask_sqlalchemy import SQLAlchemy
 from werkzeug.security import generate_password_hash
 
@@ -13,6 +14,26 @@ from crypto import cipher
 # Objects keep their values after a commit: a response is built from what was just written,
 # without reading it back (nothing else writes to a session's objects meanwhile).
 db = SQLAlchemy(session_options={"expire_on_commit": False})
+
+
+def read_connection():
+    """The app context's connection for plain reads: credentials, and rows that are only shown.
+
+    The ORM session costs as much again as such a read, so these bypass it, and share one
+    connection per request; what a request changes goes through the session. Closed when
+    the app context ends (close_read_connection).
+    """
+    connection = g.get("read_connection")
+    if connection is None:
+        connection = g.read_connection = db.engine.connect()
+    return connection
+
+
+def close_read_connection(exception=None):
+    connection = g.pop("read_connection", None)
+    if connection is not None:
+        connection.close()
+
 
 CAPABILITIES_BY_TYPE = {
     "anthropic": ("llm",),
@@ -143,6 +164,17 @@ class ModelProvider(db.Model):
 
     def open_api_key(self):
         return cipher.open(self.sealed_api_key)
+
+
+PROVIDERS = ModelProvider.__table__
+# Reads that only answer with providers select these, named as the model's attributes
+# ("manifest" too) but leaving the sealed key out, and dump the rows as they come: loading
+# ORM objects instead cost more than all the rest of a GET.
+PROVIDER_COLUMNS = tuple(
+    attribute.columns[0].label(attribute.key)
+    for attribute in sa.inspect(ModelProvider).column_attrs
+    if attribute.key != "sealed_api_key"
+)
 
 
 class User(db.Model):

