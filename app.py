@@ -4,6 +4,7 @@ what they serve, and whether they answer."""
 import logging
 import os
 import secrets
+from functools import partial
 
 import sqlalchemy as sa
 from alembic.script import ScriptDirectory
@@ -53,6 +54,14 @@ def read_number(environ, name, default, kind=int):
     return number
 
 
+def read_choice(environ, name, choices):
+    """One of `choices` (any case); the first is the default."""
+    value = environ.get(name, "").strip().upper() or choices[0]
+    if value not in choices:
+        raise RuntimeError(f"{name} must be one of {', '.join(choices)}, not {value!r}.")
+    return value
+
+
 def read_list(environ, name):
     return [item.strip() for item in environ.get(name, "").split(",") if item.strip()]
 
@@ -77,6 +86,7 @@ def load_config(environ):
         "MANIFEST_VARIABLES": dict(environ),  # what ${VAR} in a manifest reads
         "LOGIN_FAILURE_LIMIT": max(1, read_number(environ, "REGISTRY_LOGIN_FAILURES", 5)),
         "LOGIN_WINDOW": read_number(environ, "REGISTRY_LOGIN_WINDOW", 60.0, float),
+        "SQLITE_SYNCHRONOUS": read_choice(environ, "REGISTRY_SQLITE_SYNCHRONOUS", ("NORMAL", "FULL")),
         "MAX_CONTENT_LENGTH": MAX_BODY_BYTES,
         # A SQLite file drops no connection; a ping would cost a query on every request.
         "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": not database_url.startswith("sqlite")},
@@ -88,10 +98,11 @@ def load_config(environ):
     }
 
 
-def tune_sqlite(dbapi_connection, connection_record):
-    """WAL for concurrent readers; FULL sync so an answered 201 survives a crash or power loss."""
+def tune_sqlite(dbapi_connection, connection_record, synchronous):
+    """WAL for concurrent readers and crash safety; the README's "Storage" says why and what
+    `synchronous` (NORMAL or FULL) trades."""
     cursor = dbapi_connection.cursor()
-    for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=30000", "foreign_keys=ON"):
+    for pragma in ("journal_mode=WAL", f"synchronous={synchronous}", "busy_timeout=30000", "foreign_keys=ON"):
         cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
 
@@ -153,7 +164,7 @@ def create_app(environ=None):
 
     with app.app_context():
         if db.engine.dialect.name == "sqlite":
-            sa.event.listen(db.engine, "connect", tune_sqlite)
+            sa.event.listen(db.engine, "connect", partial(tune_sqlite, synchronous=app.config["SQLITE_SYNCHRONOUS"]))
         elif not app.config["ENCRYPTION_KEYS"]:
             key_file = os.path.join(app.instance_path, KEY_FILE_NAME)
             log.warning(

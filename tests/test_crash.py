@@ -81,9 +81,26 @@ def test_every_create_answered_201_survives_sigkill(start_gunicorn, instance_pat
             assert database.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
 
 
-@pytest.mark.skipif(bool(TEST_DATABASE_URL), reason="SQLite's own durability settings; PostgreSQL has none of these")
-def test_connections_use_wal_and_sync_every_commit(app):
-    """WAL keeps readers off the writer's back; synchronous=FULL syncs the WAL at each commit (power loss too)."""
+SQLITE_ONLY = pytest.mark.skipif(bool(TEST_DATABASE_URL), reason="SQLite's own settings; PostgreSQL has none of these")
+
+
+def pragma(app, name):
     with app.app_context():
-        assert db.session.execute(sa.text("PRAGMA journal_mode")).scalar() == "wal"
-        assert db.session.execute(sa.text("PRAGMA synchronous")).scalar() == 2  # FULL
+        return db.session.execute(sa.text(f"PRAGMA {name}")).scalar()
+
+
+@SQLITE_ONLY
+def test_connections_use_wal_and_sync_at_checkpoints_by_default(app):
+    """WAL keeps readers off the writer's back; NORMAL survives a killed process (above)."""
+    assert pragma(app, "journal_mode") == "wal"
+    assert pragma(app, "synchronous") == 1  # NORMAL
+
+
+@SQLITE_ONLY
+def test_full_sync_of_every_commit_can_be_chosen(make_app):
+    assert pragma(make_app(REGISTRY_SQLITE_SYNCHRONOUS="full"), "synchronous") == 2  # FULL
+
+
+def test_an_unknown_sync_setting_stops_the_start(make_app):
+    with pytest.raises(RuntimeError, match="REGISTRY_SQLITE_SYNCHRONOUS must be one of NORMAL, FULL"):
+        make_app(REGISTRY_SQLITE_SYNCHRONOUS="off")
