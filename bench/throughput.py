@@ -1,6 +1,6 @@
 """Requests per second of the registry against a bare Flask app, both under gunicorn.conf.py.
 
-    .venv/bin/python bench/throughput.py [--rounds 5] [--seconds 5] [--connections 16]
+    .venv/bin/python bench/throughput.py [--rounds 5] [--seconds 5] [--connections 16] [--only "get one" ...]
 
 Starts the registry (on a fresh SQLite file with 200 providers) and bench/bare_app.py,
 each with the project's gunicorn configuration, drives both with the same load (wrk,
