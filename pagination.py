@@ -28,25 +28,57 @@ def decode_page_token(page_token):
         raise RequestValidationError(422, {"query": {"page_token": ["Not a valid page token."]}}) from None
 
 
-def newest_first_page(table, rows, filters, limit, page_token=None):
-    """One page of `rows` (a select from `table`) matching `filters`, as the page schema expects it.
+class NewestFirstPages:
+    """Keyset pages of `rows` (a select from `table`), newest first, narrowed by named filters.
 
-    The table needs `created_at` and `id` columns, and the rows must carry them by those
-    names; the items are mappings (reading a mapping is ten times faster than a row's attribute).
+    `filters` maps each name to a clause whose bound parameter has that name. The count and
+    page statements of each set of filters in use are built once: building them per request
+    cost a tenth of a page of 50. The table needs `created_at` and `id` columns, and the
+    rows must carry them by those names.
     """
-    position = sa.tuple_(table.c.created_at, table.c.id)
-    query = rows.where(*filters)
-    if page_token:
-        query = query.where(position < sa.tuple_(*decode_page_token(page_token)))
-    newest_first = (table.c.created_at.desc(), table.c.id.desc())
-    connection = read_connection()
-    total_count = connection.scalar(sa.select(sa.func.count()).select_from(table).where(*filters))
-    rows = connection.execute(query.order_by(*newest_first).limit(limit + 1)).mappings().all()
-    has_more = len(rows) > limit
-    items = rows[:limit]
-    return {
-        "items": items,
-        "total_count": total_count,
-        "has_more": has_more,
-        "next_page_token": encode_page_token(items[-1]) if has_more else None,
-    }
+
+    def __init__(self, table, rows, filters):
+        self.table = table
+        self.rows = rows
+        self.filters = filters
+        self._statements = {}
+
+    def statements(self, filter_names, after_a_position):
+        key = (filter_names, after_a_position)
+        if key not in self._statements:
+            self._statements[key] = self._build_statements(filter_names, after_a_position)
+        return self._statements[key]
+
+    def _build_statements(self, filter_names, after_a_position):
+        where = [self.filters[name] for name in filter_names]
+        count = sa.select(sa.func.count()).select_from(self.table).where(*where)
+        created_at, row_id = self.table.c.created_at, self.table.c.id
+        page = self.rows.where(*where)
+        if after_a_position:
+            after = (
+                sa.bindparam("after_created_at", type_=created_at.type),
+                sa.bindparam("after_id", type_=row_id.type),
+            )
+            page = page.where(sa.tuple_(created_at, row_id) < sa.tuple_(*after))
+        return count, page.order_by(created_at.desc(), row_id.desc()).limit(sa.bindparam("limit"))
+
+    def page(self, filter_values, limit, page_token=None):
+        """One page as the page schema expects it; `filter_values` names the filters to apply.
+
+        The items are mappings (reading a mapping is ten times faster than a row's attribute).
+        """
+        count, page = self.statements(tuple(sorted(filter_values)), page_token is not None)
+        parameters = {**filter_values, "limit": limit + 1}
+        if page_token:
+            parameters["after_created_at"], parameters["after_id"] = decode_page_token(page_token)
+        connection = read_connection()
+        total_count = connection.scalar(count, parameters)
+        rows = connection.execute(page, parameters).mappings().all()
+        has_more = len(rows) > limit
+        items = rows[:limit]
+        return {
+            "items": items,
+            "total_count": total_count,
+            "has_more": has_more,
+            "next_page_token": encode_page_token(items[-1]) if has_more else None,
+        }

@@ -19,7 +19,7 @@ from models import (
     is_canonical_id,
     read_connection,
 )
-from pagination import newest_first_page
+from pagination import NewestFirstPages
 from prober import probe_one
 from schemas import (
     LocationHeaderSchema,
@@ -136,12 +136,24 @@ def update_provider(provider, changes, verify):
     return provider
 
 
-def provider_filters(query):
-    filters = [PROVIDERS.c[field] == query[field] for field in ("type", "state", "registry") if field in query]
+PROVIDER_PAGES = NewestFirstPages(
+    PROVIDERS,
+    PROVIDER_ROWS,
+    {
+        "type": PROVIDERS.c.type == sa.bindparam("type"),
+        "state": PROVIDERS.c.state == sa.bindparam("state"),
+        "registry": PROVIDERS.c.registry == sa.bindparam("registry"),
+        "capability": PROVIDERS.c.type.in_(sa.bindparam("capability", expanding=True)),
+    },
+)
+
+
+def provider_filter_values(query):
+    """The list's filters: the capability stands for the types that have it."""
+    values = {field: query[field] for field in ("type", "state", "registry") if field in query}
     if "capability" in query:
-        types = [type_ for type_, capabilities in CAPABILITIES_BY_TYPE.items() if query["capability"] in capabilities]
-        filters.append(PROVIDERS.c.type.in_(types))
-    return filters
+        values["capability"] = [type_ for type_, kinds in CAPABILITIES_BY_TYPE.items() if query["capability"] in kinds]
+    return values
 
 
 @providers_bp.route("/model_providers", methods=["POST"])
@@ -166,8 +178,7 @@ def create(fields, query):
 @response(ProvidersPageSchema)
 def list_all(query):
     """List model providers, newest first"""
-    filters = provider_filters(query)
-    return newest_first_page(PROVIDERS, PROVIDER_ROWS, filters, query["limit"], query.get("page_token"))
+    return PROVIDER_PAGES.page(provider_filter_values(query), query["limit"], query.get("page_token"))
 
 
 @providers_bp.route("/model_providers/<provider_id>", methods=["GET"])
