@@ -67,7 +67,7 @@ class NewestFirstPages:
 
         The items are mappings (reading a mapping is ten times faster than a row's attribute).
         """
-        count, page = self.statements(tuple(sorted(filter_values)), page_token is not None)
+        count, page = self.statements(tuple(sorted(filter_values)), bool(page_token))
         parameters = {**filter_values, "limit": limit + 1}
         if page_token:
             parameters["after_created_at"], parameters["after_id"] = decode_page_token(page_token)

@@ -48,6 +48,13 @@ def test_paging_with_a_small_limit_sees_each_provider_exactly_once(admin, reader
     assert set(seen) == created_ids
 
 
+def test_an_empty_page_token_asks_for_the_first_page(admin, reader):
+    created = create_many(admin, 3)
+    page = reader.get(PROVIDERS, query_string={"limit": 2, "page_token": "", "capability": "llm"})
+    assert page.status_code == 200
+    assert [provider["id"] for provider in page.get_json()["items"]] == [created[2]["id"], created[1]["id"]]
+
+
 def test_paging_is_stable_when_providers_are_added_meanwhile(admin, reader):
     create_many(admin, 4)
     first = reader.get(PROVIDERS, query_string={"limit": 2}).get_json()
