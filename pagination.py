@@ -51,29 +51,29 @@ class NewestFirstPages:
 
     def _build_statements(self, filter_names, after_a_position):
         where = [self.filters[name] for name in filter_names]
-        count = sa.select(sa.func.count()).select_from(self.table).where(*where)
+        count_query = sa.select(sa.func.count()).select_from(self.table).where(*where)
         created_at, row_id = self.table.c.created_at, self.table.c.id
-        page = self.rows.where(*where)
+        page_query = self.rows.where(*where)
         if after_a_position:
             after = (
                 sa.bindparam("after_created_at", type_=created_at.type),
                 sa.bindparam("after_id", type_=row_id.type),
             )
-            page = page.where(sa.tuple_(created_at, row_id) < sa.tuple_(*after))
-        return count, page.order_by(created_at.desc(), row_id.desc()).limit(sa.bindparam("limit"))
+            page_query = page_query.where(sa.tuple_(created_at, row_id) < sa.tuple_(*after))
+        return count_query, page_query.order_by(created_at.desc(), row_id.desc()).limit(sa.bindparam("limit"))
 
     def page(self, filter_values, limit, page_token=None):
         """One page as the page schema expects it; `filter_values` names the filters to apply.
 
         The items are mappings (reading a mapping is ten times faster than a row's attribute).
         """
-        count, page = self.statements(tuple(sorted(filter_values)), bool(page_token))
+        count_query, page_query = self.statements(tuple(sorted(filter_values)), bool(page_token))
         parameters = {**filter_values, "limit": limit + 1}
         if page_token:
             parameters["after_created_at"], parameters["after_id"] = decode_page_token(page_token)
         connection = read_connection()
-        total_count = connection.scalar(count, parameters)
-        rows = connection.execute(page, parameters).mappings().all()
+        total_count = connection.scalar(count_query, parameters)
+        rows = connection.execute(page_query, parameters).mappings().all()
         has_more = len(rows) > limit
         items = rows[:limit]
         return {

@@ -152,7 +152,10 @@ def provider_filter_values(query):
     """The list's filters: the capability stands for the types that have it."""
     values = {field: query[field] for field in ("type", "state", "registry") if field in query}
     if "capability" in query:
-        values["capability"] = [type_ for type_, kinds in CAPABILITIES_BY_TYPE.items() if query["capability"] in kinds]
+        capability = query["capability"]
+        values["capability"] = [
+            type_ for type_, capabilities in CAPABILITIES_BY_TYPE.items() if capability in capabilities
+        ]
     return values
 
 
