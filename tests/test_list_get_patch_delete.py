@@ -2,6 +2,7 @@
 
 import pytest
 
+from models import db
 from tests.conftest import provider_body
 
 PROVIDERS = "/api/v1/model_providers"
@@ -171,3 +172,15 @@ def test_delete_removes_the_provider_and_frees_its_base_url(admin):
     assert admin.get(f"{PROVIDERS}/{provider['id']}").status_code == 404
     assert admin.delete(f"{PROVIDERS}/{provider['id']}").status_code == 404
     assert admin.post(PROVIDERS, json=provider_body(base_url=provider["base_url"])).status_code == 201
+
+
+def test_every_request_gives_its_database_connections_back(app, admin, reader, anonymous):
+    provider = create_many(admin, 1)[0]
+    reader.get(f"{PROVIDERS}/{provider['id']}")
+    reader.get(PROVIDERS, query_string={"capability": "llm"})
+    reader.get(f"{PROVIDERS}/00000000-0000-4000-8000-000000000000")  # 404
+    reader.delete(f"{PROVIDERS}/{provider['id']}")  # 403
+    anonymous.get(PROVIDERS)  # 401
+    admin.patch(f"{PROVIDERS}/{provider['id']}", json={"name": "renamed"})
+    with app.app_context():
+        assert db.engine.pool.checkedout() == 0
