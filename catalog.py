@@ -11,7 +11,7 @@ from flask import current_app
 from werkzeug.exceptions import BadRequest, NotFound, ServiceUnavailable
 
 from errors import UpstreamError
-from models import CAPABILITIES_BY_TYPE, ModelProvider, SystemConfiguration, db
+from models import ModelProvider, SystemConfiguration, db, types_with
 from upstreams import Connection, list_models
 
 log = logging.getLogger(__name__)
@@ -120,10 +120,6 @@ def provider_models(provider):
     if error is not None:
         raise error
     return [model_document(provider, upstream_model) for upstream_model in upstream_models]
-
-
-def types_with(capability):
-    return [provider_type for provider_type, capabilities in CAPABILITIES_BY_TYPE.items() if capability in capabilities]
 
 
 def online_providers(capability=None):

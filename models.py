@@ -60,6 +60,12 @@ CAPABILITIES_BY_TYPE = {
     "other": ("llm", "embedding"),
 }
 PROVIDER_TYPES = tuple(CAPABILITIES_BY_TYPE)
+
+
+def types_with(capability):
+    return [provider_type for provider_type, capabilities in CAPABILITIES_BY_TYPE.items() if capability in capabilities]
+
+
 CAPABILITIES = ("llm", "embedding")
 STATES = ("online", "offline")
 ROLES = ("reader", "service", "admin")

@@ -11,13 +11,13 @@ from werkzeug.exceptions import Conflict, NotFound
 from auth import auth
 from catalog import connection_of, match_models, provider_models, remember_models, resolve_model, verify_upstream
 from models import (
-    CAPABILITIES_BY_TYPE,
     PROVIDER_COLUMNS,
     PROVIDERS,
     ModelProvider,
     db,
     is_canonical_id,
     read_connection,
+    types_with,
 )
 from pagination import NewestFirstPages
 from prober import probe_one
@@ -53,7 +53,7 @@ def get_provider_or_404(provider_id):
     return provider
 
 
-PROVIDER_ROWS = sa.select(*PROVIDER_COLUMNS)  # built once: building it took a tenth of a page of 50
+PROVIDER_ROWS = sa.select(*PROVIDER_COLUMNS)
 PROVIDER_BY_ID = PROVIDER_ROWS.where(PROVIDERS.c.id == sa.bindparam("provider_id"))
 
 
@@ -152,10 +152,7 @@ def provider_filter_values(query):
     """The list's filters: the capability stands for the types that have it."""
     values = {field: query[field] for field in ("type", "state", "registry") if field in query}
     if "capability" in query:
-        capability = query["capability"]
-        values["capability"] = [
-            type_ for type_, capabilities in CAPABILITIES_BY_TYPE.items() if capability in capabilities
-        ]
+        values["capability"] = types_with(query["capability"])
     return values
 
 
