@@ -27,6 +27,16 @@ TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
 DATABASE_URLS = {}
 
 
+# Tests that use these start gunicorn: the fast lane (`pytest -m "not slow"`) leaves them out.
+SLOW_FIXTURES = {"start_gunicorn", "start_instances"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def basic_auth(username, password):
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
