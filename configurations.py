@@ -26,8 +26,8 @@ def get_system():
 def put_system(changes):
     """Replace the default models (a field that is null or absent clears it)"""
     configuration = system_configuration()
-    for field, value in changes.items():
-        setattr(configuration, field, value)
+    for field, model_ref in changes.items():
+        setattr(configuration, field, None if model_ref is None else str(model_ref))
     configuration.created_by = auth.current_user().username
     db.session.commit()
     return configuration

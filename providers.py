@@ -1,21 +1,31 @@
 """The model provider resource: /api/v1/model_providers."""
 
 import logging
+from contextlib import contextmanager
 
 import sqlalchemy as sa
 from apifairy import arguments, authenticate, body, other_responses, response
 from flask import Blueprint, current_app, url_for
 from marshmallow import ValidationError
-from werkzeug.exceptions import Conflict, NotFound
+from werkzeug.exceptions import Conflict, Forbidden, NotFound
 
-from auth import auth
-from catalog import connection_of, match_models, provider_models, remember_models, resolve_model, verify_upstream
+from auth import auth, user_roles
+from catalog import (
+    connection_of,
+    indexed_models,
+    match_models,
+    providers_serving,
+    refresh_models,
+    replace_models,
+    verify_upstream,
+)
 from models import (
     PROVIDER_COLUMNS,
     PROVIDERS,
     ModelProvider,
     db,
     is_canonical_id,
+    new_id,
     read_connection,
     types_with,
 )
@@ -26,6 +36,7 @@ from schemas import (
     MatchPageSchema,
     MatchRequestSchema,
     ModelsPageSchema,
+    ModelsQuerySchema,
     ProviderChangesSchema,
     ProviderCreateSchema,
     ProviderSchema,
@@ -80,11 +91,12 @@ def refuse_if_managed(provider):
         )
 
 
-def commit_unique_base_url(provider):
-    """Commit; a concurrent writer that took the same base_url first turns into a 409."""
+@contextmanager
+def naming_a_base_url_taken_meanwhile(provider):
+    """A concurrent writer that took the provider's base_url first turns the writes inside into a 409 naming it."""
     base_url, provider_id = provider.base_url, provider.id
     try:
-        db.session.commit()
+        yield
     except sa.exc.IntegrityError:
         db.session.rollback()
         refuse_if_base_url_taken(base_url, provider_id)
@@ -101,19 +113,24 @@ def create_provider(fields, verify):
     if verify:
         refuse_if_base_url_taken(fields["base_url"])  # before calling the upstream; the commit checks anyway
         upstream_models = verify_upstream(connection_of(fields["type"], fields["base_url"], api_key))
-    provider = ModelProvider(**fields)
+    provider = ModelProvider(id=new_id(), **fields)
     provider.seal_api_key(api_key)
     db.session.add(provider)
-    commit_unique_base_url(provider)
-    if upstream_models is not None:
-        remember_models(provider, upstream_models)
+    with naming_a_base_url_taken_meanwhile(provider):
+        if upstream_models is not None:  # unverified, a new provider has no list until it is probed
+            replace_models(provider.id, upstream_models)
+        db.session.commit()
     return provider
 
 
+def changes_connection(changes):
+    return "base_url" in changes or "api_key" in changes
+
+
 def verify_changed_connection(provider, changes):
-    if "base_url" in changes or "api_key" in changes:
-        api_key = changes["api_key"] if "api_key" in changes else provider.open_api_key()
-        verify_upstream(connection_of(provider.type, changes.get("base_url", provider.base_url), api_key))
+    """The models the changed connection lists, or a 400 when it fails."""
+    api_key = changes["api_key"] if "api_key" in changes else provider.open_api_key()
+    return verify_upstream(connection_of(provider.type, changes.get("base_url", provider.base_url), api_key))
 
 
 def update_provider(provider, changes, verify):
@@ -126,13 +143,16 @@ def update_provider(provider, changes, verify):
         raise ValidationError(errors)
     if "base_url" in changes:
         refuse_if_base_url_taken(changes["base_url"], provider.id)
-    if verify:
-        verify_changed_connection(provider, changes)
+    connection_changed = changes_connection(changes)
+    upstream_models = verify_changed_connection(provider, changes) if verify and connection_changed else None
     if "api_key" in changes:
         provider.seal_api_key(changes.pop("api_key"))
     for field, value in changes.items():
         setattr(provider, field, value)
-    commit_unique_base_url(provider)
+    with naming_a_base_url_taken_meanwhile(provider):
+        if connection_changed:  # unverified (None), the new connection has no list until it is probed
+            replace_models(provider.id, upstream_models)
+        db.session.commit()
     return provider
 
 
@@ -223,14 +243,36 @@ def delete(provider_id):
     return "", 204
 
 
+def refuse_unless_admin(what):
+    if "admin" not in user_roles(auth.current_user()):
+        raise Forbidden(f"Only an admin may {what}.")
+
+
 @providers_bp.route("/model_providers/<provider_id>/models", methods=["GET"])
 @authenticate(auth, role="reader")
+@arguments(ModelsQuerySchema)
 @response(ModelsPageSchema)
-@other_responses({404: "No such model provider", 502: "The upstream failed"})
-def list_models(provider_id):
-    """List the models a provider serves (cached for REGISTRY_MODELS_CACHE_TTL seconds)"""
-    models = provider_models(get_provider_or_404(provider_id))
-    return {"items": models, "total_count": len(models)}
+@other_responses(
+    {
+        403: "refresh=true asked by a role below admin",
+        404: "No such model provider",
+        409: "The provider changed while its upstream was listed (refresh=true)",
+        502: "The upstream failed (refresh=true)",
+    }
+)
+def list_models(query, provider_id):
+    """List the models a provider serves, from the model index
+
+    The index holds what the provider's upstream listed last: at verification, at each
+    health probe and at `check`. A provider created or changed without verification has
+    no list (`listed_at` null) until its next probe. A failed listing keeps the last list,
+    which is shown whatever the provider's state. `refresh=true` (admin) lists the upstream
+    now and stores its answer first; an upstream failure is then a 502 saying why.
+    """
+    if query["refresh"]:
+        refuse_unless_admin("list a provider's upstream now (refresh=true)")
+        refresh_models(get_provider_or_404(provider_id))
+    return indexed_models(provider_row_or_404(provider_id))
 
 
 @providers_bp.route("/model_providers/<provider_id>/check", methods=["POST"])
@@ -238,8 +280,12 @@ def list_models(provider_id):
 @response(ProviderSchema)
 @other_responses({404: "No such model provider"})
 def check(provider_id):
-    """Probe a provider now and return it with its fresh state"""
-    return probe_one(get_provider_or_404(provider_id))
+    """Probe a provider now and return it with its fresh state
+
+    Like a health probe, a successful one also stores the provider's model list.
+    """
+    probe_one(provider_row_or_404(provider_id)["id"])
+    return provider_row_or_404(provider_id)
 
 
 @providers_bp.route("/model_providers/match", methods=["POST"])
@@ -264,18 +310,20 @@ def match(request_fields):
 @authenticate(auth, role="service")
 @body(ResolveRequestSchema)
 @response(ResolvedProviderSchema, headers=ResolveHeadersSchema)
-@other_responses({404: "No provider serves the model", 503: "The model's provider is offline"})
+@other_responses({404: "No provider serves the model", 503: "Every provider of the model is offline"})
 def resolve(request_fields):
-    """Connection details, API key included, of the provider serving a model"""
-    provider, upstream_id = resolve_model(request_fields["model"])
-    log.info(
-        "resolve by user %s: provider %s, model %s", auth.current_user().username, provider.id, request_fields["model"]
-    )
+    """Connection details, API key included, of the provider serving a model
+
+    The oldest online provider of the model's type whose model index lists it.
+    """
+    model_ref = request_fields["model"]
+    provider = providers_serving(model_ref)[0]
+    log.info("resolve by user %s: provider %s, model %s", auth.current_user().username, provider.id, model_ref)
     resolved = {
         "provider_id": provider.id,
         "type": provider.type,
         "base_url": provider.base_url,
-        "model": upstream_id,
+        "model": model_ref.upstream_id,
         "api_key": provider.open_api_key(),
         "watsonx_project_id": provider.watsonx_project_id,
         "watsonx_space_id": provider.watsonx_space_id,
