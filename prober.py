@@ -16,10 +16,10 @@ from datetime import datetime
 import sqlalchemy as sa
 from flask import current_app
 
-from catalog import provider_connection, replace_models
+from catalog import index_rows, provider_connection
 from crypto import UnopenableApiKey
 from errors import UpstreamError
-from models import PROVIDERS, ModelProvider, db, release_connections, utcnow
+from models import PROVIDER_MODELS, PROVIDERS, ModelProvider, db, release_connections, utcnow
 from scheduler import scheduler
 from upstreams import Connection, list_models
 
@@ -31,7 +31,10 @@ MAX_PROBES_AT_ONCE = 1000
 # A round gives up on probes still running after this many upstream timeouts (per wave of
 # MAX_PROBES_AT_ONCE), whatever an upstream or a name lookup does.
 ROUND_DEADLINE_TIMEOUTS = 1.5
-WRITE_BATCH = 100  # outcomes per write transaction
+WRITE_BATCH = 50  # outcomes per write transaction
+# Between two write transactions: a writer waiting for SQLite's lock retries on a backoff
+# (up to 100 ms apart), so back-to-back batches could keep it waiting through several.
+PAUSE_BETWEEN_BATCHES = 0.05
 WRITE_EVERY_SECONDS = 0.5  # outcomes wait at most this long to be written
 
 
@@ -77,45 +80,105 @@ def listing_or_error(target):
         return None, UpstreamError("listing the models failed unexpectedly")
 
 
-def record_probe(target, upstream_models, error):
-    """Store one probe's outcome: online after one success, offline after N failures in a row.
-
-    Nothing is stored when the provider was changed or deleted since it was read: the probe
-    may have asked its old upstream.
-    """
+def probe_record(target, error, checked_at):
+    """The provider's row after a probe: online after one success, offline after N failures in a row."""
     if error is None:
         failures, state, last_error = 0, "online", None
     else:
         failures = target.consecutive_failures + 1
         offline = failures >= current_app.config["PROBE_FAILURES"]
         state, last_error = ("offline" if offline else target.state), str(error)
-    # A probe is not an edit: updated_at keeps its value.
-    recorded = db.session.execute(
-        sa.update(PROVIDERS)
-        .where(PROVIDERS.c.id == target.id, PROVIDERS.c.updated_at == target.updated_at)
-        .values(
-            state=state,
-            consecutive_failures=failures,
-            last_checked_at=utcnow(),
-            last_error=last_error,
-            updated_at=PROVIDERS.c.updated_at,
-        )
-    )
-    if recorded.rowcount == 0:
+    return {
+        "target_id": target.id,
+        "read_at_update": target.updated_at,
+        "state": state,
+        "consecutive_failures": failures,
+        "last_checked_at": checked_at,
+        "last_error": last_error,
+    }
+
+
+def write_batch(outcomes):
+    """Store a batch of probe outcomes in one transaction of a few statements.
+
+    Each statement runs once per row with that row's condition: nothing is stored for a
+    provider changed or deleted since it was read, as the probe may have asked its old
+    upstream. A probe is not an edit: updated_at keeps its value.
+    """
+    checked_at = utcnow()
+    records = [probe_record(target, error, checked_at) for target, _, error in outcomes]
+    listings = [(target, upstream_models) for target, upstream_models, error in outcomes if error is None]
+    for statement, batch in (
+        (RECORD_FAILURE, [record for record in records if record["last_error"] is not None]),
+        (RECORD_SUCCESS, [record for record in records if record["last_error"] is None]),
+        (DELETE_MODELS, [{"target_id": target.id, "read_at_update": target.updated_at} for target, _ in listings]),
+        (INSERT_MODELS, [row for target, upstream_models in listings for row in model_rows(target, upstream_models)]),
+    ):
+        if batch:
+            db.session.execute(statement, batch)
+    db.session.commit()
+    log_state_changes(outcomes, records, checked_at)
+
+
+def log_state_changes(outcomes, records, checked_at):
+    changed = {
+        record["target_id"]: (target, record)
+        for (target, _, _), record in zip(outcomes, records, strict=True)
+        if record["state"] != target.state
+    }
+    if not changed:
         return
-    if error is None:
-        replace_models(target.id, upstream_models)
-    if state != target.state:
-        log.warning(
-            "provider %s (%s) is now %s%s", target.id, target.type, state, f": {last_error}" if last_error else ""
+    recorded = db.session.scalars(
+        sa.select(PROVIDERS.c.id).where(PROVIDERS.c.id.in_(changed), PROVIDERS.c.last_checked_at == checked_at)
+    ).all()
+    db.session.commit()
+    for provider_id in recorded:
+        target, record = changed[provider_id]
+        last_error = f": {record['last_error']}" if record["last_error"] else ""
+        log.warning("provider %s (%s) is now %s%s", provider_id, target.type, record["state"], last_error)
+
+
+def model_rows(target, upstream_models):
+    return [{**row, "read_at_update": target.updated_at} for row in index_rows(target.id, upstream_models)]
+
+
+def unchanged_since_read(provider_id):
+    return sa.and_(provider_id == sa.bindparam("target_id"), PROVIDERS.c.updated_at == sa.bindparam("read_at_update"))
+
+
+RECORD_FAILURE = (
+    sa.update(PROVIDERS)
+    .where(unchanged_since_read(PROVIDERS.c.id))
+    .values(
+        state=sa.bindparam("state"),
+        consecutive_failures=sa.bindparam("consecutive_failures"),
+        last_checked_at=sa.bindparam("last_checked_at"),
+        last_error=sa.bindparam("last_error"),
+        updated_at=PROVIDERS.c.updated_at,
+    )
+)
+RECORD_SUCCESS = RECORD_FAILURE.values(models_listed_at=sa.bindparam("last_checked_at"))
+PROVIDER_UNCHANGED = sa.exists().where(unchanged_since_read(PROVIDERS.c.id))
+DELETE_MODELS = sa.delete(PROVIDER_MODELS).where(
+    PROVIDER_MODELS.c.provider_id == sa.bindparam("target_id"), PROVIDER_UNCHANGED
+)
+MODEL_FIELDS = ("provider_id", "upstream_id", "position", "created", "owned_by", "display_name")
+INSERT_MODELS = sa.insert(PROVIDER_MODELS).from_select(
+    MODEL_FIELDS,
+    sa.select(*(sa.bindparam(field, type_=PROVIDER_MODELS.c[field].type) for field in MODEL_FIELDS)).where(
+        sa.exists().where(
+            PROVIDERS.c.id == sa.bindparam("provider_id", type_=PROVIDERS.c.id.type),
+            PROVIDERS.c.updated_at == sa.bindparam("read_at_update"),
         )
+    ),
+)
 
 
 def write_outcomes(outcomes):
     for start in range(0, len(outcomes), WRITE_BATCH):
-        for target, upstream_models, error in outcomes[start : start + WRITE_BATCH]:
-            record_probe(target, upstream_models, error)
-        db.session.commit()
+        if start:
+            time.sleep(PAUSE_BETWEEN_BATCHES)
+        write_batch(outcomes[start : start + WRITE_BATCH])
 
 
 def probe(targets):
