@@ -180,16 +180,24 @@ def system_configuration():
     return configuration
 
 
-def similarity(suggested, model_ref):
-    """difflib's ratio, case-blind; a suggestion without "type:" is compared with the upstream id."""
-    compared = str(model_ref) if ":" in suggested else model_ref.upstream_id
-    return SequenceMatcher(None, suggested.lower(), compared.lower()).ratio()
+def best_similarity(suggested_models, model_ref, floor):
+    """The best difflib ratio of the model against the suggestions when it is above `floor`,
+    else at most `floor`; case-blind, and a suggestion without "type:" is compared with the
+    upstream id. Pairs whose cheap upper bounds cannot beat the best so far are skipped."""
+    best = floor
+    for suggested in suggested_models:
+        compared = str(model_ref) if ":" in suggested else model_ref.upstream_id
+        matcher = SequenceMatcher(None, suggested, compared.lower())
+        if matcher.real_quick_ratio() > best and matcher.quick_ratio() > best:
+            best = max(best, matcher.ratio())
+    return best
 
 
 def match_scores(model_refs, suggested_models, score_cutoff, default_model):
+    suggested_models = [suggested.lower() for suggested in suggested_models]
     scores = {}
     for model_ref in model_refs:
-        best = max((similarity(suggested, model_ref) for suggested in suggested_models), default=0.0)
+        best = best_similarity(suggested_models, model_ref, score_cutoff)
         score = 0.5 + best / 2 if best > score_cutoff else 0.0
         if str(model_ref) == default_model:
             score = max(score, 0.5)
