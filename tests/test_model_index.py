@@ -255,3 +255,9 @@ def test_a_probe_round_over_many_silent_or_refusing_providers_ends_within_twice_
     assert len(black_hole.accepted) == 200
     assert admin.get(f"{PROVIDERS}?state=offline").get_json()["total_count"] == 250
     assert openai_ids(admin) == ["openai:gpt-4o"]
+
+
+def test_model_ids_no_database_can_index_are_left_out_and_repeats_kept_once(admin, reader, fake_upstream):
+    upstream = fake_upstream(models=["gpt-4o", "bad\x00id", "x" * 1025, "gpt-4o", "ünïcode-model"])
+    provider = register(admin, upstream)
+    assert model_ids(provider_models(reader, provider)) == ["openai:gpt-4o", "openai:ünïcode-model"]
