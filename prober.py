@@ -3,7 +3,7 @@
 A round reads the providers, ends its transaction, probes them all at once in threads
 (greenlets under gevent), and writes the outcomes as they arrive in short transactions of
 at most WRITE_BATCH providers, so no connection waits on an upstream and the database's
-write lock is never held for long. README ("The prober") says why threads.
+write lock is never held for long. README ("How the prober waits") says why threads.
 """
 
 import logging
@@ -181,28 +181,33 @@ def write_outcomes(outcomes):
         write_batch(outcomes[start : start + WRITE_BATCH])
 
 
+def arrivals(target_of_future, give_up_at, given_up):
+    """Outcomes as they arrive, in lists to write at once: when WRITE_BATCH have arrived or
+    WRITE_EVERY_SECONDS have passed; at `give_up_at` the probes still running, as `given_up`."""
+    pending, arrived, written_at = set(target_of_future), [], time.monotonic()
+    while pending and time.monotonic() < give_up_at:
+        wait_for = max(min(WRITE_EVERY_SECONDS, give_up_at - time.monotonic()), 0)
+        done, pending = wait(pending, timeout=wait_for, return_when=FIRST_COMPLETED)
+        arrived += [(target_of_future[future], *future.result()) for future in done]
+        if len(arrived) >= WRITE_BATCH or time.monotonic() - written_at >= WRITE_EVERY_SECONDS:
+            yield arrived
+            arrived, written_at = [], time.monotonic()
+    yield arrived + [(target_of_future[future], None, given_up) for future in pending]
+
+
 def probe(targets):
     """Probe every target at once, writing the outcomes in short batches as they arrive."""
     release_connections()
     if not targets:
         return
     threads = min(len(targets), MAX_PROBES_AT_ONCE)
-    timeout = current_app.config["UPSTREAM_TIMEOUT"]
-    deadline = ROUND_DEADLINE_TIMEOUTS * timeout * math.ceil(len(targets) / threads)
-    give_up_at = time.monotonic() + deadline
+    deadline = ROUND_DEADLINE_TIMEOUTS * current_app.config["UPSTREAM_TIMEOUT"] * math.ceil(len(targets) / threads)
+    given_up = UpstreamError(f"no answer within {deadline:g} s (timeout)")
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="probe")
     try:
         target_of_future = {pool.submit(listing_or_error, target): target for target in targets}
-        pending, arrived, written_at = set(target_of_future), [], time.monotonic()
-        while pending and time.monotonic() < give_up_at:
-            wait_for = min(WRITE_EVERY_SECONDS, give_up_at - time.monotonic())
-            done, pending = wait(pending, timeout=max(wait_for, 0), return_when=FIRST_COMPLETED)
-            arrived += [(target_of_future[future], *future.result()) for future in done]
-            if len(arrived) >= WRITE_BATCH or time.monotonic() - written_at >= WRITE_EVERY_SECONDS:
-                write_outcomes(arrived)
-                arrived, written_at = [], time.monotonic()
-        given_up = UpstreamError(f"no answer within {deadline:g} s (timeout)")
-        write_outcomes(arrived + [(target_of_future[future], None, given_up) for future in pending])
+        for outcomes in arrivals(target_of_future, time.monotonic() + deadline, given_up):
+            write_outcomes(outcomes)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
