@@ -261,3 +261,51 @@ def test_model_ids_no_database_can_index_are_left_out_and_repeats_kept_once(admi
     upstream = fake_upstream(models=["gpt-4o", "bad\x00id", "x" * 1025, "gpt-4o", "ünïcode-model"])
     provider = register(admin, upstream)
     assert model_ids(provider_models(reader, provider)) == ["openai:gpt-4o", "openai:ünïcode-model"]
+
+
+def in_thread(function, *args):
+    """Run `function` in a thread; the returned list receives its result."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(function(*args)))
+    thread.start()
+    return thread, result
+
+
+def wait_for_hits(upstream, hits):
+    deadline = time.monotonic() + 5
+    while upstream.hits < hits and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert upstream.hits >= hits
+
+
+@pytest.fixture
+def slow_old_upstream_and_new(admin, fake_upstream):
+    """A provider on an upstream that now lists another model, slowly, and a new upstream."""
+    old, new = fake_upstream(models=["old-model"]), fake_upstream(models=["new-model"])
+    provider = register(admin, old)
+    old.models, old.delay = ["stale-model"], 0.5
+    return provider, old, new
+
+
+def test_a_refresh_of_a_provider_changed_meanwhile_is_a_409_and_stores_nothing(
+    admin, reader, slow_old_upstream_and_new
+):
+    provider, old, new = slow_old_upstream_and_new
+    path = f"{PROVIDERS}/{provider['id']}"
+    refresh, refreshed = in_thread(admin.get, f"{path}/models?refresh=true")
+    wait_for_hits(old, 2)  # verification, then the refresh, now waiting on the upstream
+    assert admin.patch(path, json={"base_url": new.base_url}).status_code == 200
+    refresh.join()
+    assert refreshed[0].status_code == 409
+    assert model_ids(provider_models(reader, provider)) == ["openai:new-model"]
+
+
+def test_a_probe_of_a_provider_changed_meanwhile_stores_nothing(app, admin, reader, slow_old_upstream_and_new):
+    provider, old, new = slow_old_upstream_and_new
+    path = f"{PROVIDERS}/{provider['id']}"
+    prober, _ = in_thread(probe_round, app)
+    wait_for_hits(old, 2)
+    assert admin.patch(path, json={"base_url": new.base_url}).status_code == 200
+    prober.join()
+    assert model_ids(provider_models(reader, provider)) == ["openai:new-model"]
+    assert admin.get(path).get_json()["last_checked_at"] is None
