@@ -101,54 +101,41 @@ def probe_record(target, error, checked_at):
 def write_batch(outcomes):
     """Store a batch of probe outcomes in one transaction of a few statements.
 
-    Each statement runs once per row with that row's condition: nothing is stored for a
-    provider changed or deleted since it was read, as the probe may have asked its old
-    upstream. A probe is not an edit: updated_at keeps its value.
+    Nothing is stored for a provider changed or deleted since it was read, as the probe may
+    have asked its old upstream: the state update is conditional, and the model lists are
+    written for the providers it recorded. A probe is not an edit: updated_at keeps its value.
     """
     checked_at = utcnow()
     records = [probe_record(target, error, checked_at) for target, _, error in outcomes]
-    listings = [(target, upstream_models) for target, upstream_models, error in outcomes if error is None]
     for statement, batch in (
         (RECORD_FAILURE, [record for record in records if record["last_error"] is not None]),
         (RECORD_SUCCESS, [record for record in records if record["last_error"] is None]),
-        (DELETE_MODELS, [{"target_id": target.id, "read_at_update": target.updated_at} for target, _ in listings]),
-        (INSERT_MODELS, [row for target, upstream_models in listings for row in model_rows(target, upstream_models)]),
     ):
         if batch:
             db.session.execute(statement, batch)
+    recorded = set(
+        db.session.scalars(RECORDED, {"target_ids": [target.id for target, _, _ in outcomes], "checked_at": checked_at})
+    )
+    listings = [(target, models) for target, models, error in outcomes if error is None and target.id in recorded]
+    if listings:
+        db.session.execute(MODELS_OF_TARGETS, {"target_ids": [target.id for target, _ in listings]})
+        rows = [row for target, upstream_models in listings for row in index_rows(target.id, upstream_models)]
+        if rows:
+            db.session.execute(sa.insert(PROVIDER_MODELS), rows)
     db.session.commit()
-    log_state_changes(outcomes, records, checked_at)
+    log_state_changes(outcomes, records, recorded)
 
 
-def log_state_changes(outcomes, records, checked_at):
-    changed = {
-        record["target_id"]: (target, record)
-        for (target, _, _), record in zip(outcomes, records, strict=True)
-        if record["state"] != target.state
-    }
-    if not changed:
-        return
-    recorded = db.session.scalars(
-        sa.select(PROVIDERS.c.id).where(PROVIDERS.c.id.in_(changed), PROVIDERS.c.last_checked_at == checked_at)
-    ).all()
-    db.session.commit()
-    for provider_id in recorded:
-        target, record = changed[provider_id]
-        last_error = f": {record['last_error']}" if record["last_error"] else ""
-        log.warning("provider %s (%s) is now %s%s", provider_id, target.type, record["state"], last_error)
-
-
-def model_rows(target, upstream_models):
-    return [{**row, "read_at_update": target.updated_at} for row in index_rows(target.id, upstream_models)]
-
-
-def unchanged_since_read(provider_id):
-    return sa.and_(provider_id == sa.bindparam("target_id"), PROVIDERS.c.updated_at == sa.bindparam("read_at_update"))
+def log_state_changes(outcomes, records, recorded):
+    for (target, _, _), record in zip(outcomes, records, strict=True):
+        if record["state"] != target.state and target.id in recorded:
+            last_error = f": {record['last_error']}" if record["last_error"] else ""
+            log.warning("provider %s (%s) is now %s%s", target.id, target.type, record["state"], last_error)
 
 
 RECORD_FAILURE = (
     sa.update(PROVIDERS)
-    .where(unchanged_since_read(PROVIDERS.c.id))
+    .where(PROVIDERS.c.id == sa.bindparam("target_id"), PROVIDERS.c.updated_at == sa.bindparam("read_at_update"))
     .values(
         state=sa.bindparam("state"),
         consecutive_failures=sa.bindparam("consecutive_failures"),
@@ -158,19 +145,12 @@ RECORD_FAILURE = (
     )
 )
 RECORD_SUCCESS = RECORD_FAILURE.values(models_listed_at=sa.bindparam("last_checked_at"))
-PROVIDER_UNCHANGED = sa.exists().where(unchanged_since_read(PROVIDERS.c.id))
-DELETE_MODELS = sa.delete(PROVIDER_MODELS).where(
-    PROVIDER_MODELS.c.provider_id == sa.bindparam("target_id"), PROVIDER_UNCHANGED
+RECORDED = sa.select(PROVIDERS.c.id).where(
+    PROVIDERS.c.id.in_(sa.bindparam("target_ids", expanding=True)),
+    PROVIDERS.c.last_checked_at == sa.bindparam("checked_at"),
 )
-MODEL_FIELDS = ("provider_id", "upstream_id", "position", "created", "owned_by", "display_name")
-INSERT_MODELS = sa.insert(PROVIDER_MODELS).from_select(
-    MODEL_FIELDS,
-    sa.select(*(sa.bindparam(field, type_=PROVIDER_MODELS.c[field].type) for field in MODEL_FIELDS)).where(
-        sa.exists().where(
-            PROVIDERS.c.id == sa.bindparam("provider_id", type_=PROVIDERS.c.id.type),
-            PROVIDERS.c.updated_at == sa.bindparam("read_at_update"),
-        )
-    ),
+MODELS_OF_TARGETS = sa.delete(PROVIDER_MODELS).where(
+    PROVIDER_MODELS.c.provider_id.in_(sa.bindparam("target_ids", expanding=True))
 )
 
 
