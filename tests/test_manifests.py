@@ -54,7 +54,17 @@ def manifest(*entries):
 BROKEN_MANIFESTS = {
     "bad YAML": (
         manifest(RENAMED_OPENAI, OLLAMA, ANTHROPIC, f"\n  - type: openai\n    api_key: {LITERAL_KEY}: oops"),
-        "Not valid YAML or JSON: mapping values are not allowed here at line 14, column",
+        "Not valid YAML or JSON at line 14, column 45.",
+    ),
+    "YAML quoting a key in its error": (
+        manifest(RENAMED_OPENAI, OLLAMA, f"\n  - {{type: groq, base_url: https://g.example, api_key: *{LITERAL_KEY}}}"),
+        "Not valid YAML or JSON at line 10, column 56.",
+    ),
+    "YAML tag quoting a key in its error": (
+        manifest(
+            RENAMED_OPENAI, OLLAMA, f"\n  - {{type: groq, base_url: https://g.example, api_key: !{LITERAL_KEY} k}}"
+        ),
+        "Not valid YAML or JSON at line 10, column 56.",
     ),
     "not a mapping": ("- type: openai\n  base_url: https://api.openai.com/v1\n", "must be a mapping"),
     "not text": (b"\x00\xff\xfe" + LITERAL_KEY.encode(), "Not valid YAML or JSON"),
