@@ -107,6 +107,25 @@ def tune_sqlite(dbapi_connection, connection_record, synchronous):
     cursor.close()
 
 
+def make_sqlite_files_private(database_path):
+    """Create the database file 0600 before SQLite would (0644 less the umask), and tighten
+    files made earlier; SQLite gives the -wal and -shm files the database file's mode."""
+    try:
+        os.close(os.open(database_path, os.O_WRONLY | os.O_CREAT, 0o600))
+        for path in (database_path, f"{database_path}-wal", f"{database_path}-shm"):
+            if os.path.exists(path):
+                os.chmod(path, 0o600)
+    except OSError as error:  # SQLite's own open will say what is wrong
+        log.warning("cannot make the database file %s private: %s", database_path, error.strerror)
+
+
+def sqlite_file_of(url):
+    """The file a SQLite URL names, or None for an in-memory or URI-form database."""
+    if url.database in (None, "", ":memory:") or url.query.get("uri"):
+        return None
+    return url.database
+
+
 def schema_head():
     return ScriptDirectory(MIGRATIONS_DIRECTORY).get_current_head()
 
@@ -164,6 +183,8 @@ def create_app(environ=None):
 
     with app.app_context():
         if db.engine.dialect.name == "sqlite":
+            if database_path := sqlite_file_of(db.engine.url):
+                make_sqlite_files_private(database_path)
             sa.event.listen(db.engine, "connect", partial(tune_sqlite, synchronous=app.config["SQLITE_SYNCHRONOUS"]))
         elif not app.config["ENCRYPTION_KEYS"]:
             key_file = os.path.join(app.instance_path, KEY_FILE_NAME)
