@@ -19,7 +19,7 @@ from docs import apifairy, docs_bp
 from errors import errors_bp
 from health import health_bp
 from manifests import registry_bp
-from models import User, close_read_connection, db
+from models import USERNAME_MAX_LENGTH, User, canonical_username, close_read_connection, db
 from openai_compat import openai_bp
 from providers import providers_bp
 from schemas import ma
@@ -62,6 +62,13 @@ def read_choice(environ, name, choices):
     return value
 
 
+def read_username(environ, name, default):
+    username = canonical_username(environ.get(name) or default)
+    if username is None:
+        raise RuntimeError(f"{name} must be 1 to {USERNAME_MAX_LENGTH} characters, without ':' or control characters.")
+    return username
+
+
 def read_list(environ, name):
     return [item.strip() for item in environ.get(name, "").split(",") if item.strip()]
 
@@ -73,7 +80,7 @@ def load_config(environ):
     return {
         "INSTANCE_PATH": instance_path,
         "SQLALCHEMY_DATABASE_URI": database_url,
-        "ADMIN_USERNAME": environ.get("REGISTRY_ADMIN_USERNAME") or "admin",
+        "ADMIN_USERNAME": read_username(environ, "REGISTRY_ADMIN_USERNAME", "admin"),
         "ADMIN_PASSWORD": environ.get("REGISTRY_ADMIN_PASSWORD") or None,
         "ENCRYPTION_KEYS": read_list(environ, "REGISTRY_ENCRYPTION_KEYS"),
         "VERIFY_ON_CREATE": read_bool(environ, "REGISTRY_VERIFY_ON_CREATE", True),

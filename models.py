@@ -1,5 +1,6 @@
 """Tables, constraints and the small domain rules that belong to stored data."""
 
+import unicodedata
 import uuid
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
@@ -104,6 +105,25 @@ def is_storable_text(text):
     return "\x00" not in text
 
 
+USERNAME_MAX_LENGTH = 255
+# Control and format characters (and line breaks): invisible, or able to rewrite a terminal or a log line.
+UNPRINTABLE_CATEGORIES = {"Cc", "Cf", "Zl", "Zp"}
+
+
+def canonical_username(username):
+    """The form a user name is stored and looked up in (NFC: "café" is one user however its
+    accent was typed), or None when no user can have that name: empty, longer than the
+    column, with a colon (HTTP Basic cannot carry it), not storable, or unprintable."""
+    if not is_storable_text(username):
+        return None
+    username = unicodedata.normalize("NFC", username)
+    if not 1 <= len(username) <= USERNAME_MAX_LENGTH or ":" in username:
+        return None
+    if any(unicodedata.category(char) in UNPRINTABLE_CATEGORIES for char in username):
+        return None
+    return username
+
+
 def is_host_name(host):
     """Labels of 1 to 63 characters, 253 in all (a trailing dot allowed), as DNS takes them."""
     try:
@@ -187,7 +207,7 @@ class User(db.Model):
     __tablename__ = "users"
 
     id = sa.Column(sa.Integer, primary_key=True)
-    username = sa.Column(sa.String(255), nullable=False, unique=True)
+    username = sa.Column(sa.String(USERNAME_MAX_LENGTH), nullable=False, unique=True)
     password_hash = sa.Column(sa.String(255), nullable=False)
     role = sa.Column(sa.String(16), nullable=False)
     created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)

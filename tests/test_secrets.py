@@ -123,6 +123,18 @@ def test_admin_from_environment_gets_no_password_file(userless_instance):
     assert "ops-secret" not in stored
 
 
+def test_admin_name_from_environment_is_stored_in_nfc(userless_instance):
+    environ = registry_environ(userless_instance, REGISTRY_ADMIN_USERNAME="jose\u0301", REGISTRY_ADMIN_PASSWORD="pw")
+    app = create_app(environ)
+    response = app.test_client().get(PROVIDERS, headers={"Authorization": basic_auth("jos\u00e9", "pw")})
+    assert response.status_code == 200
+
+
+def test_admin_name_with_a_control_character_stops_the_start(userless_instance):
+    with pytest.raises(RuntimeError, match="REGISTRY_ADMIN_USERNAME must be 1 to 255 characters"):
+        create_app(registry_environ(userless_instance, REGISTRY_ADMIN_USERNAME="ad\x1bmin"))
+
+
 def test_workers_starting_at_once_share_one_whole_key_file(instance_path):
     from concurrent.futures import ThreadPoolExecutor
 
