@@ -1,5 +1,7 @@
 """Tables, constraints and the small domain rules that belong to stored data."""
 
+import ipaddress
+import socket
 import unicodedata
 import uuid
 from datetime import UTC, datetime
@@ -132,6 +134,18 @@ def is_host_name(host):
         return False
 
 
+def canonical_host(host):
+    """An IP address in its one written form, so that one upstream is one provider: IPv4 in
+    any form inet_aton takes (0x7f000001, 2130706433, 127.1, 0177.0.0.1, a trailing dot) as
+    the dotted quad 127.0.0.1, IPv6 compressed; a host name as it is."""
+    try:
+        if ":" in host:
+            return str(ipaddress.IPv6Address(host))
+        return socket.inet_ntoa(socket.inet_aton(host.removesuffix(".")))
+    except (ValueError, OSError):  # not an address
+        return host
+
+
 def normalize_base_url(url):
     """Return the canonical form of a provider URL, or raise ValueError saying why."""
     if any(ord(char) <= 0x20 or ord(char) >= 0x7F for char in url):
@@ -153,6 +167,7 @@ def normalize_base_url(url):
         port = parts.port
     except ValueError:
         raise ValueError("URL port is invalid.") from None
+    host = canonical_host(host)
     if ":" in host:
         host = f"[{host}]"
     netloc = host if port in (None, DEFAULT_PORTS[scheme]) else f"{host}:{port}"
