@@ -1,5 +1,6 @@
 """Tables, constraints and the small domain rules that belong to stored data."""
 
+import hashlib
 import ipaddress
 import socket
 import unicodedata
@@ -195,6 +196,11 @@ class ModelProvider(db.Model):
     last_error = sa.Column(sa.Text)
     created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
     updated_at = sa.Column(sa.DateTime, nullable=False, default=utcnow, onupdate=utcnow)
+    # Counts edits: every ORM update is made WHERE version = the version read, and adds one
+    # (a patch racing another change fails instead of storing a mix); probes leave it.
+    version = sa.Column(sa.Integer, nullable=False, server_default="1")
+
+    __mapper_args__ = {"version_id_col": version}
 
     @property
     def capabilities(self):
@@ -205,6 +211,13 @@ class ModelProvider(db.Model):
 
     def open_api_key(self):
         return cipher.open(self.sealed_api_key)
+
+
+def provider_etag(provider_id, version, last_checked_at):
+    """The ETag of a provider as shown: what it shows changes by an edit (its version) or a
+    probe (state and last_error, always with a new last_checked_at), so the tag does too."""
+    shown = f"{provider_id}/{version}/{last_checked_at and last_checked_at.isoformat()}"
+    return hashlib.blake2b(shown.encode(), digest_size=12).hexdigest()
 
 
 PROVIDERS = ModelProvider.__table__

@@ -263,8 +263,23 @@ class ProvidersPageSchema(ma.Schema):
     next_page_token = fields.String(allow_none=True, required=True)
 
 
-class LocationHeaderSchema(ma.Schema):
-    Location = fields.String(metadata={"description": "URL of the new resource"})
+class ProviderHeadersSchema(ma.Schema):
+    etag = fields.String(
+        data_key="ETag",
+        required=True,
+        metadata={"description": "Changes with every change of the provider as shown; send it back in If-Match"},
+    )
+
+
+class CreatedProviderHeadersSchema(ProviderHeadersSchema):
+    location = fields.String(data_key="Location", required=True, metadata={"description": "URL of the new resource"})
+
+
+class PreconditionsSchema(ma.Schema):
+    if_match = fields.String(
+        data_key="If-Match",
+        metadata={"description": 'ETags of the provider as last read, or "*" for any; 412 when none is current'},
+    )
 
 
 class StatusSchema(ma.Schema):

@@ -256,6 +256,20 @@ def test_added_changed_and_removed_entries_are_applied(registry_app, manifest_pa
     assert stored_api_key(app, providers["https://api.anthropic.com/v1"]["id"]) == LITERAL_KEY
 
 
+def test_a_sync_that_changes_a_provider_changes_its_etag_and_one_that_does_not_keeps_it(registry_app, manifest_path):
+    app = registry_app(manifest_path)
+    sync(app)
+    path = f"{PROVIDERS}/{by_base_url(app)['https://api.openai.com/v1']['id']}"
+    reader = client_as(app, "reader")
+    first = reader.get(path).headers["ETag"]
+    sync(app)
+    assert reader.get(path).headers["ETag"] == first
+    write_manifest(manifest_path, manifest(RENAMED_OPENAI, OLLAMA))
+    sync(app)
+    renamed = reader.get(path)
+    assert renamed.get_json()["name"] == "OpenAI (renamed)" and renamed.headers["ETag"] != first
+
+
 def test_key_rotation_through_the_manifest_reseals_only_that_key(registry_app, manifest_path):
     app = registry_app(manifest_path)
     sync(app)
