@@ -62,13 +62,13 @@ def index_rows(provider_id, upstream_models):
     return list(rows.values())
 
 
-def replace_models(provider_id, upstream_models, unchanged_since=None):
+def replace_models(provider_id, upstream_models, read_version=None):
     """Make the index hold `upstream_models` as the provider's list, listed now, in the
     session's transaction; None leaves it no list (a connection changed without verification).
 
-    With `unchanged_since` (the provider's `updated_at` when it was read before listing) the
-    list is written only if the provider was neither changed nor deleted meanwhile, since it
-    may list another upstream now. True when written.
+    With `read_version` (the provider's `version` when it was read before listing) the list
+    is written only if the provider was neither edited nor deleted meanwhile, since it may
+    list another upstream now. True when written.
     """
     db.session.flush()  # the provider's own pending write first: its models refer to it
     stamp = (
@@ -76,8 +76,8 @@ def replace_models(provider_id, upstream_models, unchanged_since=None):
         .where(PROVIDERS.c.id == provider_id)
         .values(models_listed_at=None if upstream_models is None else utcnow(), updated_at=PROVIDERS.c.updated_at)
     )
-    if unchanged_since is not None:
-        stamp = stamp.where(PROVIDERS.c.updated_at == unchanged_since)
+    if read_version is not None:
+        stamp = stamp.where(PROVIDERS.c.version == read_version)
     if db.session.execute(stamp).rowcount == 0:
         return False
     db.session.execute(sa.delete(PROVIDER_MODELS).where(PROVIDER_MODELS.c.provider_id == provider_id))
@@ -92,10 +92,10 @@ def refresh_models(provider):
 
     No database connection is held while the upstream is asked.
     """
-    connection, read_at_update = provider_connection(provider), provider.updated_at
+    connection, read_version = provider_connection(provider), provider.version
     release_connections()
     upstream_models = list_models(connection)
-    if not replace_models(provider.id, upstream_models, unchanged_since=read_at_update):
+    if not replace_models(provider.id, upstream_models, read_version=read_version):
         db.session.rollback()
         raise Conflict(f"Model provider {provider.id} was changed or deleted while its upstream was listed.")
     db.session.commit()

@@ -11,7 +11,6 @@ import math
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import datetime
 
 import sqlalchemy as sa
 from flask import current_app
@@ -46,7 +45,7 @@ class Target:
     type: str
     state: str
     consecutive_failures: int
-    updated_at: datetime
+    version: int  # as read: a provider edited since then is not written
     connection: Connection | None
     unusable: Exception | None  # why it cannot be probed (a key no configured key opens)
 
@@ -61,7 +60,7 @@ def target_of(provider):
         provider.type,
         provider.state,
         provider.consecutive_failures,
-        provider.updated_at,
+        provider.version,
         connection,
         unusable,
     )
@@ -90,7 +89,7 @@ def probe_record(target, error, checked_at):
         state, last_error = ("offline" if offline else target.state), str(error)
     return {
         "target_id": target.id,
-        "read_at_update": target.updated_at,
+        "read_version": target.version,
         "state": state,
         "consecutive_failures": failures,
         "last_checked_at": checked_at,
@@ -101,9 +100,10 @@ def probe_record(target, error, checked_at):
 def write_batch(outcomes):
     """Store a batch of probe outcomes in one transaction of a few statements.
 
-    Nothing is stored for a provider changed or deleted since it was read, as the probe may
+    Nothing is stored for a provider edited or deleted since it was read, as the probe may
     have asked its old upstream: the state update is conditional, and the model lists are
-    written for the providers it recorded. A probe is not an edit: updated_at keeps its value.
+    written for the providers it recorded. A probe is not an edit: updated_at and version
+    keep their values.
     """
     checked_at = utcnow()
     records = [probe_record(target, error, checked_at) for target, _, error in outcomes]
@@ -135,7 +135,7 @@ def log_state_changes(outcomes, records, recorded):
 
 RECORD_FAILURE = (
     sa.update(PROVIDERS)
-    .where(PROVIDERS.c.id == sa.bindparam("target_id"), PROVIDERS.c.updated_at == sa.bindparam("read_at_update"))
+    .where(PROVIDERS.c.id == sa.bindparam("target_id"), PROVIDERS.c.version == sa.bindparam("read_version"))
     .values(
         state=sa.bindparam("state"),
         consecutive_failures=sa.bindparam("consecutive_failures"),

@@ -122,6 +122,19 @@ def test_default_model_scores_half(admin, reader, catalog):
     assert stronger["items"][0] == {"model_id": "anthropic:claude-sonnet-4", "score": 1.0}
 
 
+@pytest.mark.parametrize("suggestions", [{"suggested_models": None}, {}], ids=["null", "absent"])
+def test_null_or_absent_suggestions_answer_as_an_empty_list(admin, reader, catalog, suggestions):
+    admin.put("/api/v1/configurations/system", json={"default_llm_model": "anthropic:claude-sonnet-4"})
+    expected = match(reader, capability="llm", suggested_models=[])
+    assert expected["items"] == [{"model_id": "anthropic:claude-sonnet-4", "score": 0.5}]
+    assert match(reader, capability="llm", **suggestions) == expected
+
+
+def test_suggestions_at_their_bounds_are_taken(reader, catalog):
+    suggestions = ["openai:gpt-4o"] + ["m" * 256] * 99
+    assert match(reader, capability="llm", suggested_models=suggestions)["items"][0]["score"] == 1.0
+
+
 def test_match_leaves_out_offline_providers(app, reader, catalog):
     set_state(app, catalog["openai"]["id"], "offline")
     assert match(reader, capability="llm", suggested_models=["openai:gpt-4o"])["items"] == []
@@ -134,6 +147,9 @@ def test_match_leaves_out_offline_providers(app, reader, catalog):
         ({"capability": "vision"}, "capability"),
         ({"capability": "llm", "score_cutoff": 2}, "score_cutoff"),
         ({"capability": "llm", "suggested_models": "gpt-4o"}, "suggested_models"),
+        ({"capability": "llm", "suggested_models": ["gpt-4o"] * 101}, "suggested_models"),
+        ({"capability": "llm", "suggested_models": ["gpt-4o", "m" * 257]}, "suggested_models.1"),
+        ({"capability": "llm", "suggested_models": [None]}, "suggested_models.0"),
     ],
 )
 def test_invalid_match_body_is_422(reader, body, field):
