@@ -10,8 +10,8 @@ from werkzeug.exceptions import Forbidden
 from crypto import UnopenableApiKey, cipher
 from errors import SyncInProgress
 from manifests import sync_manifests
-from models import ROLES, ApiToken, ModelProvider, User, db, is_storable_text
-from schemas import MAX_TOKEN_DAYS
+from models import ROLES, ModelProvider, User, db, is_storable_text
+from schemas import MAX_TOKEN_DAYS, TokenCreateSchema
 from tokens import TOKEN_PAGES, create_token, find_owner, revoke_token
 
 users_cli = AppGroup("users", help="Manage the users who may call the API.")
@@ -104,8 +104,9 @@ def delete_user(username):
 @click.option("--expires-in-days", type=click.IntRange(1, MAX_TOKEN_DAYS), help="Default: never expires.")
 def create_api_token(name, username, role, expires_in_days):
     """Create an API token and print its secret, this once."""
-    if not 1 <= len(name) <= ApiToken.name.type.length or not is_storable_text(name):
-        raise click.ClickException(f"A token name is 1 to {ApiToken.name.type.length} characters.")
+    name_errors = TokenCreateSchema().validate({"name": name}).get("name")
+    if name_errors:
+        raise click.ClickException(f"Invalid token name: {' '.join(name_errors)}")
     try:
         token = create_token(find_user(username), name, role, expires_in_days)
     except Forbidden as error:
