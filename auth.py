@@ -21,7 +21,7 @@ from werkzeug.exceptions import TooManyRequests
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from errors import problem
-from models import ApiToken, User, is_storable_text, lower_role, read_connection, roles_up_to, token_digest, utcnow
+from models import ApiToken, User, canonical_username, lower_role, read_connection, roles_up_to, token_digest, utcnow
 
 log = logging.getLogger(__name__)
 REALM = "model-provider-registry"
@@ -262,7 +262,8 @@ def check_credentials(key, username, password):
 
 @auth.verify_password
 def verify_password(username, password):
-    if not username or not is_storable_text(username):
+    username = canonical_username(username)
+    if username is None:
         return None
     state = auth_state()
     name_key = (request.remote_addr, hashlib.sha256(username.encode()).digest())  # bounded, whatever was sent

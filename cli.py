@@ -10,7 +10,7 @@ from werkzeug.exceptions import Forbidden
 from crypto import UnopenableApiKey, cipher
 from errors import SyncInProgress
 from manifests import sync_manifests
-from models import ROLES, ModelProvider, User, db, is_storable_text
+from models import ROLES, USERNAME_MAX_LENGTH, ModelProvider, User, canonical_username, db
 from schemas import MAX_TOKEN_DAYS, TokenCreateSchema
 from tokens import TOKEN_PAGES, create_token, find_owner, revoke_token
 
@@ -31,9 +31,13 @@ def read_password(from_stdin):
 
 
 def check_username(username):
-    """A name the users table can hold and HTTP Basic can carry (no colon)."""
-    if not 1 <= len(username) <= User.username.type.length or ":" in username or not is_storable_text(username):
-        raise click.ClickException(f"A user name is 1 to {User.username.type.length} characters, without ':'.")
+    """The name as stored (NFC), or refused when no user can have it."""
+    canonical = canonical_username(username)
+    if canonical is None:
+        raise click.ClickException(
+            f"A user name is 1 to {USERNAME_MAX_LENGTH} characters, without ':' or control characters."
+        )
+    return canonical
 
 
 def find_user(username):
@@ -49,7 +53,7 @@ def find_user(username):
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input.")
 def create_user(username, role, password_stdin):
     """Create a user with a role."""
-    check_username(username)
+    username = check_username(username)
     if db.session.scalar(sa.select(User.id).where(User.username == username)) is not None:
         raise click.ClickException(f"A user named {username!r} already exists.")
     user = User(username=username, role=role)

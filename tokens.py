@@ -13,6 +13,7 @@ from models import (
     ROLES,
     ApiToken,
     User,
+    canonical_username,
     db,
     is_canonical_id,
     new_token_secret,
@@ -45,8 +46,8 @@ TOKEN_PAGES = NewestFirstPages(
 
 
 def find_owner(username):
-    """The user named `username`, or None."""
-    return db.session.scalar(sa.select(User).where(User.username == username))
+    """The user named `username` (in any Unicode form of the name), or None."""
+    return db.session.scalar(sa.select(User).where(User.username == canonical_username(username)))
 
 
 def create_token(owner, name, role=None, expires_in_days=None):
@@ -94,7 +95,7 @@ def owner_for(caller, username):
     """Whom a token asked for by `caller` belongs to: the caller, or (admin only) the named user."""
     if caller.token_id is not None:
         raise Forbidden("Tokens are created with a user's password, not with another token.")
-    if username is not None and username != caller.username:
+    if username is not None and canonical_username(username) != caller.username:
         if caller.role != "admin":
             raise Forbidden("Only an admin may create a token for another user.")
         owner = find_owner(username)
@@ -136,6 +137,8 @@ def list_all(query):
     Expired tokens stay listed until revoked.
     """
     caller, username = auth.current_user(), query.get("user")
+    if username is not None:
+        username = canonical_username(username) or username  # a name no user can have lists nothing
     if caller.role != "admin":
         if username not in (None, caller.username):
             raise Forbidden("Only an admin may list another user's tokens.")

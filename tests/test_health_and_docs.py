@@ -3,6 +3,7 @@
 import re
 
 import sqlalchemy as sa
+from openapi_spec_validator import validate
 
 from app import create_app
 from models import db
@@ -61,6 +62,10 @@ def test_openapi_document_describes_the_api(anonymous):
     secured = [operation["security"] for operation in operations if "security" in operation]
     assert secured and all([*requirement] == ["basic_auth"] for requirement, _ in secured)
     assert all([*requirement] == ["token_auth"] for _, requirement in secured)
+
+
+def test_openapi_document_is_valid_openapi_3(anonymous):
+    validate(anonymous.get("/openapi.json").get_json())  # raises, naming the first fault
 
 
 def test_docs_page_loads_only_local_assets(anonymous):

@@ -3,7 +3,6 @@ role at most the owner's, revocation, expiry and the owner's changes effective o
 
 import hashlib
 import logging
-import statistics
 import time
 from datetime import timedelta
 
@@ -284,7 +283,8 @@ class Statements:
         return self.seen, result
 
 
-def test_an_unknown_and_a_revoked_token_cost_the_same(make_app):
+def test_an_unknown_and_a_revoked_token_take_the_same_path(make_app):
+    """The same one query, finding no row, and the same answer: nothing to time apart."""
     app = make_app(REGISTRY_LOGIN_FAILURES="1000")
     reader = app.test_client()
     reader.environ_base["HTTP_AUTHORIZATION"] = basic_auth("reader", PASSWORDS["reader"])
@@ -297,16 +297,6 @@ def test_an_unknown_and_a_revoked_token_cost_the_same(make_app):
     for_unknown, unknown_answer = statements.during(lambda: call(app, "GET", PROVIDERS, unknown))
     assert for_revoked == for_unknown and len(for_revoked) == 1
     assert (revoked_answer.status_code, revoked_answer.data) == (unknown_answer.status_code, unknown_answer.data)
-
-    def median_cpu(token):
-        costs = []
-        for _ in range(15):
-            started = time.thread_time()
-            call(app, "GET", PROVIDERS, token)
-            costs.append(time.thread_time() - started)
-        return statistics.median(costs)
-
-    assert 0.5 < median_cpu(revoked["token"]) / median_cpu(unknown) < 2
 
 
 def test_a_password_verified_within_a_second_skips_the_users_table(app):
