@@ -18,10 +18,10 @@ from crypto import KEY_FILE_NAME, cipher
 from docs import apifairy, docs_bp
 from errors import errors_bp
 from health import health_bp
-from manifests import registry_bp
 from models import User, close_read_connection, db
 from openai_compat import openai_bp
 from providers import providers_bp
+from registry import registry_bp
 from schemas import ma
 
 log = logging.getLogger("registry")

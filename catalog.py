@@ -10,8 +10,10 @@ import sqlalchemy as sa
 from flask import current_app
 from werkzeug.exceptions import BadRequest, NotFound, ServiceUnavailable
 
+from configurations import system_configuration
 from errors import UpstreamError
-from models import ModelProvider, SystemConfiguration, db, types_with
+from models import ModelProvider, db, types_with
+from pagination import collection_of
 from upstreams import Connection, list_models
 
 log = logging.getLogger(__name__)
@@ -140,19 +142,6 @@ def available_models(capability=None):
     return documents
 
 
-def system_configuration():
-    configuration = db.session.scalar(sa.select(SystemConfiguration).limit(1))
-    if configuration is None:
-        configuration = SystemConfiguration()
-        db.session.add(configuration)
-        try:
-            db.session.commit()
-        except sa.exc.IntegrityError:  # another worker created it first
-            db.session.rollback()
-            return system_configuration()
-    return configuration
-
-
 def similarity(suggested, model_id):
     """difflib's ratio, case-blind; a suggestion without "type:" is compared with the upstream id."""
     compared = model_id if ":" in suggested else model_id.partition(":")[2]
@@ -176,7 +165,7 @@ def match_models(capability, suggested_models, score_cutoff):
     default_model = getattr(configuration, f"default_{capability}_model")
     model_ids = {model["id"] for model in available_models(capability)}
     ranked = match_scores(model_ids, suggested_models, score_cutoff, default_model)
-    return {"items": [{"model_id": model_id, "score": score} for model_id, score in ranked], "total_count": len(ranked)}
+    return collection_of([{"model_id": model_id, "score": score} for model_id, score in ranked])
 
 
 def resolve_model(model_ref):

@@ -4,7 +4,7 @@ A sync reads each configured location, validates it with the create body's schem
 applies it in one transaction, whole or not at all; providers of locations no longer
 configured are removed, and providers created through the API are never touched. One
 sync runs at a time per database (the lease "manifest-sync"), whether the scheduler, the
-CLI or POST /api/v1/registry/sync started it.
+CLI or POST /api/v1/registry/sync (registry.py) started it.
 """
 
 import json
@@ -20,20 +20,17 @@ from urllib.request import url2pathname
 import httpx
 import sqlalchemy as sa
 import yaml
-from apifairy import authenticate, other_responses, response
-from flask import Blueprint, current_app
+from flask import current_app
 from marshmallow import ValidationError
 
-from auth import auth
 from crypto import UnopenableApiKey
 from errors import SyncInProgress, flatten_messages
 from models import ManifestSync, ModelProvider, db, utcnow
 from scheduler import holder_name, release_lease, scheduler, try_lease
-from schemas import ManifestSchema, RegistrySchema, SyncSummarySchema
+from schemas import ManifestSchema
 from upstreams import http_client
 
 log = logging.getLogger(__name__)
-registry_bp = Blueprint("registry", __name__)
 manifest_schema = ManifestSchema()
 
 SYNC_LEASE = "manifest-sync"
@@ -350,22 +347,3 @@ def location_status(location, last_sync, provider_count):
         "error": last_sync.error,
         "provider_count": provider_count,
     }
-
-
-@registry_bp.route("/registry", methods=["GET"])
-@authenticate(auth, role="reader")
-@response(RegistrySchema)
-def status():
-    """List the configured manifest locations and their last sync"""
-    locations = registry_status()
-    return {"items": locations, "total_count": len(locations)}
-
-
-@registry_bp.route("/registry/sync", methods=["POST"])
-@authenticate(auth, role="admin")
-@response(SyncSummarySchema)
-@other_responses({409: "Another manifest sync is still running"})
-def sync():
-    """Sync every configured manifest now"""
-    results = sync_manifests()
-    return {"items": results, "total_count": len(results)}

@@ -28,6 +28,11 @@ def decode_page_token(page_token):
         raise RequestValidationError(422, {"query": {"page_token": ["Not a valid page token."]}}) from None
 
 
+def collection_of(items):
+    """A whole list as every list answers it (schemas.collection): its items and their count."""
+    return {"items": items, "total_count": len(items)}
+
+
 class NewestFirstPages:
     """Keyset pages of `rows` (a select from `table`), newest first, narrowed by named filters.
 

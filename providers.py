@@ -19,22 +19,22 @@ from models import (
     read_connection,
     types_with,
 )
-from pagination import NewestFirstPages
+from pagination import NewestFirstPages, collection_of
 from prober import probe_one
 from schemas import (
     LocationHeaderSchema,
-    MatchPageSchema,
     MatchRequestSchema,
-    ModelsPageSchema,
+    MatchResultSchema,
+    ModelSchema,
     ProviderChangesSchema,
     ProviderCreateSchema,
     ProviderSchema,
-    ProvidersPageSchema,
     ProvidersQuerySchema,
     ResolvedProviderSchema,
     ResolveHeadersSchema,
     ResolveRequestSchema,
     VerifyQuerySchema,
+    collection,
     watsonx_id_errors,
 )
 
@@ -175,7 +175,7 @@ def create(fields, query):
 @providers_bp.route("/model_providers", methods=["GET"])
 @authenticate(auth, role="reader")
 @arguments(ProvidersQuerySchema)
-@response(ProvidersPageSchema)
+@response(collection(ProviderSchema, paged=True))
 def list_all(query):
     """List model providers, newest first"""
     return PROVIDER_PAGES.page(provider_filter_values(query), query["limit"], query.get("page_token"))
@@ -225,12 +225,11 @@ def delete(provider_id):
 
 @providers_bp.route("/model_providers/<provider_id>/models", methods=["GET"])
 @authenticate(auth, role="reader")
-@response(ModelsPageSchema)
+@response(collection(ModelSchema))
 @other_responses({404: "No such model provider", 502: "The upstream failed"})
 def list_models(provider_id):
     """List the models a provider serves (cached for REGISTRY_MODELS_CACHE_TTL seconds)"""
-    models = provider_models(get_provider_or_404(provider_id))
-    return {"items": models, "total_count": len(models)}
+    return collection_of(provider_models(get_provider_or_404(provider_id)))
 
 
 @providers_bp.route("/model_providers/<provider_id>/check", methods=["POST"])
@@ -245,7 +244,7 @@ def check(provider_id):
 @providers_bp.route("/model_providers/match", methods=["POST"])
 @authenticate(auth, role="reader")
 @body(MatchRequestSchema)
-@response(MatchPageSchema)
+@response(collection(MatchResultSchema))
 def match(request_fields):
     """Rank the available models of a capability against suggested models
 

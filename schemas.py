@@ -66,6 +66,20 @@ class CapabilitiesOfType(fields.List):
         return list(CAPABILITIES_BY_TYPE[value])
 
 
+def collection(item_schema, paged=False):
+    """The schema of a list answer, `{items, total_count}`, with `has_more` and
+    `next_page_token` when `paged`; named after its items (ProviderPage, ModelList)."""
+    envelope = {
+        "items": fields.List(fields.Nested(item_schema), required=True),
+        "total_count": fields.Integer(required=True),
+    }
+    if paged:
+        envelope["has_more"] = fields.Boolean(required=True)
+        envelope["next_page_token"] = fields.String(allow_none=True, required=True)
+    item_name = item_schema.__name__.removesuffix("Schema")
+    return ma.Schema.from_dict(envelope, name=f"{item_name}{'Page' if paged else 'List'}Schema")
+
+
 class Text(fields.String):
     """A string the database can store; a NUL character is a 422 here, not a 500 there."""
 
@@ -256,13 +270,6 @@ class ProvidersQuerySchema(ma.Schema):
     page_token = fields.String(metadata={"description": "Opaque token from the previous page"})
 
 
-class ProvidersPageSchema(ma.Schema):
-    items = fields.List(fields.Nested(ProviderSchema), required=True)
-    total_count = fields.Integer(required=True)
-    has_more = fields.Boolean(required=True)
-    next_page_token = fields.String(allow_none=True, required=True)
-
-
 class LocationHeaderSchema(ma.Schema):
     Location = fields.String(metadata={"description": "URL of the new resource"})
 
@@ -308,11 +315,6 @@ class ModelSchema(ma.Schema):
     provider = fields.Nested(ProviderRefSchema, required=True)
 
 
-class ModelsPageSchema(ma.Schema):
-    items = fields.List(fields.Nested(ModelSchema), required=True)
-    total_count = fields.Integer(required=True)
-
-
 class OpenAIModelListSchema(ma.Schema):
     object = fields.String(required=True, validate=OneOf(["list"]))
     data = fields.List(fields.Nested(ModelSchema), required=True)
@@ -329,11 +331,6 @@ class MatchRequestSchema(ma.Schema):
 class MatchResultSchema(ma.Schema):
     model_id = fields.String(required=True)
     score = fields.Float(required=True)
-
-
-class MatchPageSchema(ma.Schema):
-    items = fields.List(fields.Nested(MatchResultSchema), required=True)
-    total_count = fields.Integer(required=True)
 
 
 class ResolveRequestSchema(ma.Schema):
@@ -365,7 +362,7 @@ class SystemConfigurationChangesSchema(ma.Schema):
 
 class SystemConfigurationSchema(SystemConfigurationChangesSchema):
     id = fields.String(required=True, metadata={"format": "uuid"})
-    updated_at = Timestamp(required=True)
+    updated_at = Timestamp(required=True, allow_none=True, metadata={"description": "null before the first PUT"})
     created_by = fields.String(allow_none=True, metadata={"description": "User who last changed it"})
 
 
@@ -401,19 +398,9 @@ class ManifestSyncResultSchema(ma.Schema):
     )
 
 
-class SyncSummarySchema(ma.Schema):
-    items = fields.List(fields.Nested(ManifestSyncResultSchema), required=True)
-    total_count = fields.Integer(required=True)
-
-
 class ManifestStatusSchema(ma.Schema):
     location = fields.String(required=True, metadata={"format": "uri", "description": "Manifest location"})
     last_synced_at = Timestamp(allow_none=True, required=True, metadata={"description": "null before the first sync"})
     outcome = fields.String(allow_none=True, required=True, validate=OneOf(("ok", "error")))
     error = fields.String(allow_none=True, required=True, metadata={"description": "Error of the last sync"})
     provider_count = fields.Integer(required=True)
-
-
-class RegistrySchema(ma.Schema):
-    items = fields.List(fields.Nested(ManifestStatusSchema), required=True)
-    total_count = fields.Integer(required=True)
