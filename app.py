@@ -18,10 +18,13 @@ from crypto import KEY_FILE_NAME, cipher
 from docs import apifairy, docs_bp
 from errors import errors_bp
 from health import health_bp
+from manifests import sync_on_schedule
 from models import User, close_read_connection, db
 from openai_compat import openai_bp
+from prober import probe_all
 from providers import providers_bp
 from registry import registry_bp
+from scheduler import Scheduler
 from schemas import ma
 
 log = logging.getLogger("registry")
@@ -137,6 +140,13 @@ def bootstrap_admin(app):
         log.warning("created admin user %r from REGISTRY_ADMIN_PASSWORD", admin.username)
 
 
+def register_jobs(scheduler):
+    """The background work, run by whichever process holds the scheduler's lease."""
+    scheduler.add_job("probe", "PROBE_INTERVAL", probe_all)
+    # At start too, with any interval: a location dropped from REGISTRY_MANIFESTS loses its providers.
+    scheduler.add_job("manifest-sync", "SYNC_INTERVAL", sync_on_schedule, at_start=True)
+
+
 def create_app(environ=None):
     """Build the registry; `environ` replaces os.environ (tests pass their own)."""
     config = load_config(os.environ if environ is None else environ)
@@ -161,6 +171,8 @@ def create_app(environ=None):
     app.register_blueprint(openai_bp, url_prefix="/api/v1")
     app.register_blueprint(registry_bp, url_prefix="/api/v1")
     register_commands(app)
+    app.extensions["scheduler"] = Scheduler(app)
+    register_jobs(app.extensions["scheduler"])
 
     with app.app_context():
         if db.engine.dialect.name == "sqlite":

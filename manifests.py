@@ -26,7 +26,7 @@ from marshmallow import ValidationError
 from crypto import UnopenableApiKey
 from errors import SyncInProgress, flatten_messages
 from models import ManifestSync, ModelProvider, db, utcnow
-from scheduler import holder_name, release_lease, scheduler, try_lease
+from scheduler import holder_name, release_lease, try_lease
 from schemas import ManifestSchema
 from upstreams import http_client
 
@@ -312,7 +312,6 @@ def sync_manifests():
     return results
 
 
-@scheduler.job("manifest-sync", "SYNC_INTERVAL", on_takeover=True)
 def sync_on_schedule(app):
     try:
         sync_manifests()

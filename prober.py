@@ -9,7 +9,6 @@ from flask import current_app
 from catalog import list_or_error, provider_connection, remember_models
 from crypto import UnopenableApiKey
 from models import ModelProvider, db, utcnow
-from scheduler import scheduler
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,6 @@ def probe_one(provider):
     return provider
 
 
-@scheduler.job("probe", "PROBE_INTERVAL")
 def probe_all(app):
     providers = db.session.scalars(sa.select(ModelProvider)).all()
     if providers:

@@ -543,3 +543,26 @@ def test_scheduled_syncs_run_once_per_interval_across_workers(start_gunicorn, se
     fetches_before = manifest_server.fetches
     time.sleep(3)
     assert 1 <= manifest_server.fetches - fetches_before <= 4
+
+
+def test_with_interval_0_a_restart_still_syncs_and_drops_a_removed_location(start_gunicorn, manifest_path, tmp_path):
+    other_path = write_manifest(tmp_path / "other.yaml", manifest(ANTHROPIC))
+    both = f"{manifest_path},{other_path}"
+    first = start_gunicorn(workers=2, REGISTRY_MANIFESTS=both, OPENAI_API_KEY=OPENAI_KEY, REGISTRY_SYNC_INTERVAL="0")
+    wait_for_providers(first, 3)
+    first.kill()
+    restarted = start_gunicorn(
+        workers=2, REGISTRY_MANIFESTS=str(manifest_path), OPENAI_API_KEY=OPENAI_KEY, REGISTRY_SYNC_INTERVAL="0"
+    )
+    remaining = wait_for_providers(restarted, 2)
+    assert {provider["registry"] for provider in remaining} == {manifest_path.as_uri()}
+
+
+def test_with_interval_0_the_start_sync_runs_once_for_all_workers(start_gunicorn, serve_manifest):
+    manifest_server = serve_manifest(manifest(OPENAI))
+    server = start_gunicorn(
+        workers=3, REGISTRY_MANIFESTS=manifest_server.url, OPENAI_API_KEY=OPENAI_KEY, REGISTRY_SYNC_INTERVAL="0"
+    )
+    wait_for_providers(server, 1)
+    time.sleep(3)  # time for every worker to take the lease once, and for a periodic sync that must not run
+    assert manifest_server.fetches == 1
