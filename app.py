@@ -18,7 +18,7 @@ from crypto import KEY_FILE_NAME, cipher
 from docs import apifairy, docs_bp
 from errors import errors_bp
 from health import health_bp
-from manifests import sync_on_schedule
+from manifests import ManifestVariables, sync_on_schedule
 from models import User, close_read_connection, db
 from openai_compat import openai_bp
 from prober import probe_all
@@ -35,6 +35,16 @@ MIGRATIONS_DIRECTORY = os.path.join(HERE, "migrations")
 MAX_BODY_BYTES = 64 * 1024
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
+
+
+# The registry's own settings besides REGISTRY_*: read here, in gunicorn.conf.py, and LOG_FORMAT (API.md section 5).
+OTHER_SETTINGS = frozenset(
+    {"DATABASE_URL", "HOST", "PORT", "LOG_FORMAT", "LOG_LEVEL", "WEB_CONCURRENCY", "GUNICORN_THREADS"}
+)
+
+
+def is_registry_setting(name):
+    return name.startswith("REGISTRY_") or name in OTHER_SETTINGS
 
 
 def read_bool(environ, name, default):
@@ -86,7 +96,6 @@ def load_config(environ):
         "PROBE_FAILURES": max(1, read_number(environ, "REGISTRY_PROBE_FAILURES", 2)),
         "MANIFESTS": read_list(environ, "REGISTRY_MANIFESTS"),
         "SYNC_INTERVAL": read_number(environ, "REGISTRY_SYNC_INTERVAL", 300.0, float),
-        "MANIFEST_VARIABLES": dict(environ),  # what ${VAR} in a manifest reads
         "LOGIN_FAILURE_LIMIT": max(1, read_number(environ, "REGISTRY_LOGIN_FAILURES", 5)),
         "LOGIN_WINDOW": read_number(environ, "REGISTRY_LOGIN_WINDOW", 60.0, float),
         "SQLITE_SYNCHRONOUS": read_choice(environ, "REGISTRY_SQLITE_SYNCHRONOUS", ("NORMAL", "FULL")),
@@ -149,7 +158,8 @@ def register_jobs(scheduler):
 
 def create_app(environ=None):
     """Build the registry; `environ` replaces os.environ (tests pass their own)."""
-    config = load_config(os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    config = load_config(environ)
     app = Flask(__name__, instance_path=config.pop("INSTANCE_PATH"))
     app.config.update(config, SCHEMA_HEAD=schema_head())
     app.json.sort_keys = False
@@ -171,6 +181,7 @@ def create_app(environ=None):
     app.register_blueprint(openai_bp, url_prefix="/api/v1")
     app.register_blueprint(registry_bp, url_prefix="/api/v1")
     register_commands(app)
+    app.extensions["manifest_variables"] = ManifestVariables(environ, is_registry_setting)
     app.extensions["scheduler"] = Scheduler(app)
     register_jobs(app.extensions["scheduler"])
 

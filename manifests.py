@@ -141,14 +141,25 @@ def parse_document(content):
         raise ManifestError("Not valid YAML or JSON.") from None
 
 
-def expand_text(text, variables, field_path):
-    def value_of(match):
-        name = match.group(1)
-        if name not in variables:
-            raise ManifestError(f"{field_path}: the environment variable {name} is not set.")
-        return variables[name]
+class ManifestVariables:
+    """What ${VAR} in a manifest reads: the environment given to create_app, read once,
+    except the registry's own settings, which a manifest may not name (a reader would see
+    them in a name, an upstream would receive them as a key)."""
 
-    return VARIABLE.sub(value_of, text)
+    def __init__(self, environ, is_registry_setting):
+        self._is_registry_setting = is_registry_setting
+        self._values = {name: value for name, value in environ.items() if not is_registry_setting(name)}
+
+    def value_of(self, name, field_path):
+        if self._is_registry_setting(name):
+            raise ManifestError(f"{field_path}: {name} is a setting of the registry; a manifest may not read it.")
+        if name not in self._values:
+            raise ManifestError(f"{field_path}: the environment variable {name} is not set.")
+        return self._values[name]
+
+
+def expand_text(text, variables, field_path):
+    return VARIABLE.sub(lambda match: variables.value_of(match.group(1), field_path), text)
 
 
 def expand_entry(entry, index, variables):
@@ -174,7 +185,7 @@ def load_manifest(uri):
     document = parse_document(read_location(uri))
     if not isinstance(document, dict):
         raise ManifestError("The manifest must be a mapping with a model_providers list.")
-    document = with_variables(document, current_app.config["MANIFEST_VARIABLES"])
+    document = with_variables(document, current_app.extensions["manifest_variables"])
     try:
         return manifest_schema.load(document)["model_providers"]
     except ValidationError as error:

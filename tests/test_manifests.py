@@ -308,6 +308,49 @@ def test_a_broken_manifest_changes_nothing_and_says_why(kind, registry_app, mani
         assert secret not in result["error"] and secret not in caplog.text
 
 
+SECRET_SETTINGS = {
+    "REGISTRY_ADMIN_PASSWORD": "admin-password-in-the-environment-4444",
+    "REGISTRY_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+}
+
+
+@pytest.mark.parametrize(
+    ("variable", "field"),
+    [
+        ("REGISTRY_ADMIN_PASSWORD", "name"),
+        ("REGISTRY_ENCRYPTION_KEYS", "api_key"),
+        ("DATABASE_URL", "description"),
+        ("HOST", "base_url"),  # set or not, a registry setting is refused
+        ("LOG_FORMAT", "name"),
+    ],
+)
+def test_a_manifest_naming_a_registry_setting_is_an_error_naming_it(
+    variable, field, make_app, instance_path, manifest_path, caplog
+):
+    app = make_app(REGISTRY_MANIFESTS=str(manifest_path), OPENAI_API_KEY=OPENAI_KEY, **SECRET_SETTINGS)
+    sync(app)
+    before = snapshot(app)
+    entry = {"type": "openai", "base_url": "https://leak.example.com/v1", "api_key": "k", field: f"${{{variable}}}"}
+    if field == "base_url":
+        entry[field] = f"https://${{{variable}}}/v1"
+    write_manifest(manifest_path, json.dumps({"model_providers": [entry]}))
+
+    (result,) = sync(app)
+
+    assert snapshot(app) == before
+    expected = f"model_providers.0.{field}: {variable} is a setting of the registry; a manifest may not read it."
+    assert result["error"] == expected
+    shown = json.dumps(registry_status(app)) + json.dumps(listing(app)) + caplog.text
+    for secret in (*SECRET_SETTINGS.values(), registry_environ(instance_path)["DATABASE_URL"]):
+        assert secret not in shown
+
+
+def test_app_config_holds_the_registry_settings_not_the_environment(make_app):
+    app = make_app(UNRELATED_SECRET="unrelated-secret-5555", OPENAI_API_KEY=OPENAI_KEY)
+    assert "unrelated-secret-5555" not in repr(dict(app.config))
+    assert OPENAI_KEY not in repr(dict(app.config))
+
+
 def test_a_clash_with_another_manifest_changes_nothing_and_names_it(registry_app, manifest_path, tmp_path):
     second_path = write_manifest(tmp_path / "second.yaml", manifest(ANTHROPIC, OPENAI))
     app = registry_app(manifest_path, second_path)
