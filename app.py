@@ -3,7 +3,6 @@ what they serve, and whether they answer."""
 
 import logging
 import os
-import secrets
 from functools import partial
 
 import sqlalchemy as sa
@@ -19,7 +18,7 @@ from docs import apifairy, docs_bp
 from errors import errors_bp
 from health import health_bp
 from manifests import ManifestVariables, sync_on_schedule
-from models import User, close_read_connection, db
+from models import close_read_connection, db
 from openai_compat import openai_bp
 from prober import probe_all
 from providers import providers_bp
@@ -123,32 +122,6 @@ def schema_head():
     return ScriptDirectory(MIGRATIONS_DIRECTORY).get_current_head()
 
 
-def bootstrap_admin(app):
-    """Create the first admin when the database has no user (and its schema exists)."""
-    if not sa.inspect(db.engine).has_table(User.__tablename__):
-        return
-    if db.session.scalar(sa.select(User.id).limit(1)) is not None:
-        return
-    generated = app.config["ADMIN_PASSWORD"] is None
-    password = secrets.token_urlsafe(18) if generated else app.config["ADMIN_PASSWORD"]
-    admin = User(username=app.config["ADMIN_USERNAME"], role="admin")
-    admin.set_password(password)
-    db.session.add(admin)
-    try:
-        db.session.commit()
-    except sa.exc.IntegrityError:  # another worker created it first
-        db.session.rollback()
-        return
-    if generated:
-        path = os.path.join(app.instance_path, "admin-password")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as password_file:
-            password_file.write(password + "\n")
-        log.warning("created admin user %r; its generated password is in %s", admin.username, path)
-    else:
-        log.warning("created admin user %r from REGISTRY_ADMIN_PASSWORD", admin.username)
-
-
 def register_jobs(scheduler):
     """The background work, run by whichever process holds the scheduler's lease."""
     scheduler.add_job("probe", "PROBE_INTERVAL", probe_all)
@@ -193,9 +166,4 @@ def create_app(environ=None):
             log.warning(
                 "REGISTRY_ENCRYPTION_KEYS is unset: every instance on this database needs the key in %s", key_file
             )
-        try:
-            bootstrap_admin(app)
-        except sa.exc.OperationalError as error:
-            log.error("database not reachable at start (/readyz answers 503 until it is): %s", error.orig)
-        db.session.remove()
     return app

@@ -1,9 +1,13 @@
 """Operator commands: `flask --app app users ...`, `registry sync` and `keys rotate`."""
 
+import logging
+import os
+import secrets
 import sys
 
 import click
 import sqlalchemy as sa
+from flask import current_app
 from flask.cli import AppGroup
 
 from crypto import UnopenableApiKey, cipher
@@ -11,6 +15,7 @@ from errors import SyncInProgress
 from manifests import sync_manifests
 from models import ROLES, ModelProvider, User, db, is_storable_text
 
+log = logging.getLogger("registry")
 users_cli = AppGroup("users", help="Manage the users who may call the API.")
 registry_cli = AppGroup("registry", help="Providers declared in manifests (REGISTRY_MANIFESTS).")
 keys_cli = AppGroup("keys", help="Manage the encryption of the stored API keys.")
@@ -37,6 +42,43 @@ def find_user(username):
     if user is None:
         raise click.ClickException(f"No user named {username!r}.")
     return user
+
+
+def write_private_file(path, text):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as private_file:
+        private_file.write(text)
+
+
+def create_first_admin(app):
+    """Create the admin named by REGISTRY_ADMIN_USERNAME when the database has no user;
+    without REGISTRY_ADMIN_PASSWORD its password is generated into <instance>/admin-password."""
+    if db.session.scalar(sa.select(User.id).limit(1)) is not None:
+        return
+    generated = app.config["ADMIN_PASSWORD"] is None
+    password = secrets.token_urlsafe(18) if generated else app.config["ADMIN_PASSWORD"]
+    admin = User(username=app.config["ADMIN_USERNAME"], role="admin")
+    admin.set_password(password)
+    db.session.add(admin)
+    try:
+        db.session.commit()
+    except sa.exc.IntegrityError:  # another instance starting at once created it first
+        db.session.rollback()
+        return
+    if generated:
+        path = os.path.join(app.instance_path, "admin-password")
+        write_private_file(path, password + "\n")
+        log.warning("created admin user %r; its generated password is in %s", admin.username, path)
+    else:
+        log.warning("created admin user %r from REGISTRY_ADMIN_PASSWORD", admin.username)
+
+
+@users_cli.command("bootstrap")
+def bootstrap():
+    """Create the first admin when there is no user yet (`make run` runs this after `db upgrade`)."""
+    if not sa.inspect(db.engine).has_table(User.__tablename__):
+        raise click.ClickException("The database has no schema yet: run `flask --app app db upgrade` first.")
+    create_first_admin(current_app)
 
 
 @users_cli.command("create")

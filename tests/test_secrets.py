@@ -67,18 +67,54 @@ def userless_instance(make_instance):
     return instance
 
 
-def test_generated_admin_password_file_is_private_and_works(userless_instance):
-    app = create_app(registry_environ(userless_instance, REGISTRY_ADMIN_USERNAME="root"))
+def bootstrap(instance, **overrides):
+    """`flask --app app users bootstrap`, as `make run` runs it after `db upgrade`; the app."""
+    app = create_app(registry_environ(instance, **overrides))
+    result = app.test_cli_runner().invoke(args=["users", "bootstrap"])
+    assert result.exit_code == 0, result.output
+    return app
+
+
+def user_count(app):
+    with app.app_context():
+        return db.session.scalar(sa.select(sa.func.count()).select_from(User))
+
+
+def test_building_the_app_creates_no_user(userless_instance):
+    app = create_app(registry_environ(userless_instance, REGISTRY_ADMIN_PASSWORD="ops-secret"))
+    assert user_count(app) == 0
+    assert not (userless_instance / "admin-password").exists()
+
+
+def test_generated_admin_password_file_is_private_and_works(userless_instance, caplog):
+    caplog.set_level(logging.WARNING)
+    app = bootstrap(userless_instance, REGISTRY_ADMIN_USERNAME="root")
     password_file = userless_instance / "admin-password"
     assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+    assert str(password_file) in caplog.text
     password = password_file.read_text().strip()
+    assert password not in caplog.text
     response = app.test_client().get(PROVIDERS, headers={"Authorization": basic_auth("root", password)})
     assert response.status_code == 200
 
 
+def test_bootstrap_creates_the_first_admin_once(userless_instance):
+    app = bootstrap(userless_instance)
+    password = (userless_instance / "admin-password").read_text()
+    bootstrap(userless_instance)
+    assert user_count(app) == 1
+    assert (userless_instance / "admin-password").read_text() == password
+
+
+def test_bootstrap_before_the_migrations_says_to_run_them(make_instance):
+    app = create_app(registry_environ(make_instance("empty", migrated=False)))
+    result = app.test_cli_runner().invoke(args=["users", "bootstrap"])
+    assert result.exit_code != 0
+    assert "db upgrade" in result.output
+
+
 def test_admin_from_environment_gets_no_password_file(userless_instance):
-    environ = registry_environ(userless_instance, REGISTRY_ADMIN_USERNAME="ops", REGISTRY_ADMIN_PASSWORD="ops-secret")
-    app = create_app(environ)
+    app = bootstrap(userless_instance, REGISTRY_ADMIN_USERNAME="ops", REGISTRY_ADMIN_PASSWORD="ops-secret")
     assert not (userless_instance / "admin-password").exists()
     response = app.test_client().get(PROVIDERS, headers={"Authorization": basic_auth("ops", "ops-secret")})
     assert response.status_code == 200
