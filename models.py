@@ -35,6 +35,17 @@ def close_read_connection(exception=None):
         connection.close()
 
 
+def release_connections():
+    """Give the request's connections back to the pool before it waits on an upstream.
+
+    Ends the session's transaction (a commit, as nothing is pending yet; objects keep their
+    values, expire_on_commit being off) and closes the read connection; the next statement
+    checks a connection out anew, in a short transaction of its own.
+    """
+    db.session.commit()
+    close_read_connection()
+
+
 CAPABILITIES_BY_TYPE = {
     "anthropic": ("llm",),
     "bedrock": ("llm",),

@@ -17,6 +17,7 @@ from models import (
     db,
     is_canonical_id,
     read_connection,
+    release_connections,
     types_with,
 )
 from pagination import NewestFirstPages, collection_of
@@ -95,12 +96,18 @@ def should_verify(query):
     return query["verify"] and current_app.config["VERIFY_ON_CREATE"]
 
 
+def verify_holding_no_connection(connection):
+    """verify_upstream, with no transaction open and no pooled connection held while it waits."""
+    release_connections()
+    return verify_upstream(connection)
+
+
 def create_provider(fields, verify):
     api_key = fields.pop("api_key")
     upstream_models = None
     if verify:
         refuse_if_base_url_taken(fields["base_url"])  # before calling the upstream; the commit checks anyway
-        upstream_models = verify_upstream(connection_of(fields["type"], fields["base_url"], api_key))
+        upstream_models = verify_holding_no_connection(connection_of(fields["type"], fields["base_url"], api_key))
     provider = ModelProvider(**fields)
     provider.seal_api_key(api_key)
     db.session.add(provider)
@@ -113,7 +120,7 @@ def create_provider(fields, verify):
 def verify_changed_connection(provider, changes):
     if "base_url" in changes or "api_key" in changes:
         api_key = changes["api_key"] if "api_key" in changes else provider.open_api_key()
-        verify_upstream(connection_of(provider.type, changes.get("base_url", provider.base_url), api_key))
+        verify_holding_no_connection(connection_of(provider.type, changes.get("base_url", provider.base_url), api_key))
 
 
 def update_provider(provider, changes, verify):
