@@ -16,7 +16,7 @@ from werkzeug.exceptions import TooManyRequests
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from errors import problem
-from models import User, is_storable_text, read_connection, roles_up_to
+from models import USERS, is_storable_text, read_connection, roles_up_to
 
 REALM = "model-provider-registry"
 auth = HTTPBasicAuth(realm=REALM)
@@ -113,7 +113,6 @@ def init_auth(app):
 
 
 # Every request runs this: a Core statement built once, giving a row rather than a User object.
-USERS = User.__table__
 CREDENTIALS_BY_USERNAME = sa.select(USERS.c.id, USERS.c.username, USERS.c.password_hash, USERS.c.role).where(
     USERS.c.username == sa.bindparam("username")
 )

@@ -6,13 +6,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from difflib import SequenceMatcher
 
-import sqlalchemy as sa
 from flask import current_app
 from werkzeug.exceptions import BadRequest, NotFound, ServiceUnavailable
 
 from configurations import system_configuration
 from errors import UpstreamError
-from models import ModelProvider, db, types_with
+from models import PROVIDER_ROWS, PROVIDERS, providers_of, read_connection, types_with
 from pagination import collection_of
 from upstreams import Connection, list_models
 
@@ -125,10 +124,10 @@ def provider_models(provider):
 
 
 def online_providers(capability=None):
-    query = sa.select(ModelProvider).where(ModelProvider.state == "online")
+    query = PROVIDER_ROWS.where(PROVIDERS.c.state == "online")
     if capability is not None:
-        query = query.where(ModelProvider.type.in_(types_with(capability)))
-    return db.session.scalars(query.order_by(ModelProvider.created_at, ModelProvider.id)).all()
+        query = query.where(PROVIDERS.c.type.in_(types_with(capability)))
+    return providers_of(read_connection().execute(query.order_by(PROVIDERS.c.created_at, PROVIDERS.c.id)))
 
 
 def available_models(capability=None):
@@ -171,11 +170,11 @@ def match_models(capability, suggested_models, score_cutoff):
 def resolve_model(model_ref):
     """The provider serving `model_ref` ("type:upstream id") and the upstream id."""
     provider_type, _, upstream_id = model_ref.partition(":")
-    providers = db.session.scalars(
-        sa.select(ModelProvider)
-        .where(ModelProvider.type == provider_type)
-        .order_by(ModelProvider.created_at, ModelProvider.id)
-    ).all()
+    providers = providers_of(
+        read_connection().execute(
+            PROVIDER_ROWS.where(PROVIDERS.c.type == provider_type).order_by(PROVIDERS.c.created_at, PROVIDERS.c.id)
+        )
+    )
     online = [provider for provider in providers if provider.state == "online"]
     for provider, upstream_models, _ in models_of_providers(online):
         if upstream_models and any(upstream_model.id == upstream_id for upstream_model in upstream_models):

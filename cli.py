@@ -9,11 +9,12 @@ import click
 import sqlalchemy as sa
 from flask import current_app
 from flask.cli import AppGroup
+from werkzeug.security import generate_password_hash
 
 from crypto import UnopenableApiKey, cipher
 from errors import SyncInProgress
 from manifests import sync_manifests
-from models import ROLES, ModelProvider, User, db, is_storable_text
+from models import PROVIDERS, ROLES, USERS, User, db, is_storable_text
 
 log = logging.getLogger("registry")
 users_cli = AppGroup("users", help="Manage the users who may call the API.")
@@ -37,11 +38,11 @@ def check_username(username):
         raise click.ClickException(f"A user name is 1 to {User.username.type.length} characters, without ':'.")
 
 
-def find_user(username):
-    user = db.session.scalar(sa.select(User).where(User.username == username))
-    if user is None:
+def change_user(statement, username):
+    """Run an UPDATE or DELETE of the user named `username` and commit; an error when there is none."""
+    if db.session.execute(statement.where(USERS.c.username == username)).rowcount == 0:
         raise click.ClickException(f"No user named {username!r}.")
-    return user
+    db.session.commit()
 
 
 def write_private_file(path, text):
@@ -53,7 +54,7 @@ def write_private_file(path, text):
 def create_first_admin(app):
     """Create the admin named by REGISTRY_ADMIN_USERNAME when the database has no user;
     without REGISTRY_ADMIN_PASSWORD its password is generated into <instance>/admin-password."""
-    if db.session.scalar(sa.select(User.id).limit(1)) is not None:
+    if db.session.scalar(sa.select(USERS.c.id).limit(1)) is not None:
         return
     generated = app.config["ADMIN_PASSWORD"] is None
     password = secrets.token_urlsafe(18) if generated else app.config["ADMIN_PASSWORD"]
@@ -88,7 +89,7 @@ def bootstrap():
 def create_user(username, role, password_stdin):
     """Create a user with a role."""
     check_username(username)
-    if db.session.scalar(sa.select(User.id).where(User.username == username)) is not None:
+    if db.session.scalar(sa.select(USERS.c.id).where(USERS.c.username == username)) is not None:
         raise click.ClickException(f"A user named {username!r} already exists.")
     user = User(username=username, role=role)
     user.set_password(read_password(password_stdin))
@@ -100,8 +101,8 @@ def create_user(username, role, password_stdin):
 @users_cli.command("list")
 def list_users():
     """List users and their roles."""
-    for user in db.session.scalars(sa.select(User).order_by(User.username)):
-        click.echo(f"{user.username}\t{user.role}")
+    for username, role in db.session.execute(sa.select(USERS.c.username, USERS.c.role).order_by(USERS.c.username)):
+        click.echo(f"{username}\t{role}")
 
 
 @users_cli.command("set-password")
@@ -109,9 +110,8 @@ def list_users():
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input.")
 def set_password(username, password_stdin):
     """Change a user's password."""
-    user = find_user(username)
-    user.set_password(read_password(password_stdin))
-    db.session.commit()
+    password_hash = generate_password_hash(read_password(password_stdin))
+    change_user(sa.update(USERS).values(password_hash=password_hash), username)
     click.echo(f"Changed the password of {username}.")
 
 
@@ -119,8 +119,7 @@ def set_password(username, password_stdin):
 @click.argument("username")
 def delete_user(username):
     """Delete a user."""
-    db.session.delete(find_user(username))
-    db.session.commit()
+    change_user(sa.delete(USERS), username)
     click.echo(f"Deleted {username}.")
 
 
@@ -147,9 +146,9 @@ def reseal_api_key(provider_id, sealed_api_key):
         message = f"The API key of model provider {provider_id} opens with none of the configured keys"
         raise click.ClickException(f"{message}; nothing was changed.") from None
     resealed = db.session.execute(
-        sa.update(ModelProvider)
-        .where(ModelProvider.id == provider_id, ModelProvider.sealed_api_key == sealed_api_key)
-        .values(sealed_api_key=resealed_api_key, updated_at=ModelProvider.updated_at)
+        sa.update(PROVIDERS)
+        .where(PROVIDERS.c.id == provider_id, PROVIDERS.c.sealed_api_key == sealed_api_key)
+        .values(sealed_api_key=resealed_api_key, updated_at=PROVIDERS.c.updated_at)
     )
     return resealed.rowcount == 1
 
@@ -160,7 +159,7 @@ def rotate_keys():
 
     Afterwards the keys after the first are no longer needed and can be dropped.
     """
-    stored = db.session.execute(sa.select(ModelProvider.id, ModelProvider.sealed_api_key)).all()
+    stored = db.session.execute(sa.select(PROVIDERS.c.id, PROVIDERS.c.sealed_api_key)).all()
     resealed = sum(reseal_api_key(provider_id, sealed_api_key) for provider_id, sealed_api_key in stored)
     db.session.commit()
     click.echo(f"Re-encrypted {resealed} of {len(stored)} stored API keys under the first configured key.")

@@ -23,9 +23,9 @@ import yaml
 from flask import current_app
 from marshmallow import ValidationError
 
-from crypto import UnopenableApiKey
+from crypto import UnopenableApiKey, cipher
 from errors import SyncInProgress, flatten_messages
-from models import ManifestSync, ModelProvider, db, utcnow
+from models import PROVIDER_ROWS, PROVIDERS, ManifestSync, db, provider_of, providers_of, utcnow
 from scheduler import holder_name, release_lease, try_lease
 from schemas import ManifestSchema
 from upstreams import http_client
@@ -197,15 +197,16 @@ def load_manifest(uri):
 
 
 def refuse_clashes(location, entries):
-    clash = db.session.scalars(
-        sa.select(ModelProvider)
-        .where(
-            ModelProvider.base_url.in_([entry["base_url"] for entry in entries]),
-            ModelProvider.manifest.is_distinct_from(location),
+    clash = provider_of(
+        db.session.execute(
+            PROVIDER_ROWS.where(
+                PROVIDERS.c.base_url.in_([entry["base_url"] for entry in entries]),
+                PROVIDERS.c.registry.is_distinct_from(location),
+            )
+            .order_by(PROVIDERS.c.base_url)
+            .limit(1)
         )
-        .order_by(ModelProvider.base_url)
-        .limit(1)
-    ).first()
+    )
     if clash is not None:
         origin = f"of the manifest {clash.manifest}" if clash.manifest else "created through the API"
         raise ManifestError(f"base_url {clash.base_url} is already registered by model provider {clash.id} ({origin}).")
@@ -218,22 +219,24 @@ def holds_api_key(provider, api_key):
         return False
 
 
-def update_from_entry(provider, entry):
-    """Make a stored provider say what its entry says; True when anything changed."""
+def changes_from_entry(provider, entry):
+    """The column values that make a stored provider say what its entry says (none: unchanged)."""
     changes = {field: entry.get(field) for field in DECLARED_FIELDS if getattr(provider, field) != entry.get(field)}
-    for field, value in changes.items():
-        setattr(provider, field, value)
-    key_changed = not holds_api_key(provider, entry["api_key"])
-    if key_changed:
-        provider.seal_api_key(entry["api_key"])
-    return bool(changes) or key_changed
+    if not holds_api_key(provider, entry["api_key"]):
+        changes["sealed_api_key"] = cipher.seal(entry["api_key"])
+    return changes
 
 
-def provider_from_entry(location, entry):
+def values_of_entry(location, entry):
     declared = {field: entry.get(field) for field in DECLARED_FIELDS}
-    provider = ModelProvider(manifest=location, type=entry["type"], base_url=entry["base_url"], **declared)
-    provider.seal_api_key(entry["api_key"])
-    return provider
+    sealed_api_key = cipher.seal(entry["api_key"])
+    return {
+        "registry": location,
+        "type": entry["type"],
+        "base_url": entry["base_url"],
+        "sealed_api_key": sealed_api_key,
+        **declared,
+    }
 
 
 def apply_manifest(location, entries):
@@ -241,7 +244,7 @@ def apply_manifest(location, entries):
     refuse_clashes(location, entries)
     stored = {
         provider.base_url: provider
-        for provider in db.session.scalars(sa.select(ModelProvider).where(ModelProvider.manifest == location))
+        for provider in providers_of(db.session.execute(PROVIDER_ROWS.where(PROVIDERS.c.registry == location)))
     }
     # An entry keeps its provider (and id) by base_url; a changed type makes it a new provider.
     kept = {
@@ -249,19 +252,27 @@ def apply_manifest(location, entries):
         for entry in entries
         if entry["base_url"] in stored and stored[entry["base_url"]].type == entry["type"]
     }
-    gone = [provider for base_url, provider in stored.items() if base_url not in kept]
-    for provider in gone:
-        db.session.delete(provider)
-    db.session.flush()  # frees the base_url of a replaced provider before its successor is inserted
-    updated = sum(update_from_entry(kept[entry["base_url"]], entry) for entry in entries if entry["base_url"] in kept)
-    db.session.add_all(provider_from_entry(location, entry) for entry in entries if entry["base_url"] not in kept)
-    try:
-        db.session.flush()
-    except sa.exc.IntegrityError:
-        raise ManifestError("A base_url of the manifest was registered meanwhile; sync again to see which.") from None
-    return SyncResult(
-        location, added=len(entries) - len(kept), updated=updated, removed=len(gone), unchanged=len(kept) - updated
-    )
+    gone = [provider.id for base_url, provider in stored.items() if base_url not in kept]
+    if gone:  # first, freeing the base_url of a replaced provider for its successor
+        db.session.execute(sa.delete(PROVIDERS).where(PROVIDERS.c.id.in_(gone)))
+    changes = [
+        (kept[entry["base_url"]].id, changes_from_entry(kept[entry["base_url"]], entry))
+        for entry in entries
+        if entry["base_url"] in kept
+    ]
+    for provider_id, values in changes:
+        if values:
+            db.session.execute(sa.update(PROVIDERS).where(PROVIDERS.c.id == provider_id).values(**values))
+    added = [values_of_entry(location, entry) for entry in entries if entry["base_url"] not in kept]
+    if added:
+        try:
+            db.session.execute(sa.insert(PROVIDERS), added)
+        except sa.exc.IntegrityError:
+            raise ManifestError(
+                "A base_url of the manifest was registered meanwhile; sync again to see which."
+            ) from None
+    updated = sum(bool(values) for _, values in changes)
+    return SyncResult(location, added=len(added), updated=updated, removed=len(gone), unchanged=len(kept) - updated)
 
 
 def record_sync(result):
@@ -282,15 +293,15 @@ def sync_location(location):
 
 
 def remove_providers_of(location):
-    return db.session.execute(sa.delete(ModelProvider).where(ModelProvider.manifest == location)).rowcount
+    return db.session.execute(sa.delete(PROVIDERS).where(PROVIDERS.c.registry == location)).rowcount
 
 
 def remove_dropped_locations(locations):
     """Remove the providers (and sync state) of every location no longer configured."""
     dropped = db.session.scalars(
-        sa.select(ModelProvider.manifest)
+        sa.select(PROVIDERS.c.registry)
         .distinct()
-        .where(ModelProvider.manifest.is_not(None), ModelProvider.manifest.not_in(locations))
+        .where(PROVIDERS.c.registry.is_not(None), PROVIDERS.c.registry.not_in(locations))
     ).all()
     results = [SyncResult(location, removed=remove_providers_of(location)) for location in dropped]
     db.session.execute(sa.delete(ManifestSync).where(ManifestSync.location.not_in(locations)))
@@ -338,9 +349,9 @@ def registry_status():
     }
     provider_counts = dict(
         db.session.execute(
-            sa.select(ModelProvider.manifest, sa.func.count())
-            .where(ModelProvider.manifest.in_(locations))
-            .group_by(ModelProvider.manifest)
+            sa.select(PROVIDERS.c.registry, sa.func.count())
+            .where(PROVIDERS.c.registry.in_(locations))
+            .group_by(PROVIDERS.c.registry)
         ).all()
     )
     return [

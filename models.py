@@ -1,6 +1,7 @@
 """Tables, constraints and the small domain rules that belong to stored data."""
 
 import uuid
+from dataclasses import make_dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
@@ -71,6 +72,11 @@ CAPABILITIES_BY_TYPE = {
     "other": ("llm", "embedding"),
 }
 PROVIDER_TYPES = tuple(CAPABILITIES_BY_TYPE)
+
+
+def capabilities_of(provider_type):
+    """The capabilities a provider has, which its type decides."""
+    return list(CAPABILITIES_BY_TYPE[provider_type])
 
 
 def types_with(capability):
@@ -172,26 +178,48 @@ class ModelProvider(db.Model):
     created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
     updated_at = sa.Column(sa.DateTime, nullable=False, default=utcnow, onupdate=utcnow)
 
+
+PROVIDERS = ModelProvider.__table__
+PROVIDER_ATTRIBUTES = tuple(attribute.key for attribute in sa.inspect(ModelProvider).column_attrs)
+
+
+class Provider(make_dataclass("ProviderColumns", PROVIDER_ATTRIBUTES, slots=True)):
+    """A stored provider as every read gives it: the columns under the model's attribute
+    names ("manifest" for the column "registry").
+
+    Providers are read only as Core rows (PROVIDER_ROWS) made into these, and written with
+    Core statements on PROVIDERS; ModelProvider declares the table. Loading ORM objects
+    cost more than all the rest of a GET, and a Row's attributes ten times these. (Not a
+    named tuple: apifairy takes a tuple returned by a route for (body, status, headers).)
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def from_row(cls, row):
+        return cls(*row)
+
     @property
     def capabilities(self):
-        return list(CAPABILITIES_BY_TYPE[self.type])
-
-    def seal_api_key(self, api_key):
-        self.sealed_api_key = cipher.seal(api_key)
+        return capabilities_of(self.type)
 
     def open_api_key(self):
         return cipher.open(self.sealed_api_key)
 
 
-PROVIDERS = ModelProvider.__table__
-# Reads that only answer with providers select these, named as the model's attributes
-# ("manifest" too) but leaving the sealed key out, and dump the rows as they come: loading
-# ORM objects instead cost more than all the rest of a GET.
-PROVIDER_COLUMNS = tuple(
-    attribute.columns[0].label(attribute.key)
-    for attribute in sa.inspect(ModelProvider).column_attrs
-    if attribute.key != "sealed_api_key"
-)
+# Every read of providers selects these (a write returns them), in the order of Provider's fields.
+PROVIDER_COLUMNS = tuple(attribute.columns[0] for attribute in sa.inspect(ModelProvider).column_attrs)
+PROVIDER_ROWS = sa.select(*PROVIDER_COLUMNS)
+
+
+def providers_of(rows):
+    return [Provider.from_row(row) for row in rows]
+
+
+def provider_of(rows):
+    """The first of `rows` as a Provider, or None."""
+    row = rows.first()
+    return None if row is None else Provider.from_row(row)
 
 
 class User(db.Model):
@@ -209,6 +237,9 @@ class User(db.Model):
 
     def set_password(self, password):
         self.password_hash = generate_password_hash(password)
+
+
+USERS = User.__table__
 
 
 class Lease(db.Model):

@@ -10,12 +10,15 @@ from werkzeug.exceptions import Conflict, NotFound
 
 from auth import auth
 from catalog import connection_of, match_models, provider_models, remember_models, resolve_model, verify_upstream
+from crypto import cipher
 from models import (
     PROVIDER_COLUMNS,
+    PROVIDER_ROWS,
     PROVIDERS,
-    ModelProvider,
+    Provider,
     db,
     is_canonical_id,
+    provider_of,
     read_connection,
     release_connections,
     types_with,
@@ -47,29 +50,21 @@ def no_such_provider(provider_id):
     return NotFound(f"No model provider has id {provider_id!r}.")
 
 
-def get_provider_or_404(provider_id):
-    provider = db.session.get(ModelProvider, provider_id) if is_canonical_id(provider_id) else None
-    if provider is None:
-        raise no_such_provider(provider_id)
-    return provider
-
-
-PROVIDER_ROWS = sa.select(*PROVIDER_COLUMNS)
 PROVIDER_BY_ID = PROVIDER_ROWS.where(PROVIDERS.c.id == sa.bindparam("provider_id"))
+PROVIDER_ID_BY_BASE_URL = sa.select(PROVIDERS.c.id).where(PROVIDERS.c.base_url == sa.bindparam("base_url"))
 
 
-def provider_row_or_404(provider_id):
-    """The provider as a mapping of PROVIDER_COLUMNS, for answers that only show it."""
+def provider_or_404(provider_id):
     provider = None
     if is_canonical_id(provider_id):
-        provider = read_connection().execute(PROVIDER_BY_ID, {"provider_id": provider_id}).mappings().first()
+        provider = provider_of(read_connection().execute(PROVIDER_BY_ID, {"provider_id": provider_id}))
     if provider is None:
         raise no_such_provider(provider_id)
     return provider
 
 
 def refuse_if_base_url_taken(base_url, own_id=None):
-    owner_id = db.session.scalar(sa.select(ModelProvider.id).where(ModelProvider.base_url == base_url))
+    owner_id = read_connection().scalar(PROVIDER_ID_BY_BASE_URL, {"base_url": base_url})
     if owner_id is not None and owner_id != own_id:
         raise Conflict(f"base_url {base_url} is already registered by model provider {owner_id}.")
 
@@ -81,15 +76,17 @@ def refuse_if_managed(provider):
         )
 
 
-def commit_unique_base_url(provider):
-    """Commit; a concurrent writer that took the same base_url first turns into a 409."""
-    base_url, provider_id = provider.base_url, provider.id
+def write_provider(statement, base_url, own_id=None):
+    """Run an INSERT or UPDATE of one provider and commit; the provider as written (None when
+    an UPDATE found none). A concurrent writer that took the same base_url first is a 409."""
     try:
+        provider = provider_of(db.session.execute(statement.returning(*PROVIDER_COLUMNS)))
         db.session.commit()
     except sa.exc.IntegrityError:
         db.session.rollback()
-        refuse_if_base_url_taken(base_url, provider_id)
+        refuse_if_base_url_taken(base_url, own_id)
         raise
+    return provider
 
 
 def should_verify(query):
@@ -106,12 +103,10 @@ def create_provider(fields, verify):
     api_key = fields.pop("api_key")
     upstream_models = None
     if verify:
-        refuse_if_base_url_taken(fields["base_url"])  # before calling the upstream; the commit checks anyway
+        refuse_if_base_url_taken(fields["base_url"])  # before calling the upstream; the insert checks anyway
         upstream_models = verify_holding_no_connection(connection_of(fields["type"], fields["base_url"], api_key))
-    provider = ModelProvider(**fields)
-    provider.seal_api_key(api_key)
-    db.session.add(provider)
-    commit_unique_base_url(provider)
+    insert = sa.insert(PROVIDERS).values(**fields, sealed_api_key=cipher.seal(api_key))
+    provider = write_provider(insert, fields["base_url"])
     if upstream_models is not None:
         remember_models(provider, upstream_models)
     return provider
@@ -121,6 +116,16 @@ def verify_changed_connection(provider, changes):
     if "base_url" in changes or "api_key" in changes:
         api_key = changes["api_key"] if "api_key" in changes else provider.open_api_key()
         verify_holding_no_connection(connection_of(provider.type, changes.get("base_url", provider.base_url), api_key))
+
+
+def stored_changes(provider, changes):
+    """The column values a PATCH writes: the fields whose value changes, and a new key sealed."""
+    values = {
+        field: value for field, value in changes.items() if field != "api_key" and getattr(provider, field) != value
+    }
+    if "api_key" in changes:
+        values["sealed_api_key"] = cipher.seal(changes["api_key"])
+    return values
 
 
 def update_provider(provider, changes, verify):
@@ -135,12 +140,14 @@ def update_provider(provider, changes, verify):
         refuse_if_base_url_taken(changes["base_url"], provider.id)
     if verify:
         verify_changed_connection(provider, changes)
-    if "api_key" in changes:
-        provider.seal_api_key(changes.pop("api_key"))
-    for field, value in changes.items():
-        setattr(provider, field, value)
-    commit_unique_base_url(provider)
-    return provider
+    values = stored_changes(provider, changes)
+    if not values:
+        return provider
+    update = sa.update(PROVIDERS).where(PROVIDERS.c.id == provider.id).values(**values)
+    updated = write_provider(update, changes.get("base_url"), provider.id)
+    if updated is None:  # a concurrent request deleted it meanwhile
+        raise no_such_provider(provider.id)
+    return updated
 
 
 PROVIDER_PAGES = NewestFirstPages(
@@ -152,6 +159,7 @@ PROVIDER_PAGES = NewestFirstPages(
         "registry": PROVIDERS.c.registry == sa.bindparam("registry"),
         "capability": PROVIDERS.c.type.in_(sa.bindparam("capability", expanding=True)),
     },
+    Provider.from_row,
 )
 
 
@@ -194,7 +202,7 @@ def list_all(query):
 @other_responses({404: "No such model provider"})
 def get(provider_id):
     """Get a model provider"""
-    return provider_row_or_404(provider_id)
+    return provider_or_404(provider_id)
 
 
 @providers_bp.route("/model_providers/<provider_id>", methods=["PATCH"])
@@ -214,7 +222,7 @@ def update(changes, query, provider_id):
 
     A change of `base_url` or `api_key` is verified against the upstream first, as on create.
     """
-    return update_provider(get_provider_or_404(provider_id), changes, should_verify(query))
+    return update_provider(provider_or_404(provider_id), changes, should_verify(query))
 
 
 @providers_bp.route("/model_providers/<provider_id>", methods=["DELETE"])
@@ -222,8 +230,8 @@ def update(changes, query, provider_id):
 @other_responses({404: "No such model provider", 409: "The provider is managed by a manifest"})
 def delete(provider_id):
     """Delete a model provider"""
-    refuse_if_managed(get_provider_or_404(provider_id))
-    deleted = db.session.execute(sa.delete(ModelProvider).where(ModelProvider.id == provider_id))
+    refuse_if_managed(provider_or_404(provider_id))
+    deleted = db.session.execute(sa.delete(PROVIDERS).where(PROVIDERS.c.id == provider_id))
     db.session.commit()
     if deleted.rowcount == 0:  # a concurrent request deleted it first
         raise no_such_provider(provider_id)
@@ -236,7 +244,7 @@ def delete(provider_id):
 @other_responses({404: "No such model provider", 502: "The upstream failed"})
 def list_models(provider_id):
     """List the models a provider serves (cached for REGISTRY_MODELS_CACHE_TTL seconds)"""
-    return collection_of(provider_models(get_provider_or_404(provider_id)))
+    return collection_of(provider_models(provider_or_404(provider_id)))
 
 
 @providers_bp.route("/model_providers/<provider_id>/check", methods=["POST"])
@@ -245,7 +253,7 @@ def list_models(provider_id):
 @other_responses({404: "No such model provider"})
 def check(provider_id):
     """Probe a provider now and return it with its fresh state"""
-    return probe_one(get_provider_or_404(provider_id))
+    return probe_one(provider_or_404(provider_id))
 
 
 @providers_bp.route("/model_providers/match", methods=["POST"])

@@ -6,7 +6,8 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from models import ModelProvider, SystemConfiguration, db
+from models import PROVIDERS as PROVIDER_TABLE
+from models import SystemConfiguration, db
 from tests.conftest import provider_body
 
 PROVIDERS = "/api/v1/model_providers"
@@ -24,7 +25,7 @@ def register(admin, upstream, provider_type=None, **fields):
 
 def set_state(app, provider_id, state):
     with app.app_context():
-        db.session.execute(sa.update(ModelProvider).where(ModelProvider.id == provider_id).values(state=state))
+        db.session.execute(sa.update(PROVIDER_TABLE).where(PROVIDER_TABLE.c.id == provider_id).values(state=state))
         db.session.commit()
 
 

@@ -14,7 +14,8 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
 from manifests import MAX_MANIFEST_BYTES
-from models import ModelProvider, db
+from models import PROVIDER_ROWS, db, provider_of
+from models import PROVIDERS as PROVIDER_TABLE
 from tests.conftest import ROOT, client_as, provider_body, registry_environ
 
 PROVIDERS = "/api/v1/model_providers"
@@ -131,13 +132,13 @@ def by_base_url(app):
 def snapshot(app):
     """What a client sees of every provider, and every stored sealed key."""
     with app.app_context():
-        sealed_keys = dict(db.session.execute(sa.select(ModelProvider.id, ModelProvider.sealed_api_key)).all())
+        sealed_keys = dict(db.session.execute(sa.select(PROVIDER_TABLE.c.id, PROVIDER_TABLE.c.sealed_api_key)).all())
     return listing(app), sealed_keys
 
 
 def stored_api_key(app, provider_id):
     with app.app_context():
-        return db.session.get(ModelProvider, provider_id).open_api_key()
+        return provider_of(db.session.execute(PROVIDER_ROWS.where(PROVIDER_TABLE.c.id == provider_id))).open_api_key()
 
 
 def registry_status(app):

@@ -8,7 +8,8 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
 from app import create_app
-from models import ModelProvider, User, db
+from models import PROVIDER_ROWS, User, db, provider_of
+from models import PROVIDERS as PROVIDER_TABLE
 from tests.conftest import basic_auth, client_as, provider_body, registry_environ
 
 PROVIDERS = "/api/v1/model_providers"
@@ -35,7 +36,7 @@ def test_key_is_in_no_response_log_or_database_file(admin, databases, instance_p
 def test_stored_key_opens_to_what_was_sent(app, admin):
     provider_id = admin.post(PROVIDERS, json=provider_body(api_key=SECRET)).get_json()["id"]
     with app.app_context():
-        provider = db.session.get(ModelProvider, provider_id)
+        provider = provider_of(db.session.execute(PROVIDER_ROWS.where(PROVIDER_TABLE.c.id == provider_id)))
         assert provider.sealed_api_key != SECRET
         assert provider.open_api_key() == SECRET
 
@@ -52,7 +53,7 @@ def test_configured_keys_are_used_and_no_key_file_is_made(make_app, instance_pat
     provider_id = client_as(app, "admin").post(PROVIDERS, json=provider_body(api_key=SECRET)).get_json()["id"]
     assert not (instance_path / "encryption.key").exists()
     with app.app_context():
-        sealed = db.session.get(ModelProvider, provider_id).sealed_api_key
+        sealed = db.session.scalar(sa.select(PROVIDER_TABLE.c.sealed_api_key).where(PROVIDER_TABLE.c.id == provider_id))
     assert Fernet(key).decrypt(sealed.encode()).decode() == SECRET
 
 
