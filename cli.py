@@ -14,7 +14,7 @@ from werkzeug.security import generate_password_hash
 from crypto import UnopenableApiKey, cipher
 from errors import SyncInProgress
 from manifests import sync_manifests
-from models import PROVIDERS, ROLES, USERS, User, db, is_storable_text
+from models import PROVIDERS, ROLES, USERNAME_MAX_LENGTH, USERS, User, canonical_username, db
 
 log = logging.getLogger("registry")
 users_cli = AppGroup("users", help="Manage the users who may call the API.")
@@ -33,14 +33,18 @@ def read_password(from_stdin):
 
 
 def check_username(username):
-    """A name the users table can hold and HTTP Basic can carry (no colon)."""
-    if not 1 <= len(username) <= User.username.type.length or ":" in username or not is_storable_text(username):
-        raise click.ClickException(f"A user name is 1 to {User.username.type.length} characters, without ':'.")
+    """The name as stored (NFC), or refused when no user can have it."""
+    canonical = canonical_username(username)
+    if canonical is None:
+        raise click.ClickException(
+            f"A user name is 1 to {USERNAME_MAX_LENGTH} characters, without ':' or control characters."
+        )
+    return canonical
 
 
 def change_user(statement, username):
     """Run an UPDATE or DELETE of the user named `username` and commit; an error when there is none."""
-    if db.session.execute(statement.where(USERS.c.username == username)).rowcount == 0:
+    if db.session.execute(statement.where(USERS.c.username == canonical_username(username))).rowcount == 0:
         raise click.ClickException(f"No user named {username!r}.")
     db.session.commit()
 
@@ -88,7 +92,7 @@ def bootstrap():
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input.")
 def create_user(username, role, password_stdin):
     """Create a user with a role."""
-    check_username(username)
+    username = check_username(username)
     if db.session.scalar(sa.select(USERS.c.id).where(USERS.c.username == username)) is not None:
         raise click.ClickException(f"A user named {username!r} already exists.")
     user = User(username=username, role=role)

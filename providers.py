@@ -6,7 +6,8 @@ import sqlalchemy as sa
 from apifairy import arguments, authenticate, body, other_responses, response
 from flask import Blueprint, current_app, url_for
 from marshmallow import ValidationError
-from werkzeug.exceptions import Conflict, NotFound
+from werkzeug.exceptions import Conflict, NotFound, PreconditionFailed
+from werkzeug.http import parse_etags, quote_etag
 
 from auth import auth
 from catalog import connection_of, match_models, provider_models, remember_models, resolve_model, verify_upstream
@@ -18,6 +19,7 @@ from models import (
     Provider,
     db,
     is_canonical_id,
+    provider_etag,
     provider_of,
     read_connection,
     release_connections,
@@ -26,12 +28,14 @@ from models import (
 from pagination import NewestFirstPages, collection_of
 from prober import probe_one
 from schemas import (
-    LocationHeaderSchema,
+    CreatedProviderHeadersSchema,
     MatchRequestSchema,
     MatchResultSchema,
     ModelSchema,
+    PreconditionsSchema,
     ProviderChangesSchema,
     ProviderCreateSchema,
+    ProviderHeadersSchema,
     ProviderSchema,
     ProvidersQuerySchema,
     ResolvedProviderSchema,
@@ -63,6 +67,31 @@ def provider_or_404(provider_id):
     return provider
 
 
+def provider_exists(provider_id):
+    return read_connection().scalar(sa.select(PROVIDERS.c.id).where(PROVIDERS.c.id == provider_id)) is not None
+
+
+ETAG_FIELDS = ("id", "version", "last_checked_at")
+
+
+def etag_of(provider):
+    return provider_etag(*(getattr(provider, field) for field in ETAG_FIELDS))
+
+
+def shown(provider, status=200, **headers):
+    """An answer showing one provider: the provider, with its ETag."""
+    return provider, status, {"ETag": quote_etag(etag_of(provider)), **headers}
+
+
+def refuse_unless_matches(provider, preconditions):
+    """If-Match: change the provider only as the client last read it ("*": as long as it exists)."""
+    if_match = preconditions.get("if_match")
+    if if_match is not None and not parse_etags(if_match).contains(etag_of(provider)):
+        raise PreconditionFailed(
+            f"Model provider {provider.id} has changed since the ETag given in If-Match; read it again."
+        )
+
+
 def refuse_if_base_url_taken(base_url, own_id=None):
     owner_id = read_connection().scalar(PROVIDER_ID_BY_BASE_URL, {"base_url": base_url})
     if owner_id is not None and owner_id != own_id:
@@ -78,7 +107,8 @@ def refuse_if_managed(provider):
 
 def write_provider(statement, base_url, own_id=None):
     """Run an INSERT or UPDATE of one provider and commit; the provider as written (None when
-    an UPDATE found none). A concurrent writer that took the same base_url first is a 409."""
+    an UPDATE found none to change). A concurrent writer that took the same base_url first
+    is a 409."""
     try:
         provider = provider_of(db.session.execute(statement.returning(*PROVIDER_COLUMNS)))
         db.session.commit()
@@ -128,8 +158,27 @@ def stored_changes(provider, changes):
     return values
 
 
-def update_provider(provider, changes, verify):
+def store_changes(provider, values, base_url):
+    """Write a patch WHERE version = the version read, so that it never stores a mix of its
+    fields and those of a change stored meanwhile: that is a 409 (or a 404 when deleted)."""
+    update = (
+        sa.update(PROVIDERS)
+        .where(PROVIDERS.c.id == provider.id, PROVIDERS.c.version == provider.version)
+        .values(**values, version=PROVIDERS.c.version + 1)
+    )
+    updated = write_provider(update, base_url, provider.id)
+    if updated is None:
+        if not provider_exists(provider.id):
+            raise no_such_provider(provider.id)
+        raise Conflict(
+            f"Model provider {provider.id} was changed by another request meanwhile; read it again and retry."
+        )
+    return updated
+
+
+def update_provider(provider, changes, preconditions, verify):
     refuse_if_managed(provider)
+    refuse_unless_matches(provider, preconditions)
     merged = {
         field: changes.get(field, getattr(provider, field)) for field in ("watsonx_project_id", "watsonx_space_id")
     }
@@ -141,13 +190,21 @@ def update_provider(provider, changes, verify):
     if verify:
         verify_changed_connection(provider, changes)
     values = stored_changes(provider, changes)
-    if not values:
-        return provider
-    update = sa.update(PROVIDERS).where(PROVIDERS.c.id == provider.id).values(**values)
-    updated = write_provider(update, changes.get("base_url"), provider.id)
-    if updated is None:  # a concurrent request deleted it meanwhile
+    return store_changes(provider, values, changes.get("base_url")) if values else provider
+
+
+def delete_provider(provider, preconditions):
+    refuse_if_managed(provider)
+    refuse_unless_matches(provider, preconditions)
+    deletion = sa.delete(PROVIDERS).where(PROVIDERS.c.id == provider.id)
+    if preconditions.get("if_match") is not None:  # only the provider as matched
+        deletion = deletion.where(PROVIDERS.c.version == provider.version)
+    deleted = db.session.execute(deletion).rowcount
+    db.session.commit()
+    if deleted == 0:  # a concurrent request deleted it first, or changed it since it was matched
+        if provider_exists(provider.id):
+            raise PreconditionFailed(f"Model provider {provider.id} was changed by another request meanwhile.")
         raise no_such_provider(provider.id)
-    return updated
 
 
 PROVIDER_PAGES = NewestFirstPages(
@@ -175,7 +232,7 @@ def provider_filter_values(query):
 @authenticate(auth, role="admin")
 @body(ProviderCreateSchema)
 @arguments(VerifyQuerySchema)
-@response(ProviderSchema, 201, headers=LocationHeaderSchema)
+@response(ProviderSchema, 201, headers=CreatedProviderHeadersSchema)
 @other_responses({400: "Upstream verification failed", 409: "base_url is already registered"})
 def create(fields, query):
     """Create a model provider
@@ -184,7 +241,7 @@ def create(fields, query):
     listed with the given key first; a failure is a 400 saying why, and nothing is stored.
     """
     provider = create_provider(fields, should_verify(query))
-    return provider, 201, {"Location": url_for("providers.get", provider_id=provider.id)}
+    return shown(provider, 201, Location=url_for("providers.get", provider_id=provider.id))
 
 
 @providers_bp.route("/model_providers", methods=["GET"])
@@ -198,43 +255,54 @@ def list_all(query):
 
 @providers_bp.route("/model_providers/<provider_id>", methods=["GET"])
 @authenticate(auth, role="reader")
-@response(ProviderSchema)
+@response(ProviderSchema, headers=ProviderHeadersSchema)
 @other_responses({404: "No such model provider"})
 def get(provider_id):
     """Get a model provider"""
-    return provider_or_404(provider_id)
+    return shown(provider_or_404(provider_id))
 
 
 @providers_bp.route("/model_providers/<provider_id>", methods=["PATCH"])
 @authenticate(auth, role="admin")
 @body(ProviderChangesSchema)
 @arguments(VerifyQuerySchema)
-@response(ProviderSchema)
+@arguments(PreconditionsSchema, location="headers")
+@response(ProviderSchema, headers=ProviderHeadersSchema)
 @other_responses(
     {
         400: "Upstream verification failed",
         404: "No such model provider",
-        409: "base_url taken, or the provider is managed by a manifest",
+        409: "base_url taken, the provider is managed by a manifest, or it changed while this patch was made",
+        412: "If-Match names no current ETag of the provider",
     }
 )
-def update(changes, query, provider_id):
+def update(changes, query, preconditions, provider_id):
     """Update a model provider
 
     A change of `base_url` or `api_key` is verified against the upstream first, as on create.
+    The patch is stored only if no other change of the provider was stored since it was read
+    for this patch, else 409; with If-Match, only if the provider still has one of its ETags.
     """
-    return update_provider(provider_or_404(provider_id), changes, should_verify(query))
+    provider = provider_or_404(provider_id)
+    return shown(update_provider(provider, changes, preconditions, should_verify(query)))
 
 
 @providers_bp.route("/model_providers/<provider_id>", methods=["DELETE"])
 @authenticate(auth, role="admin")
-@other_responses({404: "No such model provider", 409: "The provider is managed by a manifest"})
-def delete(provider_id):
-    """Delete a model provider"""
-    refuse_if_managed(provider_or_404(provider_id))
-    deleted = db.session.execute(sa.delete(PROVIDERS).where(PROVIDERS.c.id == provider_id))
-    db.session.commit()
-    if deleted.rowcount == 0:  # a concurrent request deleted it first
-        raise no_such_provider(provider_id)
+@arguments(PreconditionsSchema, location="headers")
+@other_responses(
+    {
+        404: "No such model provider",
+        409: "The provider is managed by a manifest",
+        412: "If-Match names no current ETag of the provider",
+    }
+)
+def delete(preconditions, provider_id):
+    """Delete a model provider
+
+    With If-Match, only if the provider still has one of the ETags given.
+    """
+    delete_provider(provider_or_404(provider_id), preconditions)
     return "", 204
 
 
@@ -249,11 +317,11 @@ def list_models(provider_id):
 
 @providers_bp.route("/model_providers/<provider_id>/check", methods=["POST"])
 @authenticate(auth, role="admin")
-@response(ProviderSchema)
+@response(ProviderSchema, headers=ProviderHeadersSchema)
 @other_responses({404: "No such model provider"})
 def check(provider_id):
     """Probe a provider now and return it with its fresh state"""
-    return probe_one(provider_or_404(provider_id))
+    return shown(probe_one(provider_or_404(provider_id)))
 
 
 @providers_bp.route("/model_providers/match", methods=["POST"])
