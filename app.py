@@ -25,6 +25,7 @@ from providers import providers_bp
 from registry import registry_bp
 from scheduler import Scheduler
 from schemas import ma
+from tokens import tokens_bp
 
 log = logging.getLogger("registry")
 migrate = Migrate()
@@ -179,6 +180,7 @@ def create_app(environ=None):
     app.register_blueprint(configurations_bp, url_prefix="/api/v1")
     app.register_blueprint(openai_bp, url_prefix="/api/v1")
     app.register_blueprint(registry_bp, url_prefix="/api/v1")
+    app.register_blueprint(tokens_bp, url_prefix="/api/v1")
     register_commands(app)
     app.extensions["manifest_variables"] = ManifestVariables(environ, is_registry_setting)
     app.extensions["scheduler"] = Scheduler(app)

@@ -2,6 +2,7 @@
 
 import json
 import operator
+from collections.abc import Mapping
 from functools import cached_property, partial
 
 from apifairy.decorators import parser as request_parser
@@ -11,13 +12,21 @@ from marshmallow import ValidationError, fields, post_load, validates_schema
 from marshmallow.validate import Length, OneOf, Range
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
 
-from models import CAPABILITIES, PROVIDER_TYPES, STATES, is_storable_text, normalize_base_url
+from models import (
+    CAPABILITIES,
+    PROVIDER_TYPES,
+    ROLES,
+    STATES,
+    is_storable_text,
+    normalize_base_url,
+)
 
 ma = Marshmallow()
 
 BASE_URL_MAX_LENGTH = 2083
 API_KEY_MAX_LENGTH = 8192
 WATSONX_ID_FIELDS = ("watsonx_project_id", "watsonx_space_id")
+MAX_TOKEN_DAYS = 3650
 
 
 def read_body():
@@ -197,19 +206,19 @@ def is_plain(field):
     return type(field) in PLAIN_FIELDS or (type(field) is fields.List and is_plain(field.inner))
 
 
-def field_reader(name, field):
-    """A function of an object giving the field's dumped value."""
+def field_reader(name, field, getter):
+    """A function of an object giving the field's dumped value; `getter` makes the raw reader."""
+    read = getter(field.attribute or name)
     if type(field) is Timestamp:
-        read = operator.attrgetter(field.attribute or name)
         return lambda obj: Timestamp.text_of(read(obj))
     if is_plain(field):
-        return operator.attrgetter(field.attribute or name)
+        return read
     return partial(field.serialize, name)
 
 
 class DirectDumpSchema(ma.Schema):
-    """Dumps objects that hold every value (such as models.Provider) by reading each
-    attribute directly, plain fields as they are.
+    """Dumps objects (such as models.Provider) or mappings that hold every value by reading
+    each one directly, plain fields as they are.
 
     marshmallow's general path (dotted names, defaults for missing values, hooks) took half
     the time of a page of 50 providers. So `dump`, the public method apifairy calls,
@@ -219,11 +228,19 @@ class DirectDumpSchema(ma.Schema):
     def dump(self, obj, *, many=None):
         if self.many if many is None else many:
             return [self.dump(item, many=False) for item in obj]
-        return {key: read(obj) for key, read in self._readers}
+        readers = self._item_readers if isinstance(obj, Mapping) else self._attribute_readers
+        return {key: read(obj) for key, read in readers}
+
+    def _readers(self, getter):
+        return [(field.data_key or name, field_reader(name, field, getter)) for name, field in self.dump_fields.items()]
 
     @cached_property
-    def _readers(self):
-        return [(field.data_key or name, field_reader(name, field)) for name, field in self.dump_fields.items()]
+    def _attribute_readers(self):
+        return self._readers(operator.attrgetter)
+
+    @cached_property
+    def _item_readers(self):
+        return self._readers(operator.itemgetter)
 
 
 class ProviderSchema(DirectDumpSchema):
@@ -420,3 +437,40 @@ class ManifestStatusSchema(ma.Schema):
     outcome = fields.String(allow_none=True, required=True, validate=OneOf(("ok", "error")))
     error = fields.String(allow_none=True, required=True, metadata={"description": "Error of the last sync"})
     provider_count = fields.Integer(required=True)
+
+
+class TokenCreateSchema(ma.Schema):
+    name = Text(required=True, validate=Length(1, 255), metadata={"description": "What the token is for"})
+    role = fields.String(
+        validate=OneOf(ROLES), metadata={"description": "At most the owner's role; default: the owner's role"}
+    )
+    expires_in_days = fields.Integer(
+        validate=Range(1, MAX_TOKEN_DAYS), metadata={"description": "Days until it expires; absent: never"}
+    )
+    user = Text(
+        validate=Length(1, 255), metadata={"description": "Owner's user name (admin only); default: the caller"}
+    )
+
+
+class TokenSchema(DirectDumpSchema):
+    id = fields.String(required=True, metadata={"format": "uuid"})
+    name = fields.String(required=True)
+    user = fields.String(required=True, metadata={"description": "The owner's user name"})
+    role = fields.String(required=True, validate=OneOf(ROLES))
+    created_at = Timestamp(required=True)
+    expires_at = Timestamp(allow_none=True, required=True, metadata={"description": "null: never expires"})
+    last_used_at = Timestamp(
+        allow_none=True, required=True, metadata={"description": "Last use, to within a minute; null before the first"}
+    )
+
+
+class NewTokenSchema(TokenSchema):
+    token = fields.String(
+        required=True, metadata={"description": "The secret (Authorization: Bearer ...), shown in this answer only"}
+    )
+
+
+class TokensQuerySchema(ma.Schema):
+    user = Text(metadata={"description": "Only this user's tokens (admin; others see only their own)"})
+    limit = fields.Integer(load_default=100, validate=Range(1, 1000))
+    page_token = fields.String(metadata={"description": "Opaque token from the previous page"})
