@@ -11,17 +11,17 @@ import sqlalchemy as sa
 from flask import current_app
 from werkzeug.exceptions import BadRequest, Conflict, NotFound, ServiceUnavailable
 
+from configurations import system_configuration
 from errors import UpstreamError
 from models import (
     CAPABILITIES_BY_TYPE,
     PROVIDER_MODELS,
+    PROVIDER_ROWS,
     PROVIDERS,
-    ModelProvider,
     ModelRef,
-    ProviderModel,
-    SystemConfiguration,
     db,
     is_indexable_model_id,
+    providers_of,
     read_connection,
     release_connections,
     types_with,
@@ -143,9 +143,9 @@ def model_document(row):
 
 def indexed_models(provider):
     """A provider's models as last listed, whatever its state, and when they were listed."""
-    rows = read_connection().execute(MODELS_OF_PROVIDER, {"provider_id": provider["id"]}).mappings()
+    rows = read_connection().execute(MODELS_OF_PROVIDER, {"provider_id": provider.id}).mappings()
     models = [model_document(row) for row in rows]
-    return {"items": models, "total_count": len(models), "listed_at": provider["models_listed_at"]}
+    return {"items": models, "total_count": len(models), "listed_at": provider.models_listed_at}
 
 
 def available_models(capability=None):
@@ -165,19 +165,6 @@ def available_models(capability=None):
 def available_model_refs(capability):
     rows = read_connection().execute(ONLINE_MODEL_REFS_OF_TYPES, {"types": types_with(capability)})
     return [ModelRef(provider_type, upstream_id) for provider_type, upstream_id in rows]
-
-
-def system_configuration():
-    configuration = db.session.scalar(sa.select(SystemConfiguration).limit(1))
-    if configuration is None:
-        configuration = SystemConfiguration()
-        db.session.add(configuration)
-        try:
-            db.session.commit()
-        except sa.exc.IntegrityError:  # another worker created it first
-            db.session.rollback()
-            return system_configuration()
-    return configuration
 
 
 def best_similarity(suggested_models, model_ref, floor):
@@ -213,20 +200,22 @@ def match_models(capability, suggested_models, score_cutoff):
     return {"items": [{"model_id": model_id, "score": score} for model_id, score in ranked], "total_count": len(ranked)}
 
 
+PROVIDERS_LISTING = (
+    PROVIDER_ROWS.join_from(PROVIDERS, PROVIDER_MODELS)
+    .where(PROVIDERS.c.type == sa.bindparam("type"), PROVIDER_MODELS.c.upstream_id == sa.bindparam("upstream_id"))
+    .order_by(PROVIDERS.c.created_at, PROVIDERS.c.id)
+)
+
+
 def providers_serving(model_ref):
     """The online providers of the model's type whose indexed list has its upstream id,
     oldest first: where resolve and the gateway send a call for `model_ref` (a ModelRef).
 
     NotFound when no provider of the type lists the model; ServiceUnavailable when every
-    one that lists it is offline. The providers are ORM objects of the session (their keys
-    open with `open_api_key()`); end the session's transaction before calling an upstream.
+    one that lists it is offline. The providers are Provider rows (keys open with
+    `open_api_key()`); call models.release_connections() before calling an upstream.
     """
-    providers = db.session.scalars(
-        sa.select(ModelProvider)
-        .join(ProviderModel, ProviderModel.provider_id == ModelProvider.id)
-        .where(ModelProvider.type == model_ref.type, ProviderModel.upstream_id == model_ref.upstream_id)
-        .order_by(ModelProvider.created_at, ModelProvider.id)
-    ).all()
+    providers = providers_of(read_connection().execute(PROVIDERS_LISTING, model_ref.__dict__))
     if not providers:
         raise NotFound(f"No model provider serves the model {model_ref}.")
     online = [provider for provider in providers if provider.state == "online"]

@@ -18,8 +18,16 @@ from flask import current_app
 from catalog import index_rows, provider_connection
 from crypto import UnopenableApiKey
 from errors import UpstreamError
-from models import PROVIDER_MODELS, PROVIDERS, ModelProvider, db, release_connections, utcnow
-from scheduler import scheduler
+from models import (
+    PROVIDER_MODELS,
+    PROVIDER_ROWS,
+    PROVIDERS,
+    db,
+    providers_of,
+    read_connection,
+    release_connections,
+    utcnow,
+)
 from upstreams import Connection, list_models
 
 log = logging.getLogger(__name__)
@@ -193,22 +201,20 @@ def probe(targets):
 
 
 def targets(query):
-    """Targets of the providers `query` selects; the session's transaction ends with the read."""
-    providers = db.session.scalars(query).all()
-    found = [target_of(provider) for provider in providers]
+    """Targets of the providers `query` (of PROVIDER_ROWS) selects; the read's transaction ends with it."""
+    found = [target_of(provider) for provider in providers_of(read_connection().execute(query))]
     release_connections()
     return found
 
 
 def probe_one(provider_id):
     """Probe one provider now (`check`)."""
-    probe(targets(sa.select(ModelProvider).where(ModelProvider.id == provider_id)))
+    probe(targets(PROVIDER_ROWS.where(PROVIDERS.c.id == provider_id)))
 
 
-@scheduler.job("probe", "PROBE_INTERVAL")
 def probe_all(app):
     started = time.monotonic()
-    all_targets = targets(sa.select(ModelProvider))
+    all_targets = targets(PROVIDER_ROWS)
     probe(all_targets)
     if all_targets:
         log.info("probed %d providers in %.1f s", len(all_targets), time.monotonic() - started)
