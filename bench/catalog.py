@@ -33,7 +33,8 @@ import sqlalchemy as sa
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from app import create_app  # noqa: E402
-from models import ModelProvider, db  # noqa: E402
+from crypto import cipher  # noqa: E402
+from models import PROVIDERS, db  # noqa: E402
 from prober import probe_all  # noqa: E402
 from tests.conftest import Gunicorn, free_port, migrate_and_add_users, registry_environ  # noqa: E402
 from tests.fake_upstreams import BlackHole  # noqa: E402
@@ -109,10 +110,9 @@ def base_urls(count, answering_port, black_hole):
 def add_providers(folder, urls):
     app = create_app(registry_environ(folder))
     with app.app_context():
-        for _, base_url in urls:
-            provider = ModelProvider(type="openai", base_url=base_url)
-            provider.seal_api_key("sk-bench")
-            db.session.add(provider)
+        sealed_api_key = cipher.seal("sk-bench")
+        rows = [{"type": "openai", "base_url": base_url, "sealed_api_key": sealed_api_key} for _, base_url in urls]
+        db.session.execute(sa.insert(PROVIDERS), rows)
         db.session.commit()
         db.engine.dispose()
 
