@@ -22,8 +22,8 @@ def system_configuration():
 
 def replace_system_configuration(changes, username):
     configuration = system_configuration()
-    for field, value in changes.items():
-        setattr(configuration, field, value)
+    for field, model_ref in changes.items():
+        setattr(configuration, field, None if model_ref is None else str(model_ref))
     configuration.created_by = username
     db.session.add(configuration)
     try:

@@ -16,6 +16,7 @@ openai_bp = Blueprint("openai", __name__)
 def list_models():
     """List the models of every online provider, OpenAI style
 
-    All upstreams are asked at once; one that fails is left out of the list (and logged).
+    Answered from the model index (no upstream is asked): each model id once, shown with
+    the oldest online provider that lists it.
     """
     return {"object": "list", "data": available_models()}

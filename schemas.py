@@ -17,6 +17,7 @@ from models import (
     PROVIDER_TYPES,
     ROLES,
     STATES,
+    ModelRef,
     is_storable_text,
     normalize_base_url,
 )
@@ -303,19 +304,26 @@ class StatusSchema(ma.Schema):
     status = fields.String(required=True)
 
 
-def validate_model_ref(model_ref):
-    provider_type, _, upstream_id = model_ref.partition(":")
-    if provider_type not in PROVIDER_TYPES or not upstream_id:
-        raise ValidationError('A model is named "{type}:{upstream model id}", e.g. "openai:gpt-4o".')
-
-
-class ModelRef(Text):
-    """A model as "{type}:{upstream model id}", e.g. "openai:gpt-4o"."""
+class ModelRefField(Text):
+    """A model as "{type}:{upstream model id}", e.g. "openai:gpt-4o", loaded as a ModelRef."""
 
     pattern = f"^({'|'.join(PROVIDER_TYPES)}):[^\\u0000]+$"
+    max_length = 2048
 
-    def __init__(self, **kwargs):
-        super().__init__(validate=[Length(max=2048), validate_model_ref], **kwargs)
+    def __init__(self, metadata=None, **kwargs):
+        super().__init__(metadata={"maxLength": self.max_length, **(metadata or {})}, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if len(text) > self.max_length:
+            raise ValidationError(f"Longer than maximum length {self.max_length}.")
+        try:
+            return ModelRef.parse(text)
+        except ValueError as error:
+            raise ValidationError(str(error)) from None
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        return None if value is None else str(value)
 
 
 class VerifyQuerySchema(ma.Schema):
@@ -338,6 +346,21 @@ class ModelSchema(ma.Schema):
     owned_by = fields.String(required=True)
     display_name = fields.String(allow_none=True)
     provider = fields.Nested(ProviderRefSchema, required=True)
+
+
+class ModelsQuerySchema(ma.Schema):
+    refresh = fields.Boolean(
+        load_default=False,
+        metadata={"description": "Admin only: list the upstream now and store its answer before answering"},
+    )
+
+
+class ModelsPageSchema(ma.Schema):
+    items = fields.List(fields.Nested(ModelSchema), required=True)
+    total_count = fields.Integer(required=True)
+    listed_at = Timestamp(
+        allow_none=True, required=True, metadata={"description": "When the list was stored; null before the first"}
+    )
 
 
 class OpenAIModelListSchema(ma.Schema):
@@ -367,7 +390,7 @@ class MatchResultSchema(ma.Schema):
 
 
 class ResolveRequestSchema(ma.Schema):
-    model = ModelRef(required=True)
+    model = ModelRefField(required=True)
 
 
 class ResolvedProviderSchema(ma.Schema):
@@ -381,7 +404,7 @@ class ResolvedProviderSchema(ma.Schema):
 
 
 def model_ref_field(capability):
-    return ModelRef(
+    return ModelRefField(
         allow_none=True,
         load_default=None,
         metadata={"description": f"Default {capability} model; null or absent clears it"},

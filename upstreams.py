@@ -55,7 +55,9 @@ def http_client():
     global _client
     with _client_lock:
         if _client is None:
-            limits = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+            # No cap on connections: the prober's threads bound them, and a probe waiting for a
+            # pooled connection behind black-holed upstreams would fail for their delay.
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=20)
             _client = httpx.Client(limits=limits, follow_redirects=False, trust_env=False)
         return _client
 

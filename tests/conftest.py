@@ -16,7 +16,7 @@ from flask_migrate import upgrade
 
 from app import create_app
 from models import User, db
-from tests.fake_upstreams import FakeUpstream
+from tests.fake_upstreams import BlackHole, FakeUpstream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASSWORDS = {"admin": "admin-pass-1", "service": "service-pass-1", "reader": "reader-pass-1"}
@@ -335,3 +335,11 @@ def fake_upstream():
     yield start
     for upstream in upstreams:
         upstream.down()
+
+
+@pytest.fixture
+def black_hole():
+    """A loopback port that accepts connections and never answers."""
+    hole = BlackHole()
+    yield hole
+    hole.close()

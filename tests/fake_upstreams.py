@@ -1,6 +1,7 @@
 """Small local HTTP servers that speak the real formats of the upstream providers."""
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -187,3 +188,31 @@ class UpstreamHandler(BaseHTTPRequestHandler):
 
     def serve_voyage(self, url):
         self.answer(404, {"detail": "Not Found"})
+
+
+class BlackHole:
+    """A loopback port that accepts connections and never answers, nor closes them."""
+
+    def __init__(self):
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.port = self._listener.getsockname()[1]
+        self.accepted = []
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def base_url(self, path="/v1"):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def _accept(self):
+        while not self._closed.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            self.accepted.append(connection)
+
+    def close(self):
+        self._closed.set()
+        self._listener.close()
+        for connection in self.accepted:
+            connection.close()
