@@ -11,6 +11,7 @@ from alembic.script import ScriptDirectory
 from flask import Flask
 from flask_migrate import Migrate
 
+import audit
 from auth import init_auth
 from cli import register_commands
 from configurations import configurations_bp
@@ -18,7 +19,9 @@ from crypto import KEY_FILE_NAME, cipher
 from docs import apifairy, docs_bp
 from errors import errors_bp
 from health import health_bp
+from logs import RequestIds
 from manifests import registry_bp
+from metrics import init_metrics
 from models import User, close_read_connection, db
 from openai_compat import openai_bp
 from providers import providers_bp
@@ -70,6 +73,7 @@ def load_config(environ):
     """Configuration from the environment (section 5 of the API contract), read once."""
     instance_path = os.path.abspath(environ.get("REGISTRY_INSTANCE_PATH") or os.path.join(HERE, "instance"))
     database_url = environ.get("DATABASE_URL") or f"sqlite:///{instance_path}/registry.db"
+    audit_retention_days = read_number(environ, "REGISTRY_AUDIT_RETENTION_DAYS", 90.0, float)
     return {
         "INSTANCE_PATH": instance_path,
         "SQLALCHEMY_DATABASE_URI": database_url,
@@ -86,6 +90,12 @@ def load_config(environ):
         "MANIFEST_VARIABLES": dict(environ),  # what ${VAR} in a manifest reads
         "LOGIN_FAILURE_LIMIT": max(1, read_number(environ, "REGISTRY_LOGIN_FAILURES", 5)),
         "LOGIN_WINDOW": read_number(environ, "REGISTRY_LOGIN_WINDOW", 60.0, float),
+        "METRICS": read_bool(environ, "REGISTRY_METRICS", True),
+        "AUDIT_RETENTION_DAYS": audit_retention_days,
+        # 0 (also when the retention is 0: keep every event) turns the pruning job off.
+        "AUDIT_PRUNE_INTERVAL": read_number(environ, "REGISTRY_AUDIT_PRUNE_INTERVAL", 3600.0, float)
+        if audit_retention_days
+        else 0,
         "SQLITE_SYNCHRONOUS": read_choice(environ, "REGISTRY_SQLITE_SYNCHRONOUS", ("NORMAL", "FULL")),
         "MAX_CONTENT_LENGTH": MAX_BODY_BYTES,
         # A SQLite file drops no connection; a ping would cost a query on every request.
@@ -122,6 +132,7 @@ def bootstrap_admin(app):
     admin = User(username=app.config["ADMIN_USERNAME"], role="admin")
     admin.set_password(password)
     db.session.add(admin)
+    audit.record("user.create", admin.username, ["role", "password"], detail="the first admin")
     try:
         db.session.commit()
     except sa.exc.IntegrityError:  # another worker created it first
@@ -143,6 +154,7 @@ def create_app(environ=None):
     app = Flask(__name__, instance_path=config.pop("INSTANCE_PATH"))
     app.config.update(config, SCHEMA_HEAD=schema_head())
     app.json.sort_keys = False
+    app.wsgi_app = RequestIds(app.wsgi_app)
     os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
 
     db.init_app(app)
@@ -152,6 +164,7 @@ def create_app(environ=None):
     apifairy.init_app(app)
     cipher.init_app(app)
     init_auth(app)
+    init_metrics(app)
 
     app.register_blueprint(errors_bp)
     app.register_blueprint(health_bp)
@@ -160,6 +173,7 @@ def create_app(environ=None):
     app.register_blueprint(configurations_bp, url_prefix="/api/v1")
     app.register_blueprint(openai_bp, url_prefix="/api/v1")
     app.register_blueprint(registry_bp, url_prefix="/api/v1")
+    app.register_blueprint(audit.audit_bp, url_prefix="/api/v1")
     register_commands(app)
 
     with app.app_context():

@@ -16,6 +16,8 @@ from werkzeug.exceptions import TooManyRequests
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from errors import problem
+from logs import remember_user
+from metrics import record_failed_login
 from models import User, is_storable_text, read_connection, roles_up_to
 
 REALM = "model-provider-registry"
@@ -147,8 +149,10 @@ def verify_password(username, password):
     user = check_credentials(username, password)
     if user is None:
         failed_logins.record(request.remote_addr, username)
+        record_failed_login()
     else:
         failed_logins.forget(request.remote_addr, username)
+        remember_user(user.username)
     return user
 
 

@@ -6,6 +6,7 @@ import click
 import sqlalchemy as sa
 from flask.cli import AppGroup
 
+import audit
 from crypto import UnopenableApiKey, cipher
 from errors import SyncInProgress
 from manifests import sync_manifests
@@ -51,6 +52,7 @@ def create_user(username, role, password_stdin):
     user = User(username=username, role=role)
     user.set_password(read_password(password_stdin))
     db.session.add(user)
+    audit.record("user.create", username, ["role", "password"], detail=f"role {role}")
     db.session.commit()
     click.echo(f"Created {role} {username}.")
 
@@ -69,6 +71,7 @@ def set_password(username, password_stdin):
     """Change a user's password."""
     user = find_user(username)
     user.set_password(read_password(password_stdin))
+    audit.record("user.update", username, ["password"])
     db.session.commit()
     click.echo(f"Changed the password of {username}.")
 
@@ -78,6 +81,7 @@ def set_password(username, password_stdin):
 def delete_user(username):
     """Delete a user."""
     db.session.delete(find_user(username))
+    audit.record("user.delete", username)
     db.session.commit()
     click.echo(f"Deleted {username}.")
 
@@ -120,6 +124,9 @@ def rotate_keys():
     """
     stored = db.session.execute(sa.select(ModelProvider.id, ModelProvider.sealed_api_key)).all()
     resealed = sum(reseal_api_key(provider_id, sealed_api_key) for provider_id, sealed_api_key in stored)
+    audit.record(
+        "keys.rotate", changed_fields=["api_key"], detail=f"re-encrypted {resealed} of {len(stored)} stored API keys"
+    )
     db.session.commit()
     click.echo(f"Re-encrypted {resealed} of {len(stored)} stored API keys under the first configured key.")
     if resealed < len(stored):

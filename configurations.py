@@ -3,6 +3,7 @@
 from apifairy import authenticate, body, response
 from flask import Blueprint
 
+import audit
 from auth import auth
 from catalog import system_configuration
 from models import db
@@ -29,5 +30,6 @@ def put_system(changes):
     for field, value in changes.items():
         setattr(configuration, field, value)
     configuration.created_by = auth.current_user().username
+    audit.record("configuration.update", configuration.id, changes)
     db.session.commit()
     return configuration

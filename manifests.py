@@ -24,9 +24,11 @@ from apifairy import authenticate, other_responses, response
 from flask import Blueprint, current_app
 from marshmallow import ValidationError
 
+import audit
 from auth import auth
 from crypto import UnopenableApiKey
 from errors import SyncInProgress, flatten_messages
+from metrics import record_manifest_sync
 from models import ManifestSync, ModelProvider, db, utcnow
 from scheduler import holder_name, release_lease, scheduler, try_lease
 from schemas import ManifestSchema, RegistrySchema, SyncSummarySchema
@@ -211,14 +213,14 @@ def holds_api_key(provider, api_key):
 
 
 def update_from_entry(provider, entry):
-    """Make a stored provider say what its entry says; True when anything changed."""
+    """Make a stored provider say what its entry says; the names of the fields that changed."""
     changes = {field: entry.get(field) for field in DECLARED_FIELDS if getattr(provider, field) != entry.get(field)}
     for field, value in changes.items():
         setattr(provider, field, value)
-    key_changed = not holds_api_key(provider, entry["api_key"])
-    if key_changed:
+    if not holds_api_key(provider, entry["api_key"]):
         provider.seal_api_key(entry["api_key"])
-    return bool(changes) or key_changed
+        changes["api_key"] = None  # the name only
+    return list(changes)
 
 
 def provider_from_entry(location, entry):
@@ -244,13 +246,24 @@ def apply_manifest(location, entries):
     gone = [provider for base_url, provider in stored.items() if base_url not in kept]
     for provider in gone:
         db.session.delete(provider)
+        audit.record("manifest.sync", provider.id, detail=f"deleted: gone from {location}")
     db.session.flush()  # frees the base_url of a replaced provider before its successor is inserted
-    updated = sum(update_from_entry(kept[entry["base_url"]], entry) for entry in entries if entry["base_url"] in kept)
-    db.session.add_all(provider_from_entry(location, entry) for entry in entries if entry["base_url"] not in kept)
+    updated = 0
+    for entry in entries:
+        changed_fields = update_from_entry(kept[entry["base_url"]], entry) if entry["base_url"] in kept else []
+        if changed_fields:
+            updated += 1
+            audit.record("manifest.sync", kept[entry["base_url"]].id, changed_fields, f"updated from {location}")
+    added = [provider_from_entry(location, entry) for entry in entries if entry["base_url"] not in kept]
+    db.session.add_all(added)
     try:
         db.session.flush()
     except sa.exc.IntegrityError:
         raise ManifestError("A base_url of the manifest was registered meanwhile; sync again to see which.") from None
+    for provider in added:
+        audit.record(
+            "manifest.sync", provider.id, ["type", "base_url", "api_key", *DECLARED_FIELDS], f"created from {location}"
+        )
     return SyncResult(
         location, added=len(entries) - len(kept), updated=updated, removed=len(gone), unchanged=len(kept) - updated
     )
@@ -259,6 +272,7 @@ def apply_manifest(location, entries):
 def record_sync(result):
     """Store how the location's sync went, committing its changes with it."""
     outcome = "error" if result.error else "ok"
+    record_manifest_sync(failed=result.error is not None)
     db.session.merge(ManifestSync(location=result.location, synced_at=utcnow(), outcome=outcome, error=result.error))
     db.session.commit()
 
@@ -274,7 +288,16 @@ def sync_location(location):
 
 
 def remove_providers_of(location):
-    return db.session.execute(sa.delete(ModelProvider).where(ModelProvider.manifest == location)).rowcount
+    removed = (
+        db.session.execute(
+            sa.delete(ModelProvider).where(ModelProvider.manifest == location).returning(ModelProvider.id)
+        )
+        .scalars()
+        .all()
+    )
+    for provider_id in removed:
+        audit.record("manifest.sync", provider_id, detail=f"deleted: {location} is no longer configured")
+    return len(removed)
 
 
 def remove_dropped_locations(locations):

@@ -8,6 +8,7 @@ from flask import current_app
 
 from catalog import list_or_error, provider_connection, remember_models
 from crypto import UnopenableApiKey
+from metrics import record_probe as count_probe
 from models import ModelProvider, db, utcnow
 from scheduler import scheduler
 
@@ -25,6 +26,7 @@ def record_probe(provider, upstream_models, error):
         failures = provider.consecutive_failures + 1
         offline = failures >= current_app.config["PROBE_FAILURES"]
         state, last_error = ("offline" if offline else provider.state), str(error)
+    count_probe(provider.type, succeeded=error is None)
     if state != provider.state:
         log.warning(
             "provider %s (%s) is now %s%s", provider.id, provider.type, state, f": {last_error}" if last_error else ""

@@ -8,6 +8,7 @@ from flask import Blueprint, current_app, url_for
 from marshmallow import ValidationError
 from werkzeug.exceptions import Conflict, NotFound
 
+import audit
 from auth import auth
 from catalog import connection_of, match_models, provider_models, remember_models, resolve_model, verify_upstream
 from models import (
@@ -16,6 +17,7 @@ from models import (
     ModelProvider,
     db,
     is_canonical_id,
+    new_id,
     read_connection,
     types_with,
 )
@@ -101,9 +103,10 @@ def create_provider(fields, verify):
     if verify:
         refuse_if_base_url_taken(fields["base_url"])  # before calling the upstream; the commit checks anyway
         upstream_models = verify_upstream(connection_of(fields["type"], fields["base_url"], api_key))
-    provider = ModelProvider(**fields)
+    provider = ModelProvider(id=new_id(), **fields)
     provider.seal_api_key(api_key)
     db.session.add(provider)
+    audit.record("provider.create", provider.id, [*fields, "api_key"])
     commit_unique_base_url(provider)
     if upstream_models is not None:
         remember_models(provider, upstream_models)
@@ -128,6 +131,7 @@ def update_provider(provider, changes, verify):
         refuse_if_base_url_taken(changes["base_url"], provider.id)
     if verify:
         verify_changed_connection(provider, changes)
+    audit.record("provider.update", provider.id, changes)
     if "api_key" in changes:
         provider.seal_api_key(changes.pop("api_key"))
     for field, value in changes.items():
@@ -217,9 +221,11 @@ def delete(provider_id):
     """Delete a model provider"""
     refuse_if_managed(get_provider_or_404(provider_id))
     deleted = db.session.execute(sa.delete(ModelProvider).where(ModelProvider.id == provider_id))
-    db.session.commit()
     if deleted.rowcount == 0:  # a concurrent request deleted it first
+        db.session.rollback()
         raise no_such_provider(provider_id)
+    audit.record("provider.delete", provider_id)
+    db.session.commit()
     return "", 204
 
 
@@ -271,6 +277,8 @@ def resolve(request_fields):
     log.info(
         "resolve by user %s: provider %s, model %s", auth.current_user().username, provider.id, request_fields["model"]
     )
+    audit.record("provider.resolve", provider.id, detail=f"model {request_fields['model']}")
+    db.session.commit()
     resolved = {
         "provider_id": provider.id,
         "type": provider.type,
