@@ -90,16 +90,29 @@ def path_as_sent(environ):
 
 
 class AccessLogger(glogging.Logger):
-    """gunicorn's logger, whose access records also carry the request's fields by name."""
+    """gunicorn's logger; its access records are escaped and carry the request's fields.
+
+    Every text value of the access line (path, headers, ...) is escaped before gunicorn
+    quotes it, so the line stays one line whatever the access_log_format; `fields` holds
+    the same values by name for JSON lines.
+    """
 
     def atoms(self, resp, req, environ, request_time):
         atoms = super().atoms(resp, req, environ, request_time)
         atoms.update(
-            U=path_as_sent(environ),
-            request_id=environ.get(REQUEST_ID_KEY, "-"),
-            user=environ.get(USER_KEY, "-"),
-            duration_ms=round(request_time.total_seconds() * 1000, 3),
+            U=path_as_sent(environ), request_id=environ.get(REQUEST_ID_KEY, "-"), user=environ.get(USER_KEY, "-")
         )
+        atoms = {name: escape(value) if isinstance(value, str) else value for name, value in atoms.items()}
+        atoms["fields"] = {
+            "request_id": atoms["request_id"],
+            "method": atoms["m"],
+            "path": atoms["U"],
+            "status": int(atoms["s"]) if str(atoms["s"]).isdigit() else atoms["s"],
+            "duration_ms": round(request_time.total_seconds() * 1000, 3),
+            "user": atoms["user"],
+            "remote_address": atoms["h"],
+            "bytes": atoms["B"],
+        }
         return atoms
 
 
@@ -127,16 +140,6 @@ class TextFormatter(logging.Formatter):
         return "\n".join(f"    {escape(line)}" for line in stack_info.splitlines())
 
 
-class AccessTextFormatter(logging.Formatter):
-    """The access line as gunicorn formats it, escaped."""
-
-    def format(self, record):
-        return escape(record.getMessage())
-
-
-ACCESS_FIELDS = {"request_id": "request_id", "method": "m", "path": "U", "status": "s", "user": "user"}
-
-
 class JsonFormatter(logging.Formatter):
     """One JSON object per record (JSON's escaping keeps it on one line)."""
 
@@ -151,7 +154,7 @@ class JsonFormatter(logging.Formatter):
             "process": record.process,
         }
         if record.name == "gunicorn.access" and isinstance(record.args, dict):
-            line.update(self.access_fields(record.args))
+            line.update(record.args["fields"])
         else:
             line.update(request_id=getattr(record, "request_id", "-"), user=getattr(record, "user", "-"))
         if record.exc_info:
@@ -159,17 +162,6 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
         return json.dumps(line, ensure_ascii=False, default=str)
-
-    @staticmethod
-    def access_fields(atoms):
-        fields = {name: escape(str(atoms[atom])) for name, atom in ACCESS_FIELDS.items()}
-        fields.update(
-            status=int(fields["status"]) if str(fields["status"]).isdigit() else fields["status"],
-            duration_ms=atoms["duration_ms"],
-            remote_address=atoms["h"],
-            bytes=atoms["B"],
-        )
-        return fields
 
 
 def logging_config(log_format):
@@ -179,7 +171,8 @@ def logging_config(log_format):
     json_lines = log_format == "json"
     formatters = {
         "records": {"()": JsonFormatter if json_lines else TextFormatter},
-        "access": {"()": JsonFormatter if json_lines else AccessTextFormatter},
+        # The access line's values are escaped by AccessLogger, before gunicorn quotes them.
+        "access": {"()": JsonFormatter} if json_lines else {"format": "%(message)s"},
     }
     handlers = {
         "error_console": {
