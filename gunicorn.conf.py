@@ -8,7 +8,7 @@ import tempfile
 
 from gunicorn import util
 
-from logs import ACCESS_LOG_FORMAT, logging_config
+from logs import ACCESS_LOG_FORMAT, logging_config, request_id_for
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 # Requests are short and mostly wait on SQLite or an upstream: a few processes, each
@@ -102,7 +102,10 @@ def write_problem(sock, status, reason, message):
         "detail": GUNICORN_REFUSALS.get(status, f"{reason}."),
     }
     body = json.dumps(problem)
-    head = f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/problem+json\r\n"
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/problem+json\r\n"
+        f"X-Request-ID: {request_id_for(None)}\r\n"  # the request was not read far enough for the client's
+    )
     util.write_nonblock(sock, f"{head}Content-Length: {len(body)}\r\n\r\n{body}".encode("latin-1"))
 
 

@@ -89,6 +89,13 @@ def test_control_characters_in_a_path_forge_no_access_log_line(start_gunicorn):
     assert len(access_lines) == 2 and all("request_id=raw-1" in line for line in access_lines)
 
 
+def test_gunicorns_own_refusals_carry_a_request_id(start_gunicorn):
+    server = start_gunicorn(workers=1)
+    answer = raw_request(server.port, b"GET /" + b"x" * 5000 + b" HTTP/1.1")
+    assert answer.startswith(b"HTTP/1.1 414")
+    assert GENERATED_ID.fullmatch(re.search(rb"X-Request-ID: (\S+)", answer).group(1).decode())
+
+
 def test_every_log_line_of_a_request_carries_its_id_and_no_secret(start_gunicorn, fake_upstream):
     upstream = fake_upstream(api_key=SECRET)
     server = start_gunicorn(workers=2)
