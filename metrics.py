@@ -131,7 +131,7 @@ def init_metrics(app):
 # What the rest of the registry records: one call each
 
 
-def record_probe(provider_type, succeeded):
+def count_probe(provider_type, succeeded):
     PROBES.labels(known_or_unknown(provider_type, PROVIDER_TYPES), "success" if succeeded else "failure").inc()
 
 

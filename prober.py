@@ -8,7 +8,7 @@ from flask import current_app
 
 from catalog import list_or_error, provider_connection, remember_models
 from crypto import UnopenableApiKey
-from metrics import record_probe as count_probe
+from metrics import count_probe
 from models import ModelProvider, db, utcnow
 from scheduler import scheduler
 
