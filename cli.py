@@ -128,9 +128,10 @@ def rotate_keys():
     """
     stored = db.session.execute(sa.select(ModelProvider.id, ModelProvider.sealed_api_key)).all()
     resealed = sum(reseal_api_key(provider_id, sealed_api_key) for provider_id, sealed_api_key in stored)
-    audit.record(
-        "keys.rotate", changed_fields=["api_key"], detail=f"re-encrypted {resealed} of {len(stored)} stored API keys"
-    )
+    if resealed:
+        audit.record(
+            "keys.rotate", changed_fields=["api_key"], detail=f"re-encrypted {resealed} of {len(stored)} API keys"
+        )
     db.session.commit()
     click.echo(f"Re-encrypted {resealed} of {len(stored)} stored API keys under the first configured key.")
     if resealed < len(stored):

@@ -11,6 +11,7 @@ outcomes) or from ids the registry itself knows: never a raw path, key, token, p
 anything else a client typed.
 """
 
+import logging
 import os
 import time
 from functools import wraps
@@ -24,6 +25,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from models import PROVIDER_TYPES, PROVIDERS, STATES, read_connection
 
+log = logging.getLogger(__name__)
 metrics_bp = Blueprint("metrics", __name__)
 own_metrics = CollectorRegistry(auto_describe=True)
 
@@ -189,11 +191,19 @@ PROVIDER_COUNTS = sa.select(PROVIDERS.c.type, PROVIDERS.c.state, sa.func.count()
 
 class ProviderCounts:
     """Providers by type and state, read from the database at each scrape (zeros included,
-    so an alert on offline providers has a series to watch from the start)."""
+    so an alert on offline providers has a series to watch from the start). Left out while
+    the database does not answer, so the rest of the scrape still reaches Prometheus."""
 
     def collect(self):
+        try:
+            stored = read_connection().execute(PROVIDER_COUNTS).all()
+        except sa.exc.SQLAlchemyError as error:
+            log.warning(
+                "registry_providers left out of /metrics: the database does not answer (%s)", type(error).__name__
+            )
+            return
         counts = {(provider_type, state): 0 for provider_type in PROVIDER_TYPES for state in STATES}
-        for provider_type, state, count in read_connection().execute(PROVIDER_COUNTS):
+        for provider_type, state, count in stored:
             counts[(provider_type, state)] = count
         family = GaugeMetricFamily(
             "registry_providers", "Model providers, by type and state.", labels=("type", "state")

@@ -109,7 +109,7 @@ def test_key_rotation_is_recorded(make_app):
     result = app.test_cli_runner().invoke(args=["keys", "rotate"])
     assert result.exit_code == 0, result.output
     event = only_event(app, action="keys.rotate")
-    assert event["user"] == CLI_ACTOR and event["detail"] == "re-encrypted 1 of 1 stored API keys"
+    assert event["user"] == CLI_ACTOR and event["detail"] == "re-encrypted 1 of 1 API keys"
 
 
 MANIFEST = "model_providers:\n  - {type: openai, base_url: https://m.example.com/v1, name: M, api_key: %s}\n"

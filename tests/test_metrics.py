@@ -8,6 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from metrics import record_gateway_call
+from models import db
 from tests.conftest import basic_auth, client_as, provider_body
 
 PROVIDERS = "/api/v1/model_providers"
@@ -144,6 +145,18 @@ def test_providers_by_type_and_state_are_read_at_each_scrape(make_app, fake_upst
     calls = "registry_upstream_request_duration_seconds_count"
     assert delta(before, after, calls, type="openai") == 2 and delta(before, after, calls, type="ollama") == 1
     assert online_id not in "".join(str(labels) for _, labels in after)
+
+
+def test_a_scrape_without_the_database_still_answers_the_counters(app, anonymous, databases, instance_path):
+    anonymous.get("/healthz")
+    with app.app_context():
+        db.engine.dispose()
+    databases.destroy(instance_path)
+    response = anonymous.get("/metrics")
+    assert response.status_code == 200
+    samples = parse(response.text)
+    assert value(samples, "registry_http_requests_total", method="GET", route="/healthz", status="200") >= 1
+    assert not any(name == "registry_providers" for name, _ in samples)
 
 
 def test_failed_logins_are_counted(anonymous):
