@@ -27,13 +27,9 @@ UNSAFE_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\\\\]")
 
 def escape_character(match):
     character = match.group()
-    return (
-        "\\\\"
-        if character == "\\"
-        else f"\\x{ord(character):02x}"
-        if ord(character) < 0x100
-        else f"\\u{ord(character):04x}"
-    )
+    if character == "\\":
+        return "\\\\"
+    return f"\\x{ord(character):02x}" if ord(character) < 0x100 else f"\\u{ord(character):04x}"
 
 
 def escape(text):
