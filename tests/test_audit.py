@@ -204,3 +204,28 @@ def test_the_scheduler_prunes_events_past_the_retention(make_app, retention_days
         prune_old_events(app)
     kept = sorted(int(event["detail"]) for event in events(app, action="test.age"))
     assert kept == ([0, 2, 89] if retention_days == "90" else [0])
+
+
+def test_tokens_created_used_and_revoked_are_recorded(app, admin):
+    created = admin.post("/api/v1/tokens", json={"name": "ci"}, headers={"X-Request-ID": "t-1"}).get_json()
+    event = only_event(app, action="token.create")
+    assert event["target_id"] == created["id"] and event["user"] == "admin" and event["request_id"] == "t-1"
+    assert created["token"] not in json.dumps(events(app))
+
+    bearer = app.test_client()
+    bearer.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {created['token']}"
+    provider_id = bearer.post(PROVIDERS, json=provider_body()).get_json()["id"]
+    made = only_event(app, action="provider.create")
+    assert made["target_id"] == provider_id and made["user"] == "admin" and made["token_id"] == created["id"]
+
+    assert admin.delete(f"/api/v1/tokens/{created['id']}").status_code == 204
+    assert admin.delete(f"/api/v1/tokens/{created['id']}").status_code == 404  # nothing left to revoke
+    revoked = only_event(app, action="token.revoke")
+    assert revoked["target_id"] == created["id"] and revoked["token_id"] is None
+
+
+def test_a_role_change_is_recorded(app):
+    result = app.test_cli_runner().invoke(args=["users", "set-role", "reader", "service"])
+    assert result.exit_code == 0, result.output
+    event = only_event(app, action="user.update")
+    assert event["target_id"] == "reader" and event["changed_fields"] == ["role"] and event["user"] == CLI_ACTOR

@@ -165,8 +165,10 @@ def test_failed_logins_are_counted(anonymous):
         headers = {"Authorization": basic_auth("admin", f"wrong-{attempt}")}
         assert anonymous.get(PROVIDERS, headers=headers).status_code == 401
     anonymous.get(PROVIDERS, headers={"Authorization": basic_auth("admin", "admin-pass-1")})
+    assert anonymous.get(PROVIDERS, headers={"Authorization": "Bearer mpr_not-a-token"}).status_code == 401
     after = parse(scrape(anonymous))
     assert delta(before, after, "registry_failed_logins_total", credential="password") == 3
+    assert delta(before, after, "registry_failed_logins_total", credential="token") == 1
 
 
 def test_manifest_syncs_are_counted_by_outcome(make_app, tmp_path):

@@ -1,7 +1,7 @@
 """audit events
 
 Revision ID: 0007
-Revises: 0004
+Revises: 0005
 Create Date: 2026-11-26 13:50:00
 
 """
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
