@@ -312,11 +312,7 @@ class AuditQuerySchema(ma.Schema):
     page_token = fields.String(metadata={"description": "Opaque token from the previous page"})
 
 
-class AuditPageSchema(ma.Schema):
-    items = fields.List(fields.Nested(AuditEventSchema), required=True)
-    total_count = fields.Integer(required=True)
-    has_more = fields.Boolean(required=True)
-    next_page_token = fields.String(allow_none=True, required=True)
+AuditPageSchema = page_schema("AuditPage", AuditEventSchema)
 
 
 class ProviderHeadersSchema(ma.Schema):
