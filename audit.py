@@ -18,8 +18,7 @@ from auth import auth
 from logs import REQUEST_ID_KEY, TOKEN_ID_KEY, USER_KEY
 from models import AUDIT_EVENTS, AuditEvent, db, utcnow
 from pagination import NewestFirstPages
-from scheduler import scheduler
-from schemas import AuditPageSchema, AuditQuerySchema
+from schemas import AuditEventSchema, AuditQuerySchema, collection
 
 audit_bp = Blueprint("audit", __name__)
 SYSTEM_ACTOR = "system"
@@ -67,6 +66,7 @@ AUDIT_PAGES = NewestFirstPages(
         "target_id": AUDIT_EVENTS.c.target_id == sa.bindparam("target_id"),
         "since": AUDIT_EVENTS.c.created_at >= sa.bindparam("since", type_=AUDIT_EVENTS.c.created_at.type),
     },
+    lambda row: row,  # a Row: the schema and the page token read its attributes
 )
 
 
@@ -80,7 +80,7 @@ def audit_filter_values(query):
 @audit_bp.route("/audit", methods=["GET"])
 @authenticate(auth, role="admin")
 @arguments(AuditQuerySchema)
-@response(AuditPageSchema)
+@response(collection(AuditEventSchema, paged=True))
 def list_events(query):
     """List audit events, newest first
 
@@ -90,7 +90,6 @@ def list_events(query):
     return AUDIT_PAGES.page(audit_filter_values(query), query["limit"], query.get("page_token"))
 
 
-@scheduler.job("audit-prune", "AUDIT_PRUNE_INTERVAL")
 def prune_old_events(app):
     """Delete the events older than REGISTRY_AUDIT_RETENTION_DAYS."""
     cutoff = utcnow() - timedelta(days=app.config["AUDIT_RETENTION_DAYS"])
