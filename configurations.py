@@ -4,6 +4,7 @@ import sqlalchemy as sa
 from apifairy import authenticate, body, response
 from flask import Blueprint
 
+import audit
 from auth import auth
 from models import SystemConfiguration, db
 from schemas import SystemConfigurationChangesSchema, SystemConfigurationSchema
@@ -27,6 +28,8 @@ def replace_system_configuration(changes, username):
     configuration.created_by = username
     db.session.add(configuration)
     try:
+        db.session.flush()  # gives a first configuration its id
+        audit.record("configuration.update", configuration.id, changes)
         db.session.commit()
     except sa.exc.IntegrityError:  # another PUT created the row first: change that one
         db.session.rollback()

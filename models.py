@@ -413,3 +413,24 @@ class ApiToken(db.Model):
     created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
     expires_at = sa.Column(sa.DateTime)
     last_used_at = sa.Column(sa.DateTime)
+
+
+class AuditEvent(db.Model):
+    """One change (or key read) and who made it: written in the transaction of the change."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (sa.Index("ix_audit_events_newest", "created_at", "id"),)
+
+    id = sa.Column(sa.String(36), primary_key=True, default=new_id)
+    created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
+    actor = sa.Column(sa.String(255), nullable=False, index=True)
+    token_id = sa.Column(sa.String(36))  # the API token the actor used, if any
+    client_address = sa.Column(sa.String(64))
+    request_id = sa.Column(sa.String(128))
+    action = sa.Column(sa.String(64), nullable=False, index=True)
+    target_id = sa.Column(sa.Text, index=True)
+    changed_fields = sa.Column(sa.JSON, nullable=False, default=list)
+    detail = sa.Column(sa.Text)
+
+
+AUDIT_EVENTS = AuditEvent.__table__

@@ -18,6 +18,7 @@ from flask import current_app
 from catalog import index_rows, provider_connection
 from crypto import UnopenableApiKey
 from errors import UpstreamError
+from metrics import count_probe
 from models import (
     PROVIDER_MODELS,
     PROVIDER_ROWS,
@@ -89,6 +90,7 @@ def listing_or_error(target):
 
 def probe_record(target, error, checked_at):
     """The provider's row after a probe: online after one success, offline after N failures in a row."""
+    count_probe(target.type, succeeded=error is None)
     if error is None:
         failures, state, last_error = 0, "online", None
     else:

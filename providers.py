@@ -9,6 +9,7 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import Conflict, Forbidden, NotFound, PreconditionFailed
 from werkzeug.http import parse_etags, quote_etag
 
+import audit
 from auth import auth, user_roles
 from catalog import (
     connection_of,
@@ -117,15 +118,17 @@ def refuse_if_managed(provider):
 KEEP_MODELS = object()
 
 
-def write_provider(statement, base_url, own_id=None, upstream_models=KEEP_MODELS):
-    """Run an INSERT or UPDATE of one provider and commit; the provider as written (None when
-    an UPDATE found none to change). A concurrent writer that took the same base_url first
-    is a 409. `upstream_models`, unless KEEP_MODELS, is stored in the model index in the same
-    transaction (None: no list, for a connection not verified)."""
+def write_provider(statement, base_url, action, changed_fields, own_id=None, upstream_models=KEEP_MODELS):
+    """Run an INSERT or UPDATE of one provider, audit it as `action` and commit; the provider as
+    written (None when an UPDATE found none to change). A concurrent writer that took the same
+    base_url first is a 409. `upstream_models`, unless KEEP_MODELS, is stored in the model index
+    in the same transaction (None: no list, for a connection not verified)."""
     try:
         provider = provider_of(db.session.execute(statement.returning(*PROVIDER_COLUMNS)))
-        if provider is not None and upstream_models is not KEEP_MODELS:
-            replace_models(provider.id, upstream_models)
+        if provider is not None:
+            audit.record(action, provider.id, changed_fields)
+            if upstream_models is not KEEP_MODELS:
+                replace_models(provider.id, upstream_models)
         db.session.commit()
     except sa.exc.IntegrityError:
         db.session.rollback()
@@ -152,7 +155,9 @@ def create_provider(fields, verify):
         upstream_models = verify_holding_no_connection(connection_of(fields["type"], fields["base_url"], api_key))
     insert = sa.insert(PROVIDERS).values(**fields, sealed_api_key=cipher.seal(api_key))
     # unverified (None), a new provider has no model list until it is probed
-    return write_provider(insert, fields["base_url"], upstream_models=upstream_models)
+    return write_provider(
+        insert, fields["base_url"], "provider.create", [*fields, "api_key"], upstream_models=upstream_models
+    )
 
 
 def changes_connection(changes):
@@ -177,7 +182,7 @@ def stored_changes(provider, changes):
     return values
 
 
-def store_changes(provider, values, base_url, upstream_models):
+def store_changes(provider, values, base_url, changed_fields, upstream_models):
     """Write a patch WHERE version = the version read, so that it never stores a mix of its
     fields and those of a change stored meanwhile: that is a 409 (or a 404 when deleted)."""
     update = (
@@ -185,7 +190,7 @@ def store_changes(provider, values, base_url, upstream_models):
         .where(PROVIDERS.c.id == provider.id, PROVIDERS.c.version == provider.version)
         .values(**values, version=PROVIDERS.c.version + 1)
     )
-    updated = write_provider(update, base_url, provider.id, upstream_models)
+    updated = write_provider(update, base_url, "provider.update", changed_fields, provider.id, upstream_models)
     if updated is None:
         if not provider_exists(provider.id):
             raise no_such_provider(provider.id)
@@ -210,7 +215,7 @@ def update_provider(provider, changes, preconditions, verify):
     if changes_connection(changes):  # unverified (None), the new connection has no list until it is probed
         upstream_models = verify_changed_connection(provider, changes) if verify else None
     values = stored_changes(provider, changes)
-    return store_changes(provider, values, changes.get("base_url"), upstream_models) if values else provider
+    return store_changes(provider, values, changes.get("base_url"), changes, upstream_models) if values else provider
 
 
 def delete_provider(provider, preconditions):
@@ -219,12 +224,14 @@ def delete_provider(provider, preconditions):
     deletion = sa.delete(PROVIDERS).where(PROVIDERS.c.id == provider.id)
     if preconditions.get("if_match") is not None:  # only the provider as matched
         deletion = deletion.where(PROVIDERS.c.version == provider.version)
-    deleted = db.session.execute(deletion).rowcount
-    db.session.commit()
-    if deleted == 0:  # a concurrent request deleted it first, or changed it since it was matched
-        if provider_exists(provider.id):
-            raise PreconditionFailed(f"Model provider {provider.id} was changed by another request meanwhile.")
-        raise no_such_provider(provider.id)
+    if db.session.execute(deletion).rowcount == 1:
+        audit.record("provider.delete", provider.id)
+        db.session.commit()
+        return
+    db.session.rollback()  # a concurrent request deleted it first, or changed it since it was matched
+    if provider_exists(provider.id):
+        raise PreconditionFailed(f"Model provider {provider.id} was changed by another request meanwhile.")
+    raise no_such_provider(provider.id)
 
 
 PROVIDER_PAGES = NewestFirstPages(
@@ -402,6 +409,8 @@ def resolve(request_fields):
     model_ref = request_fields["model"]
     provider = providers_serving(model_ref)[0]
     log.info("resolve by user %s: provider %s, model %s", auth.current_user().username, provider.id, model_ref)
+    audit.record("provider.resolve", provider.id, detail=f"model {model_ref}")
+    db.session.commit()
     resolved = {
         "provider_id": provider.id,
         "type": provider.type,

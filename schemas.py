@@ -3,6 +3,7 @@
 import json
 import operator
 from collections.abc import Mapping
+from datetime import UTC
 from functools import cached_property, partial
 
 from apifairy.decorators import parser as request_parser
@@ -277,6 +278,38 @@ class ProvidersQuerySchema(ma.Schema):
     capability = fields.String(validate=OneOf(CAPABILITIES))
     state = fields.String(validate=OneOf(STATES))
     registry = Text(metadata={"description": "Manifest location the providers come from"})
+    limit = fields.Integer(load_default=100, validate=Range(1, 1000))
+    page_token = fields.String(metadata={"description": "Opaque token from the previous page"})
+
+
+class AuditEventSchema(DirectDumpSchema):
+    id = fields.String(required=True, metadata={"format": "uuid"})
+    time = Timestamp(attribute="created_at", required=True)
+    user = fields.String(
+        attribute="actor",
+        required=True,
+        metadata={"description": "Who made the change: a user name, cli:<operating system user>, or system"},
+    )
+    token_id = fields.String(allow_none=True, metadata={"description": "The API token used, if any"})
+    client_address = fields.String(allow_none=True)
+    request_id = fields.String(allow_none=True, metadata={"description": "X-Request-ID of the request that made it"})
+    action = fields.String(required=True, metadata={"description": "For example provider.update"})
+    target_id = fields.String(
+        allow_none=True, metadata={"description": "Provider id, user name, manifest location or configuration id"}
+    )
+    changed_fields = fields.List(
+        fields.String(), required=True, metadata={"description": "Names of the fields changed, never their values"}
+    )
+    detail = fields.String(allow_none=True)
+
+
+class AuditQuerySchema(ma.Schema):
+    action = Text()
+    user = Text()
+    target_id = Text()
+    since = fields.AwareDateTime(
+        default_timezone=UTC, metadata={"description": "Only events at or after this time (RFC 3339)"}
+    )
     limit = fields.Integer(load_default=100, validate=Range(1, 1000))
     page_token = fields.String(metadata={"description": "Opaque token from the previous page"})
 

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from errors import UpstreamError
+from metrics import timed_upstream_call
 
 ANTHROPIC_VERSION = "2023-06-01"
 WATSONX_API_VERSION = "2024-05-01"
@@ -62,6 +63,7 @@ def http_client():
         return _client
 
 
+@timed_upstream_call
 def send(connection, url, headers=None, params=None):
     try:
         return http_client().get(url, headers=headers, params=params, timeout=connection.timeout)

@@ -52,6 +52,7 @@ def registry_environ(instance_path, **overrides):
         "REGISTRY_VERIFY_ON_CREATE": "false",
         "REGISTRY_PROBE_INTERVAL": "0",
         "REGISTRY_SYNC_INTERVAL": "0",
+        "REGISTRY_AUDIT_PRUNE_INTERVAL": "0",
     }
     environ.update(overrides)
     return environ
