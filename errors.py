@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
 from crypto import UnopenableApiKey
+from upstreams import UpstreamError
 
 errors_bp = Blueprint("errors", __name__)
 log = logging.getLogger(__name__)
@@ -18,10 +19,6 @@ log = logging.getLogger(__name__)
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
 RFC_9110_TITLES = {413: "Content Too Large", 422: "Unprocessable Content"}
-
-
-class UpstreamError(Exception):
-    """An upstream provider failed; the message says how, never with the key."""
 
 
 class SyncInProgress(Exception):
