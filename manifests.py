@@ -31,6 +31,7 @@ from models import ManifestSync, ModelProvider, db, utcnow
 from scheduler import holder_name, release_lease, scheduler, try_lease
 from schemas import ManifestSchema, RegistrySchema, SyncSummarySchema
 from upstreams import http_client
+from upstreams.transport import deadline
 
 log = logging.getLogger(__name__)
 registry_bp = Blueprint("registry", __name__)
@@ -103,10 +104,9 @@ def read_file(path):
 
 def fetch_url(url):
     content = b""
+    timeout = current_app.config["UPSTREAM_TIMEOUT"]
     try:
-        with http_client().stream(
-            "GET", url, timeout=current_app.config["UPSTREAM_TIMEOUT"], follow_redirects=True
-        ) as answer:
+        with deadline(timeout), http_client().stream("GET", url, timeout=timeout, follow_redirects=True) as answer:
             if answer.status_code != 200:
                 raise ManifestError(f"Fetching the manifest answered HTTP {answer.status_code}.")
             for chunk in answer.iter_bytes():
