@@ -1,5 +1,6 @@
 """HTTP Basic authentication against stored users, with roles reader < service < admin."""
 
+import contextlib
 import hashlib
 import hmac
 import math
@@ -16,7 +17,8 @@ from werkzeug.exceptions import TooManyRequests
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from errors import problem
-from models import User, is_storable_text, read_connection, roles_up_to
+from models import User, close_read_connection, is_storable_text, read_connection, roles_up_to
+from serving import off_the_hub
 
 REALM = "model-provider-registry"
 auth = HTTPBasicAuth(realm=REALM)
@@ -119,19 +121,48 @@ CREDENTIALS_BY_USERNAME = sa.select(USERS.c.id, USERS.c.username, USERS.c.passwo
 )
 
 
+# Slow hashes one worker runs at once, each in a thread off the gevent hub: requests that
+# arrive together with a password not yet verified wait for the first one's hash and then
+# find it verified, and wrong passwords keep at most this many cores busy per worker.
+slow_hashes = threading.BoundedSemaphore(2)
+
+
+@contextlib.contextmanager
+def slow_hash_turn():
+    """One of the worker's slow-hash turns. The request's database connection goes back to
+    the pool first: requests waiting for a turn hold none, so they cannot use up the pool
+    that the requests done hashing need next."""
+    close_read_connection()
+    with slow_hashes:
+        yield
+
+
+def slow_hash_matches(password_hash, password):
+    return off_the_hub(check_password_hash, password_hash, password)
+
+
+def password_verified(user, password):
+    """Whether `password` is the user's: known from an earlier request, else by the slow hash."""
+    if (user, password) in verified_passwords:
+        return True
+    with slow_hash_turn():
+        if (user, password) in verified_passwords:  # verified while this request waited its turn
+            return True
+        if not slow_hash_matches(user.password_hash, password):
+            return False
+        verified_passwords.add(user, password)
+        return True
+
+
 def check_credentials(username, password):
     """The caller's (id, username, password_hash, role) row when the password is right."""
     user = read_connection().execute(CREDENTIALS_BY_USERNAME, {"username": username}).first()
     if user is None:
         # Spend what a wrong password costs, so timing does not tell which names exist.
-        check_password_hash(decoy_password_hash(), password)
+        with slow_hash_turn():
+            slow_hash_matches(decoy_password_hash(), password)
         return None
-    if (user, password) in verified_passwords:
-        return user
-    if check_password_hash(user.password_hash, password):
-        verified_passwords.add(user, password)
-        return user
-    return None
+    return user if password_verified(user, password) else None
 
 
 @auth.verify_password

@@ -10,7 +10,8 @@ import sqlalchemy as sa
 from flask import current_app
 from werkzeug.exceptions import BadRequest, NotFound, ServiceUnavailable
 
-from models import ModelProvider, SystemConfiguration, db, types_with
+from models import ModelProvider, SystemConfiguration, db, release_connections, types_with
+from serving import off_the_hub
 from upstreams import Connection, UpstreamError, list_models
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ def remember_models(provider, upstream_models):
 
 def verify_upstream(connection):
     """List the upstream's models with the given key, or refuse the request with a 400."""
+    release_connections()
     try:
         return list_models(connection)
     except UpstreamError as error:
@@ -89,7 +91,10 @@ def models_of_providers(providers):
     """[(provider, upstream models or None, error or None)], asking the uncached upstreams at once."""
     cached = {provider.id: models_cache.get(cache_key(provider)) for provider in providers}
     missing = [provider for provider in providers if cached[provider.id] is None]
-    fetched = upstream_pool.map(list_or_error, [provider_connection(provider) for provider in missing])
+    connections = [provider_connection(provider) for provider in missing]
+    if connections:
+        release_connections()
+    fetched = upstream_pool.map(list_or_error, connections)
     outcomes = {
         provider_id: (upstream_models, None)
         for provider_id, upstream_models in cached.items()
@@ -174,7 +179,7 @@ def match_models(capability, suggested_models, score_cutoff):
     configuration = system_configuration()
     default_model = getattr(configuration, f"default_{capability}_model")
     model_ids = {model["id"] for model in available_models(capability)}
-    ranked = match_scores(model_ids, suggested_models, score_cutoff, default_model)
+    ranked = off_the_hub(match_scores, model_ids, suggested_models, score_cutoff, default_model)
     return {"items": [{"model_id": model_id, "score": score} for model_id, score in ranked], "total_count": len(ranked)}
 
 

@@ -35,6 +35,16 @@ def close_read_connection(exception=None):
         connection.close()
 
 
+def release_connections():
+    """End the transaction and give the pooled connections back, before waiting on an upstream.
+
+    The session keeps its objects as they are (expire_on_commit=False) and takes a connection
+    again when next used, so a request waiting on an upstream holds none.
+    """
+    db.session.commit()
+    close_read_connection()
+
+
 CAPABILITIES_BY_TYPE = {
     "anthropic": ("llm",),
     "bedrock": ("llm",),
