@@ -253,3 +253,28 @@ def test_a_200_mb_listing_is_refused_without_the_worker_growing(start_gunicorn, 
     assert huge.sent_bytes < 32 * 1024 * 1024  # the registry hung up early, not after 200 MB
     # The cap (4 MiB read before refusing) and allocator slack; unbounded, it grew by 650 MiB.
     assert grown <= 5 * 1024 * 1024, f"worker grew by {grown / 2**20:.1f} MiB"
+
+
+def test_a_flood_of_slow_hashes_does_not_stall_the_others(start_gunicorn):
+    server = start_gunicorn()
+    provider_id = stored_provider(server)
+    reader = responsive_reader(server)
+    stop = threading.Event()
+
+    def guess_names(number):
+        with httpx.Client(base_url=server.base_url, timeout=30) as guesser:
+            for attempt in range(10_000):
+                if stop.is_set():
+                    return
+                guesser.get(PROVIDERS, auth=(f"guess-{number}-{attempt}", "wrong password"))
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        guessers = [pool.submit(guess_names, number) for number in range(16)]
+        try:
+            time.sleep(1)
+            assert_responsive(server, reader, provider_id)
+        finally:
+            stop.set()
+        for guesser in guessers:
+            guesser.result()
+    reader.close()
