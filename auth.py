@@ -17,7 +17,7 @@ from werkzeug.exceptions import TooManyRequests
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from errors import problem
-from models import User, close_read_connection, is_storable_text, read_connection, roles_up_to
+from models import User, canonical_username, close_read_connection, read_connection, roles_up_to
 from serving import off_the_hub
 
 REALM = "model-provider-registry"
@@ -167,7 +167,8 @@ def check_credentials(username, password):
 
 @auth.verify_password
 def verify_password(username, password):
-    if not username or not is_storable_text(username):
+    username = canonical_username(username)
+    if username is None:
         return None
     failed_logins = current_app.extensions["failed_logins"]
     retry_after = failed_logins.retry_after(request.remote_addr, username)

@@ -53,6 +53,14 @@ def problem_response(description):
     return {"description": description, "content": {"application/problem+json": {"schema": schema}}}
 
 
+def as_header_objects(responses):
+    """APIFairy writes response headers as parameters; a Header Object may not carry `in` or `name`."""
+    for answer in responses.values():
+        for header in answer.get("headers", {}).values():
+            header.pop("in", None)
+            header.pop("name", None)
+
+
 def document_retry_after(responses):
     if "429" in responses:
         retry_after = {"description": "Seconds to wait", "schema": {"type": "integer", "minimum": 1}}
@@ -72,6 +80,7 @@ def document_problems(spec):
     for path in spec["paths"].values():
         for operation in path.values():
             responses = operation["responses"]
+            as_header_objects(responses)
             for status, answer in list(responses.items()):
                 if not status.startswith("2"):
                     responses[status] = problem_response(answer["description"])

@@ -18,6 +18,21 @@ BASE_PATHS = {
 }
 
 
+class Rendezvous:
+    """Holds each request until `parties` of them, to any upstreams sharing it, are in flight
+    at once; False when that did not happen within `timeout` seconds."""
+
+    def __init__(self, parties, timeout):
+        self._barrier = threading.Barrier(parties, timeout=timeout)
+
+    def meet(self):
+        try:
+            self._barrier.wait()
+        except threading.BrokenBarrierError:
+            return False
+        return True
+
+
 class FakeUpstream:
     """One upstream on a free loopback port; it can go down and come back on the same port."""
 
@@ -28,6 +43,7 @@ class FakeUpstream:
         self.delay = delay
         self.status = None  # force an HTTP status, e.g. 500
         self.body = None  # force a raw body, e.g. b"<html>"
+        self.rendezvous = None  # a Rendezvous: answer 503 unless enough requests are in flight at once
         self.silent = False  # accept, read the request, never answer
         self.trickle_interval = None  # answer one byte every this many seconds
         self.streamed_bytes = None  # answer a listing of about this size, without Content-Length
@@ -84,6 +100,8 @@ class UpstreamHandler(BaseHTTPRequestHandler):
         upstream.count_hit()
         if upstream.delay:
             time.sleep(upstream.delay)
+        if upstream.rendezvous is not None and not upstream.rendezvous.meet():
+            return self.answer(503, {"error": "asked alone"})
         if upstream.silent:
             upstream.stopped.wait()
             return None
