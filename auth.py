@@ -258,7 +258,7 @@ NOTE_TOKEN_USE = (
 # Slow hashes one worker runs at once, each in a thread off the gevent hub: requests that
 # arrive together with a password not yet verified wait for the first one's hash and then
 # find it verified, and wrong passwords keep at most this many cores busy per worker.
-slow_hashes = threading.BoundedSemaphore(2)
+slow_hashes = threading.BoundedSemaphore(4)
 
 
 @contextlib.contextmanager
@@ -275,6 +275,10 @@ def slow_hash_matches(password_hash, password):
     return off_the_hub(check_password_hash, password_hash, password)
 
 
+def refuse_if_address_limited(state):
+    state.login_failures_by_address.refuse_if_limited(request.remote_addr, "logins from your address")
+
+
 def check_credentials(key, username, password):
     """The caller when the password is right, else None; the slow hash only for a password
     this process has not verified for this user's current hash."""
@@ -282,8 +286,9 @@ def check_credentials(key, username, password):
     user = read_connection().execute(CREDENTIALS_BY_USERNAME, {"username": username}).first()
     if user is not None and state.verified_passwords.matches(key, user):
         return state.verified_passwords.remember(key, user)
-    state.login_failures_by_address.refuse_if_limited(request.remote_addr, "logins from your address")
+    refuse_if_address_limited(state)
     with slow_hash_turn():
+        refuse_if_address_limited(state)  # the guesses this request waited for may have reached the limit
         if user is None:
             # Spend what a wrong password costs, so timing does not tell which names exist.
             slow_hash_matches(decoy_password_hash(), password)
