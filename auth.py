@@ -23,8 +23,8 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from errors import problem
 from models import (
+    USERS,
     ApiToken,
-    User,
     canonical_username,
     close_read_connection,
     lower_role,
@@ -224,7 +224,6 @@ def init_auth(app):
 
 
 # Every request runs one of these: Core statements built once, giving rows rather than objects.
-USERS = User.__table__
 TOKENS = ApiToken.__table__
 CREDENTIALS_BY_USERNAME = sa.select(USERS.c.id, USERS.c.username, USERS.c.password_hash, USERS.c.role).where(
     USERS.c.username == sa.bindparam("username")

@@ -50,6 +50,8 @@ class FakeUpstream:
         self.sent_bytes = 0
         self.stopped = threading.Event()
         self.hits = 0
+        self.held = None  # with hold(): set while a request waits for release()
+        self._release = None
         self._lock = threading.Lock()
         self._server = None
         self.port = None
@@ -70,6 +72,18 @@ class FakeUpstream:
         self.stopped.set()
         self._server.shutdown()
         self._server.server_close()
+
+    def hold(self):
+        """Keep every request waiting, once it arrived (`held` is set), until release()."""
+        self.held, self._release = threading.Event(), threading.Event()
+
+    def release(self):
+        self._release.set()
+
+    def wait_if_held(self):
+        if self._release is not None:
+            self.held.set()
+            self._release.wait(timeout=30)
 
     def count_hit(self):
         with self._lock:
@@ -98,6 +112,7 @@ class UpstreamHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         upstream = self.upstream
         upstream.count_hit()
+        upstream.wait_if_held()
         if upstream.delay:
             time.sleep(upstream.delay)
         if upstream.rendezvous is not None and not upstream.rendezvous.meet():

@@ -1,8 +1,9 @@
 """The registry under gunicorn with its own configuration, over a real socket."""
 
 import httpx
+import pytest
 
-from tests.conftest import provider_body, wait_for
+from tests.conftest import Gunicorn, provider_body, wait_for
 
 SECRET = "sk-over-the-socket-7777"
 
@@ -46,3 +47,19 @@ def test_a_second_server_on_a_taken_address_exits_naming_it(start_gunicorn):
     assert wait_for(lambda: first.log().count('"GET /healthz" 200') == 40)
     serving_pids = {line.split("] [")[1] for line in first.log().splitlines() if '"GET /healthz" 200' in line}
     assert serving_pids == {str(pid) for pid in first.worker_pids()}
+
+
+@pytest.mark.slow  # starts gunicorn itself, on a folder of its own
+def test_make_run_on_an_empty_database_creates_one_admin_with_a_generated_password(make_instance):
+    instance = make_instance("fresh", migrated=False)
+    server = Gunicorn(instance, workers=2, migrate_first=True)
+    try:
+        password_file = instance / "admin-password"
+        password = password_file.read_text().strip()
+        with httpx.Client(base_url=server.base_url, auth=("admin", password)) as admin:
+            assert admin.get("/api/v1/model_providers").status_code == 200
+    finally:
+        server.kill()
+    log = server.log()
+    assert log.count(f"its generated password is in {password_file}") == 1
+    assert password not in log
