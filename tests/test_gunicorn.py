@@ -3,7 +3,7 @@
 import httpx
 import pytest
 
-from tests.conftest import Gunicorn, provider_body
+from tests.conftest import Gunicorn, provider_body, wait_for
 
 SECRET = "sk-over-the-socket-7777"
 
@@ -32,6 +32,21 @@ def test_create_list_get_patch_delete_over_a_socket(start_gunicorn):
     assert '"POST /api/v1/model_providers" 201' in log
     assert SECRET not in log
     assert "Basic " not in log
+
+
+def test_a_second_server_on_a_taken_address_exits_naming_it(start_gunicorn):
+    first = start_gunicorn(workers=2)
+    second = start_gunicorn(workers=2, port=first.port, wait=False)
+    assert second.process.wait(timeout=30) != 0
+    assert f"cannot listen on 127.0.0.1:{first.port}" in second.log()
+    # Every connection still reaches the first server (its log shows each request), spread
+    # over both its workers (each worker's SO_REUSEPORT socket gets some).
+    with httpx.Client(base_url=first.base_url, limits=httpx.Limits(max_keepalive_connections=0)) as new_connections:
+        for _ in range(40):
+            assert new_connections.get("/healthz").status_code == 200
+    assert wait_for(lambda: first.log().count('"GET /healthz" 200') == 40)
+    serving_pids = {line.split("] [")[1] for line in first.log().splitlines() if '"GET /healthz" 200' in line}
+    assert serving_pids == {str(pid) for pid in first.worker_pids()}
 
 
 @pytest.mark.slow  # starts gunicorn itself, on a folder of its own
