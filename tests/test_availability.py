@@ -131,16 +131,16 @@ def test_a_trickling_upstream_fails_at_the_deadline(start_gunicorn, fake_upstrea
     assert upstream.sent_bytes < 10
 
 
-def test_readers_listing_a_trickling_upstream_do_not_freeze_the_service(start_gunicorn, fake_upstream):
+def test_refreshes_of_a_trickling_upstream_do_not_freeze_the_service(start_gunicorn, fake_upstream):
     server = start_gunicorn(REGISTRY_UPSTREAM_TIMEOUT="2")
     upstream = fake_upstream()
     upstream.trickle_interval = 0.5
     trickling_id = stored_provider(server, base_url=upstream.base_url, api_key=upstream.api_key)
     reader = responsive_reader(server)
 
-    def list_models():
-        with server.client("reader") as listing_reader:
-            return timed(lambda: listing_reader.get(f"{PROVIDERS}/{trickling_id}/models"))
+    def list_models():  # the one catalog route that asks the upstream (readers only read the index)
+        with server.client("admin") as refreshing_admin:
+            return timed(lambda: refreshing_admin.get(f"{PROVIDERS}/{trickling_id}/models?refresh=true"))
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         listings = [pool.submit(list_models) for _ in range(8)]
@@ -231,7 +231,8 @@ def test_hostile_listings_are_filtered_or_failed_never_a_500(start_gunicorn, fak
     assert [answer.status_code for answer in catalog] == [200, 200, 200], [answer.text for answer in catalog]
     assert "openai:gpt-4o" in [model["id"] for model in catalog[0].json()["data"]]
     for provider_id in stored:
-        assert reader.get(f"{PROVIDERS}/{provider_id}/models").status_code == 502
+        assert reader.get(f"{PROVIDERS}/{provider_id}/models").json()["items"] == []
+        assert admin.get(f"{PROVIDERS}/{provider_id}/models?refresh=true").status_code == 502
         checked = admin.post(f"{PROVIDERS}/{provider_id}/check")
         assert checked.status_code == 200 and checked.json()["last_error"], checked.text
     admin.close()
