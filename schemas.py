@@ -8,7 +8,7 @@ from functools import cached_property
 from apifairy.decorators import parser as request_parser
 from flask import request
 from flask_marshmallow import Marshmallow
-from marshmallow import ValidationError, fields, validates_schema
+from marshmallow import INCLUDE, ValidationError, fields, validates_schema
 from marshmallow.validate import Length, OneOf, Range
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
 
@@ -417,3 +417,58 @@ class ManifestStatusSchema(ma.Schema):
 class RegistrySchema(ma.Schema):
     items = fields.List(fields.Nested(ManifestStatusSchema), required=True)
     total_count = fields.Integer(required=True)
+
+
+class GatewayRequestSchema(ma.Schema):
+    """An OpenAI request body: the fields the registry reads are checked, every other field is
+    kept and passed on to OpenAI-compatible upstreams as sent."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    model = fields.String(required=True, metadata={"description": 'A registry model id, "{type}:{upstream model id}"'})
+
+
+class ChatCompletionRequestSchema(GatewayRequestSchema):
+    messages = fields.List(fields.Dict(), required=True, validate=Length(min=1))
+    stream = fields.Boolean(load_default=False, metadata={"description": "Answer as an SSE stream of chunks"})
+    stream_options = fields.Dict(
+        allow_none=True, metadata={"description": "`include_usage`: a last chunk with `choices: []` and `usage`"}
+    )
+
+
+class EmbeddingsRequestSchema(GatewayRequestSchema):
+    input = fields.Raw(required=True, metadata={"description": "A string, a list of strings (or of token ids)"})
+    encoding_format = fields.String(
+        load_default="float",
+        validate=OneOf(["float", "base64"]),
+        metadata={"description": "base64: little-endian float32 values, as OpenAI's client asks by default"},
+    )
+
+
+class OpenAIAnswerSchema(ma.Schema):
+    """What the upstream answered, in OpenAI's shape; `model` is the registry model id."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    object = fields.String(required=True)
+    model = fields.String(required=True)
+
+
+class ChatCompletionSchema(OpenAIAnswerSchema):
+    id = fields.String()
+    created = fields.Integer()
+    choices = fields.List(fields.Dict(), required=True)
+    usage = fields.Dict(allow_none=True)
+
+
+class EmbeddingsSchema(OpenAIAnswerSchema):
+    data = fields.List(fields.Dict(), required=True)
+    usage = fields.Dict(allow_none=True)
+
+
+class ProviderIdHeaderSchema(ma.Schema):
+    x_registry_provider_id = fields.String(
+        data_key="X-Registry-Provider-Id", metadata={"description": "The provider that served the call"}
+    )

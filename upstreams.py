@@ -55,7 +55,8 @@ def http_client():
     global _client
     with _client_lock:
         if _client is None:
-            limits = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+            # The gateway holds one connection per stream in flight: hundreds per process.
+            limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
             _client = httpx.Client(limits=limits, follow_redirects=False, trust_env=False)
         return _client
 

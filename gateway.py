@@ -1,0 +1,325 @@
+"""The gateway's calls: route a model to its providers, try them in turn, relay the answer.
+
+A call is routed and its providers' keys opened while the request holds the database;
+then the database is let go (end_database_work) and only then is an upstream called, so
+no connection or transaction waits on a model. What runs after that needs no app context:
+a stream is iterated by the server after the request's context has ended.
+"""
+
+import base64
+import json
+import logging
+import struct
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+from flask import current_app
+
+import gateway_openai
+import gateway_watsonx
+from catalog import models_of_providers
+from errors import GatewayError
+from gateway_wire import Deadline, Target, UpstreamFailure, UpstreamRefusal, UpstreamTimeout
+from models import CAPABILITIES_BY_TYPE, PROVIDER_TYPES, ModelProvider, close_read_connection, db
+
+log = logging.getLogger(__name__)
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class GatewayCall:
+    """One call as the metrics count it: known in full when call_finished runs."""
+
+    model: str
+    kind: str  # "chat" or "embeddings"
+    stream: bool = False
+    provider_type: str = ""
+    provider_id: str | None = None
+    outcome: str = "ok"
+    started: float = field(default_factory=time.monotonic)
+    first_chunk_after: float | None = None
+    usage: dict | None = None
+
+    def served_by(self, target):
+        self.provider_id = target.provider_id
+
+    def first_chunk_sent(self):
+        if self.first_chunk_after is None:
+            self.first_chunk_after = time.monotonic() - self.started
+
+
+def call_finished(call):
+    """The one place where a call's outcome, latency, time to first chunk and usage are all known."""
+    latency = time.monotonic() - call.started
+    first_chunk = f"{call.first_chunk_after * 1000:.1f}" if call.first_chunk_after is not None else "-"
+    tokens = (call.usage or {}).get("total_tokens", "-")
+    log.info(
+        "gateway %s%s model=%s provider=%s outcome=%s latency_ms=%.1f first_chunk_ms=%s tokens=%s",
+        call.kind,
+        " stream" if call.stream else "",
+        call.model,
+        call.provider_id or "-",
+        call.outcome,
+        latency * 1000,
+        first_chunk,
+        tokens,
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    total_timeout: float
+    connect_timeout: float
+    watsonx_iam_url: str
+
+    @classmethod
+    def of_app(cls):
+        config = current_app.config
+        return cls(config["GATEWAY_TIMEOUT"], config["UPSTREAM_TIMEOUT"], config["WATSONX_IAM_URL"])
+
+    def deadline(self):
+        return Deadline(self.total_timeout, self.connect_timeout)
+
+
+def model_not_found(model_ref, why):
+    return GatewayError(404, f"The model {model_ref!r} does not exist: {why}.", code="model_not_found", param="model")
+
+
+def parse_model_ref(model_ref, capability):
+    """(type, upstream id) of a registry model id that names a model of the capability."""
+    provider_type, _, upstream_id = model_ref.partition(":")
+    if provider_type not in PROVIDER_TYPES or not upstream_id:
+        raise model_not_found(model_ref, 'registry models are named "{type}:{upstream model id}", e.g. "openai:gpt-4o"')
+    if capability not in CAPABILITIES_BY_TYPE[provider_type]:
+        kind = "chat" if capability == "llm" else "embeddings"
+        raise GatewayError(400, f"{provider_type} models do not serve {kind}.", param="model")
+    return provider_type, upstream_id
+
+
+def target_of(provider, upstream_id):
+    return Target(
+        provider.id,
+        provider.type,
+        provider.base_url,
+        provider.open_api_key(),
+        upstream_id,
+        provider.watsonx_project_id,
+        provider.watsonx_space_id,
+    )
+
+
+def serving_providers(provider_type, upstream_id):
+    """The online providers of the type that serve the model, oldest first.
+
+    Routing's one entry to the catalog; the model index will answer it from the database.
+    """
+    providers = db.session.scalars(
+        sa.select(ModelProvider)
+        .where(ModelProvider.type == provider_type)
+        .order_by(ModelProvider.created_at, ModelProvider.id)
+    ).all()
+    end_database_work()
+    online = [provider for provider in providers if provider.state == "online"]
+    serving = [
+        provider
+        for provider, upstream_models, _ in models_of_providers(online)
+        if any(upstream_model.id == upstream_id for upstream_model in upstream_models or ())
+    ]
+    if not serving and len(online) < len(providers):
+        raise GatewayError(503, f"Every provider of {provider_type}:{upstream_id} is offline; try again later.")
+    return serving
+
+
+def end_database_work():
+    """Give the session's and the request's connections back before any upstream is called."""
+    db.session.remove()
+    close_read_connection()
+
+
+def route(call, capability):
+    """The targets to try for the call's model, oldest provider first, keys opened; the
+    database let go."""
+    model_ref = call.model
+    provider_type, upstream_id = parse_model_ref(model_ref, capability)
+    call.provider_type = provider_type
+    providers = serving_providers(provider_type, upstream_id)
+    targets = [target_of(provider, upstream_id) for provider in providers]
+    end_database_work()
+    if not targets:
+        raise model_not_found(model_ref, f"no {provider_type} provider serves {upstream_id!r}")
+    return targets
+
+
+def wire_of(target):
+    return gateway_watsonx if target.type == "watsonx" else gateway_openai
+
+
+def wire_arguments(target, settings):
+    return (settings.watsonx_iam_url,) if target.type == "watsonx" else ()
+
+
+def refused(refusal, target):
+    error = refusal.error
+    return GatewayError(
+        refusal.status,
+        error["message"],
+        code=error.get("code"),
+        param=error.get("param"),
+        error_type=error.get("type"),
+        headers={"X-Registry-Provider-Id": target.provider_id},
+    )
+
+
+def every_provider_failed(failures):
+    """429 when every provider said so (with the soonest Retry-After), else 502."""
+    if all(failure.status == 429 for failure in failures):
+        waits = [failure.retry_after for failure in failures if failure.retry_after]
+        headers = {"Retry-After": min(waits, key=lambda wait: float(wait) if wait.isdigit() else 1e9)} if waits else {}
+        return GatewayError(429, "Every provider of the model is rate-limiting; retry later.", headers=headers)
+    reasons = "; ".join(str(failure) for failure in failures)
+    return GatewayError(502, f"Every provider of the model failed: {reasons}.")
+
+
+def first_answer(targets, attempt, call):
+    """(target, answer) from the first provider that accepts the call, trying them in turn
+    on a connection failure, 429 or 5xx."""
+    failures = []
+    for target in targets:
+        try:
+            answer = attempt(target)
+        except UpstreamFailure as failure:
+            log.warning("gateway: %s; trying the next provider", failure)
+            failures.append(failure)
+            continue
+        except UpstreamRefusal as refusal:
+            call.served_by(target)
+            raise refused(refusal, target) from None
+        except UpstreamTimeout as timeout:
+            call.served_by(target)
+            raise GatewayError(504, f"The model did not answer in time: {timeout}.") from None
+        call.served_by(target)
+        return target, answer
+    raise every_provider_failed(failures)
+
+
+@contextmanager
+def counted_if_refused(call):
+    """A call refused before any answer is counted here; one answered, when its answer is done."""
+    try:
+        yield
+    except GatewayError as error:
+        call.outcome = f"http_{error.status}"
+        call_finished(call)
+        raise
+
+
+def complete(call, chat_request, settings):
+    """A chat completion (not streamed) in OpenAI's shape, `model` the registry's id."""
+    deadline = settings.deadline()
+    with counted_if_refused(call):
+        target, completion = first_answer(
+            route(call, "llm"),
+            lambda target: wire_of(target).chat(target, chat_request, deadline, *wire_arguments(target, settings)),
+            call,
+        )
+    call.usage = completion.get("usage")
+    completion["model"] = call.model
+    call_finished(call)
+    return target, completion
+
+
+def float32_base64(vector):
+    """An embedding as OpenAI's base64: little-endian float32 values."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+def embeddings(call, embeddings_request, settings):
+    """Embeddings in OpenAI's shape, base64-encoded when the client asked so (as OpenAI's
+    own client does by default), `model` the registry's id."""
+    deadline = settings.deadline()
+    with counted_if_refused(call):
+        target, answer = first_answer(
+            route(call, "embedding"),
+            lambda target: wire_of(target).embed(
+                target, embeddings_request, deadline, *wire_arguments(target, settings)
+            ),
+            call,
+        )
+    call.usage = answer.get("usage")
+    answer["model"] = call.model
+    if embeddings_request.get("encoding_format") == "base64":
+        for item in answer.get("data") or []:
+            if isinstance(item.get("embedding"), list):
+                item["embedding"] = float32_base64(item["embedding"])
+    call_finished(call)
+    return target, answer
+
+
+def sse(document):
+    return b"data: " + json.dumps(document, separators=(",", ":")).encode() + b"\n\n"
+
+
+def stream_error(message, error_type="api_error", code=None):
+    return sse({"error": {"message": message, "type": error_type, "param": None, "code": code}})
+
+
+def open_stream(call, chat_request, settings):
+    """(target, SSE event bytes): the stream of the first provider that accepts the call."""
+    deadline = settings.deadline()
+    with counted_if_refused(call):
+        target, chunks = first_answer(
+            route(call, "llm"),
+            lambda target: wire_of(target).open_chat_stream(
+                target, chat_request, deadline, *wire_arguments(target, settings)
+            ),
+            call,
+        )
+    include_usage = bool((chat_request.get("stream_options") or {}).get("include_usage"))
+    return target, relay(chunks, call, include_usage, deadline)
+
+
+def relay(chunks, call, include_usage, deadline):
+    """Each upstream chunk as an SSE event as soon as it arrives, `model` the registry's id.
+
+    Usage, wherever the upstream put it, comes in one last chunk with `choices: []` when
+    the client asked for it. A failure after the first chunk is an error event; a client
+    that goes away closes this generator, which closes the upstream call.
+    """
+    last_chunk = {}
+    try:
+        try:
+            for chunk in chunks:
+                usage = chunk.pop("usage", None)
+                if usage:
+                    call.usage = usage
+                chunk["model"] = call.model
+                last_chunk = chunk
+                if usage and not chunk.get("choices"):
+                    continue  # the usage chunk: sent at the end, when asked for
+                call.first_chunk_sent()
+                yield sse(chunk)
+                if deadline.remaining() <= 0:
+                    raise UpstreamTimeout("the stream took longer than the gateway allows")
+            if include_usage:
+                usage_chunk = {key: last_chunk.get(key) for key in ("id", "object", "created")}
+                yield sse({**usage_chunk, "model": call.model, "choices": [], "usage": call.usage})
+        except UpstreamTimeout as timeout:
+            call.outcome = "timeout"
+            yield stream_error(f"The model did not answer in time: {timeout}.", "timeout", "timeout")
+        except (UpstreamFailure, UpstreamRefusal) as failure:
+            call.outcome = "failed_mid_stream"
+            yield stream_error(f"The provider failed mid-stream: {failure}.")
+        except Exception:
+            call.outcome = "error"
+            log.exception("gateway stream of %s failed", call.model)
+            yield stream_error("The gateway met an unexpected error; it has been logged.")
+        yield SSE_DONE
+    except GeneratorExit:
+        call.outcome = "client_disconnected"
+        raise
+    finally:
+        chunks.close()
+        call_finished(call)
