@@ -10,9 +10,8 @@ import sqlalchemy as sa
 from flask import current_app
 from werkzeug.exceptions import BadRequest, NotFound, ServiceUnavailable
 
-from errors import UpstreamError
 from models import ModelProvider, SystemConfiguration, db, types_with
-from upstreams import Connection, list_models
+from upstreams import Connection, UpstreamError, list_models
 
 log = logging.getLogger(__name__)
 

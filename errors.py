@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
 from crypto import UnopenableApiKey
+from upstreams import UpstreamError
 
 errors_bp = Blueprint("errors", __name__)
 log = logging.getLogger(__name__)
@@ -27,10 +28,6 @@ OPENAI_ERROR_TYPES = {
 }
 KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
 RFC_9110_TITLES = {413: "Content Too Large", 422: "Unprocessable Content"}
-
-
-class UpstreamError(Exception):
-    """An upstream provider failed; the message says how, never with the key."""
 
 
 class GatewayError(Exception):

@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 from flask import current_app
 
-import gateway_openai
-import gateway_watsonx
 from catalog import models_of_providers
 from errors import GatewayError
-from gateway_wire import Deadline, Target, UpstreamFailure, UpstreamRefusal, UpstreamTimeout
 from models import CAPABILITIES_BY_TYPE, PROVIDER_TYPES, ModelProvider, close_read_connection, db
+from upstreams import openai, watsonx
+from upstreams.calls import Deadline, Target, UpstreamFailure, UpstreamRefusal, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +153,7 @@ def route(call, capability):
 
 
 def wire_of(target):
-    return gateway_watsonx if target.type == "watsonx" else gateway_openai
+    return watsonx if target.type == "watsonx" else openai
 
 
 def wire_arguments(target, settings):

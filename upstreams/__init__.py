@@ -3,30 +3,19 @@
 One pooled HTTP client serves the whole process. Failures raise UpstreamError with a
 message that says what happened (refused, timeout, key rejected, unexpected answer) and
 never carries the key or the upstream's body (some upstreams echo the key back).
+Each wire format has its module here; `list_models` picks it by the provider's type.
 """
 
 import threading
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import datetime
 from urllib.parse import urlsplit
 
 import httpx
 
-from errors import UpstreamError
 
-ANTHROPIC_VERSION = "2023-06-01"
-WATSONX_API_VERSION = "2024-05-01"
-VOYAGE_MODELS = (
-    "voyage-3.5",
-    "voyage-3.5-lite",
-    "voyage-3-large",
-    "voyage-code-3",
-    "voyage-finance-2",
-    "voyage-law-2",
-    "voyage-multilingual-2",
-    "voyage-context-3",
-)
-MAX_PAGES = 20
+class UpstreamError(Exception):
+    """An upstream provider failed; the message says how, never with the key."""
 
 
 @dataclass(frozen=True)
@@ -108,87 +97,18 @@ def model_entries(document, key, id_key="id"):
     return [entry for entry in entries if isinstance(entry, dict) and entry.get(id_key)]
 
 
-def list_openai_compatible(connection, auth_headers):
-    document = get_json(connection, f"{connection.base_url}/models", headers=auth_headers)
-    return [
-        UpstreamModel(
-            id=str(entry["id"]),
-            created=unix_seconds(entry.get("created")),
-            owned_by=str(entry.get("owned_by") or ""),
-            display_name=entry.get("display_name"),
-        )
-        for entry in model_entries(document, "data")
-    ]
-
-
-def list_anthropic(connection):
-    headers = {"x-api-key": connection.api_key, "anthropic-version": ANTHROPIC_VERSION}
-    models, params = [], {"limit": 1000}
-    for _ in range(MAX_PAGES):
-        document = get_json(connection, f"{connection.base_url}/models", headers=headers, params=params)
-        models += [
-            UpstreamModel(
-                id=str(entry["id"]),
-                created=unix_seconds(entry.get("created_at")),
-                owned_by="anthropic",
-                display_name=entry.get("display_name"),
-            )
-            for entry in model_entries(document, "data")
-        ]
-        if not document.get("has_more") or not document.get("last_id"):
-            break
-        params = {"limit": 1000, "after_id": document["last_id"]}
-    return models
-
-
-def is_withdrawn(spec, today):
-    return any(
-        stage.get("id") == "withdrawn" and str(stage.get("start_date") or "0000") <= today.isoformat()
-        for stage in spec.get("lifecycle") or []
-        if isinstance(stage, dict)
-    )
-
-
-def list_watsonx(connection):
-    params = {"version": WATSONX_API_VERSION, "limit": 200}
-    document = get_json(connection, f"{connection.base_url}/ml/v1/foundation_model_specs", params=params)
-    today = date.today()
-    return [
-        UpstreamModel(
-            id=str(spec["model_id"]), owned_by=str(spec.get("provider") or "ibm"), display_name=spec.get("label")
-        )
-        for spec in model_entries(document, "resources", id_key="model_id")
-        if not is_withdrawn(spec, today)
-    ]
-
-
-def list_github(connection):
-    parts = urlsplit(connection.base_url)
-    catalog = get_json(
-        connection, f"{parts.scheme}://{parts.netloc}/catalog/models", headers=bearer(connection.api_key)
-    )
-    return [
-        UpstreamModel(id=str(entry["id"]), owned_by=str(entry.get("publisher") or ""), display_name=entry.get("name"))
-        for entry in model_entries(catalog, None)
-    ]
-
-
-def list_voyage(connection):
-    # Voyage has no model listing: its catalogue is fixed, and any answer from the host is the check.
-    send(connection, connection.base_url)
-    return [UpstreamModel(id=model_id, owned_by="voyage") for model_id in VOYAGE_MODELS]
-
-
 def list_models(connection):
     """The upstream's models, or UpstreamError saying why they could not be listed."""
+    from upstreams import anthropic, github, openai, voyage, watsonx  # they import this module's shared parts
+
     if connection.type == "anthropic":
-        return list_anthropic(connection)
+        return anthropic.list_models(connection)
     if connection.type == "watsonx":
-        return list_watsonx(connection)
+        return watsonx.list_models(connection)
     if connection.type == "github":
-        return list_github(connection)
+        return github.list_models(connection)
     if connection.type == "voyage":
-        return list_voyage(connection)
+        return voyage.list_models(connection)
     if connection.type == "rits":
-        return list_openai_compatible(connection, {"RITS_API_KEY": connection.api_key})
-    return list_openai_compatible(connection, bearer(connection.api_key))
+        return openai.list_models(connection, {"RITS_API_KEY": connection.api_key})
+    return openai.list_models(connection, bearer(connection.api_key))

@@ -1,7 +1,7 @@
 """What every gateway call to an upstream shares: the request with its deadline, the failures
 it can meet, the SSE events of a stream, and removing the provider's key from upstream text.
 
-The wire formats themselves live in gateway_openai.py and gateway_watsonx.py.
+Each wire format's chat and embeddings live beside its listing (openai.py, watsonx.py).
 """
 
 import json

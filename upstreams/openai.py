@@ -1,7 +1,22 @@
-"""Chat and embeddings of OpenAI-compatible upstreams: the body goes through as the client
+"""OpenAI-compatible upstreams (openai, ollama, rits, anthropic's compatible endpoint and the
+rest): `GET {base_url}/models`; chat and embeddings, whose body goes through as the client
 sent it (fields the registry does not know included), with the upstream's model id."""
 
-from gateway_wire import json_events, open_response, read_json
+from upstreams import UpstreamModel, get_json, model_entries, unix_seconds
+from upstreams.calls import json_events, open_response, read_json
+
+
+def list_models(connection, auth_headers):
+    document = get_json(connection, f"{connection.base_url}/models", headers=auth_headers)
+    return [
+        UpstreamModel(
+            id=str(entry["id"]),
+            created=unix_seconds(entry.get("created")),
+            owned_by=str(entry.get("owned_by") or ""),
+            display_name=entry.get("display_name"),
+        )
+        for entry in model_entries(document, "data")
+    ]
 
 
 def auth_headers(target):

@@ -1,13 +1,38 @@
-"""Chat and embeddings of watsonx.ai, translated to and from OpenAI's shapes, with the IAM
-token exchange its API keys need."""
+"""IBM watsonx.ai: the foundation model specs, without withdrawn models; chat and embeddings
+translated to and from OpenAI's shapes, with the IAM token exchange its API keys need."""
 
 import hashlib
 import threading
 import time
+from datetime import date
 
-from gateway_wire import UpstreamFailure, UpstreamRefusal, json_events, open_response, read_json
+from upstreams import UpstreamModel, get_json, model_entries
+from upstreams.calls import UpstreamFailure, UpstreamRefusal, json_events, open_response, read_json
 
-API_VERSION = "2024-05-01"
+WATSONX_API_VERSION = "2024-05-01"
+
+
+def is_withdrawn(spec, today):
+    return any(
+        stage.get("id") == "withdrawn" and str(stage.get("start_date") or "0000") <= today.isoformat()
+        for stage in spec.get("lifecycle") or []
+        if isinstance(stage, dict)
+    )
+
+
+def list_models(connection):
+    params = {"version": WATSONX_API_VERSION, "limit": 200}
+    document = get_json(connection, f"{connection.base_url}/ml/v1/foundation_model_specs", params=params)
+    today = date.today()
+    return [
+        UpstreamModel(
+            id=str(spec["model_id"]), owned_by=str(spec.get("provider") or "ibm"), display_name=spec.get("label")
+        )
+        for spec in model_entries(document, "resources", id_key="model_id")
+        if not is_withdrawn(spec, today)
+    ]
+
+
 IAM_GRANT_TYPE = "urn:ibm:params:oauth:grant-type:apikey"
 # A token is exchanged anew this long before it expires, so none expires during a call's start.
 TOKEN_RENEWAL_MARGIN = 300
@@ -96,7 +121,7 @@ def post(target, path, body, deadline, iam_url):
         f"{target.base_url}{path}",
         deadline,
         headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
-        params={"version": API_VERSION},
+        params={"version": WATSONX_API_VERSION},
         json_body={**body, "model_id": target.upstream_model, **scope},
         secrets=(token,),
     )
