@@ -6,6 +6,7 @@ Each wire format's chat and embeddings live beside its listing (openai.py, watso
 
 import json
 import time
+from contextlib import closing
 from dataclasses import dataclass
 
 import httpx
@@ -139,7 +140,7 @@ def open_response(target, method, url, deadline, *, headers=None, json_body=None
 
 def read_json(response, target):
     """The accepted response's JSON body (and the response closed)."""
-    with response:
+    with closing(response):
         try:
             response.read()
             return response.json()
@@ -169,8 +170,15 @@ def sse_events(response, target):
         yield "\n".join(data_lines)
 
 
+def has_finished(event):
+    choices = event.get("choices") if isinstance(event, dict) else None
+    return any(isinstance(choice, dict) and choice.get("finish_reason") for choice in choices or ())
+
+
 def json_events(response, target, *secrets):
-    """Each event of an SSE stream as a JSON document, until `[DONE]`; an error event raises."""
+    """Each event of an SSE stream as a JSON document, until `[DONE]`; an error event raises,
+    and so does a stream that ends before the model finished (a cut connection)."""
+    finished = False
     for data in sse_events(response, target):
         if data.strip() == "[DONE]":
             return
@@ -181,4 +189,7 @@ def json_events(response, target, *secrets):
         if isinstance(event, dict) and "error" in event and "choices" not in event:
             message = redact(json.dumps(event["error"]), target.api_key, *secrets)
             raise UpstreamFailure(f"provider {target.provider_id} failed mid-stream: {message[:UPSTREAM_TEXT_LIMIT]}")
+        finished = finished or has_finished(event)
         yield event
+    if not finished:
+        raise UpstreamFailure(f"provider {target.provider_id} ended its stream before the model finished")

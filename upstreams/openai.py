@@ -2,6 +2,8 @@
 rest): `GET {base_url}/models`; chat and embeddings, whose body goes through as the client
 sent it (fields the registry does not know included), with the upstream's model id."""
 
+from contextlib import closing
+
 from upstreams import UpstreamModel, get_json, model_entries, unix_seconds
 from upstreams.calls import json_events, open_response, read_json
 
@@ -51,7 +53,7 @@ def open_chat_stream(target, body, deadline):
     response = post(target, "/chat/completions", body, deadline)
 
     def chunks():
-        with response:
+        with closing(response):
             yield from json_events(response, target)
 
     return chunks()

@@ -4,6 +4,7 @@ translated to and from OpenAI's shapes, with the IAM token exchange its API keys
 import hashlib
 import threading
 import time
+from contextlib import closing
 from datetime import date
 
 from upstreams import UpstreamModel, get_json, model_entries
@@ -175,7 +176,7 @@ def open_chat_stream(target, body, deadline, iam_url):
     response = post(target, "/ml/v1/text/chat_stream", chat_body(body), deadline, iam_url)
 
     def chunks():
-        with response:
+        with closing(response):
             for answer in json_events(response, target):
                 yield openai_completion(answer, "chat.completion.chunk", "delta")
 
