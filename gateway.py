@@ -144,6 +144,10 @@ def route(call, capability):
     model_ref = call.model
     provider_type, upstream_id = parse_model_ref(model_ref, capability)
     call.provider_type = provider_type
+    # The credentials' connection goes back before the routing's is taken: a request never
+    # holds two, else hundreds of streams opening at once (gevent) could each hold one and
+    # wait for a second until the pool gives up.
+    close_read_connection()
     providers = serving_providers(provider_type, upstream_id)
     targets = [target_of(provider, upstream_id) for provider in providers]
     end_database_work()

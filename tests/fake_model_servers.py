@@ -13,6 +13,11 @@ BASE_PATHS = {"openai": "/v1", "anthropic": "/v1", "rits": "/v1", "watsonx": ""}
 IAM_PATH = "/identity/token"
 
 
+class ModelHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # a benchmark opens hundreds of streams at once
+
+
 class FakeModelServer:
     """One model server on a free loopback port; what it was sent is kept in `calls`."""
 
@@ -33,9 +38,7 @@ class FakeModelServer:
         self.is_down = False
         self.lock = threading.Lock()
         handler = type("Handler", (ModelHandler,), {"server_state": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
-        self._server.request_queue_size = 1024
+        self._server = ModelHTTPServer(("127.0.0.1", 0), handler)
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
@@ -71,6 +74,11 @@ def completion_id():
 USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
 
 
+def pieces_of(state, body):
+    """The stream's pieces; `fake_pieces` in the body (a benchmark's) asks for that many."""
+    return ["tok "] * body["fake_pieces"] if "fake_pieces" in body else state.pieces
+
+
 def tool_call_of(body):
     """A call of the request's first tool, as a model asked to use it would answer."""
     function = body["tools"][0]["function"]["name"]
@@ -88,6 +96,7 @@ def message_of(state, body):
 
 class ModelHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as separate writes
     server_state = None
 
     def log_message(self, format, *args):
@@ -202,7 +211,7 @@ class ModelHandler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
 
-    def send_events(self, events):
+    def send_events(self, events, interval):
         """Each event as it is due; a client gone away (the registry closing its call) is counted."""
         state = self.server_state
         try:
@@ -211,8 +220,8 @@ class ModelHandler(BaseHTTPRequestHandler):
                     return  # the connection closes without [DONE]
                 self.wfile.write(event)
                 self.wfile.flush()
-                if state.chunk_interval:
-                    time.sleep(state.chunk_interval)
+                if interval:
+                    time.sleep(interval)
         except (BrokenPipeError, ConnectionResetError):
             with state.lock:
                 state.streams_cut_by_client += 1
@@ -227,7 +236,7 @@ class ModelHandler(BaseHTTPRequestHandler):
             completion = {**identity, "object": "chat.completion", "choices": [choice], "usage": USAGE}
             return self.answer(200, {**completion, "system_fingerprint": "fp_fake"})
         self.start_stream()
-        self.send_events(self.openai_events(state, body, identity))
+        self.send_events(self.openai_events(state, body, identity), body.get("fake_interval", state.chunk_interval))
 
     def openai_events(self, state, body, identity):
         include_usage = (body.get("stream_options") or {}).get("include_usage")
@@ -239,13 +248,14 @@ class ModelHandler(BaseHTTPRequestHandler):
             return b"data: " + json.dumps(document).encode() + b"\n\n"
 
         message = message_of(state, body)
+        pieces = pieces_of(state, body)
         if message.get("tool_calls"):
             yield chunk(
                 {"role": "assistant", "content": None, "tool_calls": [{"index": 0, **message["tool_calls"][0]}]}
             )
         else:
             yield chunk({"role": "assistant", "content": ""})
-            for piece in state.pieces if message["content"] == "".join(state.pieces) else [message["content"]]:
+            for piece in pieces if message["content"] == "".join(state.pieces) else [message["content"]]:
                 yield chunk({"content": piece})
         yield chunk({}, "tool_calls" if message.get("tool_calls") else "stop")
         if include_usage:
@@ -290,7 +300,7 @@ class ModelHandler(BaseHTTPRequestHandler):
             yield f"id: {len(pieces) + 1}\nevent: message\ndata: {json.dumps(last)}\n\n".encode()
 
         self.start_stream()
-        self.send_events(events())
+        self.send_events(events(), body.get("fake_interval", state.chunk_interval))
 
     def serve_watsonx_embeddings(self, body):
         results = [{"embedding": [0.5, -0.25, float(len(text))]} for text in body["inputs"]]
@@ -301,3 +311,14 @@ class ModelHandler(BaseHTTPRequestHandler):
             "input_token_count": len(body["inputs"]),
         }
         return self.answer(200, document)
+
+
+def main():
+    """Serve one OpenAI-compatible fake until killed, printing its port (bench/gateway.py)."""
+    server = FakeModelServer("openai", api_key="sk-bench", models=["gpt-4o"])
+    print(server.port, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
