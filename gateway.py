@@ -219,15 +219,22 @@ def counted_if_refused(call):
         raise
 
 
+def served_answer(call, capability, operation, request_body, settings):
+    """(target, answer) of the first provider of the call's model that accepts it, asked
+    through its wire format's `operation` (chat, open_chat_stream or embed)."""
+    deadline = settings.deadline()
+
+    def ask(target):
+        ask_upstream = getattr(wire_of(target), operation)
+        return ask_upstream(target, request_body, deadline, *wire_arguments(target, settings))
+
+    with counted_if_refused(call):
+        return first_answer(route(call, capability), ask, call), deadline
+
+
 def complete(call, chat_request, settings):
     """A chat completion (not streamed) in OpenAI's shape, `model` the registry's id."""
-    deadline = settings.deadline()
-    with counted_if_refused(call):
-        target, completion = first_answer(
-            route(call, "llm"),
-            lambda target: wire_of(target).chat(target, chat_request, deadline, *wire_arguments(target, settings)),
-            call,
-        )
+    (target, completion), _ = served_answer(call, "llm", "chat", chat_request, settings)
     call.usage = completion.get("usage")
     completion["model"] = call.model
     call_finished(call)
@@ -242,15 +249,7 @@ def float32_base64(vector):
 def embeddings(call, embeddings_request, settings):
     """Embeddings in OpenAI's shape, base64-encoded when the client asked so (as OpenAI's
     own client does by default), `model` the registry's id."""
-    deadline = settings.deadline()
-    with counted_if_refused(call):
-        target, answer = first_answer(
-            route(call, "embedding"),
-            lambda target: wire_of(target).embed(
-                target, embeddings_request, deadline, *wire_arguments(target, settings)
-            ),
-            call,
-        )
+    (target, answer), _ = served_answer(call, "embedding", "embed", embeddings_request, settings)
     call.usage = answer.get("usage")
     answer["model"] = call.model
     if embeddings_request.get("encoding_format") == "base64":
@@ -271,15 +270,7 @@ def stream_error(message, error_type="api_error", code=None):
 
 def open_stream(call, chat_request, settings):
     """(target, SSE event bytes): the stream of the first provider that accepts the call."""
-    deadline = settings.deadline()
-    with counted_if_refused(call):
-        target, chunks = first_answer(
-            route(call, "llm"),
-            lambda target: wire_of(target).open_chat_stream(
-                target, chat_request, deadline, *wire_arguments(target, settings)
-            ),
-            call,
-        )
+    (target, chunks), deadline = served_answer(call, "llm", "open_chat_stream", chat_request, settings)
     include_usage = bool((chat_request.get("stream_options") or {}).get("include_usage"))
     return target, relay(chunks, call, include_usage, deadline)
 

@@ -30,31 +30,14 @@ import tempfile
 import time
 
 import httpx
-from throughput import Server
+from throughput import PASSWORD, USERNAME, Server, prepare_registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-USERNAME, PASSWORD = "bench", "bench-password-1"
 MODEL_KEY = "sk-bench"
 MESSAGES = [{"role": "user", "content": "Hi"}]
 SCENARIOS = ("latency", "first-chunk", "held", "relay")
-
-
-def prepare_registry(instance_path):
-    from flask_migrate import upgrade
-
-    from app import create_app
-    from models import User, db
-
-    app = create_app({"REGISTRY_INSTANCE_PATH": instance_path})
-    with app.app_context():
-        upgrade()
-        admin = User(username=USERNAME, role="admin")
-        admin.set_password(PASSWORD)
-        db.session.add(admin)
-        db.session.commit()
-        db.engine.dispose()
 
 
 def start_fake():
@@ -251,7 +234,7 @@ def main():
     options = parser.parse_args()
 
     instance_path = tempfile.mkdtemp(prefix="bench-gateway-")
-    prepare_registry(instance_path)
+    prepare_registry(instance_path, seeded=0)  # no provider but the fake: no traffic leaves the machine
     fake, fake_port = start_fake()
     server = Server("wsgi:app", instance_path, os.path.join(instance_path, "gunicorn.log"))
     try:

@@ -62,8 +62,8 @@ end
 """
 
 
-def prepare_registry(instance_path):
-    """A migrated database with one admin and SEEDED_PROVIDERS providers; one provider's id."""
+def prepare_registry(instance_path, seeded=SEEDED_PROVIDERS):
+    """A migrated database with one admin and `seeded` providers; one provider's id (or None)."""
     import sqlalchemy as sa
     from flask_migrate import upgrade
 
@@ -76,12 +76,12 @@ def prepare_registry(instance_path):
         admin = User(username=USERNAME, role="admin")
         admin.set_password(PASSWORD)
         db.session.add(admin)
-        for number in range(SEEDED_PROVIDERS):
+        for number in range(seeded):
             provider = ModelProvider(type="openai", base_url=f"https://seed{number}.example.com/v1", name=f"P{number}")
             provider.seal_api_key(f"sk-seed-{number}")
             db.session.add(provider)
         db.session.commit()
-        provider_id = db.session.scalars(sa.select(ModelProvider.id).limit(1)).one()
+        provider_id = db.session.scalars(sa.select(ModelProvider.id).limit(1)).first()
         db.engine.dispose()
     return provider_id
 

@@ -17,27 +17,13 @@ import sqlalchemy as sa
 
 from models import ModelProvider, db
 from tests.conftest import PASSWORDS, basic_auth, client_as, provider_body
-from tests.fake_model_servers import USAGE, FakeModelServer
+from tests.fake_model_servers import USAGE
 
 PROVIDERS = "/api/v1/model_providers"
 MODEL_KEY = "sk-model-key-SECRET-4242"
 WATSONX_KEY = "watsonx-api-key-SECRET-77"
 # The role that may call models until API tokens bring `caller`.
 CALLER = "service"
-
-
-@pytest.fixture
-def model_server():
-    servers = []
-
-    def start(flavor="openai", **options):
-        server = FakeModelServer(flavor, **options)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.down()
 
 
 @pytest.fixture
