@@ -19,7 +19,7 @@ from docs import apifairy, docs_bp
 from errors import errors_bp
 from health import health_bp
 from manifests import registry_bp
-from models import User, close_read_connection, db
+from models import USERNAME_MAX_LENGTH, User, canonical_username, close_read_connection, db
 from openai_compat import openai_bp
 from providers import providers_bp
 from schemas import ma
@@ -62,6 +62,13 @@ def read_choice(environ, name, choices):
     return value
 
 
+def read_username(environ, name, default):
+    username = canonical_username(environ.get(name) or default)
+    if username is None:
+        raise RuntimeError(f"{name} must be 1 to {USERNAME_MAX_LENGTH} characters, without ':' or control characters.")
+    return username
+
+
 def read_list(environ, name):
     return [item.strip() for item in environ.get(name, "").split(",") if item.strip()]
 
@@ -73,7 +80,7 @@ def load_config(environ):
     return {
         "INSTANCE_PATH": instance_path,
         "SQLALCHEMY_DATABASE_URI": database_url,
-        "ADMIN_USERNAME": environ.get("REGISTRY_ADMIN_USERNAME") or "admin",
+        "ADMIN_USERNAME": read_username(environ, "REGISTRY_ADMIN_USERNAME", "admin"),
         "ADMIN_PASSWORD": environ.get("REGISTRY_ADMIN_PASSWORD") or None,
         "ENCRYPTION_KEYS": read_list(environ, "REGISTRY_ENCRYPTION_KEYS"),
         "VERIFY_ON_CREATE": read_bool(environ, "REGISTRY_VERIFY_ON_CREATE", True),
@@ -107,6 +114,25 @@ def tune_sqlite(dbapi_connection, connection_record, synchronous):
     for pragma in ("journal_mode=WAL", f"synchronous={synchronous}", "busy_timeout=30000", "foreign_keys=ON"):
         cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
+
+
+def make_sqlite_files_private(database_path):
+    """Create the database file 0600 before SQLite would (0644 less the umask), and tighten
+    files made earlier; SQLite gives the -wal and -shm files the database file's mode."""
+    try:
+        os.close(os.open(database_path, os.O_WRONLY | os.O_CREAT, 0o600))
+        for path in (database_path, f"{database_path}-wal", f"{database_path}-shm"):
+            if os.path.exists(path):
+                os.chmod(path, 0o600)
+    except OSError as error:  # SQLite's own open will say what is wrong
+        log.warning("cannot make the database file %s private: %s", database_path, error.strerror)
+
+
+def sqlite_file_of(url):
+    """The file a SQLite URL names, or None for an in-memory or URI-form database."""
+    if url.database in (None, "", ":memory:") or url.query.get("uri"):
+        return None
+    return url.database
 
 
 def schema_head():
@@ -166,6 +192,8 @@ def create_app(environ=None):
 
     with app.app_context():
         if db.engine.dialect.name == "sqlite":
+            if database_path := sqlite_file_of(db.engine.url):
+                make_sqlite_files_private(database_path)
             sa.event.listen(db.engine, "connect", partial(tune_sqlite, synchronous=app.config["SQLITE_SYNCHRONOUS"]))
         elif not app.config["ENCRYPTION_KEYS"]:
             key_file = os.path.join(app.instance_path, KEY_FILE_NAME)

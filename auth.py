@@ -16,7 +16,7 @@ from werkzeug.exceptions import TooManyRequests
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from errors import problem
-from models import User, is_storable_text, read_connection, roles_up_to
+from models import User, canonical_username, read_connection, roles_up_to
 
 REALM = "model-provider-registry"
 auth = HTTPBasicAuth(realm=REALM)
@@ -136,7 +136,8 @@ def check_credentials(username, password):
 
 @auth.verify_password
 def verify_password(username, password):
-    if not username or not is_storable_text(username):
+    username = canonical_username(username)
+    if username is None:
         return None
     failed_logins = current_app.extensions["failed_logins"]
     retry_after = failed_logins.retry_after(request.remote_addr, username)

@@ -9,7 +9,7 @@ from flask.cli import AppGroup
 from crypto import UnopenableApiKey, cipher
 from errors import SyncInProgress
 from manifests import sync_manifests
-from models import ROLES, ModelProvider, User, db, is_storable_text
+from models import ROLES, USERNAME_MAX_LENGTH, ModelProvider, User, canonical_username, db
 
 users_cli = AppGroup("users", help="Manage the users who may call the API.")
 registry_cli = AppGroup("registry", help="Providers declared in manifests (REGISTRY_MANIFESTS).")
@@ -27,13 +27,17 @@ def read_password(from_stdin):
 
 
 def check_username(username):
-    """A name the users table can hold and HTTP Basic can carry (no colon)."""
-    if not 1 <= len(username) <= User.username.type.length or ":" in username or not is_storable_text(username):
-        raise click.ClickException(f"A user name is 1 to {User.username.type.length} characters, without ':'.")
+    """The name as stored (NFC), or refused when no user can have it."""
+    canonical = canonical_username(username)
+    if canonical is None:
+        raise click.ClickException(
+            f"A user name is 1 to {USERNAME_MAX_LENGTH} characters, without ':' or control characters."
+        )
+    return canonical
 
 
 def find_user(username):
-    user = db.session.scalar(sa.select(User).where(User.username == username))
+    user = db.session.scalar(sa.select(User).where(User.username == canonical_username(username)))
     if user is None:
         raise click.ClickException(f"No user named {username!r}.")
     return user
@@ -45,7 +49,7 @@ def find_user(username):
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input.")
 def create_user(username, role, password_stdin):
     """Create a user with a role."""
-    check_username(username)
+    username = check_username(username)
     if db.session.scalar(sa.select(User.id).where(User.username == username)) is not None:
         raise click.ClickException(f"A user named {username!r} already exists.")
     user = User(username=username, role=role)

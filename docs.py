@@ -85,6 +85,14 @@ def openai_error_response(description):
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def as_header_objects(responses):
+    """APIFairy writes response headers as parameters; a Header Object may not carry `in` or `name`."""
+    for answer in responses.values():
+        for header in answer.get("headers", {}).values():
+            header.pop("in", None)
+            header.pop("name", None)
+
+
 def document_retry_after(responses):
     if "429" in responses:
         retry_after = {"description": "Seconds to wait", "schema": {"type": "integer", "minimum": 1}}
@@ -112,6 +120,7 @@ def document_problems(spec):
             responses = operation["responses"]
             if "200" in responses:
                 responses.pop("204", None)  # APIFairy's default when the view dumps no schema itself
+            as_header_objects(responses)
             for status, answer in list(responses.items()):
                 if not status.startswith("2"):
                     responses[status] = error_response(answer["description"])

@@ -126,10 +126,14 @@ def sync_in_progress(error):
     return problem(409, str(error), headers={"Retry-After": "5"})
 
 
-@errors_bp.app_errorhandler(StaleDataError)
 @errors_bp.app_errorhandler(ObjectDeletedError)
 def deleted_meanwhile(error):
     return problem(404, "The resource was deleted by another request meanwhile.")
+
+
+@errors_bp.app_errorhandler(StaleDataError)
+def changed_meanwhile(error):
+    return problem(409, "The resource was changed or deleted by another request meanwhile; read it again and retry.")
 
 
 @errors_bp.app_errorhandler(IntegrityError)

@@ -137,9 +137,10 @@ def parse_document(content):
     try:
         return yaml.safe_load(content)
     except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark
+        # Only where: PyYAML's wording quotes the text it stumbled on ("found undefined alias 'sk-...'").
+        mark = error.problem_mark or error.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ManifestError(f"Not valid YAML or JSON: {error.problem or error.context}{where}.") from None
+        raise ManifestError(f"Not valid YAML or JSON{where}.") from None
     except (yaml.YAMLError, RecursionError):
         raise ManifestError("Not valid YAML or JSON.") from None
 

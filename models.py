@@ -1,5 +1,9 @@
 """Tables, constraints and the small domain rules that belong to stored data."""
 
+import hashlib
+import ipaddress
+import socket
+import unicodedata
 import uuid
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
@@ -104,12 +108,43 @@ def is_storable_text(text):
     return "\x00" not in text
 
 
+USERNAME_MAX_LENGTH = 255
+# Control and format characters (and line breaks): invisible, or able to rewrite a terminal or a log line.
+UNPRINTABLE_CATEGORIES = {"Cc", "Cf", "Zl", "Zp"}
+
+
+def canonical_username(username):
+    """The form a user name is stored and looked up in (NFC: "café" is one user however its
+    accent was typed), or None when no user can have that name: empty, longer than the
+    column, with a colon (HTTP Basic cannot carry it), not storable, or unprintable."""
+    if not is_storable_text(username):
+        return None
+    username = unicodedata.normalize("NFC", username)
+    if not 1 <= len(username) <= USERNAME_MAX_LENGTH or ":" in username:
+        return None
+    if any(unicodedata.category(char) in UNPRINTABLE_CATEGORIES for char in username):
+        return None
+    return username
+
+
 def is_host_name(host):
     """Labels of 1 to 63 characters, 253 in all (a trailing dot allowed), as DNS takes them."""
     try:
         return len(host.encode("idna")) <= 254
     except UnicodeError:
         return False
+
+
+def canonical_host(host):
+    """An IP address in its one written form, so that one upstream is one provider: IPv4 in
+    any form inet_aton takes (0x7f000001, 2130706433, 127.1, 0177.0.0.1, a trailing dot) as
+    the dotted quad 127.0.0.1, IPv6 compressed; a host name as it is."""
+    try:
+        if ":" in host:
+            return str(ipaddress.IPv6Address(host))
+        return socket.inet_ntoa(socket.inet_aton(host.removesuffix(".")))
+    except (ValueError, OSError):  # not an address
+        return host
 
 
 def normalize_base_url(url):
@@ -133,6 +168,7 @@ def normalize_base_url(url):
         port = parts.port
     except ValueError:
         raise ValueError("URL port is invalid.") from None
+    host = canonical_host(host)
     if ":" in host:
         host = f"[{host}]"
     netloc = host if port in (None, DEFAULT_PORTS[scheme]) else f"{host}:{port}"
@@ -160,6 +196,11 @@ class ModelProvider(db.Model):
     last_error = sa.Column(sa.Text)
     created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
     updated_at = sa.Column(sa.DateTime, nullable=False, default=utcnow, onupdate=utcnow)
+    # Counts edits: every ORM update is made WHERE version = the version read, and adds one
+    # (a patch racing another change fails instead of storing a mix); probes leave it.
+    version = sa.Column(sa.Integer, nullable=False, server_default="1")
+
+    __mapper_args__ = {"version_id_col": version}
 
     @property
     def capabilities(self):
@@ -170,6 +211,13 @@ class ModelProvider(db.Model):
 
     def open_api_key(self):
         return cipher.open(self.sealed_api_key)
+
+
+def provider_etag(provider_id, version, last_checked_at):
+    """The ETag of a provider as shown: what it shows changes by an edit (its version) or a
+    probe (state and last_error, always with a new last_checked_at), so the tag does too."""
+    shown = f"{provider_id}/{version}/{last_checked_at and last_checked_at.isoformat()}"
+    return hashlib.blake2b(shown.encode(), digest_size=12).hexdigest()
 
 
 PROVIDERS = ModelProvider.__table__
@@ -187,7 +235,7 @@ class User(db.Model):
     __tablename__ = "users"
 
     id = sa.Column(sa.Integer, primary_key=True)
-    username = sa.Column(sa.String(255), nullable=False, unique=True)
+    username = sa.Column(sa.String(USERNAME_MAX_LENGTH), nullable=False, unique=True)
     password_hash = sa.Column(sa.String(255), nullable=False)
     role = sa.Column(sa.String(16), nullable=False)
     created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)

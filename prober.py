@@ -29,10 +29,11 @@ def record_probe(provider, upstream_models, error):
         log.warning(
             "provider %s (%s) is now %s%s", provider.id, provider.type, state, f": {last_error}" if last_error else ""
         )
-    # A probe is not an edit: updated_at keeps its value.
+    # A probe is not an edit: updated_at and version keep their values. The outcome is dropped
+    # when the provider was edited meanwhile: it was of a base_url or key no longer stored.
     db.session.execute(
         sa.update(ModelProvider)
-        .where(ModelProvider.id == provider.id)
+        .where(ModelProvider.id == provider.id, ModelProvider.version == provider.version)
         .values(
             state=state,
             consecutive_failures=failures,

@@ -1,12 +1,15 @@
 """The model provider resource: /api/v1/model_providers."""
 
 import logging
+from collections.abc import Mapping
 
 import sqlalchemy as sa
 from apifairy import arguments, authenticate, body, other_responses, response
 from flask import Blueprint, current_app, url_for
 from marshmallow import ValidationError
-from werkzeug.exceptions import Conflict, NotFound
+from sqlalchemy.orm.exc import StaleDataError
+from werkzeug.exceptions import Conflict, NotFound, PreconditionFailed
+from werkzeug.http import parse_etags, quote_etag
 
 from auth import auth
 from catalog import connection_of, match_models, provider_models, remember_models, resolve_model, verify_upstream
@@ -16,18 +19,21 @@ from models import (
     ModelProvider,
     db,
     is_canonical_id,
+    provider_etag,
     read_connection,
     types_with,
 )
 from pagination import NewestFirstPages
 from prober import probe_one
 from schemas import (
-    LocationHeaderSchema,
+    CreatedProviderHeadersSchema,
     MatchPageSchema,
     MatchRequestSchema,
     ModelsPageSchema,
+    PreconditionsSchema,
     ProviderChangesSchema,
     ProviderCreateSchema,
+    ProviderHeadersSchema,
     ProviderSchema,
     ProvidersPageSchema,
     ProvidersQuerySchema,
@@ -67,6 +73,33 @@ def provider_row_or_404(provider_id):
     return provider
 
 
+def provider_exists(provider_id):
+    return db.session.scalar(sa.select(ModelProvider.id).where(ModelProvider.id == provider_id)) is not None
+
+
+ETAG_FIELDS = ("id", "version", "last_checked_at")
+
+
+def etag_of(provider):
+    """The ETag of a provider, read as an ORM object or as a mapping of PROVIDER_COLUMNS."""
+    fields = provider if isinstance(provider, Mapping) else {field: getattr(provider, field) for field in ETAG_FIELDS}
+    return provider_etag(*(fields[field] for field in ETAG_FIELDS))
+
+
+def shown(provider, status=200, **headers):
+    """An answer showing one provider: the provider, with its ETag."""
+    return provider, status, {"ETag": quote_etag(etag_of(provider)), **headers}
+
+
+def refuse_unless_matches(provider, preconditions):
+    """If-Match: change the provider only as the client last read it ("*": as long as it exists)."""
+    if_match = preconditions.get("if_match")
+    if if_match is not None and not parse_etags(if_match).contains(etag_of(provider)):
+        raise PreconditionFailed(
+            f"Model provider {provider.id} has changed since the ETag given in If-Match; read it again."
+        )
+
+
 def refuse_if_base_url_taken(base_url, own_id=None):
     owner_id = db.session.scalar(sa.select(ModelProvider.id).where(ModelProvider.base_url == base_url))
     if owner_id is not None and owner_id != own_id:
@@ -80,8 +113,10 @@ def refuse_if_managed(provider):
         )
 
 
-def commit_unique_base_url(provider):
-    """Commit; a concurrent writer that took the same base_url first turns into a 409."""
+def commit_provider(provider):
+    """Commit; a concurrent writer that took the same base_url first turns into a 409, and so
+    does one that changed this provider since it was read (an update is made WHERE version =
+    the version read), so a patch never stores a mix of its fields and another's."""
     base_url, provider_id = provider.base_url, provider.id
     try:
         db.session.commit()
@@ -89,6 +124,13 @@ def commit_unique_base_url(provider):
         db.session.rollback()
         refuse_if_base_url_taken(base_url, provider_id)
         raise
+    except StaleDataError:
+        db.session.rollback()
+        if not provider_exists(provider_id):
+            raise no_such_provider(provider_id) from None
+        raise Conflict(
+            f"Model provider {provider_id} was changed by another request meanwhile; read it again and retry."
+        ) from None
 
 
 def should_verify(query):
@@ -104,7 +146,7 @@ def create_provider(fields, verify):
     provider = ModelProvider(**fields)
     provider.seal_api_key(api_key)
     db.session.add(provider)
-    commit_unique_base_url(provider)
+    commit_provider(provider)
     if upstream_models is not None:
         remember_models(provider, upstream_models)
     return provider
@@ -116,8 +158,9 @@ def verify_changed_connection(provider, changes):
         verify_upstream(connection_of(provider.type, changes.get("base_url", provider.base_url), api_key))
 
 
-def update_provider(provider, changes, verify):
+def update_provider(provider, changes, preconditions, verify):
     refuse_if_managed(provider)
+    refuse_unless_matches(provider, preconditions)
     merged = {
         field: changes.get(field, getattr(provider, field)) for field in ("watsonx_project_id", "watsonx_space_id")
     }
@@ -132,8 +175,22 @@ def update_provider(provider, changes, verify):
         provider.seal_api_key(changes.pop("api_key"))
     for field, value in changes.items():
         setattr(provider, field, value)
-    commit_unique_base_url(provider)
+    commit_provider(provider)
     return provider
+
+
+def delete_provider(provider, preconditions):
+    refuse_if_managed(provider)
+    refuse_unless_matches(provider, preconditions)
+    deletion = sa.delete(ModelProvider).where(ModelProvider.id == provider.id)
+    if preconditions.get("if_match") is not None:  # only the provider as matched
+        deletion = deletion.where(ModelProvider.version == provider.version)
+    deleted = db.session.execute(deletion).rowcount
+    db.session.commit()
+    if deleted == 0:  # a concurrent request deleted it first, or changed it since it was matched
+        if provider_exists(provider.id):
+            raise PreconditionFailed(f"Model provider {provider.id} was changed by another request meanwhile.")
+        raise no_such_provider(provider.id)
 
 
 PROVIDER_PAGES = NewestFirstPages(
@@ -160,7 +217,7 @@ def provider_filter_values(query):
 @authenticate(auth, role="admin")
 @body(ProviderCreateSchema)
 @arguments(VerifyQuerySchema)
-@response(ProviderSchema, 201, headers=LocationHeaderSchema)
+@response(ProviderSchema, 201, headers=CreatedProviderHeadersSchema)
 @other_responses({400: "Upstream verification failed", 409: "base_url is already registered"})
 def create(fields, query):
     """Create a model provider
@@ -169,7 +226,7 @@ def create(fields, query):
     listed with the given key first; a failure is a 400 saying why, and nothing is stored.
     """
     provider = create_provider(fields, should_verify(query))
-    return provider, 201, {"Location": url_for("providers.get", provider_id=provider.id)}
+    return shown(provider, 201, Location=url_for("providers.get", provider_id=provider.id))
 
 
 @providers_bp.route("/model_providers", methods=["GET"])
@@ -183,43 +240,54 @@ def list_all(query):
 
 @providers_bp.route("/model_providers/<provider_id>", methods=["GET"])
 @authenticate(auth, role="reader")
-@response(ProviderSchema)
+@response(ProviderSchema, headers=ProviderHeadersSchema)
 @other_responses({404: "No such model provider"})
 def get(provider_id):
     """Get a model provider"""
-    return provider_row_or_404(provider_id)
+    return shown(provider_row_or_404(provider_id))
 
 
 @providers_bp.route("/model_providers/<provider_id>", methods=["PATCH"])
 @authenticate(auth, role="admin")
 @body(ProviderChangesSchema)
 @arguments(VerifyQuerySchema)
-@response(ProviderSchema)
+@arguments(PreconditionsSchema, location="headers")
+@response(ProviderSchema, headers=ProviderHeadersSchema)
 @other_responses(
     {
         400: "Upstream verification failed",
         404: "No such model provider",
-        409: "base_url taken, or the provider is managed by a manifest",
+        409: "base_url taken, the provider is managed by a manifest, or it changed while this patch was made",
+        412: "If-Match names no current ETag of the provider",
     }
 )
-def update(changes, query, provider_id):
+def update(changes, query, preconditions, provider_id):
     """Update a model provider
 
     A change of `base_url` or `api_key` is verified against the upstream first, as on create.
+    The patch is stored only if no other change of the provider was stored since it was read
+    for this patch, else 409; with If-Match, only if the provider still has one of its ETags.
     """
-    return update_provider(get_provider_or_404(provider_id), changes, should_verify(query))
+    provider = get_provider_or_404(provider_id)
+    return shown(update_provider(provider, changes, preconditions, should_verify(query)))
 
 
 @providers_bp.route("/model_providers/<provider_id>", methods=["DELETE"])
 @authenticate(auth, role="admin")
-@other_responses({404: "No such model provider", 409: "The provider is managed by a manifest"})
-def delete(provider_id):
-    """Delete a model provider"""
-    refuse_if_managed(get_provider_or_404(provider_id))
-    deleted = db.session.execute(sa.delete(ModelProvider).where(ModelProvider.id == provider_id))
-    db.session.commit()
-    if deleted.rowcount == 0:  # a concurrent request deleted it first
-        raise no_such_provider(provider_id)
+@arguments(PreconditionsSchema, location="headers")
+@other_responses(
+    {
+        404: "No such model provider",
+        409: "The provider is managed by a manifest",
+        412: "If-Match names no current ETag of the provider",
+    }
+)
+def delete(preconditions, provider_id):
+    """Delete a model provider
+
+    With If-Match, only if the provider still has one of the ETags given.
+    """
+    delete_provider(get_provider_or_404(provider_id), preconditions)
     return "", 204
 
 
@@ -235,11 +303,11 @@ def list_models(provider_id):
 
 @providers_bp.route("/model_providers/<provider_id>/check", methods=["POST"])
 @authenticate(auth, role="admin")
-@response(ProviderSchema)
+@response(ProviderSchema, headers=ProviderHeadersSchema)
 @other_responses({404: "No such model provider"})
 def check(provider_id):
     """Probe a provider now and return it with its fresh state"""
-    return probe_one(get_provider_or_404(provider_id))
+    return shown(probe_one(get_provider_or_404(provider_id)))
 
 
 @providers_bp.route("/model_providers/match", methods=["POST"])

@@ -8,7 +8,7 @@ from functools import cached_property
 from apifairy.decorators import parser as request_parser
 from flask import request
 from flask_marshmallow import Marshmallow
-from marshmallow import INCLUDE, ValidationError, fields, validates_schema
+from marshmallow import INCLUDE, ValidationError, fields, post_load, validates_schema
 from marshmallow.validate import Length, OneOf, Range
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
 
@@ -263,8 +263,23 @@ class ProvidersPageSchema(ma.Schema):
     next_page_token = fields.String(allow_none=True, required=True)
 
 
-class LocationHeaderSchema(ma.Schema):
-    Location = fields.String(metadata={"description": "URL of the new resource"})
+class ProviderHeadersSchema(ma.Schema):
+    etag = fields.String(
+        data_key="ETag",
+        required=True,
+        metadata={"description": "Changes with every change of the provider as shown; send it back in If-Match"},
+    )
+
+
+class CreatedProviderHeadersSchema(ProviderHeadersSchema):
+    location = fields.String(data_key="Location", required=True, metadata={"description": "URL of the new resource"})
+
+
+class PreconditionsSchema(ma.Schema):
+    if_match = fields.String(
+        data_key="If-Match",
+        metadata={"description": 'ETags of the provider as last read, or "*" for any; 412 when none is current'},
+    )
 
 
 class StatusSchema(ma.Schema):
@@ -321,9 +336,17 @@ class OpenAIModelListSchema(ma.Schema):
 class MatchRequestSchema(ma.Schema):
     capability = fields.String(required=True, validate=OneOf(CAPABILITIES))
     suggested_models = fields.List(
-        fields.String(validate=Length(max=1024)), load_default=list, validate=Length(max=100)
+        fields.String(validate=Length(max=256)),
+        allow_none=True,
+        load_default=None,
+        validate=Length(max=100),
+        metadata={"description": "At most 100 model names of at most 256 characters; null or absent: none"},
     )
     score_cutoff = fields.Float(load_default=0.4, validate=Range(0, 1))
+
+    @post_load
+    def no_suggestions_for_null(self, request_fields, **kwargs):
+        return {**request_fields, "suggested_models": request_fields["suggested_models"] or []}
 
 
 class MatchResultSchema(ma.Schema):

@@ -17,6 +17,21 @@ BASE_PATHS = {
 }
 
 
+class Rendezvous:
+    """Holds each request until `parties` of them, to any upstreams sharing it, are in flight
+    at once; False when that did not happen within `timeout` seconds."""
+
+    def __init__(self, parties, timeout):
+        self._barrier = threading.Barrier(parties, timeout=timeout)
+
+    def meet(self):
+        try:
+            self._barrier.wait()
+        except threading.BrokenBarrierError:
+            return False
+        return True
+
+
 class FakeUpstream:
     """One upstream on a free loopback port; it can go down and come back on the same port."""
 
@@ -27,6 +42,7 @@ class FakeUpstream:
         self.delay = delay
         self.status = None  # force an HTTP status, e.g. 500
         self.body = None  # force a raw body, e.g. b"<html>"
+        self.rendezvous = None  # a Rendezvous: answer 503 unless enough requests are in flight at once
         self.hits = 0
         self._lock = threading.Lock()
         self._server = None
@@ -72,6 +88,8 @@ class UpstreamHandler(BaseHTTPRequestHandler):
         upstream.count_hit()
         if upstream.delay:
             time.sleep(upstream.delay)
+        if upstream.rendezvous is not None and not upstream.rendezvous.meet():
+            return self.answer(503, {"error": "asked alone"})
         if upstream.status is not None or upstream.body is not None:
             return self.answer(upstream.status or 200, upstream.body or {"error": "forced"})
         route = getattr(self, f"serve_{upstream.flavor}")

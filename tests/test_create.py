@@ -77,6 +77,17 @@ def test_created_provider_is_readable(admin):
         ("https://example.com:80/v1", "https://example.com:80/v1"),
         ("https://example.com/v1?api-version=2024-01-01", "https://example.com/v1?api-version=2024-01-01"),
         ("http://[::1]:11434/v1/", "http://[::1]:11434/v1"),
+        ("http://[0:0:0:0:0:0:0:1]:11434/v1", "http://[::1]:11434/v1"),
+        ("http://[2001:DB8::0:1]/v1", "http://[2001:db8::1]/v1"),
+        ("http://0x7f000001:8000/x", "http://127.0.0.1:8000/x"),
+        ("http://2130706433:8000/x", "http://127.0.0.1:8000/x"),
+        ("http://127.1:8000/x", "http://127.0.0.1:8000/x"),
+        ("http://0177.0.0.1:8000/x", "http://127.0.0.1:8000/x"),
+        ("http://127.0.0.1.:8000/x", "http://127.0.0.1:8000/x"),
+        ("http://10.1.2:8000/x", "http://10.1.0.2:8000/x"),
+        ("http://1.2.3.4.5:8000/x", "http://1.2.3.4.5:8000/x"),
+        ("http://123.example.com/x", "http://123.example.com/x"),
+        ("http://example.com./x", "http://example.com./x"),
     ],
 )
 def test_base_url_is_normalized(admin, sent, stored):
@@ -89,6 +100,9 @@ def test_base_url_is_normalized(admin, sent, stored):
         ("https://api.openai.com/v1", "HTTPS://API.OpenAI.com:443/v1/"),
         ("http://localhost", "http://LOCALHOST:80/"),
         ("http://localhost:11434/v1", "http://localhost:11434/v1///"),
+        ("http://127.0.0.1:8000/x", "http://0x7f000001:8000/x"),
+        ("http://127.0.0.1:8000/x", "http://2130706433:8000/x"),
+        ("http://127.0.0.1:8000/x", "http://127.1:8000/x"),
     ],
 )
 def test_normalization_variants_collide(admin, first, second):

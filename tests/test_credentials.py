@@ -1,6 +1,5 @@
 """Guessing credentials: no user enumeration by cost, and repeated failures are refused with 429."""
 
-import statistics
 import sys
 import time
 
@@ -50,27 +49,9 @@ def test_unknown_user_costs_the_same_hash_as_a_wrong_password(patient_app):
     wrong_password = slow_hashes_during(lambda: login(patient_app, "admin", "wrong"))
     unknown_user = slow_hashes_during(lambda: login(patient_app, "nobody", "wrong"))
     remembered = slow_hashes_during(lambda: login(patient_app, "admin", PASSWORDS["admin"]))
-    assert wrong_password and unknown_user == wrong_password
+    assert len(wrong_password) == 1 and wrong_password[0].startswith("scrypt:")  # one slow hash, its cost
+    assert unknown_user == wrong_password
     assert remembered == []
-
-
-def cpu_seconds(action):
-    started = time.thread_time()
-    action()
-    return time.thread_time() - started
-
-
-def test_unknown_user_costs_the_same_cpu_time_as_a_wrong_password(patient_app):
-    """Thread CPU time, not wall time, so other processes on the machine do not blur it."""
-    login(patient_app, "admin", PASSWORDS["admin"])
-
-    def median_cost(username, password):
-        return statistics.median(cpu_seconds(lambda: login(patient_app, username, password)) for _ in range(5))
-
-    wrong_password, unknown_user = median_cost("admin", "wrong"), median_cost("nobody", "wrong")
-    remembered = median_cost("admin", PASSWORDS["admin"])
-    assert 0.5 < unknown_user / wrong_password < 2
-    assert unknown_user > 5 * remembered  # the measure does tell a slow hash from none
 
 
 def fail_logins(app, username, count, address=HOME):

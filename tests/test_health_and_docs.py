@@ -3,6 +3,7 @@
 import re
 
 import sqlalchemy as sa
+from openapi_spec_validator import validate
 
 from app import create_app
 from models import db
@@ -56,6 +57,10 @@ def test_openapi_document_describes_the_api(anonymous):
     assert create["security"] == [{"basic_auth": ["admin"]}]
     assert "application/problem+json" in create["responses"]["409"]["content"]
     assert spec["components"]["securitySchemes"]["basic_auth"]["scheme"] == "basic"
+
+
+def test_openapi_document_is_valid_openapi_3(anonymous):
+    validate(anonymous.get("/openapi.json").get_json())  # raises, naming the first fault
 
 
 def test_docs_page_loads_only_local_assets(anonymous):

@@ -54,7 +54,17 @@ def manifest(*entries):
 BROKEN_MANIFESTS = {
     "bad YAML": (
         manifest(RENAMED_OPENAI, OLLAMA, ANTHROPIC, f"\n  - type: openai\n    api_key: {LITERAL_KEY}: oops"),
-        "Not valid YAML or JSON: mapping values are not allowed here at line 14, column",
+        "Not valid YAML or JSON at line 14, column 45.",
+    ),
+    "YAML quoting a key in its error": (
+        manifest(RENAMED_OPENAI, OLLAMA, f"\n  - {{type: groq, base_url: https://g.example, api_key: *{LITERAL_KEY}}}"),
+        "Not valid YAML or JSON at line 10, column 56.",
+    ),
+    "YAML tag quoting a key in its error": (
+        manifest(
+            RENAMED_OPENAI, OLLAMA, f"\n  - {{type: groq, base_url: https://g.example, api_key: !{LITERAL_KEY} k}}"
+        ),
+        "Not valid YAML or JSON at line 10, column 56.",
     ),
     "not a mapping": ("- type: openai\n  base_url: https://api.openai.com/v1\n", "must be a mapping"),
     "not text": (b"\x00\xff\xfe" + LITERAL_KEY.encode(), "Not valid YAML or JSON"),
@@ -244,6 +254,20 @@ def test_added_changed_and_removed_entries_are_applied(registry_app, manifest_pa
     assert (openai["id"], openai["created_at"]) == (openai_before["id"], openai_before["created_at"])
     assert (openai["name"], openai["description"]) == ("OpenAI (renamed)", "Declared in a file")
     assert stored_api_key(app, providers["https://api.anthropic.com/v1"]["id"]) == LITERAL_KEY
+
+
+def test_a_sync_that_changes_a_provider_changes_its_etag_and_one_that_does_not_keeps_it(registry_app, manifest_path):
+    app = registry_app(manifest_path)
+    sync(app)
+    path = f"{PROVIDERS}/{by_base_url(app)['https://api.openai.com/v1']['id']}"
+    reader = client_as(app, "reader")
+    first = reader.get(path).headers["ETag"]
+    sync(app)
+    assert reader.get(path).headers["ETag"] == first
+    write_manifest(manifest_path, manifest(RENAMED_OPENAI, OLLAMA))
+    sync(app)
+    renamed = reader.get(path)
+    assert renamed.get_json()["name"] == "OpenAI (renamed)" and renamed.headers["ETag"] != first
 
 
 def test_key_rotation_through_the_manifest_reseals_only_that_key(registry_app, manifest_path):

@@ -1,11 +1,14 @@
 """API keys never show in plain text: not in responses, logs, errors nor the database."""
 
 import logging
+import os
+import sqlite3
 import stat
 
 import pytest
 import sqlalchemy as sa
 from cryptography.fernet import Fernet
+from flask_migrate import upgrade
 
 from app import create_app
 from models import ModelProvider, User, db
@@ -44,6 +47,39 @@ def test_generated_key_file_is_private(app, instance_path):
     key_file = instance_path / "encryption.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     Fernet(key_file.read_bytes().strip())
+
+
+@pytest.fixture
+def open_umask():
+    previous = os.umask(0)
+    yield
+    os.umask(previous)
+
+
+def sqlite_files_of(folder):
+    """An app on a SQLite file in `folder`, migrated, with a connection open: the -wal and -shm exist."""
+    app = create_app(registry_environ(folder, DATABASE_URL=f"sqlite:///{folder}/registry.db"))
+    with app.app_context():
+        upgrade()
+        with db.engine.connect() as connection:
+            connection.execute(sa.text("SELECT count(*) FROM model_providers"))
+            modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in folder.glob("registry.db*")}
+        db.engine.dispose()
+    return modes
+
+
+def test_database_files_are_created_private_whatever_the_umask_and_folder(tmp_path, open_umask):
+    folder = tmp_path / "open"
+    folder.mkdir(mode=0o755)
+    assert sqlite_files_of(folder) == {"registry.db": 0o600, "registry.db-wal": 0o600, "registry.db-shm": 0o600}
+
+
+def test_database_files_made_readable_earlier_are_made_private(tmp_path, open_umask):
+    folder = tmp_path / "earlier"
+    folder.mkdir(mode=0o755)
+    sqlite3.connect(folder / "registry.db").close()
+    assert stat.S_IMODE((folder / "registry.db").stat().st_mode) == 0o644
+    assert sqlite_files_of(folder) == {"registry.db": 0o600, "registry.db-wal": 0o600, "registry.db-shm": 0o600}
 
 
 def test_configured_keys_are_used_and_no_key_file_is_made(make_app, instance_path):
@@ -85,6 +121,18 @@ def test_admin_from_environment_gets_no_password_file(userless_instance):
     with app.app_context():
         stored = db.session.scalar(sa.select(User.password_hash).where(User.username == "ops"))
     assert "ops-secret" not in stored
+
+
+def test_admin_name_from_environment_is_stored_in_nfc(userless_instance):
+    environ = registry_environ(userless_instance, REGISTRY_ADMIN_USERNAME="jose\u0301", REGISTRY_ADMIN_PASSWORD="pw")
+    app = create_app(environ)
+    response = app.test_client().get(PROVIDERS, headers={"Authorization": basic_auth("jos\u00e9", "pw")})
+    assert response.status_code == 200
+
+
+def test_admin_name_with_a_control_character_stops_the_start(userless_instance):
+    with pytest.raises(RuntimeError, match="REGISTRY_ADMIN_USERNAME must be 1 to 255 characters"):
+        create_app(registry_environ(userless_instance, REGISTRY_ADMIN_USERNAME="ad\x1bmin"))
 
 
 def test_workers_starting_at_once_share_one_whole_key_file(instance_path):

@@ -55,12 +55,49 @@ def test_duplicate_user_and_bad_role_are_refused(cli):
     assert cli("create", "dave", "--role", "reader", "--password-stdin", input="\n").exit_code != 0
 
 
-@pytest.mark.parametrize("username", ["u" * 256, "with:colon", "surrogate\udc80"])
-def test_user_name_the_database_or_basic_auth_cannot_hold_is_refused(cli, username):
+@pytest.mark.parametrize(
+    "username",
+    [
+        "u" * 256,
+        "with:colon",
+        "surrogate\udc80",
+        "new\nline",
+        "tab\tbed",
+        "\x1b[31mred",
+        "bell\x07",
+        "c1\x9bcontrol",
+        "right\u202eto-left",
+        "zero\u200bwidth",
+        "line\u2028separator",
+    ],
+)
+def test_user_name_the_database_or_basic_auth_cannot_hold_or_a_terminal_shows_wrongly_is_refused(cli, username):
     result = cli("create", username, "--role", "reader", "--password-stdin", input="pw\n")
     assert result.exit_code == 1
-    assert "A user name is 1 to 255 characters" in result.output
-    assert username not in cli("list").output
+    assert "A user name is 1 to 255 characters, without ':' or control characters." in result.output
+    assert cli("list").output.count("\t") == 3  # the three users of the fixture, no other
+
+
+CAFE_NFC, CAFE_NFD = "caf\u00e9", "cafe\u0301"
+
+
+def test_user_names_are_one_user_however_their_accents_were_typed(app, cli):
+    assert cli("create", CAFE_NFD, "--role", "reader", "--password-stdin", input="pw\n").exit_code == 0
+    assert CAFE_NFC + "\treader" in cli("list").output.splitlines()
+    again = cli("create", CAFE_NFC, "--role", "admin", "--password-stdin", input="pw\n")
+    assert again.exit_code == 1 and "already exists" in again.output
+    assert can_list(app, CAFE_NFC, "pw") == 200
+    assert can_list(app, CAFE_NFD, "pw") == 200
+    assert cli("set-password", CAFE_NFC, "--password-stdin", input="pw2\n").exit_code == 0
+    assert can_list(app, CAFE_NFD, "pw2") == 200
+    assert cli("delete", CAFE_NFD).exit_code == 0
+    assert can_list(app, CAFE_NFC, "pw2") == 401
+
+
+def test_login_with_control_characters_in_the_name_is_401(app):
+    assert can_list(app, "reader\x00", "reader-pass-1") == 401
+    assert can_list(app, "reader\n", "reader-pass-1") == 401
+    assert can_list(app, "reader", "reader-pass-1") == 200
 
 
 def test_set_password_takes_effect_at_once(app, cli):
