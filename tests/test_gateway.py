@@ -119,7 +119,7 @@ def test_fields_the_registry_does_not_know_reach_an_openai_compatible_upstream(r
 
 
 def test_openai_stream_relays_chunks_with_the_registry_model_id_and_ends_with_done(registry, gateway, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+    provider_id = register(registry, model_server(api_key=MODEL_KEY))
     server = gateway()
     chunks = streamed(openai_client(server))
     assert streamed_text(chunks) == "Hello!"
@@ -132,6 +132,7 @@ def test_openai_stream_relays_chunks_with_the_registry_model_id_and_ends_with_do
         )
     assert response.headers["Content-Type"].startswith("text/event-stream")
     assert response.headers["X-Accel-Buffering"] == "no"
+    assert response.headers["X-Registry-Provider-Id"] == provider_id
     assert response.text.endswith("data: [DONE]\n\n")
 
 
@@ -545,3 +546,13 @@ def test_no_database_connection_is_held_while_waiting_on_the_model(registry, mod
     caller.join()
     assert answers[0].status_code == 200
     assert held == 0
+
+
+def test_prompts_may_outgrow_the_registrys_own_64_kib_bodies(registry, model_server):
+    upstream = model_server(api_key=MODEL_KEY)
+    register(registry, upstream)
+    long_prompt = "word " * 40_000  # 200 KB
+    body = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": long_prompt}]}
+    response = client_as(registry, CALLER).post("/api/v1/openai/chat/completions", json=body)
+    assert response.status_code == 200
+    assert upstream.calls[-1][2]["messages"][0]["content"] == long_prompt
