@@ -479,12 +479,12 @@ def test_a_call_over_the_gateway_timeout_is_504(registry, gateway, model_server)
     register(registry, upstream)
     client = openai_client(gateway(REGISTRY_GATEWAY_TIMEOUT="1"))
     chat(client)
-    upstream.delay = 3
+    upstream.delay = 5
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as raised:
         chat(client)
     assert raised.value.status_code == 504
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < 4  # the gateway's 1 s, not the model's 5
 
 
 # Streams and clients ------------------------------------------------------------------------
@@ -528,6 +528,7 @@ def test_the_async_client_chats_and_streams(registry, gateway, model_server):
     assert completion.choices[0].message.content == "Hello!" and streamed_text(chunks) == "Hello!"
 
 
+@pytest.mark.slow
 def test_no_database_connection_is_held_while_waiting_on_the_model(registry, model_server):
     upstream = model_server(api_key=MODEL_KEY)
     register(registry, upstream)
