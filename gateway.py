@@ -179,8 +179,8 @@ def refused(refusal, target):
 def every_provider_failed(failures):
     """429 when every provider said so (with the soonest Retry-After), else 502."""
     if all(failure.status == 429 for failure in failures):
-        waits = [failure.retry_after for failure in failures if failure.retry_after]
-        headers = {"Retry-After": min(waits, key=lambda wait: float(wait) if wait.isdigit() else 1e9)} if waits else {}
+        waits = sorted(int(failure.retry_after) for failure in failures if (failure.retry_after or "").isdigit())
+        headers = {"Retry-After": str(waits[0])} if waits else {}
         return GatewayError(429, "Every provider of the model is rate-limiting; retry later.", headers=headers)
     reasons = "; ".join(str(failure) for failure in failures)
     return GatewayError(502, f"Every provider of the model failed: {reasons}.")
