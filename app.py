@@ -23,6 +23,7 @@ from models import USERNAME_MAX_LENGTH, User, canonical_username, close_read_con
 from openai_compat import openai_bp
 from providers import providers_bp
 from schemas import ma
+from tokens import tokens_bp
 
 log = logging.getLogger("registry")
 migrate = Migrate()
@@ -188,6 +189,7 @@ def create_app(environ=None):
     app.register_blueprint(configurations_bp, url_prefix="/api/v1")
     app.register_blueprint(openai_bp, url_prefix="/api/v1")
     app.register_blueprint(registry_bp, url_prefix="/api/v1")
+    app.register_blueprint(tokens_bp, url_prefix="/api/v1")
     register_commands(app)
 
     with app.app_context():

@@ -1,70 +1,153 @@
-"""HTTP Basic authentication against stored users, with roles reader < service < admin."""
+"""Who is calling: HTTP Basic credentials of a user, or a Bearer API token, on every
+/api/v1 route; roles reader < caller < service < admin."""
 
 import hashlib
 import hmac
+import logging
 import math
 import os
 import threading
 import time
 from collections import OrderedDict, deque
+from datetime import timedelta
 from functools import cache
+from typing import NamedTuple
 
 import sqlalchemy as sa
 from flask import current_app, request
 from flask_httpauth import HTTPBasicAuth
+from werkzeug.datastructures import Authorization
 from werkzeug.exceptions import TooManyRequests
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from errors import problem
-from models import User, canonical_username, read_connection, roles_up_to
+from models import ApiToken, User, canonical_username, lower_role, read_connection, roles_up_to, token_digest, utcnow
 
+log = logging.getLogger(__name__)
 REALM = "model-provider-registry"
-auth = HTTPBasicAuth(realm=REALM)
-auth.__doc__ = "HTTP Basic credentials of a registry user; roles reader < service < admin."
+CHALLENGES = [("WWW-Authenticate", f'Basic realm="{REALM}"'), ("WWW-Authenticate", f'Bearer realm="{REALM}"')]
+# API.md section 6: a worker may trust a password it verified this long without reading the user again.
+REMEMBER_VERIFIED_SECONDS = 1.0
+# Failed Basic logins per client address across all user names, as a multiple of the limit per name.
+ADDRESS_LIMIT_FACTOR = 4
+# last_used_at is written when the stored value is older than this, not on every request.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+class Caller(NamedTuple):
+    """The authenticated caller: a user, and the token it came with, if any."""
+
+    id: int  # the user's
+    username: str
+    role: str  # what this request may do: the user's role, or the token's (at most its owner's)
+    token_id: str | None = None
+
+
+class BasicOrBearerAuth(HTTPBasicAuth):
+    """HTTP Basic credentials of a registry user, or `Authorization: Bearer <API token>`.
+
+    One HTTPBasicAuth that also takes tokens, rather than flask-httpauth's MultiAuth:
+    APIFairy documents only HTTPBasicAuth and HTTPTokenAuth (anything else is an "Unknown
+    authentication scheme"), and docs.py declares the Bearer scheme beside Basic.
+    """
+
+    def __init__(self):
+        super().__init__(realm=REALM)
+        self.verify_token_callback = None
+
+    def verify_token(self, callback):
+        self.verify_token_callback = callback
+        return callback
+
+    def get_auth(self):
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            return Authorization("bearer", token=token.strip())
+        return super().get_auth()
+
+    def authenticate(self, auth, stored_password):
+        if auth is not None and auth.type == "bearer":
+            return self.verify_token_callback(auth.token) if auth.token else None
+        return super().authenticate(auth, stored_password)
+
+
+auth = BasicOrBearerAuth()
+auth.__doc__ = "HTTP Basic credentials of a registry user; roles reader < caller < service < admin."
+
+
+class BoundedMemory:
+    """A thread-safe mapping of at most `capacity` entries; the least recently used go first."""
+
+    def __init__(self, capacity):
+        self._capacity = capacity
+        self._entries = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key, value):
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+
+    def pop(self, key):
+        with self._lock:
+            self._entries.pop(key, None)
+
+
+class VerifiedPassword(NamedTuple):
+    caller: Caller
+    password_hash: str
+    checked_at: float  # monotonic
 
 
 class VerifiedPasswords:
     """Passwords this process has already checked with the slow hash.
 
-    Keyed by the user's id and stored hash, so a password change or a new user of the
-    same name never matches, and by a keyed digest of the password, so a wrong password
-    never matches and the plain password is never held.
+    Keyed by user name and a keyed digest of the password, so a wrong password never
+    matches and the plain password is never held. An entry checked against the users table
+    within REMEMBER_VERIFIED_SECONDS is trusted without reading it; after that, it spares
+    the slow hash only while the user's id and stored hash are still the ones verified, so
+    a password change, or a new user of the same name, never matches.
     """
 
     def __init__(self, capacity=1024):
-        self._capacity = capacity
         self._secret = os.urandom(32)
-        self._entries = OrderedDict()
-        self._lock = threading.Lock()
+        self._memory = BoundedMemory(capacity)
 
-    def _key(self, user, password):
-        digest = hmac.new(self._secret, password.encode(), hashlib.sha256).digest()
-        return user.id, user.password_hash, digest
+    def key(self, username, password):
+        return username, hmac.new(self._secret, password.encode(), hashlib.sha256).digest()
 
-    def __contains__(self, user_and_password):
-        key = self._key(*user_and_password)
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return True
-        return False
+    def recent(self, key):
+        """The caller of a password verified within the last REMEMBER_VERIFIED_SECONDS, else None."""
+        entry = self._memory.get(key)
+        if entry is not None and time.monotonic() - entry.checked_at <= REMEMBER_VERIFIED_SECONDS:
+            return entry.caller
+        return None
 
-    def add(self, user, password):
-        with self._lock:
-            self._entries[self._key(user, password)] = True
-            while len(self._entries) > self._capacity:
-                self._entries.popitem(last=False)
+    def matches(self, key, user):
+        entry = self._memory.get(key)
+        return entry is not None and (entry.caller.id, entry.password_hash) == (user.id, user.password_hash)
 
-
-verified_passwords = VerifiedPasswords()
+    def remember(self, key, user):
+        caller = Caller(user.id, user.username, user.role)
+        self._memory.put(key, VerifiedPassword(caller, user.password_hash, time.monotonic()))
+        return caller
 
 
-class FailedLogins:
-    """Failed logins per client address and username over a sliding window, in this process.
+class FailedAttempts:
+    """Failed attempts per key (a client address, or an address and user name) over a
+    sliding window, in this process.
 
-    After `limit` failures within `window` seconds a pair is refused, before its password
-    is checked, until its oldest failure leaves the window. Other addresses trying the
-    same name, and the same address trying other names, are not affected.
+    After `limit` failures within `window` seconds a key is refused until its oldest
+    failure leaves the window.
     """
 
     def __init__(self, limit, window, capacity=10000):
@@ -74,32 +157,48 @@ class FailedLogins:
         self._failures = OrderedDict()  # key -> deque of monotonic failure times
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _key(address, username):
-        return address, hashlib.sha256(username.encode()).digest()  # bounded size, whatever was sent
-
-    def retry_after(self, address, username):
-        """Seconds until this pair may try again, or 0 when it may now."""
+    def retry_after(self, key):
+        """Seconds until this key may try again, or 0 when it may now."""
         now = time.monotonic()
         with self._lock:
-            failures = self._failures.get(self._key(address, username))
+            failures = self._failures.get(key)
             while failures and failures[0] <= now - self.window:
                 failures.popleft()
             if not failures or len(failures) < self.limit:
                 return 0
             return max(1, math.ceil(failures[0] + self.window - now))
 
-    def record(self, address, username):
-        key = self._key(address, username)
+    def record(self, key):
         with self._lock:
             self._failures.setdefault(key, deque(maxlen=self.limit)).append(time.monotonic())
             self._failures.move_to_end(key)
             while len(self._failures) > self._capacity:
                 self._failures.popitem(last=False)
 
-    def forget(self, address, username):
+    def forget(self, key):
         with self._lock:
-            self._failures.pop(self._key(address, username), None)
+            self._failures.pop(key, None)
+
+    def refuse_if_limited(self, key, who):
+        retry_after = self.retry_after(key)
+        if retry_after:
+            raise TooManyRequests(f"Too many failed {who}; retry in {retry_after} s.", retry_after=retry_after)
+
+
+class AuthState:
+    """What one process remembers about credentials (app.extensions["auth"])."""
+
+    def __init__(self, limit, window):
+        self.verified_passwords = VerifiedPasswords()
+        self.login_failures_by_name = FailedAttempts(limit, window)
+        self.login_failures_by_address = FailedAttempts(ADDRESS_LIMIT_FACTOR * limit, window)
+        # Counted apart from logins, so a flood of bad tokens never locks out a password.
+        self.token_failures = FailedAttempts(ADDRESS_LIMIT_FACTOR * limit, window)
+        self.verified_tokens = BoundedMemory(capacity=1024)  # digests of tokens this process accepted
+
+
+def auth_state():
+    return current_app.extensions["auth"]
 
 
 @cache
@@ -108,29 +207,56 @@ def decoy_password_hash():
 
 
 def init_auth(app):
-    app.extensions["failed_logins"] = FailedLogins(app.config["LOGIN_FAILURE_LIMIT"], app.config["LOGIN_WINDOW"])
+    app.extensions["auth"] = AuthState(app.config["LOGIN_FAILURE_LIMIT"], app.config["LOGIN_WINDOW"])
     decoy_password_hash()  # made now, so the first unknown name costs no more than a wrong password
 
 
-# Every request runs this: a Core statement built once, giving a row rather than a User object.
+# Every request runs one of these: Core statements built once, giving rows rather than objects.
 USERS = User.__table__
+TOKENS = ApiToken.__table__
 CREDENTIALS_BY_USERNAME = sa.select(USERS.c.id, USERS.c.username, USERS.c.password_hash, USERS.c.role).where(
     USERS.c.username == sa.bindparam("username")
 )
+# An unknown, revoked (deleted) and expired token all find no row, by the same indexed lookup.
+TOKEN_BY_DIGEST = (
+    sa.select(
+        TOKENS.c.id,
+        TOKENS.c.role,
+        TOKENS.c.last_used_at,
+        USERS.c.id.label("user_id"),
+        USERS.c.username,
+        USERS.c.role.label("user_role"),
+    )
+    .join_from(TOKENS, USERS, TOKENS.c.user_id == USERS.c.id)
+    .where(
+        TOKENS.c.digest == sa.bindparam("digest"),
+        sa.or_(TOKENS.c.expires_at.is_(None), TOKENS.c.expires_at > sa.bindparam("now")),
+    )
+)
+NOTE_TOKEN_USE = (
+    sa.update(TOKENS)
+    .where(
+        TOKENS.c.id == sa.bindparam("token_id"),
+        sa.or_(TOKENS.c.last_used_at.is_(None), TOKENS.c.last_used_at < sa.bindparam("stale_before")),
+    )
+    .values(last_used_at=sa.bindparam("now"))
+)
 
 
-def check_credentials(username, password):
-    """The caller's (id, username, password_hash, role) row when the password is right."""
+def check_credentials(key, username, password):
+    """The caller when the password is right, else None; the slow hash only for a password
+    this process has not verified for this user's current hash."""
+    state = auth_state()
     user = read_connection().execute(CREDENTIALS_BY_USERNAME, {"username": username}).first()
+    if user is not None and state.verified_passwords.matches(key, user):
+        return state.verified_passwords.remember(key, user)
+    state.login_failures_by_address.refuse_if_limited(request.remote_addr, "logins from your address")
     if user is None:
         # Spend what a wrong password costs, so timing does not tell which names exist.
         check_password_hash(decoy_password_hash(), password)
         return None
-    if (user, password) in verified_passwords:
-        return user
     if check_password_hash(user.password_hash, password):
-        verified_passwords.add(user, password)
-        return user
+        return state.verified_passwords.remember(key, user)
     return None
 
 
@@ -139,27 +265,61 @@ def verify_password(username, password):
     username = canonical_username(username)
     if username is None:
         return None
-    failed_logins = current_app.extensions["failed_logins"]
-    retry_after = failed_logins.retry_after(request.remote_addr, username)
-    if retry_after:
-        raise TooManyRequests(
-            f"Too many failed logins as this user from your address; retry in {retry_after} s.", retry_after=retry_after
-        )
-    user = check_credentials(username, password)
-    if user is None:
-        failed_logins.record(request.remote_addr, username)
+    state = auth_state()
+    name_key = (request.remote_addr, hashlib.sha256(username.encode()).digest())  # bounded, whatever was sent
+    state.login_failures_by_name.refuse_if_limited(name_key, "logins as this user from your address")
+    key = state.verified_passwords.key(username, password)
+    caller = state.verified_passwords.recent(key) or check_credentials(key, username, password)
+    if caller is None:
+        state.login_failures_by_name.record(name_key)
+        state.login_failures_by_address.record(request.remote_addr)
     else:
-        failed_logins.forget(request.remote_addr, username)
-    return user
+        state.login_failures_by_name.forget(name_key)
+    return caller
+
+
+def note_token_use(token, now):
+    """Keep last_used_at within LAST_USED_RESOLUTION: a write at most about once a minute per token."""
+    if token.last_used_at is not None and now - token.last_used_at < LAST_USED_RESOLUTION:
+        return
+    connection = read_connection()
+    try:
+        connection.commit()  # the write takes a transaction of its own, not the read's
+        connection.execute(
+            NOTE_TOKEN_USE, {"token_id": token.id, "now": now, "stale_before": now - LAST_USED_RESOLUTION}
+        )
+        connection.commit()
+    except sa.exc.OperationalError as error:  # the request need not fail for a usage time
+        connection.rollback()
+        log.warning("could not record the use of token %s: %s", token.id, error.orig)
+
+
+@auth.verify_token
+def verify_token(token):
+    state = auth_state()
+    digest = token_digest(token)
+    if state.verified_tokens.get(digest) is None:
+        state.token_failures.refuse_if_limited(request.remote_addr, "token attempts from your address")
+    now = utcnow()
+    row = read_connection().execute(TOKEN_BY_DIGEST, {"digest": digest, "now": now}).first()
+    if row is None:
+        state.verified_tokens.pop(digest)
+        state.token_failures.record(request.remote_addr)
+        return None
+    state.verified_tokens.put(digest, True)
+    note_token_use(row, now)
+    return Caller(row.user_id, row.username, lower_role(row.role, row.user_role), row.id)
 
 
 @auth.get_user_roles
-def user_roles(user):
-    return roles_up_to(user.role)
+def user_roles(caller):
+    return roles_up_to(caller.role)
 
 
 @auth.error_handler
 def auth_error(status):
     if status == 401:
-        return problem(401, "Authentication is required: send valid HTTP Basic credentials.")
+        return problem(
+            401, "Authentication is required: send HTTP Basic credentials or a Bearer API token.", headers=CHALLENGES
+        )
     return problem(403, "Your role does not allow this operation.")

@@ -1,19 +1,23 @@
-"""Operator commands: `flask --app app users ...`, `registry sync` and `keys rotate`."""
+"""Operator commands: `flask --app app users ...`, `tokens ...`, `registry sync` and `keys rotate`."""
 
 import sys
 
 import click
 import sqlalchemy as sa
 from flask.cli import AppGroup
+from werkzeug.exceptions import Forbidden
 
 from crypto import UnopenableApiKey, cipher
 from errors import SyncInProgress
 from manifests import sync_manifests
 from models import ROLES, USERNAME_MAX_LENGTH, ModelProvider, User, canonical_username, db
+from schemas import MAX_TOKEN_DAYS, TokenCreateSchema
+from tokens import TOKEN_PAGES, create_token, find_owner, revoke_token
 
 users_cli = AppGroup("users", help="Manage the users who may call the API.")
 registry_cli = AppGroup("registry", help="Providers declared in manifests (REGISTRY_MANIFESTS).")
 keys_cli = AppGroup("keys", help="Manage the encryption of the stored API keys.")
+tokens_cli = AppGroup("tokens", help="Manage the API tokens programs call the API with.")
 
 
 def read_password(from_stdin):
@@ -37,7 +41,7 @@ def check_username(username):
 
 
 def find_user(username):
-    user = db.session.scalar(sa.select(User).where(User.username == canonical_username(username)))
+    user = find_owner(username)
     if user is None:
         raise click.ClickException(f"No user named {username!r}.")
     return user
@@ -77,13 +81,67 @@ def set_password(username, password_stdin):
     click.echo(f"Changed the password of {username}.")
 
 
+@users_cli.command("set-role")
+@click.argument("username")
+@click.argument("role", type=click.Choice(ROLES))
+def set_role(username, role):
+    """Change a user's role; the user's tokens act with at most the new role from the next request."""
+    user = find_user(username)
+    user.role = role
+    db.session.commit()
+    click.echo(f"{username} is now {role}.")
+
+
 @users_cli.command("delete")
 @click.argument("username")
 def delete_user(username):
-    """Delete a user."""
+    """Delete a user, and the user's API tokens."""
     db.session.delete(find_user(username))
     db.session.commit()
     click.echo(f"Deleted {username}.")
+
+
+@tokens_cli.command("create")
+@click.argument("name")
+@click.option("--user", "username", required=True, help="The token's owner.")
+@click.option("--role", type=click.Choice(ROLES), help="At most the owner's role; default: the owner's.")
+@click.option("--expires-in-days", type=click.IntRange(1, MAX_TOKEN_DAYS), help="Default: never expires.")
+def create_api_token(name, username, role, expires_in_days):
+    """Create an API token and print its secret, this once."""
+    name_errors = TokenCreateSchema().validate({"name": name}).get("name")
+    if name_errors:
+        raise click.ClickException(f"Invalid token name: {' '.join(name_errors)}")
+    try:
+        token = create_token(find_user(username), name, role, expires_in_days)
+    except Forbidden as error:
+        raise click.ClickException(error.description) from None
+    click.echo(f"Created token {token['id']} ({token['role']}) for {username}; it is shown this once:", err=True)
+    click.echo(token["token"])
+
+
+@tokens_cli.command("list")
+@click.option("--user", "username", help="Only this user's tokens.")
+def list_api_tokens(username):
+    """List API tokens, newest first: id, name, user, role, created, expires, last used."""
+    page_token = None
+    while True:
+        page = TOKEN_PAGES.page({"user": username} if username else {}, 1000, page_token)
+        for token in page["items"]:
+            times = (token["created_at"], token["expires_at"], token["last_used_at"])
+            shown_times = [f"{time:%Y-%m-%dT%H:%M:%SZ}" if time else "-" for time in times]
+            click.echo("\t".join([token["id"], token["name"], token["user"], token["role"], *shown_times]))
+        if not page["has_more"]:
+            return
+        page_token = page["next_page_token"]
+
+
+@tokens_cli.command("revoke")
+@click.argument("token_id")
+def revoke_api_token(token_id):
+    """Revoke (delete) an API token; it stops working at once."""
+    if not revoke_token(token_id):
+        raise click.ClickException(f"No token has id {token_id!r}.")
+    click.echo(f"Revoked token {token_id}.")
 
 
 @registry_cli.command("sync")
@@ -134,3 +192,4 @@ def register_commands(app):
     app.cli.add_command(users_cli)
     app.cli.add_command(registry_cli)
     app.cli.add_command(keys_cli)
+    app.cli.add_command(tokens_cli)

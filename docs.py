@@ -44,9 +44,15 @@ OPENAI_ERROR_SCHEMA = {
     },
 }
 PROBLEM_RESPONSES_OF_AUTHENTICATED = {
-    "401": "Missing or wrong credentials",
+    "401": "Missing or wrong credentials (challenges for Basic and Bearer)",
     "403": "Role not allowed",
-    "429": "Too many failed logins as this user from this address; retry after Retry-After seconds",
+    "429": "Too many failed logins or token attempts from this address; retry after Retry-After seconds",
+}
+# APIFairy declares the Basic scheme of auth.auth; the same object takes API tokens too.
+TOKEN_SCHEME = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "An API token (mpr_...) from POST /api/v1/tokens; it acts with its role, at most its owner's.",
 }
 # gunicorn refuses these before any route sees the request (gunicorn.conf.py).
 PROBLEM_RESPONSES_OF_EVERY_REQUEST = {
@@ -105,7 +111,18 @@ def complete_document(spec):
     spec["components"]["schemas"]["ProviderCreate"]["oneOf"] = WATSONX_RULE_OF_CREATE
     chat_answer = spec["paths"]["/api/v1/openai/chat/completions"]["post"]["responses"]["200"]
     chat_answer["content"].update(SSE_CONTENT)
-    return document_problems(spec)
+    return document_problems(document_token_scheme(spec))
+
+
+def document_token_scheme(spec):
+    """Every operation that takes Basic credentials takes a Bearer token instead, for the same roles."""
+    spec["components"]["securitySchemes"]["token_auth"] = TOKEN_SCHEME
+    for path in spec["paths"].values():
+        for operation in path.values():
+            for requirement in list(operation.get("security", ())):
+                if "basic_auth" in requirement:
+                    operation["security"].append({"token_auth": requirement["basic_auth"]})
+    return spec
 
 
 def document_problems(spec):

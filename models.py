@@ -2,6 +2,7 @@
 
 import hashlib
 import ipaddress
+import secrets
 import socket
 import unicodedata
 import uuid
@@ -72,13 +73,17 @@ def types_with(capability):
 
 CAPABILITIES = ("llm", "embedding")
 STATES = ("online", "offline")
-ROLES = ("reader", "service", "admin")
+ROLES = ("reader", "caller", "service", "admin")
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def roles_up_to(role):
     """A role includes every role before it."""
     return list(ROLES[: ROLES.index(role) + 1])
+
+
+def lower_role(role, other_role):
+    return min(role, other_role, key=ROLES.index)
 
 
 def utcnow():
@@ -286,3 +291,32 @@ class SystemConfiguration(db.Model):
     default_embedding_model = sa.Column(sa.Text)
     updated_at = sa.Column(sa.DateTime, nullable=False, default=utcnow, onupdate=utcnow)
     created_by = sa.Column(sa.String(255))
+
+
+TOKEN_PREFIX = "mpr_"
+
+
+def new_token_secret():
+    """An API token: the prefix, then 256 random bits (43 URL-safe characters)."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_digest(token):
+    """What is stored of a token. A plain SHA-256 suffices for 256 random bits (README, Tokens)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class ApiToken(db.Model):
+    """A bearer credential of a user, with a role at most the user's; only its digest is kept."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (sa.Index("ix_api_tokens_newest", "created_at", "id"),)
+
+    id = sa.Column(sa.String(36), primary_key=True, default=new_id)
+    user_id = sa.Column(sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
+    name = sa.Column(sa.String(255), nullable=False)
+    role = sa.Column(sa.String(16), nullable=False)
+    digest = sa.Column(sa.String(64), nullable=False, unique=True)
+    created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
+    expires_at = sa.Column(sa.DateTime)
+    last_used_at = sa.Column(sa.DateTime)

@@ -19,8 +19,6 @@ openai_bp = Blueprint("openai", __name__)
 
 # Prompts outgrow the 64 KiB of the registry's own bodies (long contexts, images as data URLs).
 GATEWAY_MAX_BODY_BYTES = 16 * 1024 * 1024
-# The role that may call models; "caller" once API tokens bring it.
-GATEWAY_ROLE = "service"
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 GATEWAY_ERRORS = {
     400: "Bad body, no model, or an upstream's own 400 (its message, without the provider's key)",
@@ -53,7 +51,7 @@ def served_by(target):
 
 
 @openai_bp.route("/openai/chat/completions", methods=["POST"])
-@authenticate(auth, role=GATEWAY_ROLE)
+@authenticate(auth, role="caller")
 @body(ChatCompletionRequestSchema)
 @other_responses({200: (ChatCompletionSchema, "The completion, or with `stream` its SSE chunks"), **GATEWAY_ERRORS})
 def chat_completions(chat_request):
@@ -73,7 +71,7 @@ def chat_completions(chat_request):
 
 
 @openai_bp.route("/openai/embeddings", methods=["POST"])
-@authenticate(auth, role=GATEWAY_ROLE)
+@authenticate(auth, role="caller")
 @body(EmbeddingsRequestSchema)
 @other_responses({200: (EmbeddingsSchema, "The embeddings"), **GATEWAY_ERRORS})
 def create_embeddings(embeddings_request):

@@ -12,13 +12,22 @@ from marshmallow import INCLUDE, ValidationError, fields, post_load, validates_s
 from marshmallow.validate import Length, OneOf, Range
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
 
-from models import CAPABILITIES, CAPABILITIES_BY_TYPE, PROVIDER_TYPES, STATES, is_storable_text, normalize_base_url
+from models import (
+    CAPABILITIES,
+    CAPABILITIES_BY_TYPE,
+    PROVIDER_TYPES,
+    ROLES,
+    STATES,
+    is_storable_text,
+    normalize_base_url,
+)
 
 ma = Marshmallow()
 
 BASE_URL_MAX_LENGTH = 2083
 API_KEY_MAX_LENGTH = 8192
 WATSONX_ID_FIELDS = ("watsonx_project_id", "watsonx_space_id")
+MAX_TOKEN_DAYS = 3650
 
 
 def read_body():
@@ -256,11 +265,18 @@ class ProvidersQuerySchema(ma.Schema):
     page_token = fields.String(metadata={"description": "Opaque token from the previous page"})
 
 
-class ProvidersPageSchema(ma.Schema):
-    items = fields.List(fields.Nested(ProviderSchema), required=True)
-    total_count = fields.Integer(required=True)
-    has_more = fields.Boolean(required=True)
-    next_page_token = fields.String(allow_none=True, required=True)
+def page_schema(name, item_schema):
+    """The body of a page of a paged list, named `name` in the OpenAPI document."""
+    page_fields = {
+        "items": fields.List(fields.Nested(item_schema), required=True),
+        "total_count": fields.Integer(required=True),
+        "has_more": fields.Boolean(required=True),
+        "next_page_token": fields.String(allow_none=True, required=True),
+    }
+    return ma.Schema.from_dict(page_fields, name=f"{name}Schema")
+
+
+ProvidersPageSchema = page_schema("ProvidersPage", ProviderSchema)
 
 
 class ProviderHeadersSchema(ma.Schema):
@@ -495,3 +511,43 @@ class ProviderIdHeaderSchema(ma.Schema):
     x_registry_provider_id = fields.String(
         data_key="X-Registry-Provider-Id", metadata={"description": "The provider that served the call"}
     )
+
+
+class TokenCreateSchema(ma.Schema):
+    name = Text(required=True, validate=Length(1, 255), metadata={"description": "What the token is for"})
+    role = fields.String(
+        validate=OneOf(ROLES), metadata={"description": "At most the owner's role; default: the owner's role"}
+    )
+    expires_in_days = fields.Integer(
+        validate=Range(1, MAX_TOKEN_DAYS), metadata={"description": "Days until it expires; absent: never"}
+    )
+    user = Text(
+        validate=Length(1, 255), metadata={"description": "Owner's user name (admin only); default: the caller"}
+    )
+
+
+class TokenSchema(DirectDumpSchema):
+    id = fields.String(required=True, metadata={"format": "uuid"})
+    name = fields.String(required=True)
+    user = fields.String(required=True, metadata={"description": "The owner's user name"})
+    role = fields.String(required=True, validate=OneOf(ROLES))
+    created_at = Timestamp(required=True)
+    expires_at = Timestamp(allow_none=True, required=True, metadata={"description": "null: never expires"})
+    last_used_at = Timestamp(
+        allow_none=True, required=True, metadata={"description": "Last use, to within a minute; null before the first"}
+    )
+
+
+class NewTokenSchema(TokenSchema):
+    token = fields.String(
+        required=True, metadata={"description": "The secret (Authorization: Bearer ...), shown in this answer only"}
+    )
+
+
+class TokensQuerySchema(ma.Schema):
+    user = Text(metadata={"description": "Only this user's tokens (admin; others see only their own)"})
+    limit = fields.Integer(load_default=100, validate=Range(1, 1000))
+    page_token = fields.String(metadata={"description": "Opaque token from the previous page"})
+
+
+TokensPageSchema = page_schema("TokensPage", TokenSchema)

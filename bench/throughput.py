@@ -30,13 +30,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 USERNAME, PASSWORD = "bench", "bench-password-1"
-AUTHORIZATION = "Basic " + base64.b64encode(f"{USERNAME}:{PASSWORD}".encode()).decode()
+BASIC_AUTHORIZATION = "Basic " + base64.b64encode(f"{USERNAME}:{PASSWORD}".encode()).decode()
 SEEDED_PROVIDERS = 200
-# name: (method, path, target ratio to the bare app)
+# name: (method, path, target ratio to the bare app, credentials: "basic" or "bearer", an API token)
 SCENARIOS = {
-    "get one": ("GET", "/api/v1/model_providers/{provider_id}", 0.6),
-    "list 50": ("GET", "/api/v1/model_providers?limit=50", 0.3),
-    "create": ("POST", "/api/v1/model_providers", 0.2),
+    "get one": ("GET", "/api/v1/model_providers/{provider_id}", 0.6, "basic"),
+    "get one bearer": ("GET", "/api/v1/model_providers/{provider_id}", 0.6, "bearer"),
+    "list 50": ("GET", "/api/v1/model_providers?limit=50", 0.3, "basic"),
+    "create": ("POST", "/api/v1/model_providers", 0.2, "basic"),
 }
 WRK_SCRIPT = """
 wrk.method = "%(method)s"
@@ -63,12 +64,14 @@ end
 
 
 def prepare_registry(instance_path, seeded=SEEDED_PROVIDERS):
-    """A migrated database with one admin and `seeded` providers; one provider's id (or None)."""
+    """A migrated database with one admin, a token of it and `seeded` providers:
+    {"basic": ..., "bearer": ...} Authorization headers, and one provider's id (or None)."""
     import sqlalchemy as sa
     from flask_migrate import upgrade
 
     from app import create_app
     from models import ModelProvider, User, db
+    from tokens import create_token
 
     app = create_app({"REGISTRY_INSTANCE_PATH": instance_path})
     with app.app_context():
@@ -81,9 +84,10 @@ def prepare_registry(instance_path, seeded=SEEDED_PROVIDERS):
             provider.seal_api_key(f"sk-seed-{number}")
             db.session.add(provider)
         db.session.commit()
+        token = create_token(admin, "bench")["token"]
         provider_id = db.session.scalars(sa.select(ModelProvider.id).limit(1)).first()
         db.engine.dispose()
-    return provider_id
+    return {"basic": BASIC_AUTHORIZATION, "bearer": f"Bearer {token}"}, provider_id
 
 
 def free_port():
@@ -159,12 +163,12 @@ class WrkLoad:
         self.script_folder = script_folder
         self.runs = 0
 
-    def run(self, port, method, path, seconds):
+    def run(self, port, method, path, authorization, seconds):
         """Requests per second; every answer must be a 2xx, or the figure would mean nothing."""
         self.runs += 1
         script = os.path.join(self.script_folder, f"run{self.runs}.lua")
         with open(script, "w") as lua:
-            lua.write(WRK_SCRIPT % {"method": method, "authorization": AUTHORIZATION, "run": f"run{self.runs}"})
+            lua.write(WRK_SCRIPT % {"method": method, "authorization": authorization, "run": f"run{self.runs}"})
         command = [self.wrk, "-t2", f"-c{self.connections}", f"-d{seconds}s", "-s", script]
         run = subprocess.run([*command, f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True)
         rate = re.search(r"Requests/sec:\s+([\d.]+)", run.stdout)
@@ -182,14 +186,14 @@ class PythonLoad:
         self.connections = connections
         self.runs = 0
 
-    def run(self, port, method, path, seconds):
+    def run(self, port, method, path, authorization, seconds):
         self.runs += 1
         counts = [0] * self.connections
         deadline = time.monotonic() + seconds
 
         def drive(slot):
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            headers = {"Authorization": AUTHORIZATION, "Content-Type": "application/json"}
+            headers = {"Authorization": authorization, "Content-Type": "application/json"}
             while time.monotonic() < deadline:
                 body = None
                 if method == "POST":
@@ -210,14 +214,15 @@ class PythonLoad:
         return sum(counts) / seconds
 
 
-def measure(servers, load, provider_id, scenarios, rounds, seconds):
+def measure(servers, load, authorizations, provider_id, scenarios, rounds, seconds):
     """{scenario: {server name: [requests per second per round]}}, runs interleaved."""
     results = {scenario: {name: [] for name in servers} for scenario in scenarios}
     for round_number in range(rounds):
         for scenario in scenarios:
-            method, path, _ = SCENARIOS[scenario]
+            method, path, _, credentials = SCENARIOS[scenario]
             for name, server in servers.items():
-                rate = load.run(server.port, method, path.format(provider_id=provider_id), seconds)
+                path_of_provider = path.format(provider_id=provider_id)
+                rate = load.run(server.port, method, path_of_provider, authorizations[credentials], seconds)
                 results[scenario][name].append(rate)
         print(f"round {round_number + 1} of {rounds} done", file=sys.stderr)
     return results
@@ -229,14 +234,14 @@ def report(results, load, rss_before, rss_after, arguments):
         f"\nload: {load.name}, {arguments.connections} connections, {arguments.rounds} rounds of {arguments.seconds} s"
     )
     print(f"machine: {os.cpu_count()} cores\n")
-    print(f"{'scenario':<10} {'bare req/s':>11} {'registry req/s':>15} {'ratio':>6} {'target':>7}")
+    print(f"{'scenario':<15} {'bare req/s':>11} {'registry req/s':>15} {'ratio':>6} {'target':>7}")
     for scenario, rates in results.items():
         target = SCENARIOS[scenario][2]
         bare, registry = rates["bare"], rates["registry"]
         ratio = statistics.median(ours / theirs for ours, theirs in zip(registry, bare, strict=True))
         verdict = "ok" if ratio >= target else "BELOW"
         print(
-            f"{scenario:<10} {statistics.median(bare):>11.0f} {statistics.median(registry):>15.0f}"
+            f"{scenario:<15} {statistics.median(bare):>11.0f} {statistics.median(registry):>15.0f}"
             f" {ratio:>6.2f} {target:>7} {verdict}"
         )
     served = sum(rate * arguments.seconds for rates in results.values() for rate in rates["registry"])
@@ -256,7 +261,7 @@ def main():
 
     workspace = tempfile.mkdtemp(prefix="registry-bench-")
     instance_path = os.path.join(workspace, "instance")
-    provider_id = prepare_registry(instance_path)
+    authorizations, provider_id = prepare_registry(instance_path)
     wrk = None if arguments.python_client else find_or_install_wrk()
     load = WrkLoad(wrk, arguments.connections, workspace) if wrk else PythonLoad(arguments.connections)
     servers = {
@@ -264,9 +269,11 @@ def main():
         "registry": Server("wsgi:app", instance_path, os.path.join(workspace, "registry.log")),
     }
     try:
-        measure(servers, load, provider_id, arguments.only, rounds=1, seconds=2)  # warm-up
+        measure(servers, load, authorizations, provider_id, arguments.only, rounds=1, seconds=2)  # warm-up
         rss_before = servers["registry"].worker_rss_kib()
-        results = measure(servers, load, provider_id, arguments.only, arguments.rounds, arguments.seconds)
+        results = measure(
+            servers, load, authorizations, provider_id, arguments.only, arguments.rounds, arguments.seconds
+        )
         rss_after = servers["registry"].worker_rss_kib()
     finally:
         for server in servers.values():

@@ -1,7 +1,11 @@
 """Guessing credentials: no user enumeration by cost, and repeated failures are refused with 429."""
 
+import secrets
+import statistics
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -90,6 +94,33 @@ def test_refusal_ends_when_the_window_has_passed(make_app):
     assert login(app, "admin", PASSWORDS["admin"]).status_code == 200
 
 
+def random_names(count):
+    return [f"guess-{secrets.token_hex(6)}" for _ in range(count)]
+
+
+def test_failures_across_names_are_limited_per_address(app):
+    """Four times REGISTRY_LOGIN_FAILURES (5): random names cannot buy unlimited slow hashes."""
+    assert login(app, "reader", PASSWORDS["reader"]).status_code == 200  # verified before the flood
+    statuses = [login(app, name, "wrong").status_code for name in random_names(21)]
+    assert statuses == [401] * 20 + [429]
+    refused = login(app, "guess-new", "wrong")
+    assert refused.status_code == 429 and "your address" in refused.get_json()["detail"]
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert slow_hashes_during(lambda: login(app, "guess-other", "wrong")) == []
+    assert login(app, "reader", PASSWORDS["reader"]).status_code == 200  # remembered: never refused
+    time.sleep(1.1)  # past the second in which the users table need not be read
+    assert login(app, "reader", PASSWORDS["reader"]).status_code == 200
+    assert login(app, "admin", PASSWORDS["admin"]).status_code == 429  # a password never verified here
+    assert login(app, "admin", PASSWORDS["admin"], address=ELSEWHERE).status_code == 200
+
+
+def test_a_success_does_not_clear_the_failures_across_names(app):
+    for name in random_names(19):
+        login(app, name, "wrong")
+    assert login(app, "reader", PASSWORDS["reader"]).status_code == 200
+    assert [login(app, name, "wrong").status_code for name in random_names(2)] == [401, 429]
+
+
 def test_limit_over_a_socket_keys_on_the_client_address(start_gunicorn):
     server = start_gunicorn(workers=1)
 
@@ -102,3 +133,37 @@ def test_limit_over_a_socket_keys_on_the_client_address(start_gunicorn):
     assert statuses == [401] * 5 + [429]
     with client_from("127.0.0.2", PASSWORDS["admin"]) as admin_elsewhere:
         assert admin_elsewhere.get(PROVIDERS).status_code == 200
+
+
+def test_a_flood_of_random_names_leaves_a_known_reader_answered_promptly(start_gunicorn):
+    """16 clients sending random user names (issue 11): after the per-address limit they cost no
+    slow hash, and a reader whose password each worker has verified keeps its answers."""
+    server = start_gunicorn(workers=2)
+    for _ in range(20):  # fresh connections, so each worker verifies the reader's password
+        with server.client("reader") as reader:
+            assert reader.get(PROVIDERS).status_code == 200
+    stop = threading.Event()
+
+    def flood(_):
+        statuses = []
+        with httpx.Client(base_url=server.base_url, timeout=30) as guesser:
+            while not stop.is_set():
+                statuses.append(guesser.get(PROVIDERS, auth=(random_names(1)[0], "wrong")).status_code)
+        return statuses
+
+    latencies = []
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        flooders = [pool.submit(flood, number) for number in range(16)]
+        time.sleep(1)
+        with server.client("reader") as reader:
+            for _ in range(40):
+                started = time.monotonic()
+                assert reader.get(PROVIDERS).status_code == 200
+                latencies.append(time.monotonic() - started)
+                time.sleep(0.02)
+        stop.set()
+        flood_statuses = [status for flooder in flooders for status in flooder.result()]
+    assert set(flood_statuses) == {401, 429}
+    # 4 x REGISTRY_LOGIN_FAILURES per worker, plus the guesses already in its 4 threads when it was reached
+    assert flood_statuses.count(401) <= 2 * (20 + 4)
+    assert statistics.median(latencies) < 0.1  # 5 ms unloaded; 1.5 s with a slow hash per guess

@@ -66,10 +66,13 @@ def test_body_over_64_kib_is_413(admin):
     assert count(admin) == 0
 
 
-def test_missing_credentials_are_401_with_basic_challenge(anonymous):
+def test_missing_credentials_are_401_with_basic_and_bearer_challenges(anonymous):
     response = anonymous.get(PROVIDERS)
     assert_problem(response, 401)
-    assert response.headers["WWW-Authenticate"] == 'Basic realm="model-provider-registry"'
+    assert response.headers.getlist("WWW-Authenticate") == [
+        'Basic realm="model-provider-registry"',
+        'Bearer realm="model-provider-registry"',
+    ]
 
 
 @pytest.mark.parametrize(
@@ -87,7 +90,7 @@ def test_missing_credentials_are_401_with_basic_challenge(anonymous):
 def test_wrong_credentials_are_401(anonymous, authorization):
     response = anonymous.get(PROVIDERS, headers={"Authorization": authorization})
     assert_problem(response, 401)
-    assert response.headers["WWW-Authenticate"].startswith("Basic")
+    assert [challenge.split()[0] for challenge in response.headers.getlist("WWW-Authenticate")] == ["Basic", "Bearer"]
 
 
 @pytest.mark.parametrize(

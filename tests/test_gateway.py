@@ -22,7 +22,7 @@ from tests.fake_model_servers import USAGE
 PROVIDERS = "/api/v1/model_providers"
 MODEL_KEY = "sk-model-key-SECRET-4242"
 WATSONX_KEY = "watsonx-api-key-SECRET-77"
-# The role that may call models until API tokens bring `caller`.
+# Basic credentials of a user whose role may call models (tokens of role caller are made below).
 CALLER = "service"
 
 
@@ -33,15 +33,26 @@ def registry(make_app):
 
 
 @pytest.fixture
-def gateway(start_gunicorn):
-    """gunicorn serving the registry; `gateway(iam=server)` points watsonx at a fake IAM."""
+def gateway(start_gunicorn, registry):
+    """gunicorn serving the registry, with `caller_token`, an API token of role caller, as
+    agents hold; `gateway(iam=server)` points watsonx at a fake IAM."""
 
     def start(iam=None, **overrides):
         if iam is not None:
             overrides["REGISTRY_WATSONX_IAM_URL"] = iam.iam_url
-        return start_gunicorn(workers=1, **overrides)
+        server = start_gunicorn(workers=1, **overrides)
+        server.caller_token = token_of(registry, "caller")
+        return server
 
     return start
+
+
+def token_of(registry, role):
+    """A new API token of that role (its owner: the user of that role, or service for caller)."""
+    owner = "service" if role == "caller" else role
+    response = client_as(registry, owner).post("/api/v1/tokens", json={"name": f"agent-{role}", "role": role})
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["token"]
 
 
 def register(registry, server, provider_type=None, **fields):
@@ -63,12 +74,11 @@ def set_state(registry, provider_id, state):
         db.session.commit()
 
 
-def openai_client(server, role=CALLER, password=None, client_class=openai.OpenAI):
-    credentials = basic_auth(role, password or PASSWORDS[role])
+def openai_client(server, api_key=None, client_class=openai.OpenAI):
+    """The OpenAI client as an agent points it at the registry: an API token as its key."""
     return client_class(
         base_url=f"{server.base_url}/api/v1/openai",
-        api_key="unused",
-        default_headers={"Authorization": credentials},
+        api_key=api_key or server.caller_token,
         max_retries=0,
         timeout=30,
     )
@@ -398,7 +408,7 @@ def test_a_chat_with_an_embedding_only_type_is_400(gateway):
 def test_roles_below_the_gateways_are_refused_403(registry, gateway, model_server):
     upstream = model_server(api_key=MODEL_KEY)
     register(registry, upstream)
-    client = openai_client(gateway(), role="reader")
+    client = openai_client(gateway(), api_key=token_of(registry, "reader"))
     with pytest.raises(openai.PermissionDeniedError):
         chat(client)
     with pytest.raises(openai.PermissionDeniedError):
@@ -406,12 +416,28 @@ def test_roles_below_the_gateways_are_refused_403(registry, gateway, model_serve
     assert upstream.calls == []
 
 
-def test_wrong_or_missing_credentials_are_401(gateway):
+def test_unknown_or_revoked_tokens_and_wrong_passwords_are_401(registry, gateway):
     server = gateway()
     with pytest.raises(openai.AuthenticationError):
-        chat(openai_client(server, password="wrong"))
-    response = httpx.post(f"{server.base_url}/api/v1/openai/chat/completions", json={"model": "openai:gpt-4o"})
+        chat(openai_client(server, api_key="mpr_not-a-token-of-this-registry"))
+    revoked = token_of(registry, "caller")
+    token_id = client_as(registry, "service").get("/api/v1/tokens").get_json()["items"][0]["id"]
+    assert client_as(registry, "service").delete(f"/api/v1/tokens/{token_id}").status_code == 204
+    with pytest.raises(openai.AuthenticationError):
+        chat(openai_client(server, api_key=revoked))
+    wrong_password = {"Authorization": basic_auth(CALLER, "wrong")}
+    response = httpx.post(f"{server.base_url}/api/v1/openai/chat/completions", json={}, headers=wrong_password)
     assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+    assert httpx.post(f"{server.base_url}/api/v1/openai/embeddings", json={}).status_code == 401
+
+
+def test_basic_credentials_of_a_caller_or_above_may_call_too(registry, gateway, model_server):
+    register(registry, model_server(api_key=MODEL_KEY))
+    server = gateway()
+    body = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
+    headers = {"Authorization": basic_auth(CALLER, PASSWORDS[CALLER])}
+    response = httpx.post(f"{server.base_url}/api/v1/openai/chat/completions", json=body, headers=headers)
+    assert response.status_code == 200 and response.json()["model"] == "openai:gpt-4o"
 
 
 # Upstream errors ---------------------------------------------------------------------------

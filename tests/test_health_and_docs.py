@@ -54,9 +54,14 @@ def test_openapi_document_describes_the_api(anonymous):
     assert set(fields["required"]) == {"type", "base_url", "api_key"}
     assert len(fields["properties"]["type"]["enum"]) == 22
     assert fields["properties"]["base_url"]["maxLength"] == 2083
-    assert create["security"] == [{"basic_auth": ["admin"]}]
+    assert create["security"] == [{"basic_auth": ["admin"]}, {"token_auth": ["admin"]}]
     assert "application/problem+json" in create["responses"]["409"]["content"]
     assert spec["components"]["securitySchemes"]["basic_auth"]["scheme"] == "basic"
+    assert spec["components"]["securitySchemes"]["token_auth"]["scheme"] == "bearer"
+    operations = [operation for path in spec["paths"].values() for operation in path.values()]
+    secured = [operation["security"] for operation in operations if "security" in operation]
+    assert secured and all([*requirement] == ["basic_auth"] for requirement, _ in secured)
+    assert all([*requirement] == ["token_auth"] for _, requirement in secured)
 
 
 def test_openapi_document_is_valid_openapi_3(anonymous):

@@ -476,8 +476,8 @@ def test_registry_routes_need_their_roles(registry_app, manifest_path):
 
 def test_openapi_documents_the_registry_routes(registry_app, manifest_path):
     paths = registry_app(manifest_path).test_client().get("/openapi.json").get_json()["paths"]
-    assert paths[REGISTRY]["get"]["security"] == [{"basic_auth": ["reader"]}]
-    assert paths[SYNC]["post"]["security"] == [{"basic_auth": ["admin"]}]
+    assert paths[REGISTRY]["get"]["security"] == [{"basic_auth": ["reader"]}, {"token_auth": ["reader"]}]
+    assert paths[SYNC]["post"]["security"] == [{"basic_auth": ["admin"]}, {"token_auth": ["admin"]}]
     assert "409" in paths[SYNC]["post"]["responses"]
 
 

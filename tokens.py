@@ -1,0 +1,161 @@
+"""API tokens for programs: /api/v1/tokens, and the work the `tokens` CLI shares with it."""
+
+from datetime import timedelta
+
+import sqlalchemy as sa
+from apifairy import arguments, authenticate, body, other_responses, response
+from flask import Blueprint
+from marshmallow import ValidationError
+from werkzeug.exceptions import Forbidden, NotFound
+
+from auth import auth
+from models import (
+    ROLES,
+    ApiToken,
+    User,
+    canonical_username,
+    db,
+    is_canonical_id,
+    new_token_secret,
+    token_digest,
+    utcnow,
+)
+from pagination import NewestFirstPages
+from schemas import NewTokenSchema, TokenCreateSchema, TokensPageSchema, TokensQuerySchema
+
+tokens_bp = Blueprint("tokens", __name__)
+
+TOKENS = ApiToken.__table__
+USERS = User.__table__
+TOKEN_PAGES = NewestFirstPages(
+    TOKENS,
+    sa.select(
+        TOKENS.c.id,
+        TOKENS.c.name,
+        USERS.c.username.label("user"),
+        TOKENS.c.role,
+        TOKENS.c.created_at,
+        TOKENS.c.expires_at,
+        TOKENS.c.last_used_at,
+    ).join_from(TOKENS, USERS, TOKENS.c.user_id == USERS.c.id),
+    {
+        "user": TOKENS.c.user_id
+        == sa.select(USERS.c.id).where(USERS.c.username == sa.bindparam("user")).correlate(None).scalar_subquery()
+    },
+)
+
+
+def find_owner(username):
+    """The user named `username` (in any Unicode form of the name), or None."""
+    return db.session.scalar(sa.select(User).where(User.username == canonical_username(username)))
+
+
+def create_token(owner, name, role=None, expires_in_days=None):
+    """A new token of `owner` (a User) as its answer, secret included; its role at most the owner's."""
+    role = role or owner.role
+    if ROLES.index(role) > ROLES.index(owner.role):
+        raise Forbidden(f"A token's role is at most its owner's; {owner.username} is {owner.role}.")
+    secret = new_token_secret()
+    created_at = utcnow()
+    token = ApiToken(
+        user_id=owner.id,
+        name=name,
+        role=role,
+        digest=token_digest(secret),
+        created_at=created_at,
+        expires_at=created_at + timedelta(days=expires_in_days) if expires_in_days else None,
+    )
+    db.session.add(token)
+    db.session.commit()
+    return {
+        "id": token.id,
+        "name": token.name,
+        "user": owner.username,
+        "role": token.role,
+        "created_at": token.created_at,
+        "expires_at": token.expires_at,
+        "last_used_at": None,
+        "token": secret,
+    }
+
+
+def revoke_token(token_id, owner_id=None):
+    """Delete a token (only of `owner_id`, when given); False when there was none."""
+    if not is_canonical_id(token_id):
+        return False
+    statement = sa.delete(ApiToken).where(ApiToken.id == token_id)
+    if owner_id is not None:
+        statement = statement.where(ApiToken.user_id == owner_id)
+    deleted = db.session.execute(statement)
+    db.session.commit()
+    return deleted.rowcount == 1
+
+
+def owner_for(caller, username):
+    """Whom a token asked for by `caller` belongs to: the caller, or (admin only) the named user."""
+    if caller.token_id is not None:
+        raise Forbidden("Tokens are created with a user's password, not with another token.")
+    if username is not None and canonical_username(username) != caller.username:
+        if caller.role != "admin":
+            raise Forbidden("Only an admin may create a token for another user.")
+        owner = find_owner(username)
+        if owner is None:
+            raise ValidationError({"user": [f"No user named {username!r}."]})
+        return owner
+    owner = db.session.get(User, caller.id)
+    if owner is None:  # deleted since its password was verified
+        raise Forbidden("Your user no longer exists.")
+    return owner
+
+
+@tokens_bp.route("/tokens", methods=["POST"])
+@authenticate(auth, role="reader")
+@body(TokenCreateSchema)
+@response(NewTokenSchema, 201)
+def create(request_fields):
+    """Create an API token
+
+    The answer holds the secret (`token`, sent as `Authorization: Bearer <token>`); it is
+    shown this once, since the registry keeps only a digest of it. The token acts with its
+    role, never more than its owner's current role. Tokens are created with a password
+    (HTTP Basic), not with another token, so a leaked token cannot outlive its revocation.
+    """
+    owner = owner_for(auth.current_user(), request_fields.get("user"))
+    return create_token(
+        owner, request_fields["name"], request_fields.get("role"), request_fields.get("expires_in_days")
+    )
+
+
+@tokens_bp.route("/tokens", methods=["GET"])
+@authenticate(auth, role="reader")
+@arguments(TokensQuerySchema)
+@response(TokensPageSchema)
+def list_all(query):
+    """List API tokens, newest first
+
+    Your own tokens; an admin sees everyone's (`user` narrows them to one user's).
+    Expired tokens stay listed until revoked.
+    """
+    caller, username = auth.current_user(), query.get("user")
+    if username is not None:
+        username = canonical_username(username) or username  # a name no user can have lists nothing
+    if caller.role != "admin":
+        if username not in (None, caller.username):
+            raise Forbidden("Only an admin may list another user's tokens.")
+        username = caller.username
+    filter_values = {"user": username} if username else {}
+    return TOKEN_PAGES.page(filter_values, query["limit"], query.get("page_token"))
+
+
+@tokens_bp.route("/tokens/<token_id>", methods=["DELETE"])
+@authenticate(auth, role="reader")
+@other_responses({404: "No such token among those you may revoke"})
+def delete(token_id):
+    """Revoke an API token (yours; an admin may revoke anyone's)
+
+    It stops working at once, in every worker and instance.
+    """
+    caller = auth.current_user()
+    if not revoke_token(token_id, None if caller.role == "admin" else caller.id):
+        raise NotFound(f"You have no token with id {token_id!r}.")
+    return "", 204
