@@ -472,6 +472,21 @@ def test_an_upstream_400_quoting_the_key_reaches_the_client_without_it(registry,
     assert MODEL_KEY not in server.log()
 
 
+def test_a_watsonx_error_quoting_its_token_reaches_the_client_without_it(registry, gateway, model_server):
+    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+    register_watsonx(registry, upstream)
+    server = gateway(iam=upstream)
+    client = openai_client(server)
+    chat(client, "watsonx:ibm/granite-3-8b-instruct")  # the token is iam-token-1 from here on
+    message = f"token iam-token-1 for key {WATSONX_KEY} may not use this model"
+    upstream.forced = (400, {"errors": [{"code": "model_not_supported", "message": message}]}, {})
+    with pytest.raises(openai.BadRequestError) as raised:
+        chat(client, "watsonx:ibm/granite-3-8b-instruct")
+    assert raised.value.code == "model_not_supported" and "may not use this model" in raised.value.message
+    assert "iam-token-1" not in raised.value.response.text and WATSONX_KEY not in raised.value.response.text
+    assert WATSONX_KEY not in server.log()
+
+
 def test_a_rejected_provider_key_is_a_502_not_the_clients_401(registry, gateway, model_server):
     upstream = model_server(api_key=MODEL_KEY)
     provider_id = register(registry, upstream)
