@@ -37,7 +37,8 @@ class GatewayCall:
     stream: bool = False
     provider_type: str = ""
     provider_id: str | None = None
-    outcome: str = "ok"
+    outcome: str = "ok"  # ok, client_error, not_found, unavailable, upstream_error, timeout or cancelled
+    indexed: bool = False  # the model is one the registry knows (else `model` is whatever was sent)
     started: float = field(default_factory=time.monotonic)
     first_chunk_after: float | None = None
     usage: dict | None = None
@@ -51,7 +52,8 @@ class GatewayCall:
 
 
 def call_finished(call):
-    """The one place where a call's outcome, latency, time to first chunk and usage are all known."""
+    """The one place where a call's outcome, latency, time to first chunk and usage are all
+    known: logged here, and where the metrics count it (`model` only when `indexed`)."""
     latency = time.monotonic() - call.started
     first_chunk = f"{call.first_chunk_after * 1000:.1f}" if call.first_chunk_after is not None else "-"
     tokens = (call.usage or {}).get("total_tokens", "-")
@@ -153,6 +155,7 @@ def route(call, capability):
     end_database_work()
     if not targets:
         raise model_not_found(model_ref, f"no {provider_type} provider serves {upstream_id!r}")
+    call.indexed = True
     return targets
 
 
@@ -208,13 +211,19 @@ def first_answer(targets, attempt, call):
     raise every_provider_failed(failures)
 
 
+def outcome_of_refusal(status):
+    """How the metrics name a call answered with this error status."""
+    named = {404: "not_found", 503: "unavailable", 504: "timeout", 502: "upstream_error", 429: "upstream_error"}
+    return named.get(status, "client_error" if status < 500 else "upstream_error")
+
+
 @contextmanager
 def counted_if_refused(call):
     """A call refused before any answer is counted here; one answered, when its answer is done."""
     try:
         yield
     except GatewayError as error:
-        call.outcome = f"http_{error.status}"
+        call.outcome = outcome_of_refusal(error.status)
         call_finished(call)
         raise
 
@@ -304,15 +313,15 @@ def relay(chunks, call, include_usage, deadline):
             call.outcome = "timeout"
             yield stream_error(f"The model did not answer in time: {timeout}.", "timeout", "timeout")
         except (UpstreamFailure, UpstreamRefusal) as failure:
-            call.outcome = "failed_mid_stream"
+            call.outcome = "upstream_error"
             yield stream_error(f"The provider failed mid-stream: {failure}.")
         except Exception:
-            call.outcome = "error"
+            call.outcome = "upstream_error"
             log.exception("gateway stream of %s failed", call.model)
             yield stream_error("The gateway met an unexpected error; it has been logged.")
         yield SSE_DONE
     except GeneratorExit:
-        call.outcome = "client_disconnected"
+        call.outcome = "cancelled"
         raise
     finally:
         chunks.close()
