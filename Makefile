@@ -13,6 +13,7 @@ $(INSTALLED): requirements.txt requirements-dev.txt
 
 run: $(INSTALLED)
 	$(BIN)/flask --app app db upgrade
+	$(BIN)/flask --app app users bootstrap
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
 test: $(INSTALLED) lint

@@ -3,7 +3,6 @@ what they serve, and whether they answer."""
 
 import logging
 import os
-import secrets
 from functools import partial
 
 import sqlalchemy as sa
@@ -18,10 +17,13 @@ from crypto import KEY_FILE_NAME, cipher
 from docs import apifairy, docs_bp
 from errors import errors_bp
 from health import health_bp
-from manifests import registry_bp
-from models import USERNAME_MAX_LENGTH, User, canonical_username, close_read_connection, db
+from manifests import ManifestVariables, sync_on_schedule
+from models import USERNAME_MAX_LENGTH, canonical_username, close_read_connection, db
 from openai_compat import openai_bp
+from prober import probe_all
 from providers import providers_bp
+from registry import registry_bp
+from scheduler import Scheduler
 from schemas import ma
 from tokens import tokens_bp
 
@@ -33,6 +35,16 @@ MIGRATIONS_DIRECTORY = os.path.join(HERE, "migrations")
 MAX_BODY_BYTES = 64 * 1024
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
+
+
+# The registry's own settings besides REGISTRY_*: read here, in gunicorn.conf.py, and LOG_FORMAT (API.md section 5).
+OTHER_SETTINGS = frozenset(
+    {"DATABASE_URL", "HOST", "PORT", "LOG_FORMAT", "LOG_LEVEL", "WEB_CONCURRENCY", "GUNICORN_THREADS"}
+)
+
+
+def is_registry_setting(name):
+    return name.startswith("REGISTRY_") or name in OTHER_SETTINGS
 
 
 def read_bool(environ, name, default):
@@ -93,7 +105,6 @@ def load_config(environ):
         "PROBE_FAILURES": max(1, read_number(environ, "REGISTRY_PROBE_FAILURES", 2)),
         "MANIFESTS": read_list(environ, "REGISTRY_MANIFESTS"),
         "SYNC_INTERVAL": read_number(environ, "REGISTRY_SYNC_INTERVAL", 300.0, float),
-        "MANIFEST_VARIABLES": dict(environ),  # what ${VAR} in a manifest reads
         "LOGIN_FAILURE_LIMIT": max(1, read_number(environ, "REGISTRY_LOGIN_FAILURES", 5)),
         "LOGIN_WINDOW": read_number(environ, "REGISTRY_LOGIN_WINDOW", 60.0, float),
         "SQLITE_SYNCHRONOUS": read_choice(environ, "REGISTRY_SQLITE_SYNCHRONOUS", ("NORMAL", "FULL")),
@@ -140,35 +151,17 @@ def schema_head():
     return ScriptDirectory(MIGRATIONS_DIRECTORY).get_current_head()
 
 
-def bootstrap_admin(app):
-    """Create the first admin when the database has no user (and its schema exists)."""
-    if not sa.inspect(db.engine).has_table(User.__tablename__):
-        return
-    if db.session.scalar(sa.select(User.id).limit(1)) is not None:
-        return
-    generated = app.config["ADMIN_PASSWORD"] is None
-    password = secrets.token_urlsafe(18) if generated else app.config["ADMIN_PASSWORD"]
-    admin = User(username=app.config["ADMIN_USERNAME"], role="admin")
-    admin.set_password(password)
-    db.session.add(admin)
-    try:
-        db.session.commit()
-    except sa.exc.IntegrityError:  # another worker created it first
-        db.session.rollback()
-        return
-    if generated:
-        path = os.path.join(app.instance_path, "admin-password")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as password_file:
-            password_file.write(password + "\n")
-        log.warning("created admin user %r; its generated password is in %s", admin.username, path)
-    else:
-        log.warning("created admin user %r from REGISTRY_ADMIN_PASSWORD", admin.username)
+def register_jobs(scheduler):
+    """The background work, run by whichever process holds the scheduler's lease."""
+    scheduler.add_job("probe", "PROBE_INTERVAL", probe_all)
+    # At start too, with any interval: a location dropped from REGISTRY_MANIFESTS loses its providers.
+    scheduler.add_job("manifest-sync", "SYNC_INTERVAL", sync_on_schedule, at_start=True)
 
 
 def create_app(environ=None):
     """Build the registry; `environ` replaces os.environ (tests pass their own)."""
-    config = load_config(os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    config = load_config(environ)
     app = Flask(__name__, instance_path=config.pop("INSTANCE_PATH"))
     app.config.update(config, SCHEMA_HEAD=schema_head())
     app.json.sort_keys = False
@@ -191,6 +184,9 @@ def create_app(environ=None):
     app.register_blueprint(registry_bp, url_prefix="/api/v1")
     app.register_blueprint(tokens_bp, url_prefix="/api/v1")
     register_commands(app)
+    app.extensions["manifest_variables"] = ManifestVariables(environ, is_registry_setting)
+    app.extensions["scheduler"] = Scheduler(app)
+    register_jobs(app.extensions["scheduler"])
 
     with app.app_context():
         if db.engine.dialect.name == "sqlite":
@@ -202,9 +198,4 @@ def create_app(environ=None):
             log.warning(
                 "REGISTRY_ENCRYPTION_KEYS is unset: every instance on this database needs the key in %s", key_file
             )
-        try:
-            bootstrap_admin(app)
-        except sa.exc.OperationalError as error:
-            log.error("database not reachable at start (/readyz answers 503 until it is): %s", error.orig)
-        db.session.remove()
     return app

@@ -21,7 +21,7 @@ from werkzeug.exceptions import TooManyRequests
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from errors import problem
-from models import ApiToken, User, canonical_username, lower_role, read_connection, roles_up_to, token_digest, utcnow
+from models import USERS, ApiToken, canonical_username, lower_role, read_connection, roles_up_to, token_digest, utcnow
 
 log = logging.getLogger(__name__)
 REALM = "model-provider-registry"
@@ -212,7 +212,6 @@ def init_auth(app):
 
 
 # Every request runs one of these: Core statements built once, giving rows rather than objects.
-USERS = User.__table__
 TOKENS = ApiToken.__table__
 CREDENTIALS_BY_USERNAME = sa.select(USERS.c.id, USERS.c.username, USERS.c.password_hash, USERS.c.role).where(
     USERS.c.username == sa.bindparam("username")

@@ -6,11 +6,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from difflib import SequenceMatcher
 
-import sqlalchemy as sa
 from flask import current_app
 from werkzeug.exceptions import BadRequest, NotFound, ServiceUnavailable
 
-from models import ModelProvider, SystemConfiguration, db, types_with
+from configurations import system_configuration
+from models import PROVIDER_ROWS, PROVIDERS, providers_of, read_connection, types_with
+from pagination import collection_of
 from upstreams import Connection, UpstreamError, list_models
 
 log = logging.getLogger(__name__)
@@ -122,10 +123,10 @@ def provider_models(provider):
 
 
 def online_providers(capability=None):
-    query = sa.select(ModelProvider).where(ModelProvider.state == "online")
+    query = PROVIDER_ROWS.where(PROVIDERS.c.state == "online")
     if capability is not None:
-        query = query.where(ModelProvider.type.in_(types_with(capability)))
-    return db.session.scalars(query.order_by(ModelProvider.created_at, ModelProvider.id)).all()
+        query = query.where(PROVIDERS.c.type.in_(types_with(capability)))
+    return providers_of(read_connection().execute(query.order_by(PROVIDERS.c.created_at, PROVIDERS.c.id)))
 
 
 def available_models(capability=None):
@@ -137,19 +138,6 @@ def available_models(capability=None):
             continue
         documents += [model_document(provider, upstream_model) for upstream_model in upstream_models]
     return documents
-
-
-def system_configuration():
-    configuration = db.session.scalar(sa.select(SystemConfiguration).limit(1))
-    if configuration is None:
-        configuration = SystemConfiguration()
-        db.session.add(configuration)
-        try:
-            db.session.commit()
-        except sa.exc.IntegrityError:  # another worker created it first
-            db.session.rollback()
-            return system_configuration()
-    return configuration
 
 
 def similarity(suggested, model_id):
@@ -175,17 +163,17 @@ def match_models(capability, suggested_models, score_cutoff):
     default_model = getattr(configuration, f"default_{capability}_model")
     model_ids = {model["id"] for model in available_models(capability)}
     ranked = match_scores(model_ids, suggested_models, score_cutoff, default_model)
-    return {"items": [{"model_id": model_id, "score": score} for model_id, score in ranked], "total_count": len(ranked)}
+    return collection_of([{"model_id": model_id, "score": score} for model_id, score in ranked])
 
 
 def resolve_model(model_ref):
     """The provider serving `model_ref` ("type:upstream id") and the upstream id."""
     provider_type, _, upstream_id = model_ref.partition(":")
-    providers = db.session.scalars(
-        sa.select(ModelProvider)
-        .where(ModelProvider.type == provider_type)
-        .order_by(ModelProvider.created_at, ModelProvider.id)
-    ).all()
+    providers = providers_of(
+        read_connection().execute(
+            PROVIDER_ROWS.where(PROVIDERS.c.type == provider_type).order_by(PROVIDERS.c.created_at, PROVIDERS.c.id)
+        )
+    )
     online = [provider for provider in providers if provider.state == "online"]
     for provider, upstream_models, _ in models_of_providers(online):
         if upstream_models and any(upstream_model.id == upstream_id for upstream_model in upstream_models):

@@ -1,19 +1,25 @@
 """Operator commands: `flask --app app users ...`, `tokens ...`, `registry sync` and `keys rotate`."""
 
+import logging
+import os
+import secrets
 import sys
 
 import click
 import sqlalchemy as sa
+from flask import current_app
 from flask.cli import AppGroup
 from werkzeug.exceptions import Forbidden
+from werkzeug.security import generate_password_hash
 
 from crypto import UnopenableApiKey, cipher
 from errors import SyncInProgress
 from manifests import sync_manifests
-from models import ROLES, USERNAME_MAX_LENGTH, ModelProvider, User, canonical_username, db
+from models import PROVIDERS, ROLES, USERNAME_MAX_LENGTH, USERS, User, canonical_username, db
 from schemas import MAX_TOKEN_DAYS, TokenCreateSchema
 from tokens import TOKEN_PAGES, create_token, find_owner, revoke_token
 
+log = logging.getLogger("registry")
 users_cli = AppGroup("users", help="Manage the users who may call the API.")
 registry_cli = AppGroup("registry", help="Providers declared in manifests (REGISTRY_MANIFESTS).")
 keys_cli = AppGroup("keys", help="Manage the encryption of the stored API keys.")
@@ -40,11 +46,55 @@ def check_username(username):
     return canonical
 
 
+def change_user(statement, username):
+    """Run an UPDATE or DELETE of the user named `username` and commit; an error when there is none."""
+    if db.session.execute(statement.where(USERS.c.username == canonical_username(username))).rowcount == 0:
+        raise click.ClickException(f"No user named {username!r}.")
+    db.session.commit()
+
+
 def find_user(username):
     user = find_owner(username)
     if user is None:
         raise click.ClickException(f"No user named {username!r}.")
     return user
+
+
+def write_private_file(path, text):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as private_file:
+        private_file.write(text)
+
+
+def create_first_admin(app):
+    """Create the admin named by REGISTRY_ADMIN_USERNAME when the database has no user;
+    without REGISTRY_ADMIN_PASSWORD its password is generated into <instance>/admin-password."""
+    if db.session.scalar(sa.select(USERS.c.id).limit(1)) is not None:
+        return
+    generated = app.config["ADMIN_PASSWORD"] is None
+    password = secrets.token_urlsafe(18) if generated else app.config["ADMIN_PASSWORD"]
+    admin = User(username=app.config["ADMIN_USERNAME"], role="admin")
+    admin.set_password(password)
+    db.session.add(admin)
+    try:
+        db.session.commit()
+    except sa.exc.IntegrityError:  # another instance starting at once created it first
+        db.session.rollback()
+        return
+    if generated:
+        path = os.path.join(app.instance_path, "admin-password")
+        write_private_file(path, password + "\n")
+        log.warning("created admin user %r; its generated password is in %s", admin.username, path)
+    else:
+        log.warning("created admin user %r from REGISTRY_ADMIN_PASSWORD", admin.username)
+
+
+@users_cli.command("bootstrap")
+def bootstrap():
+    """Create the first admin when there is no user yet (`make run` runs this after `db upgrade`)."""
+    if not sa.inspect(db.engine).has_table(User.__tablename__):
+        raise click.ClickException("The database has no schema yet: run `flask --app app db upgrade` first.")
+    create_first_admin(current_app)
 
 
 @users_cli.command("create")
@@ -54,7 +104,7 @@ def find_user(username):
 def create_user(username, role, password_stdin):
     """Create a user with a role."""
     username = check_username(username)
-    if db.session.scalar(sa.select(User.id).where(User.username == username)) is not None:
+    if db.session.scalar(sa.select(USERS.c.id).where(USERS.c.username == username)) is not None:
         raise click.ClickException(f"A user named {username!r} already exists.")
     user = User(username=username, role=role)
     user.set_password(read_password(password_stdin))
@@ -66,8 +116,8 @@ def create_user(username, role, password_stdin):
 @users_cli.command("list")
 def list_users():
     """List users and their roles."""
-    for user in db.session.scalars(sa.select(User).order_by(User.username)):
-        click.echo(f"{user.username}\t{user.role}")
+    for username, role in db.session.execute(sa.select(USERS.c.username, USERS.c.role).order_by(USERS.c.username)):
+        click.echo(f"{username}\t{role}")
 
 
 @users_cli.command("set-password")
@@ -75,9 +125,8 @@ def list_users():
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input.")
 def set_password(username, password_stdin):
     """Change a user's password."""
-    user = find_user(username)
-    user.set_password(read_password(password_stdin))
-    db.session.commit()
+    password_hash = generate_password_hash(read_password(password_stdin))
+    change_user(sa.update(USERS).values(password_hash=password_hash), username)
     click.echo(f"Changed the password of {username}.")
 
 
@@ -95,9 +144,8 @@ def set_role(username, role):
 @users_cli.command("delete")
 @click.argument("username")
 def delete_user(username):
-    """Delete a user, and the user's API tokens."""
-    db.session.delete(find_user(username))
-    db.session.commit()
+    """Delete a user, and the user's API tokens (the database cascades the deletion)."""
+    change_user(sa.delete(USERS), username)
     click.echo(f"Deleted {username}.")
 
 
@@ -127,9 +175,9 @@ def list_api_tokens(username):
     while True:
         page = TOKEN_PAGES.page({"user": username} if username else {}, 1000, page_token)
         for token in page["items"]:
-            times = (token["created_at"], token["expires_at"], token["last_used_at"])
+            times = (token.created_at, token.expires_at, token.last_used_at)
             shown_times = [f"{time:%Y-%m-%dT%H:%M:%SZ}" if time else "-" for time in times]
-            click.echo("\t".join([token["id"], token["name"], token["user"], token["role"], *shown_times]))
+            click.echo("\t".join([token.id, token.name, token.user, token.role, *shown_times]))
         if not page["has_more"]:
             return
         page_token = page["next_page_token"]
@@ -167,9 +215,9 @@ def reseal_api_key(provider_id, sealed_api_key):
         message = f"The API key of model provider {provider_id} opens with none of the configured keys"
         raise click.ClickException(f"{message}; nothing was changed.") from None
     resealed = db.session.execute(
-        sa.update(ModelProvider)
-        .where(ModelProvider.id == provider_id, ModelProvider.sealed_api_key == sealed_api_key)
-        .values(sealed_api_key=resealed_api_key, updated_at=ModelProvider.updated_at)
+        sa.update(PROVIDERS)
+        .where(PROVIDERS.c.id == provider_id, PROVIDERS.c.sealed_api_key == sealed_api_key)
+        .values(sealed_api_key=resealed_api_key, updated_at=PROVIDERS.c.updated_at)
     )
     return resealed.rowcount == 1
 
@@ -180,7 +228,7 @@ def rotate_keys():
 
     Afterwards the keys after the first are no longer needed and can be dropped.
     """
-    stored = db.session.execute(sa.select(ModelProvider.id, ModelProvider.sealed_api_key)).all()
+    stored = db.session.execute(sa.select(PROVIDERS.c.id, PROVIDERS.c.sealed_api_key)).all()
     resealed = sum(reseal_api_key(provider_id, sealed_api_key) for provider_id, sealed_api_key in stored)
     db.session.commit()
     click.echo(f"Re-encrypted {resealed} of {len(stored)} stored API keys under the first configured key.")

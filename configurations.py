@@ -1,21 +1,48 @@
 """System configuration: the default LLM and embedding models."""
 
+import sqlalchemy as sa
 from apifairy import authenticate, body, response
 from flask import Blueprint
 
 from auth import auth
-from catalog import system_configuration
-from models import db
+from models import SystemConfiguration, db
 from schemas import SystemConfigurationChangesSchema, SystemConfigurationSchema
 
 configurations_bp = Blueprint("configurations", __name__)
+
+# The id of the one row, so the defaults answered before the first PUT carry the id it creates.
+SYSTEM_CONFIGURATION_ID = "00000000-0000-4000-8000-000000000000"
+
+
+def system_configuration():
+    """The stored configuration, or the defaults (not stored) before the first PUT."""
+    configuration = db.session.scalar(sa.select(SystemConfiguration).limit(1))
+    return configuration or SystemConfiguration(id=SYSTEM_CONFIGURATION_ID)
+
+
+def replace_system_configuration(changes, username):
+    configuration = system_configuration()
+    for field, value in changes.items():
+        setattr(configuration, field, value)
+    configuration.created_by = username
+    db.session.add(configuration)
+    try:
+        db.session.commit()
+    except sa.exc.IntegrityError:  # another PUT created the row first: change that one
+        db.session.rollback()
+        return replace_system_configuration(changes, username)
+    return configuration
 
 
 @configurations_bp.route("/configurations/system", methods=["GET"])
 @authenticate(auth, role="reader")
 @response(SystemConfigurationSchema)
 def get_system():
-    """Get the system configuration"""
+    """Get the system configuration
+
+    Before the first PUT this answers the defaults (no default models, `updated_at` null)
+    and stores nothing.
+    """
     return system_configuration()
 
 
@@ -25,9 +52,4 @@ def get_system():
 @response(SystemConfigurationSchema)
 def put_system(changes):
     """Replace the default models (a field that is null or absent clears it)"""
-    configuration = system_configuration()
-    for field, value in changes.items():
-        setattr(configuration, field, value)
-    configuration.created_by = auth.current_user().username
-    db.session.commit()
-    return configuration
+    return replace_system_configuration(changes, auth.current_user().username)

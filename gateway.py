@@ -1,7 +1,7 @@
 """The gateway's calls: route a model to its providers, try them in turn, relay the answer.
 
 A call is routed and its providers' keys opened while the request holds the database;
-then the database is let go (end_database_work) and only then is an upstream called, so
+then the database is let go (release_connections) and only then is an upstream called, so
 no connection or transaction waits on a model. What runs after that needs no app context:
 a stream is iterated by the server after the request's context has ended.
 """
@@ -14,12 +14,19 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import sqlalchemy as sa
 from flask import current_app
 
 from catalog import models_of_providers
 from errors import GatewayError
-from models import CAPABILITIES_BY_TYPE, PROVIDER_TYPES, ModelProvider, close_read_connection, db
+from models import (
+    CAPABILITIES_BY_TYPE,
+    PROVIDER_ROWS,
+    PROVIDER_TYPES,
+    PROVIDERS,
+    providers_of,
+    read_connection,
+    release_connections,
+)
 from upstreams import openai, watsonx
 from upstreams.calls import Deadline, Target, UpstreamFailure, UpstreamRefusal, UpstreamTimeout
 
@@ -117,12 +124,12 @@ def serving_providers(provider_type, upstream_id):
 
     Routing's one entry to the catalog; the model index will answer it from the database.
     """
-    providers = db.session.scalars(
-        sa.select(ModelProvider)
-        .where(ModelProvider.type == provider_type)
-        .order_by(ModelProvider.created_at, ModelProvider.id)
-    ).all()
-    end_database_work()
+    providers = providers_of(
+        read_connection().execute(
+            PROVIDER_ROWS.where(PROVIDERS.c.type == provider_type).order_by(PROVIDERS.c.created_at, PROVIDERS.c.id)
+        )
+    )
+    release_connections()
     online = [provider for provider in providers if provider.state == "online"]
     serving = [
         provider
@@ -134,25 +141,15 @@ def serving_providers(provider_type, upstream_id):
     return serving
 
 
-def end_database_work():
-    """Give the session's and the request's connections back before any upstream is called."""
-    db.session.remove()
-    close_read_connection()
-
-
 def route(call, capability):
     """The targets to try for the call's model, oldest provider first, keys opened; the
     database let go."""
     model_ref = call.model
     provider_type, upstream_id = parse_model_ref(model_ref, capability)
     call.provider_type = provider_type
-    # The credentials' connection goes back before the routing's is taken: a request never
-    # holds two, else hundreds of streams opening at once (gevent) could each hold one and
-    # wait for a second until the pool gives up.
-    close_read_connection()
     providers = serving_providers(provider_type, upstream_id)
     targets = [target_of(provider, upstream_id) for provider in providers]
-    end_database_work()
+    release_connections()
     if not targets:
         raise model_not_found(model_ref, f"no {provider_type} provider serves {upstream_id!r}")
     call.indexed = True

@@ -2,6 +2,7 @@
 
 import json
 import os
+from datetime import UTC, datetime
 
 from gunicorn import util
 
@@ -42,17 +43,28 @@ logconfig_dict = {
 }
 
 
+# Read by the master before it forks: the workers' schedulers share it, so the jobs that
+# run at start (the manifest sync) run once per server start, not once per worker.
+SERVER_STARTED_AT = datetime.now(UTC).replace(tzinfo=None)
+
+
+def scheduler_of(worker):
+    """The app's scheduler (scheduler.py); none when the worker failed to load the app, or
+    for an app without one (bench/bare_app.py)."""
+    return getattr(getattr(worker, "wsgi", None), "extensions", {}).get("scheduler")
+
+
 def post_worker_init(worker):
     """Each worker runs a scheduler thread; the database lease lets only one do the work."""
-    from scheduler import scheduler
-
-    scheduler.start(worker.wsgi)
+    scheduler = scheduler_of(worker)
+    if scheduler is not None:
+        scheduler.start(started_at=SERVER_STARTED_AT)
 
 
 def worker_exit(server, worker):
-    from scheduler import scheduler
-
-    scheduler.stop()
+    scheduler = scheduler_of(worker)
+    if scheduler is not None:
+        scheduler.stop()
 
 
 GUNICORN_REFUSALS = {

@@ -4,7 +4,7 @@ A sync reads each configured location, validates it with the create body's schem
 applies it in one transaction, whole or not at all; providers of locations no longer
 configured are removed, and providers created through the API are never touched. One
 sync runs at a time per database (the lease "manifest-sync"), whether the scheduler, the
-CLI or POST /api/v1/registry/sync started it.
+CLI or POST /api/v1/registry/sync (registry.py) started it.
 """
 
 import json
@@ -20,20 +20,17 @@ from urllib.request import url2pathname
 import httpx
 import sqlalchemy as sa
 import yaml
-from apifairy import authenticate, other_responses, response
-from flask import Blueprint, current_app
+from flask import current_app
 from marshmallow import ValidationError
 
-from auth import auth
-from crypto import UnopenableApiKey
+from crypto import UnopenableApiKey, cipher
 from errors import SyncInProgress, flatten_messages
-from models import ManifestSync, ModelProvider, db, utcnow
-from scheduler import holder_name, release_lease, scheduler, try_lease
-from schemas import ManifestSchema, RegistrySchema, SyncSummarySchema
+from models import PROVIDER_ROWS, PROVIDERS, ManifestSync, db, provider_of, providers_of, utcnow
+from scheduler import holder_name, release_lease, try_lease
+from schemas import ManifestSchema
 from upstreams import http_client
 
 log = logging.getLogger(__name__)
-registry_bp = Blueprint("registry", __name__)
 manifest_schema = ManifestSchema()
 
 SYNC_LEASE = "manifest-sync"
@@ -145,14 +142,25 @@ def parse_document(content):
         raise ManifestError("Not valid YAML or JSON.") from None
 
 
-def expand_text(text, variables, field_path):
-    def value_of(match):
-        name = match.group(1)
-        if name not in variables:
-            raise ManifestError(f"{field_path}: the environment variable {name} is not set.")
-        return variables[name]
+class ManifestVariables:
+    """What ${VAR} in a manifest reads: the environment given to create_app, read once,
+    except the registry's own settings, which a manifest may not name (a reader would see
+    them in a name, an upstream would receive them as a key)."""
 
-    return VARIABLE.sub(value_of, text)
+    def __init__(self, environ, is_registry_setting):
+        self._is_registry_setting = is_registry_setting
+        self._values = {name: value for name, value in environ.items() if not is_registry_setting(name)}
+
+    def value_of(self, name, field_path):
+        if self._is_registry_setting(name):
+            raise ManifestError(f"{field_path}: {name} is a setting of the registry; a manifest may not read it.")
+        if name not in self._values:
+            raise ManifestError(f"{field_path}: the environment variable {name} is not set.")
+        return self._values[name]
+
+
+def expand_text(text, variables, field_path):
+    return VARIABLE.sub(lambda match: variables.value_of(match.group(1), field_path), text)
 
 
 def expand_entry(entry, index, variables):
@@ -178,7 +186,7 @@ def load_manifest(uri):
     document = parse_document(read_location(uri))
     if not isinstance(document, dict):
         raise ManifestError("The manifest must be a mapping with a model_providers list.")
-    document = with_variables(document, current_app.config["MANIFEST_VARIABLES"])
+    document = with_variables(document, current_app.extensions["manifest_variables"])
     try:
         return manifest_schema.load(document)["model_providers"]
     except ValidationError as error:
@@ -190,15 +198,16 @@ def load_manifest(uri):
 
 
 def refuse_clashes(location, entries):
-    clash = db.session.scalars(
-        sa.select(ModelProvider)
-        .where(
-            ModelProvider.base_url.in_([entry["base_url"] for entry in entries]),
-            ModelProvider.manifest.is_distinct_from(location),
+    clash = provider_of(
+        db.session.execute(
+            PROVIDER_ROWS.where(
+                PROVIDERS.c.base_url.in_([entry["base_url"] for entry in entries]),
+                PROVIDERS.c.registry.is_distinct_from(location),
+            )
+            .order_by(PROVIDERS.c.base_url)
+            .limit(1)
         )
-        .order_by(ModelProvider.base_url)
-        .limit(1)
-    ).first()
+    )
     if clash is not None:
         origin = f"of the manifest {clash.manifest}" if clash.manifest else "created through the API"
         raise ManifestError(f"base_url {clash.base_url} is already registered by model provider {clash.id} ({origin}).")
@@ -211,22 +220,24 @@ def holds_api_key(provider, api_key):
         return False
 
 
-def update_from_entry(provider, entry):
-    """Make a stored provider say what its entry says; True when anything changed."""
+def changes_from_entry(provider, entry):
+    """The column values that make a stored provider say what its entry says (none: unchanged)."""
     changes = {field: entry.get(field) for field in DECLARED_FIELDS if getattr(provider, field) != entry.get(field)}
-    for field, value in changes.items():
-        setattr(provider, field, value)
-    key_changed = not holds_api_key(provider, entry["api_key"])
-    if key_changed:
-        provider.seal_api_key(entry["api_key"])
-    return bool(changes) or key_changed
+    if not holds_api_key(provider, entry["api_key"]):
+        changes["sealed_api_key"] = cipher.seal(entry["api_key"])
+    return changes
 
 
-def provider_from_entry(location, entry):
+def values_of_entry(location, entry):
     declared = {field: entry.get(field) for field in DECLARED_FIELDS}
-    provider = ModelProvider(manifest=location, type=entry["type"], base_url=entry["base_url"], **declared)
-    provider.seal_api_key(entry["api_key"])
-    return provider
+    sealed_api_key = cipher.seal(entry["api_key"])
+    return {
+        "registry": location,
+        "type": entry["type"],
+        "base_url": entry["base_url"],
+        "sealed_api_key": sealed_api_key,
+        **declared,
+    }
 
 
 def apply_manifest(location, entries):
@@ -234,7 +245,7 @@ def apply_manifest(location, entries):
     refuse_clashes(location, entries)
     stored = {
         provider.base_url: provider
-        for provider in db.session.scalars(sa.select(ModelProvider).where(ModelProvider.manifest == location))
+        for provider in providers_of(db.session.execute(PROVIDER_ROWS.where(PROVIDERS.c.registry == location)))
     }
     # An entry keeps its provider (and id) by base_url; a changed type makes it a new provider.
     kept = {
@@ -242,19 +253,28 @@ def apply_manifest(location, entries):
         for entry in entries
         if entry["base_url"] in stored and stored[entry["base_url"]].type == entry["type"]
     }
-    gone = [provider for base_url, provider in stored.items() if base_url not in kept]
-    for provider in gone:
-        db.session.delete(provider)
-    db.session.flush()  # frees the base_url of a replaced provider before its successor is inserted
-    updated = sum(update_from_entry(kept[entry["base_url"]], entry) for entry in entries if entry["base_url"] in kept)
-    db.session.add_all(provider_from_entry(location, entry) for entry in entries if entry["base_url"] not in kept)
-    try:
-        db.session.flush()
-    except sa.exc.IntegrityError:
-        raise ManifestError("A base_url of the manifest was registered meanwhile; sync again to see which.") from None
-    return SyncResult(
-        location, added=len(entries) - len(kept), updated=updated, removed=len(gone), unchanged=len(kept) - updated
-    )
+    gone = [provider.id for base_url, provider in stored.items() if base_url not in kept]
+    if gone:  # first, freeing the base_url of a replaced provider for its successor
+        db.session.execute(sa.delete(PROVIDERS).where(PROVIDERS.c.id.in_(gone)))
+    changes = [
+        (kept[entry["base_url"]].id, changes_from_entry(kept[entry["base_url"]], entry))
+        for entry in entries
+        if entry["base_url"] in kept
+    ]
+    for provider_id, values in changes:
+        if values:
+            edit = sa.update(PROVIDERS).where(PROVIDERS.c.id == provider_id)
+            db.session.execute(edit.values(**values, version=PROVIDERS.c.version + 1))
+    added = [values_of_entry(location, entry) for entry in entries if entry["base_url"] not in kept]
+    if added:
+        try:
+            db.session.execute(sa.insert(PROVIDERS), added)
+        except sa.exc.IntegrityError:
+            raise ManifestError(
+                "A base_url of the manifest was registered meanwhile; sync again to see which."
+            ) from None
+    updated = sum(bool(values) for _, values in changes)
+    return SyncResult(location, added=len(added), updated=updated, removed=len(gone), unchanged=len(kept) - updated)
 
 
 def record_sync(result):
@@ -275,15 +295,15 @@ def sync_location(location):
 
 
 def remove_providers_of(location):
-    return db.session.execute(sa.delete(ModelProvider).where(ModelProvider.manifest == location)).rowcount
+    return db.session.execute(sa.delete(PROVIDERS).where(PROVIDERS.c.registry == location)).rowcount
 
 
 def remove_dropped_locations(locations):
     """Remove the providers (and sync state) of every location no longer configured."""
     dropped = db.session.scalars(
-        sa.select(ModelProvider.manifest)
+        sa.select(PROVIDERS.c.registry)
         .distinct()
-        .where(ModelProvider.manifest.is_not(None), ModelProvider.manifest.not_in(locations))
+        .where(PROVIDERS.c.registry.is_not(None), PROVIDERS.c.registry.not_in(locations))
     ).all()
     results = [SyncResult(location, removed=remove_providers_of(location)) for location in dropped]
     db.session.execute(sa.delete(ManifestSync).where(ManifestSync.location.not_in(locations)))
@@ -316,7 +336,6 @@ def sync_manifests():
     return results
 
 
-@scheduler.job("manifest-sync", "SYNC_INTERVAL", on_takeover=True)
 def sync_on_schedule(app):
     try:
         sync_manifests()
@@ -332,9 +351,9 @@ def registry_status():
     }
     provider_counts = dict(
         db.session.execute(
-            sa.select(ModelProvider.manifest, sa.func.count())
-            .where(ModelProvider.manifest.in_(locations))
-            .group_by(ModelProvider.manifest)
+            sa.select(PROVIDERS.c.registry, sa.func.count())
+            .where(PROVIDERS.c.registry.in_(locations))
+            .group_by(PROVIDERS.c.registry)
         ).all()
     )
     return [
@@ -351,22 +370,3 @@ def location_status(location, last_sync, provider_count):
         "error": last_sync.error,
         "provider_count": provider_count,
     }
-
-
-@registry_bp.route("/registry", methods=["GET"])
-@authenticate(auth, role="reader")
-@response(RegistrySchema)
-def status():
-    """List the configured manifest locations and their last sync"""
-    locations = registry_status()
-    return {"items": locations, "total_count": len(locations)}
-
-
-@registry_bp.route("/registry/sync", methods=["POST"])
-@authenticate(auth, role="admin")
-@response(SyncSummarySchema)
-@other_responses({409: "Another manifest sync is still running"})
-def sync():
-    """Sync every configured manifest now"""
-    results = sync_manifests()
-    return {"items": results, "total_count": len(results)}

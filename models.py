@@ -6,6 +6,7 @@ import secrets
 import socket
 import unicodedata
 import uuid
+from dataclasses import make_dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
@@ -40,6 +41,17 @@ def close_read_connection(exception=None):
         connection.close()
 
 
+def release_connections():
+    """Give the request's connections back to the pool before it waits on an upstream.
+
+    Ends the session's transaction (a commit, as nothing is pending yet; objects keep their
+    values, expire_on_commit being off) and closes the read connection; the next statement
+    checks a connection out anew, in a short transaction of its own.
+    """
+    db.session.commit()
+    close_read_connection()
+
+
 CAPABILITIES_BY_TYPE = {
     "anthropic": ("llm",),
     "bedrock": ("llm",),
@@ -65,6 +77,11 @@ CAPABILITIES_BY_TYPE = {
     "other": ("llm", "embedding"),
 }
 PROVIDER_TYPES = tuple(CAPABILITIES_BY_TYPE)
+
+
+def capabilities_of(provider_type):
+    """The capabilities a provider has, which its type decides."""
+    return list(CAPABILITIES_BY_TYPE[provider_type])
 
 
 def types_with(capability):
@@ -201,21 +218,53 @@ class ModelProvider(db.Model):
     last_error = sa.Column(sa.Text)
     created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
     updated_at = sa.Column(sa.DateTime, nullable=False, default=utcnow, onupdate=utcnow)
-    # Counts edits: every ORM update is made WHERE version = the version read, and adds one
-    # (a patch racing another change fails instead of storing a mix); probes leave it.
+    # Counts edits: every edit (providers.py, manifests.py) is made WHERE version = the
+    # version read, and adds one (a patch racing another change fails instead of storing a
+    # mix); probes leave it.
     version = sa.Column(sa.Integer, nullable=False, server_default="1")
 
-    __mapper_args__ = {"version_id_col": version}
+
+PROVIDERS = ModelProvider.__table__
+PROVIDER_ATTRIBUTES = tuple(attribute.key for attribute in sa.inspect(ModelProvider).column_attrs)
+
+
+class Provider(make_dataclass("ProviderColumns", PROVIDER_ATTRIBUTES, slots=True)):
+    """A stored provider as every read gives it: the columns under the model's attribute
+    names ("manifest" for the column "registry").
+
+    Providers are read only as Core rows (PROVIDER_ROWS) made into these, and written with
+    Core statements on PROVIDERS; ModelProvider declares the table. Loading ORM objects
+    cost more than all the rest of a GET, and a Row's attributes ten times these. (Not a
+    named tuple: apifairy takes a tuple returned by a route for (body, status, headers).)
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def from_row(cls, row):
+        return cls(*row)
 
     @property
     def capabilities(self):
-        return list(CAPABILITIES_BY_TYPE[self.type])
-
-    def seal_api_key(self, api_key):
-        self.sealed_api_key = cipher.seal(api_key)
+        return capabilities_of(self.type)
 
     def open_api_key(self):
         return cipher.open(self.sealed_api_key)
+
+
+# Every read of providers selects these (a write returns them), in the order of Provider's fields.
+PROVIDER_COLUMNS = tuple(attribute.columns[0] for attribute in sa.inspect(ModelProvider).column_attrs)
+PROVIDER_ROWS = sa.select(*PROVIDER_COLUMNS)
+
+
+def providers_of(rows):
+    return [Provider.from_row(row) for row in rows]
+
+
+def provider_of(rows):
+    """The first of `rows` as a Provider, or None."""
+    row = rows.first()
+    return None if row is None else Provider.from_row(row)
 
 
 def provider_etag(provider_id, version, last_checked_at):
@@ -223,17 +272,6 @@ def provider_etag(provider_id, version, last_checked_at):
     probe (state and last_error, always with a new last_checked_at), so the tag does too."""
     shown = f"{provider_id}/{version}/{last_checked_at and last_checked_at.isoformat()}"
     return hashlib.blake2b(shown.encode(), digest_size=12).hexdigest()
-
-
-PROVIDERS = ModelProvider.__table__
-# Reads that only answer with providers select these, named as the model's attributes
-# ("manifest" too) but leaving the sealed key out, and dump the rows as they come: loading
-# ORM objects instead cost more than all the rest of a GET.
-PROVIDER_COLUMNS = tuple(
-    attribute.columns[0].label(attribute.key)
-    for attribute in sa.inspect(ModelProvider).column_attrs
-    if attribute.key != "sealed_api_key"
-)
 
 
 class User(db.Model):
@@ -251,6 +289,9 @@ class User(db.Model):
 
     def set_password(self, password):
         self.password_hash = generate_password_hash(password)
+
+
+USERS = User.__table__
 
 
 class Lease(db.Model):

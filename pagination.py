@@ -11,8 +11,8 @@ from apifairy.exceptions import ValidationError as RequestValidationError
 from models import is_storable_text, read_connection
 
 
-def encode_page_token(row):
-    position = {"created_at": row["created_at"].isoformat(), "id": row["id"]}
+def encode_page_token(item):
+    position = {"created_at": item.created_at.isoformat(), "id": item.id}
     return base64.urlsafe_b64encode(json.dumps(position).encode()).decode().rstrip("=")
 
 
@@ -28,19 +28,26 @@ def decode_page_token(page_token):
         raise RequestValidationError(422, {"query": {"page_token": ["Not a valid page token."]}}) from None
 
 
+def collection_of(items):
+    """A whole list as every list answers it (schemas.collection): its items and their count."""
+    return {"items": items, "total_count": len(items)}
+
+
 class NewestFirstPages:
-    """Keyset pages of `rows` (a select from `table`), newest first, narrowed by named filters.
+    """Keyset pages of `rows` (a select from `table`), newest first, narrowed by named filters,
+    each row made an item by `item`.
 
     `filters` maps each name to a clause whose bound parameter has that name. The count and
     page statements of each set of filters in use are built once: building them per request
     cost a tenth of a page of 50. The table needs `created_at` and `id` columns, and the
-    rows must carry them by those names.
+    items must carry them as attributes.
     """
 
-    def __init__(self, table, rows, filters):
+    def __init__(self, table, rows, filters, item):
         self.table = table
         self.rows = rows
         self.filters = filters
+        self.item = item
         self._statements = {}
 
     def statements(self, filter_names, after_a_position):
@@ -63,19 +70,16 @@ class NewestFirstPages:
         return count_query, page_query.order_by(created_at.desc(), row_id.desc()).limit(sa.bindparam("limit"))
 
     def page(self, filter_values, limit, page_token=None):
-        """One page as the page schema expects it; `filter_values` names the filters to apply.
-
-        The items are mappings (reading a mapping is ten times faster than a row's attribute).
-        """
+        """One page as the page schema expects it; `filter_values` names the filters to apply."""
         count_query, page_query = self.statements(tuple(sorted(filter_values)), bool(page_token))
         parameters = {**filter_values, "limit": limit + 1}
         if page_token:
             parameters["after_created_at"], parameters["after_id"] = decode_page_token(page_token)
         connection = read_connection()
         total_count = connection.scalar(count_query, parameters)
-        rows = connection.execute(page_query, parameters).mappings().all()
-        has_more = len(rows) > limit
-        items = rows[:limit]
+        items = [self.item(row) for row in connection.execute(page_query, parameters)]
+        has_more = len(items) > limit
+        items = items[:limit]
         return {
             "items": items,
             "total_count": total_count,

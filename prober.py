@@ -8,8 +8,7 @@ from flask import current_app
 
 from catalog import list_or_error, provider_connection, remember_models
 from crypto import UnopenableApiKey
-from models import ModelProvider, db, utcnow
-from scheduler import scheduler
+from models import PROVIDER_ROWS, PROVIDERS, db, provider_of, providers_of, read_connection, release_connections, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +31,14 @@ def record_probe(provider, upstream_models, error):
     # A probe is not an edit: updated_at and version keep their values. The outcome is dropped
     # when the provider was edited meanwhile: it was of a base_url or key no longer stored.
     db.session.execute(
-        sa.update(ModelProvider)
-        .where(ModelProvider.id == provider.id, ModelProvider.version == provider.version)
+        sa.update(PROVIDERS)
+        .where(PROVIDERS.c.id == provider.id, PROVIDERS.c.version == provider.version)
         .values(
             state=state,
             consecutive_failures=failures,
             last_checked_at=utcnow(),
             last_error=last_error,
-            updated_at=ModelProvider.updated_at,
+            updated_at=PROVIDERS.c.updated_at,
         )
     )
 
@@ -58,6 +57,7 @@ def attempt(connection_and_error):
 
 def probe(providers):
     connections = [connection_or_error(provider) for provider in providers]
+    release_connections()  # none is held while the upstreams answer; the outcomes are written after
     with ThreadPoolExecutor(max_workers=PROBE_PARALLELISM, thread_name_prefix="probe") as pool:
         outcomes = list(pool.map(attempt, connections))
     for provider, (upstream_models, error) in zip(providers, outcomes, strict=True):
@@ -67,13 +67,11 @@ def probe(providers):
 
 def probe_one(provider):
     probe([provider])
-    db.session.refresh(provider)
-    return provider
+    return provider_of(read_connection().execute(PROVIDER_ROWS.where(PROVIDERS.c.id == provider.id)))
 
 
-@scheduler.job("probe", "PROBE_INTERVAL")
 def probe_all(app):
-    providers = db.session.scalars(sa.select(ModelProvider)).all()
+    providers = providers_of(read_connection().execute(PROVIDER_ROWS))
     if providers:
         probe(providers)
         log.debug("probed %d providers", len(providers))

@@ -1,46 +1,48 @@
 """The model provider resource: /api/v1/model_providers."""
 
 import logging
-from collections.abc import Mapping
 
 import sqlalchemy as sa
 from apifairy import arguments, authenticate, body, other_responses, response
 from flask import Blueprint, current_app, url_for
 from marshmallow import ValidationError
-from sqlalchemy.orm.exc import StaleDataError
 from werkzeug.exceptions import Conflict, NotFound, PreconditionFailed
 from werkzeug.http import parse_etags, quote_etag
 
 from auth import auth
 from catalog import connection_of, match_models, provider_models, remember_models, resolve_model, verify_upstream
+from crypto import cipher
 from models import (
     PROVIDER_COLUMNS,
+    PROVIDER_ROWS,
     PROVIDERS,
-    ModelProvider,
+    Provider,
     db,
     is_canonical_id,
     provider_etag,
+    provider_of,
     read_connection,
+    release_connections,
     types_with,
 )
-from pagination import NewestFirstPages
+from pagination import NewestFirstPages, collection_of
 from prober import probe_one
 from schemas import (
     CreatedProviderHeadersSchema,
-    MatchPageSchema,
     MatchRequestSchema,
-    ModelsPageSchema,
+    MatchResultSchema,
+    ModelSchema,
     PreconditionsSchema,
     ProviderChangesSchema,
     ProviderCreateSchema,
     ProviderHeadersSchema,
     ProviderSchema,
-    ProvidersPageSchema,
     ProvidersQuerySchema,
     ResolvedProviderSchema,
     ResolveHeadersSchema,
     ResolveRequestSchema,
     VerifyQuerySchema,
+    collection,
     watsonx_id_errors,
 )
 
@@ -52,38 +54,28 @@ def no_such_provider(provider_id):
     return NotFound(f"No model provider has id {provider_id!r}.")
 
 
-def get_provider_or_404(provider_id):
-    provider = db.session.get(ModelProvider, provider_id) if is_canonical_id(provider_id) else None
-    if provider is None:
-        raise no_such_provider(provider_id)
-    return provider
-
-
-PROVIDER_ROWS = sa.select(*PROVIDER_COLUMNS)
 PROVIDER_BY_ID = PROVIDER_ROWS.where(PROVIDERS.c.id == sa.bindparam("provider_id"))
+PROVIDER_ID_BY_BASE_URL = sa.select(PROVIDERS.c.id).where(PROVIDERS.c.base_url == sa.bindparam("base_url"))
 
 
-def provider_row_or_404(provider_id):
-    """The provider as a mapping of PROVIDER_COLUMNS, for answers that only show it."""
+def provider_or_404(provider_id):
     provider = None
     if is_canonical_id(provider_id):
-        provider = read_connection().execute(PROVIDER_BY_ID, {"provider_id": provider_id}).mappings().first()
+        provider = provider_of(read_connection().execute(PROVIDER_BY_ID, {"provider_id": provider_id}))
     if provider is None:
         raise no_such_provider(provider_id)
     return provider
 
 
 def provider_exists(provider_id):
-    return db.session.scalar(sa.select(ModelProvider.id).where(ModelProvider.id == provider_id)) is not None
+    return read_connection().scalar(sa.select(PROVIDERS.c.id).where(PROVIDERS.c.id == provider_id)) is not None
 
 
 ETAG_FIELDS = ("id", "version", "last_checked_at")
 
 
 def etag_of(provider):
-    """The ETag of a provider, read as an ORM object or as a mapping of PROVIDER_COLUMNS."""
-    fields = provider if isinstance(provider, Mapping) else {field: getattr(provider, field) for field in ETAG_FIELDS}
-    return provider_etag(*(fields[field] for field in ETAG_FIELDS))
+    return provider_etag(*(getattr(provider, field) for field in ETAG_FIELDS))
 
 
 def shown(provider, status=200, **headers):
@@ -101,7 +93,7 @@ def refuse_unless_matches(provider, preconditions):
 
 
 def refuse_if_base_url_taken(base_url, own_id=None):
-    owner_id = db.session.scalar(sa.select(ModelProvider.id).where(ModelProvider.base_url == base_url))
+    owner_id = read_connection().scalar(PROVIDER_ID_BY_BASE_URL, {"base_url": base_url})
     if owner_id is not None and owner_id != own_id:
         raise Conflict(f"base_url {base_url} is already registered by model provider {owner_id}.")
 
@@ -113,40 +105,38 @@ def refuse_if_managed(provider):
         )
 
 
-def commit_provider(provider):
-    """Commit; a concurrent writer that took the same base_url first turns into a 409, and so
-    does one that changed this provider since it was read (an update is made WHERE version =
-    the version read), so a patch never stores a mix of its fields and another's."""
-    base_url, provider_id = provider.base_url, provider.id
+def write_provider(statement, base_url, own_id=None):
+    """Run an INSERT or UPDATE of one provider and commit; the provider as written (None when
+    an UPDATE found none to change). A concurrent writer that took the same base_url first
+    is a 409."""
     try:
+        provider = provider_of(db.session.execute(statement.returning(*PROVIDER_COLUMNS)))
         db.session.commit()
     except sa.exc.IntegrityError:
         db.session.rollback()
-        refuse_if_base_url_taken(base_url, provider_id)
+        refuse_if_base_url_taken(base_url, own_id)
         raise
-    except StaleDataError:
-        db.session.rollback()
-        if not provider_exists(provider_id):
-            raise no_such_provider(provider_id) from None
-        raise Conflict(
-            f"Model provider {provider_id} was changed by another request meanwhile; read it again and retry."
-        ) from None
+    return provider
 
 
 def should_verify(query):
     return query["verify"] and current_app.config["VERIFY_ON_CREATE"]
 
 
+def verify_holding_no_connection(connection):
+    """verify_upstream, with no transaction open and no pooled connection held while it waits."""
+    release_connections()
+    return verify_upstream(connection)
+
+
 def create_provider(fields, verify):
     api_key = fields.pop("api_key")
     upstream_models = None
     if verify:
-        refuse_if_base_url_taken(fields["base_url"])  # before calling the upstream; the commit checks anyway
-        upstream_models = verify_upstream(connection_of(fields["type"], fields["base_url"], api_key))
-    provider = ModelProvider(**fields)
-    provider.seal_api_key(api_key)
-    db.session.add(provider)
-    commit_provider(provider)
+        refuse_if_base_url_taken(fields["base_url"])  # before calling the upstream; the insert checks anyway
+        upstream_models = verify_holding_no_connection(connection_of(fields["type"], fields["base_url"], api_key))
+    insert = sa.insert(PROVIDERS).values(**fields, sealed_api_key=cipher.seal(api_key))
+    provider = write_provider(insert, fields["base_url"])
     if upstream_models is not None:
         remember_models(provider, upstream_models)
     return provider
@@ -155,7 +145,35 @@ def create_provider(fields, verify):
 def verify_changed_connection(provider, changes):
     if "base_url" in changes or "api_key" in changes:
         api_key = changes["api_key"] if "api_key" in changes else provider.open_api_key()
-        verify_upstream(connection_of(provider.type, changes.get("base_url", provider.base_url), api_key))
+        verify_holding_no_connection(connection_of(provider.type, changes.get("base_url", provider.base_url), api_key))
+
+
+def stored_changes(provider, changes):
+    """The column values a PATCH writes: the fields whose value changes, and a new key sealed."""
+    values = {
+        field: value for field, value in changes.items() if field != "api_key" and getattr(provider, field) != value
+    }
+    if "api_key" in changes:
+        values["sealed_api_key"] = cipher.seal(changes["api_key"])
+    return values
+
+
+def store_changes(provider, values, base_url):
+    """Write a patch WHERE version = the version read, so that it never stores a mix of its
+    fields and those of a change stored meanwhile: that is a 409 (or a 404 when deleted)."""
+    update = (
+        sa.update(PROVIDERS)
+        .where(PROVIDERS.c.id == provider.id, PROVIDERS.c.version == provider.version)
+        .values(**values, version=PROVIDERS.c.version + 1)
+    )
+    updated = write_provider(update, base_url, provider.id)
+    if updated is None:
+        if not provider_exists(provider.id):
+            raise no_such_provider(provider.id)
+        raise Conflict(
+            f"Model provider {provider.id} was changed by another request meanwhile; read it again and retry."
+        )
+    return updated
 
 
 def update_provider(provider, changes, preconditions, verify):
@@ -171,20 +189,16 @@ def update_provider(provider, changes, preconditions, verify):
         refuse_if_base_url_taken(changes["base_url"], provider.id)
     if verify:
         verify_changed_connection(provider, changes)
-    if "api_key" in changes:
-        provider.seal_api_key(changes.pop("api_key"))
-    for field, value in changes.items():
-        setattr(provider, field, value)
-    commit_provider(provider)
-    return provider
+    values = stored_changes(provider, changes)
+    return store_changes(provider, values, changes.get("base_url")) if values else provider
 
 
 def delete_provider(provider, preconditions):
     refuse_if_managed(provider)
     refuse_unless_matches(provider, preconditions)
-    deletion = sa.delete(ModelProvider).where(ModelProvider.id == provider.id)
+    deletion = sa.delete(PROVIDERS).where(PROVIDERS.c.id == provider.id)
     if preconditions.get("if_match") is not None:  # only the provider as matched
-        deletion = deletion.where(ModelProvider.version == provider.version)
+        deletion = deletion.where(PROVIDERS.c.version == provider.version)
     deleted = db.session.execute(deletion).rowcount
     db.session.commit()
     if deleted == 0:  # a concurrent request deleted it first, or changed it since it was matched
@@ -202,6 +216,7 @@ PROVIDER_PAGES = NewestFirstPages(
         "registry": PROVIDERS.c.registry == sa.bindparam("registry"),
         "capability": PROVIDERS.c.type.in_(sa.bindparam("capability", expanding=True)),
     },
+    Provider.from_row,
 )
 
 
@@ -232,7 +247,7 @@ def create(fields, query):
 @providers_bp.route("/model_providers", methods=["GET"])
 @authenticate(auth, role="reader")
 @arguments(ProvidersQuerySchema)
-@response(ProvidersPageSchema)
+@response(collection(ProviderSchema, paged=True))
 def list_all(query):
     """List model providers, newest first"""
     return PROVIDER_PAGES.page(provider_filter_values(query), query["limit"], query.get("page_token"))
@@ -244,7 +259,7 @@ def list_all(query):
 @other_responses({404: "No such model provider"})
 def get(provider_id):
     """Get a model provider"""
-    return shown(provider_row_or_404(provider_id))
+    return shown(provider_or_404(provider_id))
 
 
 @providers_bp.route("/model_providers/<provider_id>", methods=["PATCH"])
@@ -268,7 +283,7 @@ def update(changes, query, preconditions, provider_id):
     The patch is stored only if no other change of the provider was stored since it was read
     for this patch, else 409; with If-Match, only if the provider still has one of its ETags.
     """
-    provider = get_provider_or_404(provider_id)
+    provider = provider_or_404(provider_id)
     return shown(update_provider(provider, changes, preconditions, should_verify(query)))
 
 
@@ -287,18 +302,17 @@ def delete(preconditions, provider_id):
 
     With If-Match, only if the provider still has one of the ETags given.
     """
-    delete_provider(get_provider_or_404(provider_id), preconditions)
+    delete_provider(provider_or_404(provider_id), preconditions)
     return "", 204
 
 
 @providers_bp.route("/model_providers/<provider_id>/models", methods=["GET"])
 @authenticate(auth, role="reader")
-@response(ModelsPageSchema)
+@response(collection(ModelSchema))
 @other_responses({404: "No such model provider", 502: "The upstream failed"})
 def list_models(provider_id):
     """List the models a provider serves (cached for REGISTRY_MODELS_CACHE_TTL seconds)"""
-    models = provider_models(get_provider_or_404(provider_id))
-    return {"items": models, "total_count": len(models)}
+    return collection_of(provider_models(provider_or_404(provider_id)))
 
 
 @providers_bp.route("/model_providers/<provider_id>/check", methods=["POST"])
@@ -307,13 +321,13 @@ def list_models(provider_id):
 @other_responses({404: "No such model provider"})
 def check(provider_id):
     """Probe a provider now and return it with its fresh state"""
-    return shown(probe_one(get_provider_or_404(provider_id)))
+    return shown(probe_one(provider_or_404(provider_id)))
 
 
 @providers_bp.route("/model_providers/match", methods=["POST"])
 @authenticate(auth, role="reader")
 @body(MatchRequestSchema)
-@response(MatchPageSchema)
+@response(collection(MatchResultSchema))
 def match(request_fields):
     """Rank the available models of a capability against suggested models
 

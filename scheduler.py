@@ -1,9 +1,10 @@
 """Background work with one owner per database: the prober and the manifest sync.
 
 Every gunicorn worker runs a scheduler thread (started by gunicorn.conf.py, never by a
-route). Each tick, the thread tries to take or renew the lease row "scheduler"; only the
-holder runs jobs, so one database gets one prober however many workers and instances
-serve it. Job start times are stored too, so a new holder keeps the same rhythm.
+route; the jobs are registered by create_app). Each tick, the thread tries to take or
+renew the lease row "scheduler"; only the holder runs jobs, so one database gets one
+prober however many workers and instances serve it. Job start times are stored too, so a
+new holder keeps the same rhythm, and a job that runs at start runs once per server start.
 """
 
 import logging
@@ -11,7 +12,9 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
 
 import sqlalchemy as sa
@@ -71,41 +74,65 @@ def release_lease(name, holder):
     db.session.commit()
 
 
-def claim_if_due(job_name, interval, now_anyway=False):
-    """Record a start of `job_name` when `interval` seconds have passed since the last, or `now_anyway`."""
+def claim_if_due(job, interval, started_at):
+    """Record a start of `job` and answer True when it is due: `interval` seconds (0: never)
+    after its last start, or, for a job that also runs at start, when it has not started
+    since `started_at` (the start of this server)."""
     now = utcnow()
-    run = db.session.get(JobRun, job_name)
-    if not now_anyway and run is not None and now - run.last_started_at < timedelta(seconds=interval):
+    run = db.session.get(JobRun, job.name)
+    last_started_at = run.last_started_at if run is not None else None
+    due_at_start = job.at_start and (last_started_at is None or last_started_at < started_at)
+    due_by_interval = interval > 0 and (last_started_at is None or now - last_started_at >= timedelta(seconds=interval))
+    if not (due_at_start or due_by_interval):
+        db.session.rollback()
         return False
     if run is None:
-        db.session.add(JobRun(name=job_name, last_started_at=now))
+        db.session.add(JobRun(name=job.name, last_started_at=now))
     else:
         run.last_started_at = now
     db.session.commit()
     return True
 
 
+@dataclass(frozen=True)
+class Job:
+    name: str
+    interval_setting: str  # the configuration key of the seconds between runs; 0 runs it never
+    function: Callable  # called with the app, inside its app context
+    at_start: bool = False  # also once when the server starts, whatever the interval
+
+
 class Scheduler:
-    def __init__(self):
-        self.jobs = []  # (name, interval config key, run on takeover, function of the app)
+    """The background jobs of one app and the thread that runs them.
+
+    create_app() registers the jobs (app.extensions["scheduler"]); whoever serves the app
+    starts the thread: gunicorn.conf.py in every worker, an embedding application with
+    `app.extensions["scheduler"].start()`.
+    """
+
+    def __init__(self, app):
+        self.app = app
+        self.jobs = []
         self._stop = threading.Event()
         self._thread = None
 
-    def job(self, name, interval_setting, on_takeover=False):
-        """Run the decorated function every `interval_setting` seconds; with `on_takeover` also
-        as soon as a process becomes the lease holder, so a fresh start does not wait an interval."""
+    def add_job(self, name, interval_setting, function, at_start=False):
+        self.jobs.append(Job(name, interval_setting, function, at_start))
 
-        def register(function):
-            self.jobs.append((name, interval_setting, on_takeover, function))
-            return function
+    def interval(self, job):
+        return self.app.config[job.interval_setting]
 
-        return register
+    def has_periodic_jobs(self):
+        return any(self.interval(job) > 0 for job in self.jobs)
 
-    def start(self, app):
-        if not any(app.config[setting] > 0 for _, setting, _, _ in self.jobs):
+    def start(self, started_at=None):
+        """Run the jobs in a thread of this process; `started_at` (naive UTC, default now) is
+        when the server started, so its workers run the jobs at start once between them."""
+        if not self.has_periodic_jobs() and not any(job.at_start for job in self.jobs):
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, args=(app,), name="scheduler", daemon=True)
+        arguments = (started_at or utcnow(),)
+        self._thread = threading.Thread(target=self._run, args=arguments, name="scheduler", daemon=True)
         self._thread.start()
 
     def stop(self):
@@ -113,41 +140,39 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    def _run(self, app):
+    def _run(self, started_at):
+        """Tick until stopped; without periodic jobs, only until the jobs at start have run
+        (here or in another process of this server)."""
         holder = holder_name()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="job") as executor:
-            running, holding = None, False
+            running, at_start_settled = None, False
             while not self._stop.wait(TICK_SECONDS):
-                with app.app_context():
+                idle = running is None or running.done()
+                if at_start_settled and idle and not self.has_periodic_jobs():
+                    break
+                with self.app.app_context():
                     try:
-                        was_holding, holding = holding, try_lease(SCHEDULER_LEASE, holder, LEASE_SECONDS)
-                        if holding and (running is None or running.done()):
-                            running = self._start_due_jobs(app, executor, took_over=not was_holding)
+                        if try_lease(SCHEDULER_LEASE, holder, LEASE_SECONDS) and idle:
+                            running = self._start_due_jobs(executor, started_at)
+                            at_start_settled = True
                     except Exception:
                         log.exception("scheduler tick failed")
                     finally:
                         db.session.remove()
-            with app.app_context():
+            with self.app.app_context():
                 release_lease(SCHEDULER_LEASE, holder)
 
-    def _start_due_jobs(self, app, executor, took_over):
-        due = [
-            function
-            for name, setting, on_takeover, function in self.jobs
-            if app.config[setting] > 0 and claim_if_due(name, app.config[setting], took_over and on_takeover)
-        ]
-        return executor.submit(run_jobs, app, due) if due else None
+    def _start_due_jobs(self, executor, started_at):
+        due = [job for job in self.jobs if claim_if_due(job, self.interval(job), started_at)]
+        return executor.submit(run_jobs, self.app, due) if due else None
 
 
-def run_jobs(app, functions):
-    for function in functions:
+def run_jobs(app, jobs):
+    for job in jobs:
         with app.app_context():
             try:
-                function(app)
+                job.function(app)
             except Exception:
-                log.exception("background job %s failed", function.__name__)
+                log.exception("background job %s failed", job.name)
             finally:
                 db.session.remove()
-
-
-scheduler = Scheduler()

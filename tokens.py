@@ -21,7 +21,7 @@ from models import (
     utcnow,
 )
 from pagination import NewestFirstPages
-from schemas import NewTokenSchema, TokenCreateSchema, TokensPageSchema, TokensQuerySchema
+from schemas import NewTokenSchema, TokenCreateSchema, TokenSchema, TokensQuerySchema, collection
 
 tokens_bp = Blueprint("tokens", __name__)
 
@@ -42,6 +42,7 @@ TOKEN_PAGES = NewestFirstPages(
         "user": TOKENS.c.user_id
         == sa.select(USERS.c.id).where(USERS.c.username == sa.bindparam("user")).correlate(None).scalar_subquery()
     },
+    lambda row: row,  # a Row: the schema and the page token read its attributes
 )
 
 
@@ -129,7 +130,7 @@ def create(request_fields):
 @tokens_bp.route("/tokens", methods=["GET"])
 @authenticate(auth, role="reader")
 @arguments(TokensQuerySchema)
-@response(TokensPageSchema)
+@response(collection(TokenSchema, paged=True))
 def list_all(query):
     """List API tokens, newest first
 

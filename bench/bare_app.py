@@ -26,8 +26,6 @@ PAGE = {"items": [PROVIDER] * 50, "total_count": 200, "has_more": True, "next_pa
 
 app = Flask(__name__)
 app.json.sort_keys = False
-# The registry's scheduler (gunicorn.conf.py) reads these; nothing is scheduled here.
-app.config.update(PROBE_INTERVAL=0, SYNC_INTERVAL=0)
 
 
 @app.get("/healthz")

@@ -20,6 +20,7 @@ from flask_migrate import upgrade
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from app import create_app  # noqa: E402
+from cli import create_first_admin  # noqa: E402
 from tests.conftest import basic_auth, provider_body  # noqa: E402
 from tests.fake_upstreams import FakeUpstream  # noqa: E402
 
@@ -34,7 +35,7 @@ def build_registry(instance, cache_ttl):
     app = create_app(environ)
     with app.app_context():
         upgrade()
-    app = create_app(environ)  # now with the schema, so the admin is created
+        create_first_admin(app)
     client = app.test_client()
     client.environ_base["HTTP_AUTHORIZATION"] = basic_auth("admin", "bench")
     return app, client

@@ -70,7 +70,8 @@ def prepare_registry(instance_path, seeded=SEEDED_PROVIDERS):
     from flask_migrate import upgrade
 
     from app import create_app
-    from models import ModelProvider, User, db
+    from crypto import cipher
+    from models import PROVIDERS, User, db
     from tokens import create_token
 
     app = create_app({"REGISTRY_INSTANCE_PATH": instance_path})
@@ -79,13 +80,19 @@ def prepare_registry(instance_path, seeded=SEEDED_PROVIDERS):
         admin = User(username=USERNAME, role="admin")
         admin.set_password(PASSWORD)
         db.session.add(admin)
-        for number in range(seeded):
-            provider = ModelProvider(type="openai", base_url=f"https://seed{number}.example.com/v1", name=f"P{number}")
-            provider.seal_api_key(f"sk-seed-{number}")
-            db.session.add(provider)
+        seeds = [
+            {
+                "type": "openai",
+                "base_url": f"https://seed{number}.example.com/v1",
+                "name": f"P{number}",
+                "sealed_api_key": cipher.seal(f"sk-seed-{number}"),
+            }
+            for number in range(seeded)
+        ]
+        db.session.execute(sa.insert(PROVIDERS), seeds)
         db.session.commit()
         token = create_token(admin, "bench")["token"]
-        provider_id = db.session.scalars(sa.select(ModelProvider.id).limit(1)).first()
+        provider_id = db.session.scalars(sa.select(PROVIDERS.c.id).limit(1)).first()
         db.engine.dispose()
     return {"basic": BASIC_AUTHORIZATION, "bearer": f"Bearer {token}"}, provider_id
 

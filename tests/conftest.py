@@ -261,11 +261,12 @@ def wait_until_serving(base_url, process, timeout=30):
 
 
 GUNICORN_COMMAND = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
-# What `make run` does: apply the migrations, then serve.
+FLASK_COMMAND = f"{shlex.quote(sys.executable)} -m flask --app app"
+# What `make run` does: apply the migrations, create the first admin, then serve.
 MIGRATE_THEN_GUNICORN_COMMAND = [
     "sh",
     "-c",
-    f"{shlex.quote(sys.executable)} -m flask --app app db upgrade && exec {shlex.join(GUNICORN_COMMAND)}",
+    f"{FLASK_COMMAND} db upgrade && {FLASK_COMMAND} users bootstrap && exec {shlex.join(GUNICORN_COMMAND)}",
 ]
 
 

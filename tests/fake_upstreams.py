@@ -44,6 +44,8 @@ class FakeUpstream:
         self.body = None  # force a raw body, e.g. b"<html>"
         self.rendezvous = None  # a Rendezvous: answer 503 unless enough requests are in flight at once
         self.hits = 0
+        self.held = None  # with hold(): set while a request waits for release()
+        self._release = None
         self._lock = threading.Lock()
         self._server = None
         self.port = None
@@ -63,6 +65,18 @@ class FakeUpstream:
     def down(self):
         self._server.shutdown()
         self._server.server_close()
+
+    def hold(self):
+        """Keep every request waiting, once it arrived (`held` is set), until release()."""
+        self.held, self._release = threading.Event(), threading.Event()
+
+    def release(self):
+        self._release.set()
+
+    def wait_if_held(self):
+        if self._release is not None:
+            self.held.set()
+            self._release.wait(timeout=30)
 
     def count_hit(self):
         with self._lock:
@@ -86,6 +100,7 @@ class UpstreamHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         upstream = self.upstream
         upstream.count_hit()
+        upstream.wait_if_held()
         if upstream.delay:
             time.sleep(upstream.delay)
         if upstream.rendezvous is not None and not upstream.rendezvous.meet():

@@ -5,7 +5,8 @@ import logging
 import pytest
 import sqlalchemy as sa
 
-from models import ModelProvider, db
+from models import PROVIDERS as PROVIDER_TABLE
+from models import SystemConfiguration, db
 from tests.conftest import provider_body
 from tests.fake_upstreams import Rendezvous
 
@@ -24,7 +25,7 @@ def register(admin, upstream, provider_type=None, **fields):
 
 def set_state(app, provider_id, state):
     with app.app_context():
-        db.session.execute(sa.update(ModelProvider).where(ModelProvider.id == provider_id).values(state=state))
+        db.session.execute(sa.update(PROVIDER_TABLE).where(PROVIDER_TABLE.c.id == provider_id).values(state=state))
         db.session.commit()
 
 
@@ -188,6 +189,19 @@ def test_system_configuration_round_trip(admin, reader):
     assert reader.get("/api/v1/configurations/system").get_json() == document
     cleared = admin.put("/api/v1/configurations/system", json={"default_llm_model": None}).get_json()
     assert cleared["default_llm_model"] is None
+
+
+def test_reading_the_system_configuration_stores_nothing(app, reader):
+    document = reader.get("/api/v1/configurations/system").get_json()
+    assert document == {
+        "default_llm_model": None,
+        "default_embedding_model": None,
+        "id": document["id"],
+        "updated_at": None,
+        "created_by": None,
+    }
+    with app.app_context():
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(SystemConfiguration)) == 0
 
 
 def test_system_configuration_is_admin_only_and_validated(admin, reader):

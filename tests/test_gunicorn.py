@@ -1,6 +1,9 @@
 """The registry under gunicorn with its own configuration, over a real socket."""
 
-from tests.conftest import provider_body
+import httpx
+import pytest
+
+from tests.conftest import Gunicorn, provider_body
 
 SECRET = "sk-over-the-socket-7777"
 
@@ -29,3 +32,19 @@ def test_create_list_get_patch_delete_over_a_socket(start_gunicorn):
     assert '"POST /api/v1/model_providers" 201' in log
     assert SECRET not in log
     assert "Basic " not in log
+
+
+@pytest.mark.slow  # starts gunicorn itself, on a folder of its own
+def test_make_run_on_an_empty_database_creates_one_admin_with_a_generated_password(make_instance):
+    instance = make_instance("fresh", migrated=False)
+    server = Gunicorn(instance, workers=2, migrate_first=True)
+    try:
+        password_file = instance / "admin-password"
+        password = password_file.read_text().strip()
+        with httpx.Client(base_url=server.base_url, auth=("admin", password)) as admin:
+            assert admin.get("/api/v1/model_providers").status_code == 200
+    finally:
+        server.kill()
+    log = server.log()
+    assert log.count(f"its generated password is in {password_file}") == 1
+    assert password not in log

@@ -8,7 +8,8 @@ import pytest
 import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken
 
-from models import ModelProvider, db
+from models import PROVIDER_ROWS, db, providers_of
+from models import PROVIDERS as PROVIDER_TABLE
 from tests.conftest import ROOT, client_as, provider_body, registry_environ
 
 FLASK = os.path.join(os.path.dirname(sys.executable), "flask")
@@ -34,7 +35,7 @@ def app_with_providers(make_app, key):
 
 def stored_keys(app):
     with app.app_context():
-        return db.session.execute(sa.select(ModelProvider.sealed_api_key, ModelProvider.updated_at)).all()
+        return db.session.execute(sa.select(PROVIDER_TABLE.c.sealed_api_key, PROVIDER_TABLE.c.updated_at)).all()
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def test_rotation_lets_the_old_key_be_dropped(make_app, instance_path, old_key_a
 
     app = make_app(REGISTRY_ENCRYPTION_KEYS=new_key)
     with app.app_context():
-        providers = db.session.scalars(sa.select(ModelProvider).order_by(ModelProvider.base_url)).all()
+        providers = providers_of(db.session.execute(PROVIDER_ROWS.order_by(PROVIDER_TABLE.c.base_url)))
         assert [provider.open_api_key() for provider in providers] == SECRETS
     after = stored_keys(app)
     for sealed_api_key, _ in after:

@@ -14,7 +14,8 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
 from manifests import MAX_MANIFEST_BYTES
-from models import ModelProvider, db
+from models import PROVIDER_ROWS, db, provider_of
+from models import PROVIDERS as PROVIDER_TABLE
 from tests.conftest import ROOT, client_as, provider_body, registry_environ
 
 PROVIDERS = "/api/v1/model_providers"
@@ -141,13 +142,13 @@ def by_base_url(app):
 def snapshot(app):
     """What a client sees of every provider, and every stored sealed key."""
     with app.app_context():
-        sealed_keys = dict(db.session.execute(sa.select(ModelProvider.id, ModelProvider.sealed_api_key)).all())
+        sealed_keys = dict(db.session.execute(sa.select(PROVIDER_TABLE.c.id, PROVIDER_TABLE.c.sealed_api_key)).all())
     return listing(app), sealed_keys
 
 
 def stored_api_key(app, provider_id):
     with app.app_context():
-        return db.session.get(ModelProvider, provider_id).open_api_key()
+        return provider_of(db.session.execute(PROVIDER_ROWS.where(PROVIDER_TABLE.c.id == provider_id))).open_api_key()
 
 
 def registry_status(app):
@@ -330,6 +331,49 @@ def test_a_broken_manifest_changes_nothing_and_says_why(kind, registry_app, mani
     assert (status["outcome"], status["error"], status["provider_count"]) == ("error", result["error"], 2)
     for secret in (LITERAL_KEY, OPENAI_KEY):
         assert secret not in result["error"] and secret not in caplog.text
+
+
+SECRET_SETTINGS = {
+    "REGISTRY_ADMIN_PASSWORD": "admin-password-in-the-environment-4444",
+    "REGISTRY_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+}
+
+
+@pytest.mark.parametrize(
+    ("variable", "field"),
+    [
+        ("REGISTRY_ADMIN_PASSWORD", "name"),
+        ("REGISTRY_ENCRYPTION_KEYS", "api_key"),
+        ("DATABASE_URL", "description"),
+        ("HOST", "base_url"),  # set or not, a registry setting is refused
+        ("LOG_FORMAT", "name"),
+    ],
+)
+def test_a_manifest_naming_a_registry_setting_is_an_error_naming_it(
+    variable, field, make_app, instance_path, manifest_path, caplog
+):
+    app = make_app(REGISTRY_MANIFESTS=str(manifest_path), OPENAI_API_KEY=OPENAI_KEY, **SECRET_SETTINGS)
+    sync(app)
+    before = snapshot(app)
+    entry = {"type": "openai", "base_url": "https://leak.example.com/v1", "api_key": "k", field: f"${{{variable}}}"}
+    if field == "base_url":
+        entry[field] = f"https://${{{variable}}}/v1"
+    write_manifest(manifest_path, json.dumps({"model_providers": [entry]}))
+
+    (result,) = sync(app)
+
+    assert snapshot(app) == before
+    expected = f"model_providers.0.{field}: {variable} is a setting of the registry; a manifest may not read it."
+    assert result["error"] == expected
+    shown = json.dumps(registry_status(app)) + json.dumps(listing(app)) + caplog.text
+    for secret in (*SECRET_SETTINGS.values(), registry_environ(instance_path)["DATABASE_URL"]):
+        assert secret not in shown
+
+
+def test_app_config_holds_the_registry_settings_not_the_environment(make_app):
+    app = make_app(UNRELATED_SECRET="unrelated-secret-5555", OPENAI_API_KEY=OPENAI_KEY)
+    assert "unrelated-secret-5555" not in repr(dict(app.config))
+    assert OPENAI_KEY not in repr(dict(app.config))
 
 
 def test_a_clash_with_another_manifest_changes_nothing_and_names_it(registry_app, manifest_path, tmp_path):
@@ -567,3 +611,26 @@ def test_scheduled_syncs_run_once_per_interval_across_workers(start_gunicorn, se
     fetches_before = manifest_server.fetches
     time.sleep(3)
     assert 1 <= manifest_server.fetches - fetches_before <= 4
+
+
+def test_with_interval_0_a_restart_still_syncs_and_drops_a_removed_location(start_gunicorn, manifest_path, tmp_path):
+    other_path = write_manifest(tmp_path / "other.yaml", manifest(ANTHROPIC))
+    both = f"{manifest_path},{other_path}"
+    first = start_gunicorn(workers=2, REGISTRY_MANIFESTS=both, OPENAI_API_KEY=OPENAI_KEY, REGISTRY_SYNC_INTERVAL="0")
+    wait_for_providers(first, 3)
+    first.kill()
+    restarted = start_gunicorn(
+        workers=2, REGISTRY_MANIFESTS=str(manifest_path), OPENAI_API_KEY=OPENAI_KEY, REGISTRY_SYNC_INTERVAL="0"
+    )
+    remaining = wait_for_providers(restarted, 2)
+    assert {provider["registry"] for provider in remaining} == {manifest_path.as_uri()}
+
+
+def test_with_interval_0_the_start_sync_runs_once_for_all_workers(start_gunicorn, serve_manifest):
+    manifest_server = serve_manifest(manifest(OPENAI))
+    server = start_gunicorn(
+        workers=3, REGISTRY_MANIFESTS=manifest_server.url, OPENAI_API_KEY=OPENAI_KEY, REGISTRY_SYNC_INTERVAL="0"
+    )
+    wait_for_providers(server, 1)
+    time.sleep(3)  # time for every worker to take the lease once, and for a periodic sync that must not run
+    assert manifest_server.fetches == 1

@@ -121,3 +121,19 @@ def test_down_upstream_goes_offline_by_the_prober_alone_and_check_brings_it_back
         assert admin.post(f"{PROVIDERS}/match", json=match_body).json()["total_count"] == 1
     server.kill()
     assert "is now offline" in server.log()
+
+
+@pytest.mark.slow
+def test_an_application_embedding_create_app_starts_the_prober_itself(make_app, fake_upstream):
+    app = make_app(REGISTRY_PROBE_INTERVAL="0.5", REGISTRY_UPSTREAM_TIMEOUT="1")
+    admin = client_as(app, "admin")
+    provider = register(admin, fake_upstream())
+    assert admin.get(f"{PROVIDERS}/{provider['id']}").get_json()["last_checked_at"] is None
+    app.extensions["scheduler"].start()
+    try:
+        deadline = time.monotonic() + 20
+        while admin.get(f"{PROVIDERS}/{provider['id']}").get_json()["last_checked_at"] is None:
+            assert time.monotonic() < deadline, "the prober never ran"
+            time.sleep(0.1)
+    finally:
+        app.extensions["scheduler"].stop()

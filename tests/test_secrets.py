@@ -11,7 +11,8 @@ from cryptography.fernet import Fernet
 from flask_migrate import upgrade
 
 from app import create_app
-from models import ModelProvider, User, db
+from models import PROVIDER_ROWS, User, db, provider_of
+from models import PROVIDERS as PROVIDER_TABLE
 from tests.conftest import basic_auth, client_as, provider_body, registry_environ
 
 PROVIDERS = "/api/v1/model_providers"
@@ -38,7 +39,7 @@ def test_key_is_in_no_response_log_or_database_file(admin, databases, instance_p
 def test_stored_key_opens_to_what_was_sent(app, admin):
     provider_id = admin.post(PROVIDERS, json=provider_body(api_key=SECRET)).get_json()["id"]
     with app.app_context():
-        provider = db.session.get(ModelProvider, provider_id)
+        provider = provider_of(db.session.execute(PROVIDER_ROWS.where(PROVIDER_TABLE.c.id == provider_id)))
         assert provider.sealed_api_key != SECRET
         assert provider.open_api_key() == SECRET
 
@@ -88,7 +89,7 @@ def test_configured_keys_are_used_and_no_key_file_is_made(make_app, instance_pat
     provider_id = client_as(app, "admin").post(PROVIDERS, json=provider_body(api_key=SECRET)).get_json()["id"]
     assert not (instance_path / "encryption.key").exists()
     with app.app_context():
-        sealed = db.session.get(ModelProvider, provider_id).sealed_api_key
+        sealed = db.session.scalar(sa.select(PROVIDER_TABLE.c.sealed_api_key).where(PROVIDER_TABLE.c.id == provider_id))
     assert Fernet(key).decrypt(sealed.encode()).decode() == SECRET
 
 
@@ -103,18 +104,54 @@ def userless_instance(make_instance):
     return instance
 
 
-def test_generated_admin_password_file_is_private_and_works(userless_instance):
-    app = create_app(registry_environ(userless_instance, REGISTRY_ADMIN_USERNAME="root"))
+def bootstrap(instance, **overrides):
+    """`flask --app app users bootstrap`, as `make run` runs it after `db upgrade`; the app."""
+    app = create_app(registry_environ(instance, **overrides))
+    result = app.test_cli_runner().invoke(args=["users", "bootstrap"])
+    assert result.exit_code == 0, result.output
+    return app
+
+
+def user_count(app):
+    with app.app_context():
+        return db.session.scalar(sa.select(sa.func.count()).select_from(User))
+
+
+def test_building_the_app_creates_no_user(userless_instance):
+    app = create_app(registry_environ(userless_instance, REGISTRY_ADMIN_PASSWORD="ops-secret"))
+    assert user_count(app) == 0
+    assert not (userless_instance / "admin-password").exists()
+
+
+def test_generated_admin_password_file_is_private_and_works(userless_instance, caplog):
+    caplog.set_level(logging.WARNING)
+    app = bootstrap(userless_instance, REGISTRY_ADMIN_USERNAME="root")
     password_file = userless_instance / "admin-password"
     assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+    assert str(password_file) in caplog.text
     password = password_file.read_text().strip()
+    assert password not in caplog.text
     response = app.test_client().get(PROVIDERS, headers={"Authorization": basic_auth("root", password)})
     assert response.status_code == 200
 
 
+def test_bootstrap_creates_the_first_admin_once(userless_instance):
+    app = bootstrap(userless_instance)
+    password = (userless_instance / "admin-password").read_text()
+    bootstrap(userless_instance)
+    assert user_count(app) == 1
+    assert (userless_instance / "admin-password").read_text() == password
+
+
+def test_bootstrap_before_the_migrations_says_to_run_them(make_instance):
+    app = create_app(registry_environ(make_instance("empty", migrated=False)))
+    result = app.test_cli_runner().invoke(args=["users", "bootstrap"])
+    assert result.exit_code != 0
+    assert "db upgrade" in result.output
+
+
 def test_admin_from_environment_gets_no_password_file(userless_instance):
-    environ = registry_environ(userless_instance, REGISTRY_ADMIN_USERNAME="ops", REGISTRY_ADMIN_PASSWORD="ops-secret")
-    app = create_app(environ)
+    app = bootstrap(userless_instance, REGISTRY_ADMIN_USERNAME="ops", REGISTRY_ADMIN_PASSWORD="ops-secret")
     assert not (userless_instance / "admin-password").exists()
     response = app.test_client().get(PROVIDERS, headers={"Authorization": basic_auth("ops", "ops-secret")})
     assert response.status_code == 200
@@ -124,8 +161,7 @@ def test_admin_from_environment_gets_no_password_file(userless_instance):
 
 
 def test_admin_name_from_environment_is_stored_in_nfc(userless_instance):
-    environ = registry_environ(userless_instance, REGISTRY_ADMIN_USERNAME="jose\u0301", REGISTRY_ADMIN_PASSWORD="pw")
-    app = create_app(environ)
+    app = bootstrap(userless_instance, REGISTRY_ADMIN_USERNAME="jose\u0301", REGISTRY_ADMIN_PASSWORD="pw")
     response = app.test_client().get(PROVIDERS, headers={"Authorization": basic_auth("jos\u00e9", "pw")})
     assert response.status_code == 200
 

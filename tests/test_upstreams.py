@@ -1,9 +1,12 @@
 """Verification against the upstream, and model listings per provider type."""
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import pytest
 
+from models import db
 from tests.conftest import client_as, free_port, provider_body
 
 PROVIDERS = "/api/v1/model_providers"
@@ -97,6 +100,34 @@ def test_patch_of_key_or_url_is_verified_and_refused_unchanged(verifying_admin, 
     assert verifying_admin.patch(path, json={"name": "renamed"}).status_code == 200
     assert upstream.hits == hits  # a name change needs no upstream call
     assert verifying_admin.patch(path + "?verify=false", json={"api_key": BAD_KEY}).status_code == 200
+
+
+def pooled_connections_while_verifying(app, upstream, request):
+    """How many pooled connections are checked out while `request` waits on the upstream; its answer."""
+    upstream.hold()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        answer = pool.submit(request)
+        assert upstream.held.wait(timeout=10), "the upstream was never called"
+        with app.app_context():
+            checked_out = db.engine.pool.checkedout()
+        upstream.release()
+        return checked_out, answer.result(timeout=30)
+
+
+@pytest.mark.parametrize("change", ["create", "patch"])
+def test_no_database_connection_is_held_while_verification_waits(change, make_app, fake_upstream):
+    app = make_app(REGISTRY_VERIFY_ON_CREATE="true")
+    admin = client_as(app, "admin")
+    upstream = fake_upstream(api_key=GOOD_KEY)
+    if change == "create":
+        request = partial(create, admin, upstream, api_key=GOOD_KEY)
+    else:
+        provider = create(admin, upstream, query="?verify=false", api_key=BAD_KEY).get_json()
+        request = partial(admin.patch, f"{PROVIDERS}/{provider['id']}", json={"api_key": GOOD_KEY, "name": "n"})
+    checked_out, answer = pooled_connections_while_verifying(app, upstream, request)
+    assert checked_out == 0
+    assert answer.status_code in (200, 201) and answer.get_json()["name"] == ("n" if change == "patch" else None)
+    assert upstream.hits == 1
 
 
 LISTINGS = [
