@@ -33,8 +33,9 @@ format: $(INSTALLED)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The model index and the prober at 100 and 1000 providers (README, Performance).
 bench: $(INSTALLED)
-	$(BIN)/python bench/models_list.py
+	$(BIN)/python bench/catalog.py
 
 # The registry against a bare Flask app under the same gunicorn configuration (README, Performance).
 bench-throughput: $(INSTALLED)

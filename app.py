@@ -10,6 +10,7 @@ from alembic.script import ScriptDirectory
 from flask import Flask
 from flask_migrate import Migrate
 
+import audit
 from auth import init_auth
 from cli import register_commands
 from configurations import configurations_bp
@@ -17,7 +18,9 @@ from crypto import KEY_FILE_NAME, cipher
 from docs import apifairy, docs_bp
 from errors import errors_bp
 from health import health_bp
+from logs import RequestIds
 from manifests import ManifestVariables, sync_on_schedule
+from metrics import init_metrics
 from models import USERNAME_MAX_LENGTH, canonical_username, close_read_connection, db
 from openai_compat import openai_bp
 from prober import probe_all
@@ -90,6 +93,7 @@ def load_config(environ):
     """Configuration from the environment (section 5 of the API contract), read once."""
     instance_path = os.path.abspath(environ.get("REGISTRY_INSTANCE_PATH") or os.path.join(HERE, "instance"))
     database_url = environ.get("DATABASE_URL") or f"sqlite:///{instance_path}/registry.db"
+    audit_retention_days = read_number(environ, "REGISTRY_AUDIT_RETENTION_DAYS", 90.0, float)
     return {
         "INSTANCE_PATH": instance_path,
         "SQLALCHEMY_DATABASE_URI": database_url,
@@ -100,13 +104,18 @@ def load_config(environ):
         "UPSTREAM_TIMEOUT": read_number(environ, "REGISTRY_UPSTREAM_TIMEOUT", 10.0, float),
         "GATEWAY_TIMEOUT": read_number(environ, "REGISTRY_GATEWAY_TIMEOUT", 600.0, float),
         "WATSONX_IAM_URL": environ.get("REGISTRY_WATSONX_IAM_URL") or "https://iam.cloud.ibm.com/identity/token",
-        "MODELS_CACHE_TTL": read_number(environ, "REGISTRY_MODELS_CACHE_TTL", 300.0, float),
         "PROBE_INTERVAL": read_number(environ, "REGISTRY_PROBE_INTERVAL", 60.0, float),
         "PROBE_FAILURES": max(1, read_number(environ, "REGISTRY_PROBE_FAILURES", 2)),
         "MANIFESTS": read_list(environ, "REGISTRY_MANIFESTS"),
         "SYNC_INTERVAL": read_number(environ, "REGISTRY_SYNC_INTERVAL", 300.0, float),
         "LOGIN_FAILURE_LIMIT": max(1, read_number(environ, "REGISTRY_LOGIN_FAILURES", 5)),
         "LOGIN_WINDOW": read_number(environ, "REGISTRY_LOGIN_WINDOW", 60.0, float),
+        "METRICS": read_bool(environ, "REGISTRY_METRICS", True),
+        "AUDIT_RETENTION_DAYS": audit_retention_days,
+        # 0 (also when the retention is 0: keep every event) turns the pruning job off.
+        "AUDIT_PRUNE_INTERVAL": read_number(environ, "REGISTRY_AUDIT_PRUNE_INTERVAL", 3600.0, float)
+        if audit_retention_days
+        else 0,
         "SQLITE_SYNCHRONOUS": read_choice(environ, "REGISTRY_SQLITE_SYNCHRONOUS", ("NORMAL", "FULL")),
         "MAX_CONTENT_LENGTH": MAX_BODY_BYTES,
         # A SQLite file drops no connection; a ping would cost a query on every request.
@@ -156,6 +165,7 @@ def register_jobs(scheduler):
     scheduler.add_job("probe", "PROBE_INTERVAL", probe_all)
     # At start too, with any interval: a location dropped from REGISTRY_MANIFESTS loses its providers.
     scheduler.add_job("manifest-sync", "SYNC_INTERVAL", sync_on_schedule, at_start=True)
+    scheduler.add_job("audit-prune", "AUDIT_PRUNE_INTERVAL", audit.prune_old_events)
 
 
 def create_app(environ=None):
@@ -165,6 +175,7 @@ def create_app(environ=None):
     app = Flask(__name__, instance_path=config.pop("INSTANCE_PATH"))
     app.config.update(config, SCHEMA_HEAD=schema_head())
     app.json.sort_keys = False
+    app.wsgi_app = RequestIds(app.wsgi_app)
     os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
 
     db.init_app(app)
@@ -174,6 +185,7 @@ def create_app(environ=None):
     apifairy.init_app(app)
     cipher.init_app(app)
     init_auth(app)
+    init_metrics(app)
 
     app.register_blueprint(errors_bp)
     app.register_blueprint(health_bp)
@@ -183,6 +195,7 @@ def create_app(environ=None):
     app.register_blueprint(openai_bp, url_prefix="/api/v1")
     app.register_blueprint(registry_bp, url_prefix="/api/v1")
     app.register_blueprint(tokens_bp, url_prefix="/api/v1")
+    app.register_blueprint(audit.audit_bp, url_prefix="/api/v1")
     register_commands(app)
     app.extensions["manifest_variables"] = ManifestVariables(environ, is_registry_setting)
     app.extensions["scheduler"] = Scheduler(app)

@@ -21,6 +21,8 @@ from werkzeug.exceptions import TooManyRequests
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from errors import problem
+from logs import remember_user
+from metrics import record_failed_login
 from models import USERS, ApiToken, canonical_username, lower_role, read_connection, roles_up_to, token_digest, utcnow
 
 log = logging.getLogger(__name__)
@@ -272,8 +274,10 @@ def verify_password(username, password):
     if caller is None:
         state.login_failures_by_name.record(name_key)
         state.login_failures_by_address.record(request.remote_addr)
+        record_failed_login("password")
     else:
         state.login_failures_by_name.forget(name_key)
+        remember_user(caller.username)
     return caller
 
 
@@ -304,9 +308,11 @@ def verify_token(token):
     if row is None:
         state.verified_tokens.pop(digest)
         state.token_failures.record(request.remote_addr)
+        record_failed_login("token")
         return None
     state.verified_tokens.put(digest, True)
     note_token_use(row, now)
+    remember_user(row.username, row.id)
     return Caller(row.user_id, row.username, lower_role(row.role, row.user_role), row.id)
 
 

@@ -12,6 +12,7 @@ from flask.cli import AppGroup
 from werkzeug.exceptions import Forbidden
 from werkzeug.security import generate_password_hash
 
+import audit
 from crypto import UnopenableApiKey, cipher
 from errors import SyncInProgress
 from manifests import sync_manifests
@@ -46,10 +47,12 @@ def check_username(username):
     return canonical
 
 
-def change_user(statement, username):
-    """Run an UPDATE or DELETE of the user named `username` and commit; an error when there is none."""
-    if db.session.execute(statement.where(USERS.c.username == canonical_username(username))).rowcount == 0:
+def change_user(statement, username, action, changed_fields=()):
+    """Run an UPDATE or DELETE of the user named `username`, audit it and commit; an error when there is none."""
+    username = canonical_username(username)
+    if db.session.execute(statement.where(USERS.c.username == username)).rowcount == 0:
         raise click.ClickException(f"No user named {username!r}.")
+    audit.record(action, username, changed_fields)
     db.session.commit()
 
 
@@ -76,6 +79,7 @@ def create_first_admin(app):
     admin = User(username=app.config["ADMIN_USERNAME"], role="admin")
     admin.set_password(password)
     db.session.add(admin)
+    audit.record("user.create", admin.username, ["role", "password"], detail="the first admin")
     try:
         db.session.commit()
     except sa.exc.IntegrityError:  # another instance starting at once created it first
@@ -109,6 +113,7 @@ def create_user(username, role, password_stdin):
     user = User(username=username, role=role)
     user.set_password(read_password(password_stdin))
     db.session.add(user)
+    audit.record("user.create", username, ["role", "password"], detail=f"role {role}")
     db.session.commit()
     click.echo(f"Created {role} {username}.")
 
@@ -126,7 +131,7 @@ def list_users():
 def set_password(username, password_stdin):
     """Change a user's password."""
     password_hash = generate_password_hash(read_password(password_stdin))
-    change_user(sa.update(USERS).values(password_hash=password_hash), username)
+    change_user(sa.update(USERS).values(password_hash=password_hash), username, "user.update", ["password"])
     click.echo(f"Changed the password of {username}.")
 
 
@@ -137,6 +142,7 @@ def set_role(username, role):
     """Change a user's role; the user's tokens act with at most the new role from the next request."""
     user = find_user(username)
     user.role = role
+    audit.record("user.update", username, ["role"], detail=f"role {role}")
     db.session.commit()
     click.echo(f"{username} is now {role}.")
 
@@ -145,7 +151,7 @@ def set_role(username, role):
 @click.argument("username")
 def delete_user(username):
     """Delete a user, and the user's API tokens (the database cascades the deletion)."""
-    change_user(sa.delete(USERS), username)
+    change_user(sa.delete(USERS), username, "user.delete")
     click.echo(f"Deleted {username}.")
 
 
@@ -230,6 +236,10 @@ def rotate_keys():
     """
     stored = db.session.execute(sa.select(PROVIDERS.c.id, PROVIDERS.c.sealed_api_key)).all()
     resealed = sum(reseal_api_key(provider_id, sealed_api_key) for provider_id, sealed_api_key in stored)
+    if resealed:
+        audit.record(
+            "keys.rotate", changed_fields=["api_key"], detail=f"re-encrypted {resealed} of {len(stored)} API keys"
+        )
     db.session.commit()
     click.echo(f"Re-encrypted {resealed} of {len(stored)} stored API keys under the first configured key.")
     if resealed < len(stored):

@@ -4,6 +4,7 @@ import sqlalchemy as sa
 from apifairy import authenticate, body, response
 from flask import Blueprint
 
+import audit
 from auth import auth
 from models import SystemConfiguration, db
 from schemas import SystemConfigurationChangesSchema, SystemConfigurationSchema
@@ -22,11 +23,13 @@ def system_configuration():
 
 def replace_system_configuration(changes, username):
     configuration = system_configuration()
-    for field, value in changes.items():
-        setattr(configuration, field, value)
+    for field, model_ref in changes.items():
+        setattr(configuration, field, None if model_ref is None else str(model_ref))
     configuration.created_by = username
     db.session.add(configuration)
     try:
+        db.session.flush()  # gives a first configuration its id
+        audit.record("configuration.update", configuration.id, changes)
         db.session.commit()
     except sa.exc.IntegrityError:  # another PUT created the row first: change that one
         db.session.rollback()

@@ -15,18 +15,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from flask import current_app
+from werkzeug.exceptions import NotFound, ServiceUnavailable
 
-from catalog import models_of_providers
+from catalog import providers_serving
 from errors import GatewayError
-from models import (
-    CAPABILITIES_BY_TYPE,
-    PROVIDER_ROWS,
-    PROVIDER_TYPES,
-    PROVIDERS,
-    providers_of,
-    read_connection,
-    release_connections,
-)
+from metrics import record_gateway_call
+from models import CAPABILITIES_BY_TYPE, ModelRef, release_connections
 from upstreams import openai, watsonx
 from upstreams.calls import Deadline, Target, UpstreamFailure, UpstreamRefusal, UpstreamTimeout
 
@@ -60,8 +54,10 @@ class GatewayCall:
 
 def call_finished(call):
     """The one place where a call's outcome, latency, time to first chunk and usage are all
-    known: logged here, and where the metrics count it (`model` only when `indexed`)."""
+    known: counted in the metrics (the model as the index knows it, else unknown) and logged."""
     latency = time.monotonic() - call.started
+    model_id = call.model if call.indexed else None
+    record_gateway_call(call.provider_type, model_id, call.outcome, latency, call.first_chunk_after, call.usage)
     first_chunk = f"{call.first_chunk_after * 1000:.1f}" if call.first_chunk_after is not None else "-"
     tokens = (call.usage or {}).get("total_tokens", "-")
     log.info(
@@ -97,14 +93,15 @@ def model_not_found(model_ref, why):
 
 
 def parse_model_ref(model_ref, capability):
-    """(type, upstream id) of a registry model id that names a model of the capability."""
-    provider_type, _, upstream_id = model_ref.partition(":")
-    if provider_type not in PROVIDER_TYPES or not upstream_id:
-        raise model_not_found(model_ref, 'registry models are named "{type}:{upstream model id}", e.g. "openai:gpt-4o"')
-    if capability not in CAPABILITIES_BY_TYPE[provider_type]:
+    """The ModelRef of a registry model id that names a model of the capability."""
+    try:
+        parsed = ModelRef.parse(model_ref)
+    except ValueError as error:
+        raise model_not_found(model_ref, str(error)) from None
+    if capability not in CAPABILITIES_BY_TYPE[parsed.type]:
         kind = "chat" if capability == "llm" else "embeddings"
-        raise GatewayError(400, f"{provider_type} models do not serve {kind}.", param="model")
-    return provider_type, upstream_id
+        raise GatewayError(400, f"{parsed.type} models do not serve {kind}.", param="model")
+    return parsed
 
 
 def target_of(provider, upstream_id):
@@ -119,40 +116,29 @@ def target_of(provider, upstream_id):
     )
 
 
-def serving_providers(provider_type, upstream_id):
-    """The online providers of the type that serve the model, oldest first.
-
-    Routing's one entry to the catalog; the model index will answer it from the database.
-    """
-    providers = providers_of(
-        read_connection().execute(
-            PROVIDER_ROWS.where(PROVIDERS.c.type == provider_type).order_by(PROVIDERS.c.created_at, PROVIDERS.c.id)
-        )
-    )
-    release_connections()
-    online = [provider for provider in providers if provider.state == "online"]
-    serving = [
-        provider
-        for provider, upstream_models, _ in models_of_providers(online)
-        if any(upstream_model.id == upstream_id for upstream_model in upstream_models or ())
-    ]
-    if not serving and len(online) < len(providers):
-        raise GatewayError(503, f"Every provider of {provider_type}:{upstream_id} is offline; try again later.")
-    return serving
+def serving_providers(parsed):
+    """The online providers of the model, oldest first, from the model index."""
+    try:
+        return providers_serving(parsed)
+    except NotFound:
+        raise model_not_found(str(parsed), f"no {parsed.type} provider serves {parsed.upstream_id!r}") from None
+    except ServiceUnavailable:
+        raise GatewayError(503, f"Every provider of {parsed} is offline; try again when one answers.") from None
 
 
 def route(call, capability):
     """The targets to try for the call's model, oldest provider first, keys opened; the
     database let go."""
-    model_ref = call.model
-    provider_type, upstream_id = parse_model_ref(model_ref, capability)
-    call.provider_type = provider_type
-    providers = serving_providers(provider_type, upstream_id)
-    targets = [target_of(provider, upstream_id) for provider in providers]
-    release_connections()
-    if not targets:
-        raise model_not_found(model_ref, f"no {provider_type} provider serves {upstream_id!r}")
+    parsed = parse_model_ref(call.model, capability)
+    call.provider_type = parsed.type
+    try:
+        providers = serving_providers(parsed)
+    except GatewayError as error:
+        call.indexed = error.status == 503  # indexed, its providers offline
+        raise
     call.indexed = True
+    targets = [target_of(provider, parsed.upstream_id) for provider in providers]
+    release_connections()
     return targets
 
 

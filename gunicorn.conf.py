@@ -1,10 +1,15 @@
 """gunicorn settings for the registry: `gunicorn -c gunicorn.conf.py wsgi:app`."""
 
+import glob
 import json
 import os
+import shutil
+import tempfile
 from datetime import UTC, datetime
 
 from gunicorn import util
+
+from logs import ACCESS_LOG_FORMAT, logging_config, request_id_for
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 # Requests are short and mostly wait on SQLite or an upstream: a few processes, each
@@ -26,21 +31,43 @@ keepalive = 5
 limit_request_line = 4094
 limit_request_fields = 100
 limit_request_field_size = 8190
-# Access log without credentials: the request line (path and query) but no headers.
+# Access log without credentials: the request line (path and query) but no headers, with the
+# request id and the authenticated user's name. Every line escaped; LOG_FORMAT=json makes
+# each line, access and error alike, one JSON object (logs.py).
 accesslog = "-"
-access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
+access_log_format = ACCESS_LOG_FORMAT
+logger_class = "logs.AccessLogger"
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
-# The registry's own log lines (state changes, audits) go to stderr beside gunicorn's.
-logconfig_dict = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "root": {"level": "INFO", "handlers": ["error_console"]},
-    "loggers": {
-        "gunicorn.error": {"level": "INFO", "handlers": ["error_console"], "propagate": False},
-        "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
-    },
-}
+logconfig_dict = logging_config(os.environ.get("LOG_FORMAT", "text").strip().lower() or "text")
+
+
+def on_starting(server):
+    """Give the workers a clean folder for their metrics (prometheus_client's multiprocess mode).
+
+    An operator's PROMETHEUS_MULTIPROC_DIR is emptied of old values; else a private folder
+    is made, and removed again at exit.
+    """
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+        for values_file in glob.glob(os.path.join(directory, "*.db")):
+            os.remove(values_file)
+    else:
+        directory = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="registry-metrics-")
+        server.made_metrics_directory = directory
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    made = getattr(server, "made_metrics_directory", None)
+    if made:
+        shutil.rmtree(made, ignore_errors=True)
 
 
 # Read by the master before it forks: the workers' schedulers share it, so the jobs that
@@ -87,7 +114,10 @@ def write_problem(sock, status, reason, message):
         "detail": GUNICORN_REFUSALS.get(status, f"{reason}."),
     }
     body = json.dumps(problem)
-    head = f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/problem+json\r\n"
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/problem+json\r\n"
+        f"X-Request-ID: {request_id_for(None)}\r\n"  # the request was not read far enough for the client's
+    )
     util.write_nonblock(sock, f"{head}Content-Length: {len(body)}\r\n\r\n{body}".encode("latin-1"))
 
 

@@ -23,9 +23,11 @@ import yaml
 from flask import current_app
 from marshmallow import ValidationError
 
+import audit
 from crypto import UnopenableApiKey, cipher
 from errors import SyncInProgress, flatten_messages
-from models import PROVIDER_ROWS, PROVIDERS, ManifestSync, db, provider_of, providers_of, utcnow
+from metrics import record_manifest_sync
+from models import PROVIDER_ROWS, PROVIDERS, ManifestSync, db, new_id, provider_of, providers_of, utcnow
 from scheduler import holder_name, release_lease, try_lease
 from schemas import ManifestSchema
 from upstreams import http_client
@@ -232,6 +234,7 @@ def values_of_entry(location, entry):
     declared = {field: entry.get(field) for field in DECLARED_FIELDS}
     sealed_api_key = cipher.seal(entry["api_key"])
     return {
+        "id": new_id(),
         "registry": location,
         "type": entry["type"],
         "base_url": entry["base_url"],
@@ -256,6 +259,8 @@ def apply_manifest(location, entries):
     gone = [provider.id for base_url, provider in stored.items() if base_url not in kept]
     if gone:  # first, freeing the base_url of a replaced provider for its successor
         db.session.execute(sa.delete(PROVIDERS).where(PROVIDERS.c.id.in_(gone)))
+    for provider_id in gone:
+        audit.record("manifest.sync", provider_id, detail=f"deleted: gone from {location}")
     changes = [
         (kept[entry["base_url"]].id, changes_from_entry(kept[entry["base_url"]], entry))
         for entry in entries
@@ -265,6 +270,8 @@ def apply_manifest(location, entries):
         if values:
             edit = sa.update(PROVIDERS).where(PROVIDERS.c.id == provider_id)
             db.session.execute(edit.values(**values, version=PROVIDERS.c.version + 1))
+            changed_fields = [field.replace("sealed_api_key", "api_key") for field in values]
+            audit.record("manifest.sync", provider_id, changed_fields, f"updated from {location}")
     added = [values_of_entry(location, entry) for entry in entries if entry["base_url"] not in kept]
     if added:
         try:
@@ -273,6 +280,11 @@ def apply_manifest(location, entries):
             raise ManifestError(
                 "A base_url of the manifest was registered meanwhile; sync again to see which."
             ) from None
+    for values in added:
+        changed_fields = [
+            field.replace("sealed_api_key", "api_key") for field in values if field not in ("id", "registry")
+        ]
+        audit.record("manifest.sync", values["id"], changed_fields, f"created from {location}")
     updated = sum(bool(values) for _, values in changes)
     return SyncResult(location, added=len(added), updated=updated, removed=len(gone), unchanged=len(kept) - updated)
 
@@ -280,6 +292,7 @@ def apply_manifest(location, entries):
 def record_sync(result):
     """Store how the location's sync went, committing its changes with it."""
     outcome = "error" if result.error else "ok"
+    record_manifest_sync(failed=result.error is not None)
     db.session.merge(ManifestSync(location=result.location, synced_at=utcnow(), outcome=outcome, error=result.error))
     db.session.commit()
 
@@ -295,7 +308,14 @@ def sync_location(location):
 
 
 def remove_providers_of(location):
-    return db.session.execute(sa.delete(PROVIDERS).where(PROVIDERS.c.registry == location)).rowcount
+    removed = (
+        db.session.execute(sa.delete(PROVIDERS).where(PROVIDERS.c.registry == location).returning(PROVIDERS.c.id))
+        .scalars()
+        .all()
+    )
+    for provider_id in removed:
+        audit.record("manifest.sync", provider_id, detail=f"deleted: {location} is no longer configured")
+    return len(removed)
 
 
 def remove_dropped_locations(locations):

@@ -6,7 +6,7 @@ import secrets
 import socket
 import unicodedata
 import uuid
-from dataclasses import make_dataclass
+from dataclasses import dataclass, make_dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
@@ -86,6 +86,25 @@ def capabilities_of(provider_type):
 
 def types_with(capability):
     return [provider_type for provider_type, capabilities in CAPABILITIES_BY_TYPE.items() if capability in capabilities]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as the registry names it: "{type}:{upstream model id}", e.g. "openai:gpt-4o"."""
+
+    type: str
+    upstream_id: str
+
+    @classmethod
+    def parse(cls, text):
+        """The reference `text` names, or ValueError saying how models are named."""
+        provider_type, _, upstream_id = text.partition(":")
+        if provider_type not in PROVIDER_TYPES or not upstream_id:
+            raise ValueError('A model is named "{type}:{upstream model id}", e.g. "openai:gpt-4o".')
+        return cls(provider_type, upstream_id)
+
+    def __str__(self):
+        return f"{self.type}:{self.upstream_id}"
 
 
 CAPABILITIES = ("llm", "embedding")
@@ -200,10 +219,17 @@ def normalize_base_url(url):
 
 class ModelProvider(db.Model):
     __tablename__ = "model_providers"
-    __table_args__ = (sa.Index("ix_model_providers_newest", "created_at", "id"),)
+    # Each filter of the list with the list's order (newest first), so a filtered page reads
+    # only its rows; the capability filter is a set of types.
+    __table_args__ = (
+        sa.Index("ix_model_providers_newest", "created_at", "id"),
+        sa.Index("ix_model_providers_type_newest", "type", "created_at", "id"),
+        sa.Index("ix_model_providers_state_newest", "state", "created_at", "id"),
+        sa.Index("ix_model_providers_registry_newest", "registry", "created_at", "id"),
+    )
 
     id = sa.Column(sa.String(36), primary_key=True, default=new_id)
-    type = sa.Column(sa.String(32), nullable=False, index=True)
+    type = sa.Column(sa.String(32), nullable=False)
     base_url = sa.Column(sa.String(2083), nullable=False, unique=True)
     name = sa.Column(sa.Text)
     description = sa.Column(sa.Text)
@@ -211,11 +237,13 @@ class ModelProvider(db.Model):
     watsonx_project_id = sa.Column(sa.Text)
     watsonx_space_id = sa.Column(sa.Text)
     # "registry" on the wire; the attribute name is reserved by SQLAlchemy's declarative base.
-    manifest = sa.Column("registry", sa.Text, index=True)
+    manifest = sa.Column("registry", sa.Text)
     state = sa.Column(sa.String(16), nullable=False, default="online")
     consecutive_failures = sa.Column(sa.Integer, nullable=False, default=0)
     last_checked_at = sa.Column(sa.DateTime)
     last_error = sa.Column(sa.Text)
+    # When the model index last received this provider's list; null until it first did.
+    models_listed_at = sa.Column(sa.DateTime)
     created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
     updated_at = sa.Column(sa.DateTime, nullable=False, default=utcnow, onupdate=utcnow)
     # Counts edits: every edit (providers.py, manifests.py) is made WHERE version = the
@@ -272,6 +300,30 @@ def provider_etag(provider_id, version, last_checked_at):
     probe (state and last_error, always with a new last_checked_at), so the tag does too."""
     shown = f"{provider_id}/{version}/{last_checked_at and last_checked_at.isoformat()}"
     return hashlib.blake2b(shown.encode(), digest_size=12).hexdigest()
+
+
+class ProviderModel(db.Model):
+    """The model index: one row per model a provider's upstream last listed."""
+
+    __tablename__ = "provider_models"
+    # Routing looks a model up by its upstream id, then by the provider's type.
+    __table_args__ = (sa.Index("ix_provider_models_upstream_id", "upstream_id"),)
+
+    provider_id = sa.Column(sa.String(36), sa.ForeignKey("model_providers.id", ondelete="CASCADE"), primary_key=True)
+    upstream_id = sa.Column(sa.Text, primary_key=True)
+    position = sa.Column(sa.Integer, nullable=False)  # where the upstream listed it
+    created = sa.Column(sa.BigInteger, nullable=False)
+    owned_by = sa.Column(sa.Text, nullable=False)
+    display_name = sa.Column(sa.Text)
+
+
+PROVIDER_MODELS = ProviderModel.__table__
+# Index entries stay within every database's key size limit (PostgreSQL's is about 2.7 kB).
+MAX_UPSTREAM_ID_BYTES = 1024
+
+
+def is_indexable_model_id(upstream_id):
+    return is_storable_text(upstream_id) and len(upstream_id.encode()) <= MAX_UPSTREAM_ID_BYTES
 
 
 class User(db.Model):
@@ -361,3 +413,24 @@ class ApiToken(db.Model):
     created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
     expires_at = sa.Column(sa.DateTime)
     last_used_at = sa.Column(sa.DateTime)
+
+
+class AuditEvent(db.Model):
+    """One change (or key read) and who made it: written in the transaction of the change."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (sa.Index("ix_audit_events_newest", "created_at", "id"),)
+
+    id = sa.Column(sa.String(36), primary_key=True, default=new_id)
+    created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
+    actor = sa.Column(sa.String(255), nullable=False, index=True)
+    token_id = sa.Column(sa.String(36))  # the API token the actor used, if any
+    client_address = sa.Column(sa.String(64))
+    request_id = sa.Column(sa.String(128))
+    action = sa.Column(sa.String(64), nullable=False, index=True)
+    target_id = sa.Column(sa.Text, index=True)
+    changed_fields = sa.Column(sa.JSON, nullable=False, default=list)
+    detail = sa.Column(sa.Text)
+
+
+AUDIT_EVENTS = AuditEvent.__table__

@@ -41,7 +41,8 @@ def allow_prompt_sized_bodies():
 def list_models():
     """List the models of every online provider, OpenAI style
 
-    All upstreams are asked at once; one that fails is left out of the list (and logged).
+    Answered from the model index (no upstream is asked): each model id once, shown with
+    the oldest online provider that lists it.
     """
     return {"object": "list", "data": available_models()}
 

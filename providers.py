@@ -6,11 +6,20 @@ import sqlalchemy as sa
 from apifairy import arguments, authenticate, body, other_responses, response
 from flask import Blueprint, current_app, url_for
 from marshmallow import ValidationError
-from werkzeug.exceptions import Conflict, NotFound, PreconditionFailed
+from werkzeug.exceptions import Conflict, Forbidden, NotFound, PreconditionFailed
 from werkzeug.http import parse_etags, quote_etag
 
-from auth import auth
-from catalog import connection_of, match_models, provider_models, remember_models, resolve_model, verify_upstream
+import audit
+from auth import auth, user_roles
+from catalog import (
+    connection_of,
+    indexed_models,
+    match_models,
+    providers_serving,
+    refresh_models,
+    replace_models,
+    verify_upstream,
+)
 from crypto import cipher
 from models import (
     PROVIDER_COLUMNS,
@@ -25,13 +34,14 @@ from models import (
     release_connections,
     types_with,
 )
-from pagination import NewestFirstPages, collection_of
+from pagination import NewestFirstPages
 from prober import probe_one
 from schemas import (
     CreatedProviderHeadersSchema,
     MatchRequestSchema,
     MatchResultSchema,
-    ModelSchema,
+    ModelsPageSchema,
+    ModelsQuerySchema,
     PreconditionsSchema,
     ProviderChangesSchema,
     ProviderCreateSchema,
@@ -105,12 +115,20 @@ def refuse_if_managed(provider):
         )
 
 
-def write_provider(statement, base_url, own_id=None):
-    """Run an INSERT or UPDATE of one provider and commit; the provider as written (None when
-    an UPDATE found none to change). A concurrent writer that took the same base_url first
-    is a 409."""
+KEEP_MODELS = object()
+
+
+def write_provider(statement, base_url, action, changed_fields, own_id=None, upstream_models=KEEP_MODELS):
+    """Run an INSERT or UPDATE of one provider, audit it as `action` and commit; the provider as
+    written (None when an UPDATE found none to change). A concurrent writer that took the same
+    base_url first is a 409. `upstream_models`, unless KEEP_MODELS, is stored in the model index
+    in the same transaction (None: no list, for a connection not verified)."""
     try:
         provider = provider_of(db.session.execute(statement.returning(*PROVIDER_COLUMNS)))
+        if provider is not None:
+            audit.record(action, provider.id, changed_fields)
+            if upstream_models is not KEEP_MODELS:
+                replace_models(provider.id, upstream_models)
         db.session.commit()
     except sa.exc.IntegrityError:
         db.session.rollback()
@@ -136,16 +154,22 @@ def create_provider(fields, verify):
         refuse_if_base_url_taken(fields["base_url"])  # before calling the upstream; the insert checks anyway
         upstream_models = verify_holding_no_connection(connection_of(fields["type"], fields["base_url"], api_key))
     insert = sa.insert(PROVIDERS).values(**fields, sealed_api_key=cipher.seal(api_key))
-    provider = write_provider(insert, fields["base_url"])
-    if upstream_models is not None:
-        remember_models(provider, upstream_models)
-    return provider
+    # unverified (None), a new provider has no model list until it is probed
+    return write_provider(
+        insert, fields["base_url"], "provider.create", [*fields, "api_key"], upstream_models=upstream_models
+    )
+
+
+def changes_connection(changes):
+    return "base_url" in changes or "api_key" in changes
 
 
 def verify_changed_connection(provider, changes):
-    if "base_url" in changes or "api_key" in changes:
-        api_key = changes["api_key"] if "api_key" in changes else provider.open_api_key()
-        verify_holding_no_connection(connection_of(provider.type, changes.get("base_url", provider.base_url), api_key))
+    """The models the changed connection lists, or a 400 when it fails."""
+    api_key = changes["api_key"] if "api_key" in changes else provider.open_api_key()
+    return verify_holding_no_connection(
+        connection_of(provider.type, changes.get("base_url", provider.base_url), api_key)
+    )
 
 
 def stored_changes(provider, changes):
@@ -158,7 +182,7 @@ def stored_changes(provider, changes):
     return values
 
 
-def store_changes(provider, values, base_url):
+def store_changes(provider, values, base_url, changed_fields, upstream_models):
     """Write a patch WHERE version = the version read, so that it never stores a mix of its
     fields and those of a change stored meanwhile: that is a 409 (or a 404 when deleted)."""
     update = (
@@ -166,7 +190,7 @@ def store_changes(provider, values, base_url):
         .where(PROVIDERS.c.id == provider.id, PROVIDERS.c.version == provider.version)
         .values(**values, version=PROVIDERS.c.version + 1)
     )
-    updated = write_provider(update, base_url, provider.id)
+    updated = write_provider(update, base_url, "provider.update", changed_fields, provider.id, upstream_models)
     if updated is None:
         if not provider_exists(provider.id):
             raise no_such_provider(provider.id)
@@ -187,10 +211,11 @@ def update_provider(provider, changes, preconditions, verify):
         raise ValidationError(errors)
     if "base_url" in changes:
         refuse_if_base_url_taken(changes["base_url"], provider.id)
-    if verify:
-        verify_changed_connection(provider, changes)
+    upstream_models = KEEP_MODELS
+    if changes_connection(changes):  # unverified (None), the new connection has no list until it is probed
+        upstream_models = verify_changed_connection(provider, changes) if verify else None
     values = stored_changes(provider, changes)
-    return store_changes(provider, values, changes.get("base_url")) if values else provider
+    return store_changes(provider, values, changes.get("base_url"), changes, upstream_models) if values else provider
 
 
 def delete_provider(provider, preconditions):
@@ -199,12 +224,14 @@ def delete_provider(provider, preconditions):
     deletion = sa.delete(PROVIDERS).where(PROVIDERS.c.id == provider.id)
     if preconditions.get("if_match") is not None:  # only the provider as matched
         deletion = deletion.where(PROVIDERS.c.version == provider.version)
-    deleted = db.session.execute(deletion).rowcount
-    db.session.commit()
-    if deleted == 0:  # a concurrent request deleted it first, or changed it since it was matched
-        if provider_exists(provider.id):
-            raise PreconditionFailed(f"Model provider {provider.id} was changed by another request meanwhile.")
-        raise no_such_provider(provider.id)
+    if db.session.execute(deletion).rowcount == 1:
+        audit.record("provider.delete", provider.id)
+        db.session.commit()
+        return
+    db.session.rollback()  # a concurrent request deleted it first, or changed it since it was matched
+    if provider_exists(provider.id):
+        raise PreconditionFailed(f"Model provider {provider.id} was changed by another request meanwhile.")
+    raise no_such_provider(provider.id)
 
 
 PROVIDER_PAGES = NewestFirstPages(
@@ -306,13 +333,36 @@ def delete(preconditions, provider_id):
     return "", 204
 
 
+def refuse_unless_admin(what):
+    if "admin" not in user_roles(auth.current_user()):
+        raise Forbidden(f"Only an admin may {what}.")
+
+
 @providers_bp.route("/model_providers/<provider_id>/models", methods=["GET"])
 @authenticate(auth, role="reader")
-@response(collection(ModelSchema))
-@other_responses({404: "No such model provider", 502: "The upstream failed"})
-def list_models(provider_id):
-    """List the models a provider serves (cached for REGISTRY_MODELS_CACHE_TTL seconds)"""
-    return collection_of(provider_models(provider_or_404(provider_id)))
+@arguments(ModelsQuerySchema)
+@response(ModelsPageSchema)
+@other_responses(
+    {
+        403: "refresh=true asked by a role below admin",
+        404: "No such model provider",
+        409: "The provider changed while its upstream was listed (refresh=true)",
+        502: "The upstream failed (refresh=true)",
+    }
+)
+def list_models(query, provider_id):
+    """List the models a provider serves, from the model index
+
+    The index holds what the provider's upstream listed last: at verification, at each
+    health probe and at `check`. A provider created or changed without verification has
+    no list (`listed_at` null) until its next probe. A failed listing keeps the last list,
+    which is shown whatever the provider's state. `refresh=true` (admin) lists the upstream
+    now and stores its answer first; an upstream failure is then a 502 saying why.
+    """
+    if query["refresh"]:
+        refuse_unless_admin("list a provider's upstream now (refresh=true)")
+        refresh_models(provider_or_404(provider_id))
+    return indexed_models(provider_or_404(provider_id))
 
 
 @providers_bp.route("/model_providers/<provider_id>/check", methods=["POST"])
@@ -320,8 +370,12 @@ def list_models(provider_id):
 @response(ProviderSchema, headers=ProviderHeadersSchema)
 @other_responses({404: "No such model provider"})
 def check(provider_id):
-    """Probe a provider now and return it with its fresh state"""
-    return shown(probe_one(provider_or_404(provider_id)))
+    """Probe a provider now and return it with its fresh state
+
+    Like a health probe, a successful one also stores the provider's model list.
+    """
+    probe_one(provider_or_404(provider_id).id)
+    return shown(provider_or_404(provider_id))
 
 
 @providers_bp.route("/model_providers/match", methods=["POST"])
@@ -346,18 +400,22 @@ def match(request_fields):
 @authenticate(auth, role="service")
 @body(ResolveRequestSchema)
 @response(ResolvedProviderSchema, headers=ResolveHeadersSchema)
-@other_responses({404: "No provider serves the model", 503: "The model's provider is offline"})
+@other_responses({404: "No provider serves the model", 503: "Every provider of the model is offline"})
 def resolve(request_fields):
-    """Connection details, API key included, of the provider serving a model"""
-    provider, upstream_id = resolve_model(request_fields["model"])
-    log.info(
-        "resolve by user %s: provider %s, model %s", auth.current_user().username, provider.id, request_fields["model"]
-    )
+    """Connection details, API key included, of the provider serving a model
+
+    The oldest online provider of the model's type whose model index lists it.
+    """
+    model_ref = request_fields["model"]
+    provider = providers_serving(model_ref)[0]
+    log.info("resolve by user %s: provider %s, model %s", auth.current_user().username, provider.id, model_ref)
+    audit.record("provider.resolve", provider.id, detail=f"model {model_ref}")
+    db.session.commit()
     resolved = {
         "provider_id": provider.id,
         "type": provider.type,
         "base_url": provider.base_url,
-        "model": upstream_id,
+        "model": model_ref.upstream_id,
         "api_key": provider.open_api_key(),
         "watsonx_project_id": provider.watsonx_project_id,
         "watsonx_space_id": provider.watsonx_space_id,

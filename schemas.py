@@ -3,6 +3,7 @@
 import json
 import operator
 from collections.abc import Mapping
+from datetime import UTC
 from functools import cached_property, partial
 
 from apifairy.decorators import parser as request_parser
@@ -17,6 +18,7 @@ from models import (
     PROVIDER_TYPES,
     ROLES,
     STATES,
+    ModelRef,
     is_storable_text,
     normalize_base_url,
 )
@@ -280,6 +282,38 @@ class ProvidersQuerySchema(ma.Schema):
     page_token = fields.String(metadata={"description": "Opaque token from the previous page"})
 
 
+class AuditEventSchema(DirectDumpSchema):
+    id = fields.String(required=True, metadata={"format": "uuid"})
+    time = Timestamp(attribute="created_at", required=True)
+    user = fields.String(
+        attribute="actor",
+        required=True,
+        metadata={"description": "Who made the change: a user name, cli:<operating system user>, or system"},
+    )
+    token_id = fields.String(allow_none=True, metadata={"description": "The API token used, if any"})
+    client_address = fields.String(allow_none=True)
+    request_id = fields.String(allow_none=True, metadata={"description": "X-Request-ID of the request that made it"})
+    action = fields.String(required=True, metadata={"description": "For example provider.update"})
+    target_id = fields.String(
+        allow_none=True, metadata={"description": "Provider id, user name, manifest location or configuration id"}
+    )
+    changed_fields = fields.List(
+        fields.String(), required=True, metadata={"description": "Names of the fields changed, never their values"}
+    )
+    detail = fields.String(allow_none=True)
+
+
+class AuditQuerySchema(ma.Schema):
+    action = Text()
+    user = Text()
+    target_id = Text()
+    since = fields.AwareDateTime(
+        default_timezone=UTC, metadata={"description": "Only events at or after this time (RFC 3339)"}
+    )
+    limit = fields.Integer(load_default=100, validate=Range(1, 1000))
+    page_token = fields.String(metadata={"description": "Opaque token from the previous page"})
+
+
 class ProviderHeadersSchema(ma.Schema):
     etag = fields.String(
         data_key="ETag",
@@ -303,19 +337,26 @@ class StatusSchema(ma.Schema):
     status = fields.String(required=True)
 
 
-def validate_model_ref(model_ref):
-    provider_type, _, upstream_id = model_ref.partition(":")
-    if provider_type not in PROVIDER_TYPES or not upstream_id:
-        raise ValidationError('A model is named "{type}:{upstream model id}", e.g. "openai:gpt-4o".')
-
-
-class ModelRef(Text):
-    """A model as "{type}:{upstream model id}", e.g. "openai:gpt-4o"."""
+class ModelRefField(Text):
+    """A model as "{type}:{upstream model id}", e.g. "openai:gpt-4o", loaded as a ModelRef."""
 
     pattern = f"^({'|'.join(PROVIDER_TYPES)}):[^\\u0000]+$"
+    max_length = 2048
 
-    def __init__(self, **kwargs):
-        super().__init__(validate=[Length(max=2048), validate_model_ref], **kwargs)
+    def __init__(self, metadata=None, **kwargs):
+        super().__init__(metadata={"maxLength": self.max_length, **(metadata or {})}, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if len(text) > self.max_length:
+            raise ValidationError(f"Longer than maximum length {self.max_length}.")
+        try:
+            return ModelRef.parse(text)
+        except ValueError as error:
+            raise ValidationError(str(error)) from None
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        return None if value is None else str(value)
 
 
 class VerifyQuerySchema(ma.Schema):
@@ -338,6 +379,21 @@ class ModelSchema(ma.Schema):
     owned_by = fields.String(required=True)
     display_name = fields.String(allow_none=True)
     provider = fields.Nested(ProviderRefSchema, required=True)
+
+
+class ModelsQuerySchema(ma.Schema):
+    refresh = fields.Boolean(
+        load_default=False,
+        metadata={"description": "Admin only: list the upstream now and store its answer before answering"},
+    )
+
+
+class ModelsPageSchema(ma.Schema):
+    items = fields.List(fields.Nested(ModelSchema), required=True)
+    total_count = fields.Integer(required=True)
+    listed_at = Timestamp(
+        allow_none=True, required=True, metadata={"description": "When the list was stored; null before the first"}
+    )
 
 
 class OpenAIModelListSchema(ma.Schema):
@@ -367,7 +423,7 @@ class MatchResultSchema(ma.Schema):
 
 
 class ResolveRequestSchema(ma.Schema):
-    model = ModelRef(required=True)
+    model = ModelRefField(required=True)
 
 
 class ResolvedProviderSchema(ma.Schema):
@@ -381,7 +437,7 @@ class ResolvedProviderSchema(ma.Schema):
 
 
 def model_ref_field(capability):
-    return ModelRef(
+    return ModelRefField(
         allow_none=True,
         load_default=None,
         metadata={"description": f"Default {capability} model; null or absent clears it"},

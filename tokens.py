@@ -8,6 +8,7 @@ from flask import Blueprint
 from marshmallow import ValidationError
 from werkzeug.exceptions import Forbidden, NotFound
 
+import audit
 from auth import auth
 from models import (
     ROLES,
@@ -16,6 +17,7 @@ from models import (
     canonical_username,
     db,
     is_canonical_id,
+    new_id,
     new_token_secret,
     token_digest,
     utcnow,
@@ -59,6 +61,7 @@ def create_token(owner, name, role=None, expires_in_days=None):
     secret = new_token_secret()
     created_at = utcnow()
     token = ApiToken(
+        id=new_id(),
         user_id=owner.id,
         name=name,
         role=role,
@@ -67,6 +70,7 @@ def create_token(owner, name, role=None, expires_in_days=None):
         expires_at=created_at + timedelta(days=expires_in_days) if expires_in_days else None,
     )
     db.session.add(token)
+    audit.record("token.create", token.id, ["name", "role", "expires_at"], detail=f"for {owner.username}, role {role}")
     db.session.commit()
     return {
         "id": token.id,
@@ -87,9 +91,12 @@ def revoke_token(token_id, owner_id=None):
     statement = sa.delete(ApiToken).where(ApiToken.id == token_id)
     if owner_id is not None:
         statement = statement.where(ApiToken.user_id == owner_id)
-    deleted = db.session.execute(statement)
+    if db.session.execute(statement).rowcount == 0:
+        db.session.rollback()
+        return False
+    audit.record("token.revoke", token_id)
     db.session.commit()
-    return deleted.rowcount == 1
+    return True
 
 
 def owner_for(caller, username):

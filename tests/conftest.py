@@ -17,7 +17,7 @@ from flask_migrate import upgrade
 from app import create_app
 from models import User, db
 from tests.fake_model_servers import FakeModelServer
-from tests.fake_upstreams import FakeUpstream
+from tests.fake_upstreams import BlackHole, FakeUpstream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASSWORDS = {"admin": "admin-pass-1", "service": "service-pass-1", "reader": "reader-pass-1"}
@@ -53,6 +53,7 @@ def registry_environ(instance_path, **overrides):
         "REGISTRY_VERIFY_ON_CREATE": "false",
         "REGISTRY_PROBE_INTERVAL": "0",
         "REGISTRY_SYNC_INTERVAL": "0",
+        "REGISTRY_AUDIT_PRUNE_INTERVAL": "0",
     }
     environ.update(overrides)
     return environ
@@ -347,3 +348,11 @@ def fake_upstream():
 def model_server():
     """Start fake model servers: model_server("watsonx", api_key=..., models=[...])."""
     yield from started_servers(FakeModelServer)
+
+
+@pytest.fixture
+def black_hole():
+    """A loopback port that accepts connections and never answers."""
+    hole = BlackHole()
+    yield hole
+    hole.close()

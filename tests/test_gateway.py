@@ -28,8 +28,9 @@ CALLER = "service"
 
 @pytest.fixture
 def registry(make_app):
-    """The app on this test's database, to register providers and set their state."""
-    return make_app()
+    """The app on this test's database, to register providers (verified, which fills the
+    model index the gateway routes by) and set their state."""
+    return make_app(REGISTRY_VERIFY_ON_CREATE="true")
 
 
 @pytest.fixture

@@ -77,7 +77,7 @@ def test_a_key_dropped_too_early_is_a_503_and_the_prober_marks_the_provider_offl
     from prober import probe_all
 
     upstream = fake_upstream(models=["gpt-4o"])
-    sealing_app = make_app(REGISTRY_ENCRYPTION_KEYS=Fernet.generate_key().decode())
+    sealing_app = make_app(REGISTRY_ENCRYPTION_KEYS=Fernet.generate_key().decode(), REGISTRY_VERIFY_ON_CREATE="true")
     body = provider_body(base_url=upstream.base_url, api_key=upstream.api_key)
     provider = client_as(sealing_app, "admin").post("/api/v1/model_providers", json=body).get_json()
 

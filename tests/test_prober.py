@@ -100,7 +100,9 @@ def test_several_workers_probe_about_once_per_interval(start_gunicorn, fake_upst
 
 
 def test_down_upstream_goes_offline_by_the_prober_alone_and_check_brings_it_back(start_gunicorn, fake_upstream):
-    server = start_gunicorn(workers=2, REGISTRY_PROBE_INTERVAL="0.5", REGISTRY_UPSTREAM_TIMEOUT="1")
+    server = start_gunicorn(
+        workers=2, REGISTRY_PROBE_INTERVAL="0.5", REGISTRY_UPSTREAM_TIMEOUT="1", REGISTRY_VERIFY_ON_CREATE="true"
+    )
     upstream = fake_upstream(models=["gpt-4o"])
     with server.client("admin") as admin:
         provider = admin.post(

@@ -170,14 +170,19 @@ def test_instances_on_one_database_share_one_prober(instance_path, start_instanc
     assert 3 <= probes <= 7, f"{probes} probes in 5 intervals"  # four workers each probing would give ~20
 
 
-def test_a_provider_changed_through_one_instance_is_not_listed_stale_by_the_other(
+def test_the_model_index_changed_through_one_instance_is_what_the_other_answers(
     instance_path, start_instances, fake_upstream
 ):
     old, new = fake_upstream(models=["old-model"]), fake_upstream(models=["new-model"])
-    first, second = start_instances(2, database_url(instance_path))
+    first, second = start_instances(2, database_url(instance_path), REGISTRY_VERIFY_ON_CREATE="true")
     with first.client("admin") as on_first, second.client("admin") as on_second:
         created = on_first.post(PROVIDERS, json=provider_body(base_url=old.base_url, api_key=old.api_key)).json()
         models_path = f"{PROVIDERS}/{created['id']}/models"
         assert [model["id"] for model in on_first.get(models_path).json()["items"]] == ["openai:old-model"]
         on_second.patch(f"{PROVIDERS}/{created['id']}", json={"base_url": new.base_url, "api_key": new.api_key})
         assert [model["id"] for model in on_first.get(models_path).json()["items"]] == ["openai:new-model"]
+        assert [model["id"] for model in on_first.get("/api/v1/openai/models").json()["data"]] == ["openai:new-model"]
+        new.models = ["newer-model"]
+        refreshed = on_second.get(f"{models_path}?refresh=true").json()
+        assert [model["id"] for model in refreshed["items"]] == ["openai:newer-model"]
+        assert on_first.get(models_path).json() == refreshed

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from metrics import timed_upstream_call
+
 
 class UpstreamError(Exception):
     """An upstream provider failed; the message says how, never with the key."""
@@ -44,12 +46,15 @@ def http_client():
     global _client
     with _client_lock:
         if _client is None:
-            # The gateway holds one connection per stream in flight: hundreds per process.
-            limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+            # No cap on connections: the prober's threads bound them, and a probe waiting for a
+            # pooled connection behind black-holed upstreams would fail for their delay. The
+            # gateway holds one per stream in flight, and reuses many between calls.
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=100)
             _client = httpx.Client(limits=limits, follow_redirects=False, trust_env=False)
         return _client
 
 
+@timed_upstream_call
 def send(connection, url, headers=None, params=None):
     try:
         return http_client().get(url, headers=headers, params=params, timeout=connection.timeout)

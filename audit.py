@@ -1,0 +1,97 @@
+"""The audit log: who changed what, and who read a key; GET /api/v1/audit for admins.
+
+record() adds an event to the session of the change it describes, so both commit
+together or neither does. The actor is the request's user (and token), the operator of a
+CLI command (cli:<operating system user>), or "system" for the scheduler's work.
+"""
+
+import getpass
+import os
+from datetime import UTC, timedelta
+
+import click
+import sqlalchemy as sa
+from apifairy import arguments, authenticate, response
+from flask import Blueprint, has_request_context, request
+
+from auth import auth
+from logs import REQUEST_ID_KEY, TOKEN_ID_KEY, USER_KEY
+from models import AUDIT_EVENTS, AuditEvent, db, utcnow
+from pagination import NewestFirstPages
+from schemas import AuditEventSchema, AuditQuerySchema, collection
+
+audit_bp = Blueprint("audit", __name__)
+SYSTEM_ACTOR = "system"
+
+
+def operator_name():
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this user id in the container
+        return str(os.getuid())
+
+
+def actor_fields():
+    """Who is making the change now, and from where."""
+    if has_request_context():
+        environ = request.environ
+        return {
+            "actor": environ.get(USER_KEY) or SYSTEM_ACTOR,
+            "token_id": environ.get(TOKEN_ID_KEY),
+            "client_address": request.remote_addr,
+            "request_id": environ.get(REQUEST_ID_KEY),
+        }
+    if click.get_current_context(silent=True) is not None:  # a flask command in this thread
+        return {"actor": f"cli:{operator_name()}"}
+    return {"actor": SYSTEM_ACTOR}
+
+
+def record(action, target_id=None, changed_fields=(), detail=None):
+    """Add an event to the session: it commits with the change it records, or not at all.
+
+    `changed_fields` holds names (a dict's keys are its names): never a value.
+    """
+    event = AuditEvent(
+        action=action, target_id=target_id, changed_fields=sorted(changed_fields), detail=detail, **actor_fields()
+    )
+    db.session.add(event)
+
+
+AUDIT_PAGES = NewestFirstPages(
+    AUDIT_EVENTS,
+    sa.select(AUDIT_EVENTS),
+    {
+        "action": AUDIT_EVENTS.c.action == sa.bindparam("action"),
+        "user": AUDIT_EVENTS.c.actor == sa.bindparam("user"),
+        "target_id": AUDIT_EVENTS.c.target_id == sa.bindparam("target_id"),
+        "since": AUDIT_EVENTS.c.created_at >= sa.bindparam("since", type_=AUDIT_EVENTS.c.created_at.type),
+    },
+    lambda row: row,  # a Row: the schema and the page token read its attributes
+)
+
+
+def audit_filter_values(query):
+    values = {name: query[name] for name in ("action", "user", "target_id") if name in query}
+    if "since" in query:
+        values["since"] = query["since"].astimezone(UTC).replace(tzinfo=None)  # stored as naive UTC
+    return values
+
+
+@audit_bp.route("/audit", methods=["GET"])
+@authenticate(auth, role="admin")
+@arguments(AuditQuerySchema)
+@response(collection(AuditEventSchema, paged=True))
+def list_events(query):
+    """List audit events, newest first
+
+    Every change through the API, the CLI and the manifest sync, and every resolve (which
+    hands out a key). `user` is a user name, `cli:<operating system user>` or `system`.
+    """
+    return AUDIT_PAGES.page(audit_filter_values(query), query["limit"], query.get("page_token"))
+
+
+def prune_old_events(app):
+    """Delete the events older than REGISTRY_AUDIT_RETENTION_DAYS."""
+    cutoff = utcnow() - timedelta(days=app.config["AUDIT_RETENTION_DAYS"])
+    db.session.execute(sa.delete(AuditEvent).where(AuditEvent.created_at < cutoff))
+    db.session.commit()

@@ -1,0 +1,236 @@
+"""Prometheus metrics: GET /metrics, the sum over every gunicorn worker.
+
+Under gunicorn each worker writes its values to files in PROMETHEUS_MULTIPROC_DIR
+(gunicorn.conf.py makes and cleans that folder at start), and a scrape through any worker
+adds up the files of all of them. Without that variable, as in a single process, the
+values are this process's own. prometheus_client reads the variable itself, when it is
+imported and when a metric is made.
+
+Label values come only from fixed sets (methods, route templates, provider types, states,
+outcomes) or from ids the registry itself knows: never a raw path, key, token, password or
+anything else a client typed.
+"""
+
+import logging
+import os
+import time
+from functools import wraps
+
+import sqlalchemy as sa
+from flask import Blueprint, current_app, g, request
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from models import PROVIDER_TYPES, PROVIDERS, STATES, read_connection
+
+log = logging.getLogger(__name__)
+metrics_bp = Blueprint("metrics", __name__)
+own_metrics = CollectorRegistry(auto_describe=True)
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+UNMATCHED_ROUTE = "unmatched"
+UNKNOWN = "unknown"
+GATEWAY_OUTCOMES = ("ok", "client_error", "not_found", "unavailable", "upstream_error", "timeout", "cancelled")
+TOKEN_KINDS = ("prompt", "completion")
+LONG_CALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+REQUESTS = Counter(
+    "registry_http_requests",
+    "HTTP requests answered, by method, route template and status.",
+    ("method", "route", "status"),
+    registry=own_metrics,
+)
+REQUEST_SECONDS = Histogram(
+    "registry_http_request_duration_seconds",
+    "Time to answer an HTTP request, by method and route template.",
+    ("method", "route"),
+    registry=own_metrics,
+)
+PROBES = Counter(
+    "registry_probes",
+    "Health probes of providers, by provider type and outcome.",
+    ("type", "outcome"),
+    registry=own_metrics,
+)
+UPSTREAM_SECONDS = Histogram(
+    "registry_upstream_request_duration_seconds",
+    "Time of one HTTP call to an upstream provider (listing, probe, verification), by provider type.",
+    ("type",),
+    registry=own_metrics,
+)
+MANIFEST_SYNCS = Counter(
+    "registry_manifest_syncs", "Syncs of one manifest location, by outcome.", ("outcome",), registry=own_metrics
+)
+FAILED_LOGINS = Counter(
+    "registry_failed_logins",
+    "Failed authentications, by the kind of credential (password or token).",
+    ("credential",),
+    registry=own_metrics,
+)
+GATEWAY_CALLS = Counter(
+    "registry_gateway_requests",
+    "Model calls through the gateway, by provider type, model and outcome.",
+    ("type", "model", "outcome"),
+    registry=own_metrics,
+)
+GATEWAY_SECONDS = Histogram(
+    "registry_gateway_request_duration_seconds",
+    "Time of a gateway call to its end (the whole stream when streaming), by provider type and model.",
+    ("type", "model"),
+    buckets=LONG_CALL_BUCKETS,
+    registry=own_metrics,
+)
+GATEWAY_FIRST_CHUNK_SECONDS = Histogram(
+    "registry_gateway_time_to_first_chunk_seconds",
+    "Time from a streaming gateway call to its first chunk, by provider type and model.",
+    ("type", "model"),
+    buckets=LONG_CALL_BUCKETS,
+    registry=own_metrics,
+)
+GATEWAY_TOKENS = Counter(
+    "registry_gateway_tokens",
+    "Tokens the upstreams reported for gateway calls, by provider type, model and kind (prompt or completion).",
+    ("type", "model", "kind"),
+    registry=own_metrics,
+)
+
+
+def known_or_unknown(value, known):
+    return value if value in known else UNKNOWN
+
+
+# Requests
+
+
+def route_template():
+    return request.url_rule.rule if request.url_rule is not None else UNMATCHED_ROUTE
+
+
+def start_timer():
+    g.metrics_started = time.perf_counter()
+
+
+def count_request(response):
+    method, route = known_or_unknown(request.method, HTTP_METHODS), route_template()
+    REQUESTS.labels(method, route, str(response.status_code)).inc()
+    started = g.pop("metrics_started", None)
+    if started is not None:
+        REQUEST_SECONDS.labels(method, route).observe(time.perf_counter() - started)
+    return response
+
+
+def init_metrics(app):
+    """Count and time every request, and serve /metrics; REGISTRY_METRICS=false leaves both out."""
+    if not app.config["METRICS"]:
+        return
+    app.before_request(start_timer)
+    app.after_request(count_request)
+    app.register_blueprint(metrics_bp)
+
+
+# What the rest of the registry records: one call each
+
+
+def count_probe(provider_type, succeeded):
+    PROBES.labels(known_or_unknown(provider_type, PROVIDER_TYPES), "success" if succeeded else "failure").inc()
+
+
+def record_manifest_sync(failed):
+    MANIFEST_SYNCS.labels("error" if failed else "ok").inc()
+
+
+def record_failed_login(credential="password"):
+    FAILED_LOGINS.labels(credential).inc()
+
+
+def timed_upstream_call(send):
+    """Decorates the upstream client's send(connection, ...) to time each call by provider type."""
+
+    @wraps(send)
+    def timed_send(connection, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return send(connection, *args, **kwargs)
+        finally:
+            provider_type = known_or_unknown(connection.type, PROVIDER_TYPES)
+            UPSTREAM_SECONDS.labels(provider_type).observe(time.perf_counter() - started)
+
+    return timed_send
+
+
+def record_gateway_call(provider_type, model_id, outcome, seconds, time_to_first_chunk=None, usage=None):
+    """Count one gateway call (for the gateway's routes).
+
+    `model_id` is the registry model id ("type:upstream id") as the model index knows it,
+    or None when the index does not know the requested model: it is then counted as
+    "unknown", so a label never holds what a client typed. `outcome` is one of
+    GATEWAY_OUTCOMES; `time_to_first_chunk` (seconds) for streams; `usage` the upstream's
+    OpenAI-shaped usage ({"prompt_tokens", "completion_tokens"}) when it reported one.
+    """
+    if outcome not in GATEWAY_OUTCOMES:
+        raise ValueError(f"outcome must be one of {GATEWAY_OUTCOMES}, not {outcome!r}")
+    labels = (known_or_unknown(provider_type, PROVIDER_TYPES), model_id or UNKNOWN)
+    GATEWAY_CALLS.labels(*labels, outcome).inc()
+    GATEWAY_SECONDS.labels(*labels).observe(seconds)
+    if time_to_first_chunk is not None:
+        GATEWAY_FIRST_CHUNK_SECONDS.labels(*labels).observe(time_to_first_chunk)
+    for kind in TOKEN_KINDS:
+        tokens = (usage or {}).get(f"{kind}_tokens")
+        if isinstance(tokens, int) and tokens > 0:
+            GATEWAY_TOKENS.labels(*labels, kind).inc(tokens)
+
+
+# The scrape
+
+PROVIDER_COUNTS = sa.select(PROVIDERS.c.type, PROVIDERS.c.state, sa.func.count()).group_by(
+    PROVIDERS.c.type, PROVIDERS.c.state
+)
+
+
+class ProviderCounts:
+    """Providers by type and state, read from the database at each scrape (zeros included,
+    so an alert on offline providers has a series to watch from the start). Left out while
+    the database does not answer, so the rest of the scrape still reaches Prometheus."""
+
+    def collect(self):
+        try:
+            stored = read_connection().execute(PROVIDER_COUNTS).all()
+        except sa.exc.SQLAlchemyError as error:
+            log.warning(
+                "registry_providers left out of /metrics: the database does not answer (%s)", type(error).__name__
+            )
+            return
+        counts = {(provider_type, state): 0 for provider_type in PROVIDER_TYPES for state in STATES}
+        for provider_type, state, count in stored:
+            counts[(provider_type, state)] = count
+        family = GaugeMetricFamily(
+            "registry_providers", "Model providers, by type and state.", labels=("type", "state")
+        )
+        for (provider_type, state), count in counts.items():
+            family.add_metric((provider_type, state), count)
+        yield family
+
+
+class Scrape:
+    """Everything one scrape shows: every worker's values (or this process's) and the providers."""
+
+    def __init__(self, *collectors):
+        self.collectors = collectors
+
+    def collect(self):
+        for collector in self.collectors:
+            yield from collector.collect()
+
+
+def values_collector():
+    multiprocess_directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return MultiProcessCollector(None, multiprocess_directory) if multiprocess_directory else own_metrics
+
+
+@metrics_bp.route("/metrics")
+def exposition():
+    """Prometheus metrics of every worker, in the text exposition format"""
+    body = generate_latest(Scrape(values_collector(), ProviderCounts()))
+    return current_app.response_class(body, mimetype=None, content_type=CONTENT_TYPE_PLAIN_0_0_4)
