@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from models import ModelProvider, db
 from tests.conftest import PASSWORDS, basic_auth, client_as, provider_body
 from tests.fake_model_servers import USAGE
+from tests.test_metrics import parse, value
 
 PROVIDERS = "/api/v1/model_providers"
 MODEL_KEY = "sk-model-key-SECRET-4242"
@@ -599,3 +600,19 @@ def test_prompts_may_outgrow_the_registrys_own_64_kib_bodies(registry, model_ser
     response = client_as(registry, CALLER).post("/api/v1/openai/chat/completions", json=body)
     assert response.status_code == 200
     assert upstream.calls[-1][2]["messages"][0]["content"] == long_prompt
+
+
+def test_each_call_is_counted_in_the_metrics(registry, gateway, model_server):
+    register(registry, model_server(api_key=MODEL_KEY))
+    server = gateway()
+    client = openai_client(server)
+    streamed(client, stream_options={"include_usage": True})
+    with pytest.raises(openai.NotFoundError):
+        chat(client, "openai:no-such-model")
+    samples = parse(httpx.get(f"{server.base_url}/metrics").text)
+    labels = {"type": "openai", "model": "openai:gpt-4o"}
+    assert value(samples, "registry_gateway_requests_total", **labels, outcome="ok") == 1
+    assert value(samples, "registry_gateway_tokens_total", **labels, kind="completion") == USAGE["completion_tokens"]
+    assert value(samples, "registry_gateway_time_to_first_chunk_seconds_count", **labels) == 1
+    unknown = {"type": "openai", "model": "unknown", "outcome": "not_found"}
+    assert value(samples, "registry_gateway_requests_total", **unknown) == 1
