@@ -42,7 +42,7 @@ FALSE_WORDS = {"0", "false", "no", "off"}
 
 # The registry's own settings besides REGISTRY_*: read here, in gunicorn.conf.py, and LOG_FORMAT (API.md section 5).
 OTHER_SETTINGS = frozenset(
-    {"DATABASE_URL", "HOST", "PORT", "LOG_FORMAT", "LOG_LEVEL", "WEB_CONCURRENCY", "GUNICORN_THREADS"}
+    {"DATABASE_URL", "HOST", "PORT", "LOG_FORMAT", "LOG_LEVEL", "WEB_CONCURRENCY", "GUNICORN_WORKER_CONNECTIONS"}
 )
 
 

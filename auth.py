@@ -1,6 +1,7 @@
 """Who is calling: HTTP Basic credentials of a user, or a Bearer API token, on every
 /api/v1 route; roles reader < caller < service < admin."""
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -23,7 +24,18 @@ from werkzeug.security import check_password_hash, generate_password_hash
 from errors import problem
 from logs import remember_user
 from metrics import record_failed_login
-from models import USERS, ApiToken, canonical_username, lower_role, read_connection, roles_up_to, token_digest, utcnow
+from models import (
+    USERS,
+    ApiToken,
+    canonical_username,
+    close_read_connection,
+    lower_role,
+    read_connection,
+    roles_up_to,
+    token_digest,
+    utcnow,
+)
+from serving import off_the_hub
 
 log = logging.getLogger(__name__)
 REALM = "model-provider-registry"
@@ -244,6 +256,30 @@ NOTE_TOKEN_USE = (
 )
 
 
+# Slow hashes one worker runs at once, each in a thread off the gevent hub: requests that
+# arrive together with a password not yet verified wait for the first one's hash and then
+# find it verified, and wrong passwords keep at most this many cores busy per worker.
+slow_hashes = threading.BoundedSemaphore(4)
+
+
+@contextlib.contextmanager
+def slow_hash_turn():
+    """One of the worker's slow-hash turns. The request's database connection goes back to
+    the pool first: requests waiting for a turn hold none, so they cannot use up the pool
+    that the requests done hashing need next."""
+    close_read_connection()
+    with slow_hashes:
+        yield
+
+
+def slow_hash_matches(password_hash, password):
+    return off_the_hub(check_password_hash, password_hash, password)
+
+
+def refuse_if_address_limited(state):
+    state.login_failures_by_address.refuse_if_limited(request.remote_addr, "logins from your address")
+
+
 def check_credentials(key, username, password):
     """The caller when the password is right, else None; the slow hash only for a password
     this process has not verified for this user's current hash."""
@@ -251,13 +287,16 @@ def check_credentials(key, username, password):
     user = read_connection().execute(CREDENTIALS_BY_USERNAME, {"username": username}).first()
     if user is not None and state.verified_passwords.matches(key, user):
         return state.verified_passwords.remember(key, user)
-    state.login_failures_by_address.refuse_if_limited(request.remote_addr, "logins from your address")
-    if user is None:
-        # Spend what a wrong password costs, so timing does not tell which names exist.
-        check_password_hash(decoy_password_hash(), password)
-        return None
-    if check_password_hash(user.password_hash, password):
-        return state.verified_passwords.remember(key, user)
+    refuse_if_address_limited(state)
+    with slow_hash_turn():
+        refuse_if_address_limited(state)  # the guesses this request waited for may have reached the limit
+        if user is None:
+            # Spend what a wrong password costs, so timing does not tell which names exist.
+            slow_hash_matches(decoy_password_hash(), password)
+            return None
+        verified = state.verified_passwords.matches(key, user)  # by a request this one waited for
+        if verified or slow_hash_matches(user.password_hash, password):
+            return state.verified_passwords.remember(key, user)
     return None
 
 

@@ -26,6 +26,7 @@ from models import (
     types_with,
     utcnow,
 )
+from serving import off_the_hub
 from upstreams import Connection, UpstreamError, list_models
 
 
@@ -195,7 +196,7 @@ def match_scores(model_refs, suggested_models, score_cutoff, default_model):
 def match_models(capability, suggested_models, score_cutoff):
     configuration = system_configuration()
     default_model = getattr(configuration, f"default_{capability}_model")
-    ranked = match_scores(available_model_refs(capability), suggested_models, score_cutoff, default_model)
+    ranked = off_the_hub(match_scores, available_model_refs(capability), suggested_models, score_cutoff, default_model)
     return {"items": [{"model_id": model_id, "score": score} for model_id, score in ranked], "total_count": len(ranked)}
 
 

@@ -6,6 +6,7 @@ from apifairy.exceptions import ValidationError as RequestValidationError
 from flask import Blueprint, current_app, has_request_context, json, request
 from marshmallow import ValidationError
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
@@ -145,6 +146,15 @@ def conflicting_write(error):
 def database_unavailable(error):
     log.error("database error on %s %s: %s", request.method, request.path, error.orig)
     return problem(503, "The database is not available; try again shortly.")
+
+
+@errors_bp.app_errorhandler(PoolTimeout)
+def no_free_connection(error):
+    # A gevent worker takes many requests at once; past the pool's size they queue for a connection.
+    log.error("no database connection came free in time on %s %s", request.method, request.path)
+    return problem(
+        503, "The service is too busy to reach its database; try again shortly.", headers={"Retry-After": "1"}
+    )
 
 
 @errors_bp.app_errorhandler(UnopenableApiKey)

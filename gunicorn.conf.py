@@ -4,6 +4,8 @@ import glob
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from datetime import UTC, datetime
 
@@ -12,15 +14,17 @@ from gunicorn import util
 from logs import ACCESS_LOG_FORMAT, logging_config, request_id_for
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
-# Requests are short and mostly wait on SQLite or an upstream: a few processes, each
-# with threads, use both cores without the memory of one process per request.
+# gevent workers (README, "Serving model"): each connection is a greenlet, so a request
+# waiting on an upstream or a client sending its headers slowly costs a little memory, not
+# one of a handful of threads. CPU-heavy work (password hashes, match) runs off the hub
+# (serving.off_the_hub), so it cannot stall the worker's other connections.
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-threads = int(os.environ.get("GUNICORN_THREADS", "4"))
-worker_class = "gthread"
+worker_class = "gevent"
+worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
 # Each worker listens on its own SO_REUSEPORT socket, so the kernel spreads connections over
 # the workers; on one shared socket, whichever worker woke first took them, and one worker
-# could end up serving every keep-alive client while the other idled. (So a second server
-# started on the same port shares it rather than failing to bind.)
+# could end up serving every keep-alive client while the other idled. on_starting below
+# makes sure no other server already listens there, since SO_REUSEPORT would share it.
 reuse_port = True
 timeout = 60
 # No runtime control socket: its default path is one per user, shared by every instance.
@@ -42,7 +46,7 @@ loglevel = os.environ.get("LOG_LEVEL", "info")
 logconfig_dict = logging_config(os.environ.get("LOG_FORMAT", "text").strip().lower() or "text")
 
 
-def on_starting(server):
+def prepare_metrics_directory(server):
     """Give the workers a clean folder for their metrics (prometheus_client's multiprocess mode).
 
     An operator's PROMETHEUS_MULTIPROC_DIR is emptied of old values; else a private folder
@@ -68,6 +72,58 @@ def on_exit(server):
     made = getattr(server, "made_metrics_directory", None)
     if made:
         shutil.rmtree(made, ignore_errors=True)
+
+
+# The master's hold on its addresses (claim_address), for as long as it runs.
+claimed_sockets = []
+
+
+def bound_socket(address, reuse_port):
+    host = address[0]
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn's own: TIME_WAIT is free
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(reuse_port))
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def claim_address(address):
+    """Fail when another socket is bound to `address`; else hold it, so a later server fails.
+
+    A bind without SO_REUSEPORT fails on any socket already bound there, SO_REUSEPORT or not.
+    It is then replaced by a bound, never listening, SO_REUSEPORT socket that the master
+    keeps: the workers' own SO_REUSEPORT listeners may join it, another server's first bind
+    may not, and since it never listens it is never handed a connection.
+    """
+    bound_socket(address, reuse_port=False).close()
+    claimed_sockets.append(bound_socket(address, reuse_port=True))
+
+
+def on_starting(server):
+    claim_addresses(server)
+    prepare_metrics_directory(server)
+
+
+def claim_addresses(server):
+    """Refuse an address where another server listens, rather than share it through SO_REUSEPORT."""
+    if server.master_pid:  # a re-executed master (USR2) succeeds its parent on the same address
+        return
+    for address in server.cfg.address:
+        if not isinstance(address, tuple):  # a Unix socket path: gunicorn's own bind refuses a taken one
+            continue
+        try:
+            claim_address(address)
+        except OSError as error:
+            host, port = address[:2]
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            server.log.error(
+                "cannot listen on %s: %s (another server listens there; it is not shared)", shown, error.strerror
+            )
+            sys.exit(1)
 
 
 # Read by the master before it forks: the workers' schedulers share it, so the jobs that
@@ -122,3 +178,8 @@ def write_problem(sock, status, reason, message):
 
 
 util.write_error = write_problem
+
+# gunicorn's gevent worker ends a connection with util.close, where gthread drains what the
+# client still sends first (util.close_graceful): closing with unread bytes (a refused body
+# over 64 KiB) sends a reset that can destroy the answer before the client reads it.
+util.close = util.close_graceful

@@ -31,6 +31,7 @@ from models import PROVIDER_ROWS, PROVIDERS, ManifestSync, db, new_id, provider_
 from scheduler import holder_name, release_lease, try_lease
 from schemas import ManifestSchema
 from upstreams import http_client
+from upstreams.transport import deadline
 
 log = logging.getLogger(__name__)
 manifest_schema = ManifestSchema()
@@ -102,10 +103,9 @@ def read_file(path):
 
 def fetch_url(url):
     content = b""
+    timeout = current_app.config["UPSTREAM_TIMEOUT"]
     try:
-        with http_client().stream(
-            "GET", url, timeout=current_app.config["UPSTREAM_TIMEOUT"], follow_redirects=True
-        ) as answer:
+        with deadline(timeout), http_client().stream("GET", url, timeout=timeout, follow_redirects=True) as answer:
             if answer.status_code != 200:
                 raise ManifestError(f"Fetching the manifest answered HTTP {answer.status_code}.")
             for chunk in answer.iter_bytes():

@@ -17,7 +17,6 @@ from flask import current_app
 
 from catalog import index_rows, provider_connection
 from crypto import UnopenableApiKey
-from errors import UpstreamError
 from metrics import count_probe
 from models import (
     PROVIDER_MODELS,
@@ -29,7 +28,7 @@ from models import (
     release_connections,
     utcnow,
 )
-from upstreams import Connection, list_models
+from upstreams import Connection, UpstreamError, list_models
 
 log = logging.getLogger(__name__)
 

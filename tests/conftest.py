@@ -247,6 +247,16 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def wait_for(condition, timeout=15, step=0.05):
+    """True as soon as `condition()` is; False when it was not within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(step)
+    return False
+
+
 def wait_until_serving(base_url, process, timeout=30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -275,10 +285,11 @@ class Gunicorn:
     """The registry served by gunicorn with the project's configuration, on a free port.
 
     `migrate_first` starts it as `make run` does; `wait=False` returns before it is ready
-    (call `wait_until_ready`), so that several can start at the same moment."""
+    (call `wait_until_ready`), so that several can start at the same moment; `port` picks
+    the port instead of a free one."""
 
-    def __init__(self, instance_path, workers=2, migrate_first=False, wait=True, **overrides):
-        self.port = free_port()
+    def __init__(self, instance_path, workers=2, migrate_first=False, wait=True, port=None, **overrides):
+        self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = instance_path / f"gunicorn-{self.port}.log"
         environ = {**os.environ, **registry_environ(instance_path, **overrides)}
@@ -304,6 +315,10 @@ class Gunicorn:
     def log(self):
         return self.log_path.read_text(errors="replace")
 
+    def worker_pids(self):
+        with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as children:
+            return [int(pid) for pid in children.read().split()]
+
     def kill(self, sig=signal.SIGTERM):
         if self.process.poll() is None:
             os.killpg(self.process.pid, sig)
@@ -314,8 +329,8 @@ class Gunicorn:
 def start_gunicorn(instance_path):
     servers = []
 
-    def start(workers=2, **overrides):
-        server = Gunicorn(instance_path, workers=workers, **overrides)
+    def start(workers=2, **options):
+        server = Gunicorn(instance_path, workers=workers, **options)
         servers.append(server)
         return server
 

@@ -1,5 +1,6 @@
 """Small local HTTP servers that speak the real formats of the upstream providers."""
 
+import contextlib
 import json
 import socket
 import sys
@@ -60,6 +61,11 @@ class FakeUpstream:
         self.status = None  # force an HTTP status, e.g. 500
         self.body = None  # force a raw body, e.g. b"<html>"
         self.rendezvous = None  # a Rendezvous: answer 503 unless enough requests are in flight at once
+        self.silent = False  # accept, read the request, never answer
+        self.trickle_interval = None  # answer one byte every this many seconds
+        self.streamed_bytes = None  # answer a listing of about this size, without Content-Length
+        self.sent_bytes = 0
+        self.stopped = threading.Event()
         self.hits = 0
         self.held = None  # with hold(): set while a request waits for release()
         self._release = None
@@ -79,6 +85,7 @@ class FakeUpstream:
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def down(self):
+        self.stopped.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -98,6 +105,10 @@ class FakeUpstream:
         with self._lock:
             self.hits += 1
 
+    def count_sent(self, size):
+        with self._lock:
+            self.sent_bytes += size
+
 
 class UpstreamHandler(BaseHTTPRequestHandler):
     upstream = None
@@ -111,7 +122,8 @@ class UpstreamHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
-        self.wfile.write(payload)
+        with contextlib.suppress(ConnectionError):  # the registry may hang up on a body it refuses
+            self.wfile.write(payload)
 
     def do_GET(self):
         upstream = self.upstream
@@ -121,10 +133,47 @@ class UpstreamHandler(BaseHTTPRequestHandler):
             time.sleep(upstream.delay)
         if upstream.rendezvous is not None and not upstream.rendezvous.meet():
             return self.answer(503, {"error": "asked alone"})
+        if upstream.silent:
+            upstream.stopped.wait()
+            return None
+        if upstream.trickle_interval is not None:
+            return self.trickle(upstream.trickle_interval)
+        if upstream.streamed_bytes is not None:
+            return self.stream_listing(upstream.streamed_bytes)
         if upstream.status is not None or upstream.body is not None:
             return self.answer(upstream.status or 200, upstream.body or {"error": "forced"})
         route = getattr(self, f"serve_{upstream.flavor}")
         return route(urlsplit(self.path))
+
+    def trickle(self, interval):
+        """A whole, valid answer, one byte at a time: each read is quick, the answer never ends in time."""
+        listing = json.dumps({"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]}).encode()
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(listing)}\r\n\r\n"
+        try:
+            for byte in head.encode() + listing:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                self.upstream.count_sent(1)
+                if self.upstream.stopped.wait(interval):
+                    return
+        except OSError:  # the registry hung up
+            return
+
+    def stream_listing(self, size):
+        """An OpenAI listing of about `size` bytes, streamed until the end or until the registry hangs up."""
+        entry = b'{"id": "model-0000000000", "object": "model", "created": 1700000000, "owned_by": "fake"},'
+        batch = entry * (65536 // len(entry))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()  # no Content-Length: the body ends when the connection closes
+        try:
+            self.wfile.write(b'{"object": "list", "data": [')
+            for _ in range(size // len(batch)):
+                self.wfile.write(batch)
+                self.upstream.count_sent(len(batch))
+            self.wfile.write(entry[:-1] + b"]}")
+        except OSError:  # the registry hung up
+            return
 
     def refuse_key(self, sent):
         # Like real upstreams, echo the key that was sent: the registry must not repeat it.

@@ -1,9 +1,11 @@
 """The registry under gunicorn with its own configuration, over a real socket."""
 
+import json
+
 import httpx
 import pytest
 
-from tests.conftest import Gunicorn, provider_body
+from tests.conftest import Gunicorn, provider_body, wait_for
 
 SECRET = "sk-over-the-socket-7777"
 
@@ -32,6 +34,27 @@ def test_create_list_get_patch_delete_over_a_socket(start_gunicorn):
     assert '"POST /api/v1/model_providers" 201' in log
     assert SECRET not in log
     assert "Basic " not in log
+
+
+def healthz_access_lines(server):
+    """The server's access lines of GET /healthz (LOG_FORMAT=json), each naming its worker's pid."""
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    return [line for line in lines if line["logger"] == "gunicorn.access" and line.get("path") == "/healthz"]
+
+
+def test_a_second_server_on_a_taken_address_exits_naming_it(start_gunicorn):
+    first = start_gunicorn(workers=2, LOG_FORMAT="json")
+    second = start_gunicorn(workers=2, port=first.port, wait=False)
+    assert second.process.wait(timeout=30) != 0
+    assert f"cannot listen on 127.0.0.1:{first.port}" in second.log()
+    # Every connection still reaches the first server (its log shows each request), spread
+    # over both its workers (each worker's SO_REUSEPORT socket gets some).
+    with httpx.Client(base_url=first.base_url, limits=httpx.Limits(max_keepalive_connections=0)) as new_connections:
+        for _ in range(40):
+            assert new_connections.get("/healthz").status_code == 200
+    assert wait_for(lambda: len(healthz_access_lines(first)) == 40)
+    serving_pids = {line["process"] for line in healthz_access_lines(first)}
+    assert serving_pids == set(first.worker_pids())
 
 
 @pytest.mark.slow  # starts gunicorn itself, on a folder of its own

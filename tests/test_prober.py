@@ -5,7 +5,7 @@ import time
 import pytest
 
 from prober import probe_all
-from tests.conftest import client_as, provider_body
+from tests.conftest import client_as, provider_body, wait_for
 
 PROVIDERS = "/api/v1/model_providers"
 
@@ -69,15 +69,6 @@ def test_check_is_for_admins(prober_app, fake_upstream):
     provider = register(client_as(prober_app, "admin"), fake_upstream())
     assert client_as(prober_app, "reader").post(f"{PROVIDERS}/{provider['id']}/check").status_code == 403
     assert client_as(prober_app, "admin").post(f"{PROVIDERS}/not-an-id/check").status_code == 404
-
-
-def wait_for(condition, timeout=15, step=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(step)
-    return False
 
 
 def test_several_workers_probe_about_once_per_interval(start_gunicorn, fake_upstream):

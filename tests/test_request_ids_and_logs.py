@@ -98,7 +98,7 @@ def test_gunicorns_own_refusals_carry_a_request_id(start_gunicorn):
 
 def test_every_log_line_of_a_request_carries_its_id_and_no_secret(start_gunicorn, fake_upstream):
     upstream = fake_upstream(api_key=SECRET)
-    server = start_gunicorn(workers=2)
+    server = start_gunicorn(workers=2, REGISTRY_VERIFY_ON_CREATE="true")  # verified, its models are indexed
     body = provider_body(base_url=upstream.base_url, api_key=SECRET)
     with server.client("admin") as admin:
         assert admin.post(PROVIDERS, json=body, headers={"X-Request-ID": "mk-1"}).status_code == 201

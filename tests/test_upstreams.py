@@ -1,6 +1,8 @@
 """Verification against the upstream, and model listings per provider type."""
 
+import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -66,7 +68,13 @@ def test_slow_upstream_is_400_timeout(verifying_admin, fake_upstream):
 
 @pytest.mark.parametrize(
     "status, body, wording",
-    [(500, None, "HTTP 500"), (200, b"<html>hello</html>", "not JSON"), (200, {"models": []}, "no model list")],
+    [
+        (500, None, "HTTP 500"),
+        (200, b"<html>hello</html>", "not JSON"),
+        (200, {"models": []}, "no model list"),
+        # JSON whitespace, refused by its Content-Length before it is read
+        (200, b" " * (4 * 1024 * 1024 + 1), "the upstream's answer is over 4 MiB (refused)"),
+    ],
 )
 def test_unexpected_answer_is_400_saying_what_came(verifying_admin, fake_upstream, status, body, wording):
     upstream = fake_upstream(api_key=GOOD_KEY)
@@ -201,3 +209,27 @@ def test_failing_upstream_makes_a_refresh_a_502_without_the_key(admin, fake_upst
     assert response.status_code == 502
     assert "rejected the API key" in response.get_json()["detail"]
     assert BAD_KEY not in response.get_data(as_text=True)
+
+
+@pytest.mark.slow
+def test_a_trickling_upstream_fails_at_the_deadline_without_gevent_too(verifying_admin, fake_upstream):
+    upstream = fake_upstream(api_key=GOOD_KEY)
+    upstream.trickle_interval = 0.2  # each read is quick; the whole answer would take half a minute
+    started = time.monotonic()
+    response = create(verifying_admin, upstream, api_key=GOOD_KEY)
+    assert response.status_code == 400
+    assert "did not answer within 1 s (timeout)" in response.get_json()["detail"]
+    assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize(
+    "created, kept",
+    [(1700000000, True), ("2025-02-19T00:00:00Z", True), (None, True), (-1, False), ("tomorrow", False), (True, False)],
+)
+def test_a_model_entry_with_an_unusable_created_is_left_out(verifying_admin, fake_upstream, created, kept):
+    upstream = fake_upstream(api_key=GOOD_KEY)
+    upstream.body = json.dumps({"data": [{"id": "kept-or-not", "created": created}, {"id": "gpt-4o"}]}).encode()
+    response = create(verifying_admin, upstream, api_key=GOOD_KEY)
+    assert response.status_code == 201
+    listed = verifying_admin.get(f"{PROVIDERS}/{response.get_json()['id']}/models").get_json()
+    assert ("openai:kept-or-not" in [model["id"] for model in listed["items"]]) is kept

@@ -1,26 +1,25 @@
 """Anthropic: `GET {base_url}/models` with `x-api-key`, following its pages."""
 
-from upstreams import UpstreamModel, get_json, model_entries, unix_seconds
+from upstreams import UpstreamError, get_json, model_entries, upstream_model, usable_models
 
 ANTHROPIC_VERSION = "2023-06-01"
 MAX_PAGES = 20
 
 
+def entry_model(entry):
+    return upstream_model(entry.get("id"), entry.get("created_at"), "anthropic", entry.get("display_name"))
+
+
 def list_models(connection):
     headers = {"x-api-key": connection.api_key, "anthropic-version": ANTHROPIC_VERSION}
-    models, params = [], {"limit": 1000}
+    entries, params = [], {"limit": 1000}
     for _ in range(MAX_PAGES):
         document = get_json(connection, f"{connection.base_url}/models", headers=headers, params=params)
-        models += [
-            UpstreamModel(
-                id=str(entry["id"]),
-                created=unix_seconds(entry.get("created_at")),
-                owned_by="anthropic",
-                display_name=entry.get("display_name"),
-            )
-            for entry in model_entries(document, "data")
-        ]
-        if not document.get("has_more") or not document.get("last_id"):
+        entries += model_entries(document, "data")
+        last_id = document.get("last_id")
+        if not document.get("has_more") or not last_id:
             break
-        params = {"limit": 1000, "after_id": document["last_id"]}
-    return models
+        if not isinstance(last_id, str):
+            raise UpstreamError("unexpected response from the upstream: a last_id that is not a string")
+        params = {"limit": 1000, "after_id": last_id}
+    return usable_models(connection, entries, entry_model)

@@ -2,7 +2,11 @@
 
 from urllib.parse import urlsplit
 
-from upstreams import UpstreamModel, bearer, get_json, model_entries
+from upstreams import bearer, get_json, model_entries, upstream_model, usable_models
+
+
+def entry_model(entry):
+    return upstream_model(entry.get("id"), None, entry.get("publisher"), entry.get("name"))
 
 
 def list_models(connection):
@@ -10,7 +14,4 @@ def list_models(connection):
     catalog = get_json(
         connection, f"{parts.scheme}://{parts.netloc}/catalog/models", headers=bearer(connection.api_key)
     )
-    return [
-        UpstreamModel(id=str(entry["id"]), owned_by=str(entry.get("publisher") or ""), display_name=entry.get("name"))
-        for entry in model_entries(catalog, None)
-    ]
+    return usable_models(connection, model_entries(catalog, None), entry_model)

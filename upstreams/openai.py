@@ -4,21 +4,17 @@ sent it (fields the registry does not know included), with the upstream's model 
 
 from contextlib import closing
 
-from upstreams import UpstreamModel, get_json, model_entries, unix_seconds
+from upstreams import get_json, model_entries, upstream_model, usable_models
 from upstreams.calls import json_events, open_response, read_json
+
+
+def entry_model(entry):
+    return upstream_model(entry.get("id"), entry.get("created"), entry.get("owned_by"), entry.get("display_name"))
 
 
 def list_models(connection, auth_headers):
     document = get_json(connection, f"{connection.base_url}/models", headers=auth_headers)
-    return [
-        UpstreamModel(
-            id=str(entry["id"]),
-            created=unix_seconds(entry.get("created")),
-            owned_by=str(entry.get("owned_by") or ""),
-            display_name=entry.get("display_name"),
-        )
-        for entry in model_entries(document, "data")
-    ]
+    return usable_models(connection, model_entries(document, "data"), entry_model)
 
 
 def auth_headers(target):

@@ -15,5 +15,5 @@ VOYAGE_MODELS = (
 
 
 def list_models(connection):
-    send(connection, connection.base_url)
+    send(connection, connection.base_url)  # any answer is the check
     return [UpstreamModel(id=model_id, owned_by="voyage") for model_id in VOYAGE_MODELS]

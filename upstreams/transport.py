@@ -1,0 +1,89 @@
+"""The HTTP transport of upstream calls: a total deadline over all of a call's socket work.
+
+httpx's timeouts bound each read: an upstream trickling a byte at a time, each within the
+read timeout, holds a call for as long as it likes. Inside `deadline(seconds)`, every
+connect, read and write of the calls made in that context (thread or greenlet) waits at
+most what is left of the deadline, and fails as an httpx timeout once it has passed.
+"""
+
+import contextlib
+import contextvars
+import time
+
+import httpcore
+import httpx
+
+_ends_at = contextvars.ContextVar("upstream_deadline", default=None)
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+    """Bound the upstream calls made inside to `seconds` in all, however the upstream trickles."""
+    token = _ends_at.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _ends_at.reset(token)
+
+
+def remaining(timeout, timeout_error):
+    """A socket operation's timeout, cut to what is left of the deadline."""
+    ends_at = _ends_at.get()
+    if ends_at is None:
+        return timeout
+    left = ends_at - time.monotonic()
+    if left <= 0:
+        raise timeout_error("the deadline of the upstream call passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, stream):
+        self._stream = stream
+
+    def read(self, max_bytes, timeout=None):
+        return self._stream.read(max_bytes, remaining(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer, timeout=None):
+        self._stream.write(buffer, remaining(timeout, httpcore.WriteTimeout))
+
+    def close(self):
+        self._stream.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+        timeout = remaining(timeout, httpcore.ConnectTimeout)
+        return DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info):
+        return self._stream.get_extra_info(info)
+
+
+class DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self):
+        self._backend = httpcore.SyncBackend()
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        timeout = remaining(timeout, httpcore.ConnectTimeout)
+        return DeadlineStream(self._backend.connect_tcp(host, port, timeout, local_address, socket_options))
+
+    def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        timeout = remaining(timeout, httpcore.ConnectTimeout)
+        return DeadlineStream(self._backend.connect_unix_socket(path, timeout, socket_options))
+
+    def sleep(self, seconds):
+        self._backend.sleep(seconds)
+
+
+class DeadlineTransport(httpx.HTTPTransport):
+    """httpx's own transport, over a connection pool whose sockets keep the deadline."""
+
+    def __init__(self, limits):
+        super().__init__(limits=limits, trust_env=False)
+        # httpx takes no network backend, so its pool is built again, as httpx builds it, with ours.
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=DeadlineBackend(),
+        )
