@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test test-postgres lint format bench bench-throughput clean
+.PHONY: run test test-postgres lint format bench bench-throughput bench-gateway clean
 
 # The virtual environment, rebuilt when the pinned requirements change.
 $(INSTALLED): requirements.txt requirements-dev.txt
@@ -40,6 +40,10 @@ bench: $(INSTALLED)
 # The registry against a bare Flask app under the same gunicorn configuration (README, Performance).
 bench-throughput: $(INSTALLED)
 	$(BIN)/python bench/throughput.py
+
+# What the gateway adds against calling a local fake model server directly (README, Gateway).
+bench-gateway: $(INSTALLED)
+	$(BIN)/python bench/gateway.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -4,6 +4,7 @@ import swagger_ui_bundle
 from apifairy import APIFairy
 from flask import Blueprint, send_from_directory
 
+from errors import OPENAI_PATH_PREFIX
 from schemas import WATSONX_RULE_OF_CREATE
 
 apifairy = APIFairy()
@@ -23,6 +24,23 @@ PROBLEM_SCHEMA = {
             "description": "Messages per field (dotted path; _schema for whole-body rules)",
             "additionalProperties": {"type": "array", "items": {"type": "string"}},
         },
+    },
+}
+OPENAI_ERROR_SCHEMA = {
+    "type": "object",
+    "description": "OpenAI's error shape, answered under /api/v1/openai/ so OpenAI clients raise their usual errors",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": "string", "nullable": True},
+                "code": {"type": "string", "nullable": True},
+            },
+        }
     },
 }
 PROBLEM_RESPONSES_OF_AUTHENTICATED = {
@@ -47,6 +65,15 @@ PROBLEM_RESPONSES_OF_BODIES = {
     "415": "Body is not application/json",
     "422": "Body fails validation",
 }
+# The gateway's bodies: a body that fails validation is a 400 there, as OpenAI answers it.
+GATEWAY_RESPONSES_OF_BODIES = {
+    "400": "Body is not a JSON object, or fails validation (`param` names the field)",
+    "413": "Body over 16 MiB",
+    "415": "Body is not application/json",
+}
+SSE_CONTENT = {
+    "text/event-stream": {"schema": {"type": "string", "description": "`data: {chunk}` events, then `data: [DONE]`"}}
+}
 
 
 @docs_bp.route("/docs/assets/<path:filename>")
@@ -57,6 +84,11 @@ def docs_asset(filename):
 def problem_response(description):
     schema = {"$ref": "#/components/schemas/Problem"}
     return {"description": description, "content": {"application/problem+json": {"schema": schema}}}
+
+
+def openai_error_response(description):
+    schema = {"$ref": "#/components/schemas/OpenAIError"}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
 def as_header_objects(responses):
@@ -81,6 +113,8 @@ TAG_NAMES = {"Openai": "OpenAI"}
 def complete_document(spec):
     """What the marshmallow schemas cannot say: the watsonx rule of a create, and the problems."""
     spec["components"]["schemas"]["ProviderCreate"]["oneOf"] = WATSONX_RULE_OF_CREATE
+    chat_answer = spec["paths"]["/api/v1/openai/chat/completions"]["post"]["responses"]["200"]
+    chat_answer["content"].update(SSE_CONTENT)
     return document_problems(document_token_scheme(spell_tags(spec)))
 
 
@@ -105,23 +139,31 @@ def document_token_scheme(spec):
 
 
 def document_problems(spec):
-    """Every error answer is a problem document; add the ones each kind of route can give."""
+    """Every error answer is a problem document (in OpenAI's shape under /api/v1/openai/, but
+    gunicorn's own refusals); add the ones each kind of route can give."""
     spec["components"]["schemas"]["Problem"] = PROBLEM_SCHEMA
-    for path in spec["paths"].values():
+    spec["components"]["schemas"]["OpenAIError"] = OPENAI_ERROR_SCHEMA
+    for path_name, path in spec["paths"].items():
+        gateway = path_name.startswith(OPENAI_PATH_PREFIX)
+        error_response = openai_error_response if gateway else problem_response
         for operation in path.values():
             responses = operation["responses"]
+            if "200" in responses:
+                responses.pop("204", None)  # APIFairy's default when the view dumps no schema itself
             as_header_objects(responses)
             for status, answer in list(responses.items()):
                 if not status.startswith("2"):
-                    responses[status] = problem_response(answer["description"])
-            extra = dict(PROBLEM_RESPONSES_OF_EVERY_REQUEST)
+                    responses[status] = error_response(answer["description"])
+            extra = {}
             if "security" in operation:
                 extra.update(PROBLEM_RESPONSES_OF_AUTHENTICATED)
             if "requestBody" in operation:
-                extra.update(PROBLEM_RESPONSES_OF_BODIES)
+                extra.update(GATEWAY_RESPONSES_OF_BODIES if gateway else PROBLEM_RESPONSES_OF_BODIES)
             if operation.get("parameters"):
                 extra.setdefault("422", "Parameters fail validation")
             for status, description in extra.items():
+                responses.setdefault(status, error_response(description))
+            for status, description in PROBLEM_RESPONSES_OF_EVERY_REQUEST.items():
                 responses.setdefault(status, problem_response(description))
             document_retry_after(responses)
     return spec

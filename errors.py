@@ -3,7 +3,7 @@
 import logging
 
 from apifairy.exceptions import ValidationError as RequestValidationError
-from flask import Blueprint, current_app, json, request
+from flask import Blueprint, current_app, has_request_context, json, request
 from marshmallow import ValidationError
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -18,15 +18,56 @@ errors_bp = Blueprint("errors", __name__)
 log = logging.getLogger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+# The gateway's routes answer errors in OpenAI's shape, so OpenAI clients raise their usual exceptions.
+OPENAI_PATH_PREFIX = "/api/v1/openai/"
+OPENAI_ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    504: "timeout",
+}
 KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
 RFC_9110_TITLES = {413: "Content Too Large", 422: "Unprocessable Content"}
+
+
+class GatewayError(Exception):
+    """A gateway call that cannot be answered with a model's answer, in OpenAI's terms."""
+
+    def __init__(self, status, message, code=None, param=None, error_type=None, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.param = param
+        self.error_type = error_type
+        self.headers = headers or {}
 
 
 class SyncInProgress(Exception):
     """Another process holds the manifest sync lease and did not finish in time."""
 
 
+def openai_error(status, message, code=None, param=None, error_type=None, headers=None):
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    if error_type is None:
+        error_type = OPENAI_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    document = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    return current_app.response_class(json.dumps(document), status=status, mimetype="application/json", headers=headers)
+
+
+def openai_problem(status, detail, errors=None, headers=None):
+    """A problem under /api/v1/openai/ in OpenAI's shape; a body that fails validation is a 400
+    naming the first field, as OpenAI answers it."""
+    if errors:
+        field, messages = next(iter(errors.items()))
+        detail = f"{detail} {field}: {' '.join(messages)}"
+        return openai_error(400, detail, param=field, headers=headers)
+    return openai_error(status, detail, headers=headers)
+
+
 def problem(status, detail, errors=None, headers=None):
+    if has_request_context() and request.path.startswith(OPENAI_PATH_PREFIX):
+        return openai_problem(status, detail, errors, headers)
     document = {
         "type": "about:blank",
         "title": RFC_9110_TITLES.get(status) or HTTP_STATUS_CODES.get(status, "Error"),
@@ -74,6 +115,11 @@ def http_error(error):
 @errors_bp.app_errorhandler(UpstreamError)
 def upstream_error(error):
     return problem(502, f"Upstream provider failed: {error}")
+
+
+@errors_bp.app_errorhandler(GatewayError)
+def gateway_error(error):
+    return openai_error(error.status, str(error), error.code, error.param, error.error_type, error.headers)
 
 
 @errors_bp.app_errorhandler(SyncInProgress)

@@ -183,3 +183,15 @@ util.write_error = write_problem
 # client still sends first (util.close_graceful): closing with unread bytes (a refused body
 # over 64 KiB) sends a reset that can destroy the answer before the client reads it.
 util.close = util.close_graceful
+
+
+def post_request(worker, req, environ, resp):
+    """Let the worker's other connections run between two requests of one keep-alive connection.
+
+    A greenlet yields only when it would block: a client that sends its next request at once
+    (on another core) keeps its greenlet serving it, and the other connections wait; a
+    median of 0.4 ms came with a 99th percentile of 200 ms to 2 s under 16 connections.
+    """
+    import gevent
+
+    gevent.sleep(0)

@@ -1,13 +1,38 @@
-"""The OpenAI-style model list across every online provider."""
+"""/api/v1/openai: the OpenAI-style model list, and the gateway's chat completions and
+embeddings, which call the providers' models without handing out their keys."""
 
-from apifairy import authenticate, response
-from flask import Blueprint
+from apifairy import authenticate, body, other_responses, response
+from flask import Blueprint, request
 
 from auth import auth
 from catalog import available_models
-from schemas import OpenAIModelListSchema
+from gateway import GatewayCall, Settings, complete, embeddings, open_stream
+from schemas import (
+    ChatCompletionRequestSchema,
+    ChatCompletionSchema,
+    EmbeddingsRequestSchema,
+    EmbeddingsSchema,
+    OpenAIModelListSchema,
+)
 
 openai_bp = Blueprint("openai", __name__)
+
+# Prompts outgrow the 64 KiB of the registry's own bodies (long contexts, images as data URLs).
+GATEWAY_MAX_BODY_BYTES = 16 * 1024 * 1024
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+GATEWAY_ERRORS = {
+    400: "Bad body, no model, or an upstream's own 400 (its message, without the provider's key)",
+    404: "No provider of the type has the model (code model_not_found)",
+    429: "Every provider of the model is rate-limiting (Retry-After)",
+    502: "Every provider tried failed",
+    503: "Every provider of the model is offline",
+    504: "The call took longer than REGISTRY_GATEWAY_TIMEOUT",
+}
+
+
+@openai_bp.before_request
+def allow_prompt_sized_bodies():
+    request.max_content_length = GATEWAY_MAX_BODY_BYTES
 
 
 @openai_bp.route("/openai/models", methods=["GET"])
@@ -20,3 +45,42 @@ def list_models():
     the oldest online provider that lists it.
     """
     return {"object": "list", "data": available_models()}
+
+
+def served_by(target):
+    return {"X-Registry-Provider-Id": target.provider_id}
+
+
+@openai_bp.route("/openai/chat/completions", methods=["POST"])
+@authenticate(auth, role="caller")
+@body(ChatCompletionRequestSchema)
+@other_responses({200: (ChatCompletionSchema, "The completion, or with `stream` its SSE chunks"), **GATEWAY_ERRORS})
+def chat_completions(chat_request):
+    """Call a model's chat completion, OpenAI style
+
+    Routed to the oldest online provider of the model's type that serves it, and to the
+    next one when a provider cannot be reached or answers 429 or 5xx before anything was
+    sent. With `"stream": true` the answer is `text/event-stream`: each upstream chunk as
+    it arrives, ending with `data: [DONE]`. `X-Registry-Provider-Id` names the provider.
+    """
+    call = GatewayCall(chat_request["model"], "chat", stream=chat_request["stream"])
+    if chat_request["stream"]:
+        target, events = open_stream(call, chat_request, Settings.of_app())
+        return events, 200, {"Content-Type": "text/event-stream", **STREAM_HEADERS, **served_by(target)}
+    target, completion = complete(call, chat_request, Settings.of_app())
+    return completion, 200, served_by(target)
+
+
+@openai_bp.route("/openai/embeddings", methods=["POST"])
+@authenticate(auth, role="caller")
+@body(EmbeddingsRequestSchema)
+@other_responses({200: (EmbeddingsSchema, "The embeddings"), **GATEWAY_ERRORS})
+def create_embeddings(embeddings_request):
+    """Embed text with a model, OpenAI style
+
+    Routed like chat completions. `encoding_format: base64` (the OpenAI client's default)
+    answers little-endian float32 values in base64, whatever the upstream answered.
+    """
+    call = GatewayCall(embeddings_request["model"], "embeddings")
+    target, answer = embeddings(call, embeddings_request, Settings.of_app())
+    return answer, 200, served_by(target)

@@ -149,12 +149,11 @@ def verify_holding_no_connection(connection):
 
 def create_provider(fields, verify):
     api_key = fields.pop("api_key")
-    upstream_models = None
+    upstream_models = KEEP_MODELS  # unverified, a new provider has no model list until it is probed
     if verify:
         refuse_if_base_url_taken(fields["base_url"])  # before calling the upstream; the insert checks anyway
         upstream_models = verify_holding_no_connection(connection_of(fields["type"], fields["base_url"], api_key))
     insert = sa.insert(PROVIDERS).values(**fields, sealed_api_key=cipher.seal(api_key))
-    # unverified (None), a new provider has no model list until it is probed
     return write_provider(
         insert, fields["base_url"], "provider.create", [*fields, "api_key"], upstream_models=upstream_models
     )

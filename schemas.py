@@ -9,7 +9,7 @@ from functools import cached_property, partial
 from apifairy.decorators import parser as request_parser
 from flask import request
 from flask_marshmallow import Marshmallow
-from marshmallow import ValidationError, fields, post_load, validates_schema
+from marshmallow import INCLUDE, ValidationError, fields, post_load, validates_schema
 from marshmallow.validate import Length, OneOf, Range
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
 
@@ -493,6 +493,55 @@ class ManifestStatusSchema(ma.Schema):
     outcome = fields.String(allow_none=True, required=True, validate=OneOf(("ok", "error")))
     error = fields.String(allow_none=True, required=True, metadata={"description": "Error of the last sync"})
     provider_count = fields.Integer(required=True)
+
+
+class GatewayRequestSchema(ma.Schema):
+    """An OpenAI request body: the fields the registry reads are checked, every other field is
+    kept and passed on to OpenAI-compatible upstreams as sent."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    model = fields.String(required=True, metadata={"description": 'A registry model id, "{type}:{upstream model id}"'})
+
+
+class ChatCompletionRequestSchema(GatewayRequestSchema):
+    messages = fields.List(fields.Dict(), required=True, validate=Length(min=1))
+    stream = fields.Boolean(load_default=False, metadata={"description": "Answer as an SSE stream of chunks"})
+    stream_options = fields.Dict(
+        allow_none=True, metadata={"description": "`include_usage`: a last chunk with `choices: []` and `usage`"}
+    )
+
+
+class EmbeddingsRequestSchema(GatewayRequestSchema):
+    input = fields.Raw(required=True, metadata={"description": "A string, a list of strings (or of token ids)"})
+    encoding_format = fields.String(
+        load_default="float",
+        validate=OneOf(["float", "base64"]),
+        metadata={"description": "base64: little-endian float32 values, as OpenAI's client asks by default"},
+    )
+
+
+class OpenAIAnswerSchema(ma.Schema):
+    """What the upstream answered, in OpenAI's shape; `model` is the registry model id."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    object = fields.String(required=True)
+    model = fields.String(required=True)
+
+
+class ChatCompletionSchema(OpenAIAnswerSchema):
+    id = fields.String()
+    created = fields.Integer()
+    choices = fields.List(fields.Dict(), required=True)
+    usage = fields.Dict(allow_none=True)
+
+
+class EmbeddingsSchema(OpenAIAnswerSchema):
+    data = fields.List(fields.Dict(), required=True)
+    usage = fields.Dict(allow_none=True)
 
 
 class TokenCreateSchema(ma.Schema):

@@ -16,6 +16,7 @@ from flask_migrate import upgrade
 
 from app import create_app
 from models import User, db
+from tests.fake_model_servers import FakeModelServer
 from tests.fake_upstreams import BlackHole, FakeUpstream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -338,19 +339,30 @@ def start_gunicorn(instance_path):
         server.kill()
 
 
+def started_servers(server_class):
+    """A fixture's start function for fake servers; every one it started goes down afterwards."""
+    servers = []
+
+    def start(*args, **options):
+        server = server_class(*args, **options)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.down()
+
+
 @pytest.fixture
 def fake_upstream():
     """Start fake upstreams: fake_upstream(flavor="openai", api_key=..., models=[...], delay=0)."""
-    upstreams = []
+    yield from started_servers(FakeUpstream)
 
-    def start(**options):
-        upstream = FakeUpstream(**options)
-        upstreams.append(upstream)
-        return upstream
 
-    yield start
-    for upstream in upstreams:
-        upstream.down()
+@pytest.fixture
+def model_server():
+    """Start fake model servers: model_server("watsonx", api_key=..., models=[...])."""
+    yield from started_servers(FakeModelServer)
 
 
 @pytest.fixture

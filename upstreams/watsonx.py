@@ -1,8 +1,14 @@
-"""IBM watsonx.ai: the foundation model specs, without withdrawn models."""
+"""IBM watsonx.ai: the foundation model specs, without withdrawn models; chat and embeddings
+translated to and from OpenAI's shapes, with the IAM token exchange its API keys need."""
 
+import hashlib
+import threading
+import time
+from contextlib import closing
 from datetime import date
 
 from upstreams import UpstreamError, get_json, model_entries, upstream_model, usable_models
+from upstreams.calls import UpstreamFailure, UpstreamRefusal, json_events, open_response, read_json
 
 WATSONX_API_VERSION = "2024-05-01"
 
@@ -33,3 +39,181 @@ def list_models(connection):
         if not (isinstance(spec, dict) and is_withdrawn(spec, today))
     ]
     return usable_models(connection, specs, spec_model)
+
+
+IAM_GRANT_TYPE = "urn:ibm:params:oauth:grant-type:apikey"
+# A token is exchanged anew this long before it expires, so none expires during a call's start.
+TOKEN_RENEWAL_MARGIN = 300
+# OpenAI chat fields watsonx takes under the same name; others it does not know are left out.
+CHAT_FIELDS = (
+    "messages",
+    "tools",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "max_tokens",
+    "n",
+    "presence_penalty",
+    "response_format",
+    "seed",
+    "stop",
+    "temperature",
+    "top_p",
+)
+
+
+class IamTokens:
+    """Bearer tokens per watsonx API key, reused until shortly before they expire.
+
+    Keyed by a digest of the key, and exchanged one at a time per key: callers that find
+    no fresh token wait for the exchange already under way instead of starting their own.
+    """
+
+    def __init__(self):
+        self._tokens = {}  # key digest -> (token, renew_at)
+        self._exchanges = {}  # key digest -> lock held while its token is exchanged
+        self._lock = threading.Lock()
+
+    def _fresh(self, digest):
+        token, renew_at = self._tokens.get(digest, (None, 0))
+        return token if renew_at > time.time() else None
+
+    def token(self, iam_url, target, deadline):
+        digest = hashlib.sha256(target.api_key.encode()).digest()
+        token = self._fresh(digest)
+        if token:
+            return token
+        with self._lock:
+            exchange_lock = self._exchanges.setdefault(digest, threading.Lock())
+        with exchange_lock:
+            token = self._fresh(digest)
+            if token:
+                return token
+            token, expires_at = exchange_key(iam_url, target, deadline)
+            self._tokens[digest] = (token, expires_at - TOKEN_RENEWAL_MARGIN)
+            return token
+
+
+iam_tokens = IamTokens()
+
+
+def exchange_key(iam_url, target, deadline):
+    form = {"grant_type": IAM_GRANT_TYPE, "apikey": target.api_key}
+    try:
+        response = open_response(target, "POST", iam_url, deadline, data=form, headers={"Accept": "application/json"})
+    except UpstreamFailure as failure:
+        raise UpstreamFailure(
+            f"watsonx IAM token exchange failed for provider {target.provider_id}: {failure}"
+        ) from None
+    document = read_json(response, target)
+    token = document.get("access_token") if isinstance(document, dict) else None
+    if not isinstance(token, str) or not token:
+        raise UpstreamFailure(f"watsonx IAM answered provider {target.provider_id} without a token")
+    expiration = document.get("expiration")
+    if not isinstance(expiration, int | float):
+        expiration = time.time() + float(document.get("expires_in") or 0)
+    return token, expiration
+
+
+def post(target, path, body, deadline, iam_url):
+    token = iam_tokens.token(iam_url, target, deadline)
+    scope = (
+        {"project_id": target.watsonx_project_id}
+        if target.watsonx_project_id
+        else {"space_id": target.watsonx_space_id}
+    )
+    return open_response(
+        target,
+        "POST",
+        f"{target.base_url}{path}",
+        deadline,
+        headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+        params={"version": WATSONX_API_VERSION},
+        json_body={**body, "model_id": target.upstream_model, **scope},
+        secrets=(token,),
+    )
+
+
+def chat_body(body):
+    """OpenAI's chat request in watsonx's words."""
+    translated = {name: body[name] for name in CHAT_FIELDS if name in body}
+    if "max_completion_tokens" in body:
+        translated["max_tokens"] = body["max_completion_tokens"]
+    tool_choice = body.get("tool_choice")
+    if isinstance(tool_choice, str):
+        translated["tool_choice_option"] = tool_choice
+    elif tool_choice is not None:
+        translated["tool_choice"] = tool_choice
+    return translated
+
+
+def openai_choices(choices, part):
+    """watsonx's choices as OpenAI's: `part` is "message" or, in a stream, "delta"."""
+    return [
+        {
+            "index": choice.get("index", index),
+            part: choice.get(part) or {},
+            "logprobs": choice.get("logprobs"),
+            "finish_reason": choice.get("finish_reason"),
+        }
+        for index, choice in enumerate(choices or [])
+    ]
+
+
+def openai_completion(answer, kind, part):
+    completion = {
+        "id": answer.get("id", ""),
+        "object": kind,
+        "created": answer.get("created") or int(time.time()),
+        "model": answer.get("model_id", ""),
+        "choices": openai_choices(answer.get("choices"), part),
+    }
+    if answer.get("usage"):
+        completion["usage"] = answer["usage"]
+    return completion
+
+
+def chat(target, body, deadline, iam_url):
+    answer = read_json(post(target, "/ml/v1/text/chat", chat_body(body), deadline, iam_url), target)
+    return openai_completion(answer, "chat.completion", "message")
+
+
+def open_chat_stream(target, body, deadline, iam_url):
+    response = post(target, "/ml/v1/text/chat_stream", chat_body(body), deadline, iam_url)
+
+    def chunks():
+        with closing(response):
+            for answer in json_events(response, target):
+                yield openai_completion(answer, "chat.completion.chunk", "delta")
+
+    return chunks()
+
+
+def embedding_inputs(body):
+    inputs = body["input"]
+    inputs = [inputs] if isinstance(inputs, str) else inputs
+    if not isinstance(inputs, list) or not all(isinstance(text, str) for text in inputs):
+        message = "watsonx models embed text: `input` must be a string or a list of strings."
+        raise UpstreamRefusal(
+            400, {"message": message, "type": "invalid_request_error", "param": "input", "code": None}
+        )
+    return inputs
+
+
+def embed(target, body, deadline, iam_url):
+    request_body = {"inputs": embedding_inputs(body)}
+    answer = read_json(post(target, "/ml/v1/text/embeddings", request_body, deadline, iam_url), target)
+    results = answer.get("results") if isinstance(answer, dict) else None
+    if not isinstance(results, list):
+        raise UpstreamFailure(f"provider {target.provider_id} answered embeddings without results")
+    tokens = answer.get("input_token_count") or 0
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": index, "embedding": result.get("embedding") or []}
+            for index, result in enumerate(results)
+        ],
+        "model": answer.get("model_id", ""),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

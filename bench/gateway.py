@@ -1,0 +1,259 @@
+"""What the gateway adds: the registry's /api/v1/openai against a local fake model server,
+side by side with calling the same fake directly.
+
+    .venv/bin/python bench/gateway.py [--rounds 5] [--calls 200] [--streams 500] [--stream-seconds 10]
+                                      [--relay-streams 100] [--relay-seconds 5] [--only latency ...]
+
+Starts the fake (tests/fake_model_servers.py, in its own process) and the registry under
+`make run`'s defaults (gunicorn.conf.py), registers the fake as an openai provider, then:
+
+- latency: non-streaming calls one after another; the added median and p99;
+- first-chunk: streaming calls one after another; the added time to the first chunk;
+- held: N streams at once through the registry, a chunk every 0.5 s (opened over the first
+  2 s, as clients arrive, not in one instant), with /healthz asked every 0.2 s meanwhile;
+  streams refused or cut, and /healthz's slowest answer;
+- relay: N streams at once of 50 chunks a second, direct and through the registry; the
+  chunks a second the client gets, and the registry's ratio to direct.
+
+Direct and registry runs alternate (which goes first alternates too) and the figures are
+medians over the rounds. Targets (issue 14) are printed beside each figure.
+"""
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+from throughput import PASSWORD, USERNAME, Server, prepare_registry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MODEL_KEY = "sk-bench"
+MESSAGES = [{"role": "user", "content": "Hi"}]
+SCENARIOS = ("latency", "first-chunk", "held", "relay")
+
+
+def start_fake():
+    command = [sys.executable, "-m", "tests.fake_model_servers"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    return process, int(process.stdout.readline())
+
+
+class Endpoint:
+    """Where a client sends chat completions: the fake itself, or the registry's gateway."""
+
+    def __init__(self, name, url, headers, model):
+        self.name, self.url, self.headers, self.model = name, url, headers, model
+
+    def body(self, **fields):
+        return {"model": self.model, "messages": MESSAGES, **fields}
+
+
+def endpoints(fake_port, registry_port, token_authorization):
+    direct = Endpoint(
+        "direct",
+        f"http://127.0.0.1:{fake_port}/v1/chat/completions",
+        {"Authorization": f"Bearer {MODEL_KEY}"},
+        "gpt-4o",
+    )
+    registry = Endpoint(
+        "registry",
+        f"http://127.0.0.1:{registry_port}/api/v1/openai/chat/completions",
+        {"Authorization": token_authorization},
+        "openai:gpt-4o",
+    )
+    return direct, registry
+
+
+def register_fake(registry_port, fake_port):
+    provider = {"type": "openai", "base_url": f"http://127.0.0.1:{fake_port}/v1", "api_key": MODEL_KEY}
+    response = httpx.post(
+        f"http://127.0.0.1:{registry_port}/api/v1/model_providers", json=provider, auth=(USERNAME, PASSWORD)
+    )
+    response.raise_for_status()
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def alternating(rounds, direct, registry):
+    """(round, endpoint) pairs, direct and registry in turn, which one first alternating."""
+    for number in range(rounds):
+        pair = (direct, registry) if number % 2 == 0 else (registry, direct)
+        for endpoint in pair:
+            yield number, endpoint
+
+
+def timed_calls(client, endpoint, calls, stream):
+    """Seconds per call (to the whole answer, or with `stream` to its first chunk)."""
+    timings = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        body = endpoint.body(stream=True, fake_pieces=3) if stream else endpoint.body()
+        with client.stream("POST", endpoint.url, json=body, headers=endpoint.headers) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"{endpoint.name} answered {response.status_code}")
+            lines = response.iter_lines()
+            if stream:
+                next(line for line in lines if line.startswith("data:"))
+                timings.append(time.perf_counter() - started)
+            for _ in lines:
+                pass
+            if not stream:
+                timings.append(time.perf_counter() - started)
+    return timings
+
+
+def warm_up(registry):
+    """Calls enough for every worker to have listed the fake's models."""
+    for _ in range(20):
+        # A new connection each time, so the calls spread over the workers.
+        httpx.post(registry.url, json=registry.body(), headers=registry.headers, timeout=60).raise_for_status()
+
+
+def added_time(options, direct, registry, stream):
+    per_round = {"direct": [], "registry": []}
+    every = {"direct": [], "registry": []}
+    with httpx.Client(timeout=60) as client:
+        for endpoint in (direct, registry):
+            timed_calls(client, endpoint, 10, stream)  # warm up the connections
+        for _, endpoint in alternating(options.rounds, direct, registry):
+            timings = timed_calls(client, endpoint, options.calls, stream)
+            per_round[endpoint.name].append(statistics.median(timings))
+            every[endpoint.name] += timings
+    added_medians = [reg - dir for reg, dir in zip(per_round["registry"], per_round["direct"], strict=True)]
+    return {
+        "direct median ms": statistics.median(per_round["direct"]) * 1000,
+        "added median ms": statistics.median(added_medians) * 1000,
+        "added p99 ms": (percentile(every["registry"], 0.99) - percentile(every["direct"], 0.99)) * 1000,
+    }
+
+
+async def one_stream(client, endpoint, pieces, interval, start_after=0.0):
+    """(content chunks received, saw [DONE]); (None, False) when refused."""
+    await asyncio.sleep(start_after)
+    body = endpoint.body(stream=True, fake_pieces=pieces, fake_interval=interval)
+    chunks, done = 0, False
+    try:
+        async with client.stream("POST", endpoint.url, json=body, headers=endpoint.headers) as response:
+            if response.status_code != 200:
+                return None, False
+            async for line in response.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: {") and "tok " in line:
+                    chunks += 1
+    except httpx.HTTPError:
+        return (None, False) if chunks == 0 else (chunks, False)
+    return chunks, done
+
+
+async def many_streams(endpoint, count, pieces, interval, ramp_seconds=0.0):
+    """Streams at once, opened evenly over `ramp_seconds`: [(chunks, done)] and the seconds taken."""
+    limits = httpx.Limits(max_connections=count + 10, max_keepalive_connections=count)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        started = time.perf_counter()
+        outcomes = await asyncio.gather(
+            *(one_stream(client, endpoint, pieces, interval, number * ramp_seconds / count) for number in range(count))
+        )
+        return outcomes, time.perf_counter() - started
+
+
+async def health_latencies(registry_port, stop):
+    latencies = []
+    async with httpx.AsyncClient(timeout=10) as client:
+        while not stop.is_set():
+            started = time.perf_counter()
+            await client.get(f"http://127.0.0.1:{registry_port}/healthz")
+            latencies.append(time.perf_counter() - started)
+            await asyncio.sleep(0.2)
+    return latencies
+
+
+async def held_streams(options, registry, registry_port):
+    pieces = int(options.stream_seconds / 0.5)
+    stop = asyncio.Event()
+    health = asyncio.create_task(health_latencies(registry_port, stop))
+    outcomes, elapsed = await many_streams(registry, options.streams, pieces, 0.5, options.ramp_seconds)
+    stop.set()
+    latencies = await health
+    refused = sum(1 for chunks, _ in outcomes if chunks is None)
+    cut = sum(1 for chunks, done in outcomes if chunks is not None and (chunks < pieces or not done))
+    return {
+        "streams": options.streams,
+        "refused": refused,
+        "cut": cut,
+        "seconds": elapsed,
+        "healthz max ms": max(latencies) * 1000,
+        "healthz median ms": statistics.median(latencies) * 1000,
+    }
+
+
+def relay_rate(options, direct, registry):
+    pieces = int(options.relay_seconds * 50)
+    rates = {"direct": [], "registry": []}
+    for _, endpoint in alternating(options.rounds, direct, registry):
+        outcomes, elapsed = asyncio.run(many_streams(endpoint, options.relay_streams, pieces, 1 / 50))
+        rates[endpoint.name].append(sum(chunks or 0 for chunks, _ in outcomes) / elapsed)
+    ratios = [reg / dir for reg, dir in zip(rates["registry"], rates["direct"], strict=True)]
+    return {
+        "direct chunks/s": statistics.median(rates["direct"]),
+        "registry chunks/s": statistics.median(rates["registry"]),
+        "ratio": statistics.median(ratios),
+    }
+
+
+def report(name, figures, target):
+    shown = ", ".join(
+        f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}" for key, value in figures.items()
+    )
+    print(f"{name:12} {shown}   (target: {target})", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=200, help="calls per round of latency and first-chunk")
+    parser.add_argument("--streams", type=int, default=500, help="streams held at once")
+    parser.add_argument("--stream-seconds", type=float, default=10)
+    parser.add_argument("--ramp-seconds", type=float, default=2, help="the held streams open evenly over this time")
+    parser.add_argument("--relay-streams", type=int, default=100)
+    parser.add_argument("--relay-seconds", type=float, default=5)
+    parser.add_argument("--only", nargs="+", choices=SCENARIOS, default=SCENARIOS)
+    options = parser.parse_args()
+
+    instance_path = tempfile.mkdtemp(prefix="bench-gateway-")
+    # No provider but the fake, so no traffic leaves the machine; calls carry an API token, as agents' do.
+    authorizations, _ = prepare_registry(instance_path, seeded=0)
+    fake, fake_port = start_fake()
+    server = Server("wsgi:app", instance_path, os.path.join(instance_path, "gunicorn.log"))
+    try:
+        register_fake(server.port, fake_port)
+        direct, registry = endpoints(fake_port, server.port, authorizations["bearer"])
+        warm_up(registry)
+        if "latency" in options.only:
+            report("latency", added_time(options, direct, registry, stream=False), "added <= 3 ms median, <= 10 ms p99")
+        if "first-chunk" in options.only:
+            report("first chunk", added_time(options, direct, registry, stream=True), "added <= 5 ms median")
+        if "held" in options.only:
+            figures = asyncio.run(held_streams(options, registry, server.port))
+            report("held", figures, "none refused or cut, /healthz within 100 ms")
+        if "relay" in options.only:
+            report("relay", relay_rate(options, direct, registry), "ratio >= 0.9")
+    finally:
+        server.stop()
+        os.killpg(fake.pid, 15)
+        fake.wait(timeout=10)
+    print(f"registry log: {os.path.join(instance_path, 'gunicorn.log')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,618 @@
+"""The gateway: the real `openai` client, sync and async, calling models through gunicorn.
+
+Model servers are faked by tests/fake_model_servers.py, which speak the real wire formats.
+"""
+
+import asyncio
+import base64
+import json
+import struct
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import sqlalchemy as sa
+
+from models import ModelProvider, db
+from tests.conftest import PASSWORDS, basic_auth, client_as, provider_body
+from tests.fake_model_servers import USAGE
+from tests.test_metrics import parse, value
+
+PROVIDERS = "/api/v1/model_providers"
+MODEL_KEY = "sk-model-key-SECRET-4242"
+WATSONX_KEY = "watsonx-api-key-SECRET-77"
+# Basic credentials of a user whose role may call models (tokens of role caller are made below).
+CALLER = "service"
+
+
+@pytest.fixture
+def registry(make_app):
+    """The app on this test's database, to register providers (verified, which fills the
+    model index the gateway routes by) and set their state."""
+    return make_app(REGISTRY_VERIFY_ON_CREATE="true")
+
+
+@pytest.fixture
+def gateway(start_gunicorn, registry):
+    """gunicorn serving the registry, with `caller_token`, an API token of role caller, as
+    agents hold; `gateway(iam=server)` points watsonx at a fake IAM."""
+
+    def start(iam=None, **overrides):
+        if iam is not None:
+            overrides["REGISTRY_WATSONX_IAM_URL"] = iam.iam_url
+        server = start_gunicorn(workers=1, **overrides)
+        server.caller_token = token_of(registry, "caller")
+        return server
+
+    return start
+
+
+def token_of(registry, role):
+    """A new API token of that role (its owner: the user of that role, or service for caller)."""
+    owner = "service" if role == "caller" else role
+    response = client_as(registry, owner).post("/api/v1/tokens", json={"name": f"agent-{role}", "role": role})
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["token"]
+
+
+def register(registry, server, provider_type=None, **fields):
+    body = provider_body(
+        type=provider_type or server.flavor, base_url=server.base_url, api_key=server.api_key, **fields
+    )
+    response = client_as(registry, "admin").post(PROVIDERS, json=body)
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["id"]
+
+
+def register_watsonx(registry, server):
+    return register(registry, server, watsonx_project_id="project-1")
+
+
+def set_state(registry, provider_id, state):
+    with registry.app_context():
+        db.session.execute(sa.update(ModelProvider).where(ModelProvider.id == provider_id).values(state=state))
+        db.session.commit()
+
+
+def openai_client(server, api_key=None, client_class=openai.OpenAI):
+    """The OpenAI client as an agent points it at the registry: an API token as its key."""
+    return client_class(
+        base_url=f"{server.base_url}/api/v1/openai",
+        api_key=api_key or server.caller_token,
+        max_retries=0,
+        timeout=30,
+    )
+
+
+def chat(client, model="openai:gpt-4o", **options):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], **options)
+
+
+def raw_chat(client, model="openai:gpt-4o", **options):
+    return client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "Hi"}], **options
+    )
+
+
+def streamed(client, model="openai:gpt-4o", **options):
+    return list(chat(client, model, stream=True, **options))
+
+
+def streamed_text(chunks):
+    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+
+
+# Each type's chat ------------------------------------------------------------------------
+
+
+def test_openai_chat_answers_with_the_registry_model_id_and_the_serving_provider(registry, gateway, model_server):
+    upstream = model_server(api_key=MODEL_KEY)
+    provider_id = register(registry, upstream)
+    raw = raw_chat(openai_client(gateway()))
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "Hello!"
+    assert completion.model == "openai:gpt-4o"
+    assert completion.usage.total_tokens == USAGE["total_tokens"]
+    assert raw.headers["X-Registry-Provider-Id"] == provider_id
+    path, headers, body = upstream.calls[-1]
+    assert path == "/v1/chat/completions"
+    assert headers["Authorization"] == f"Bearer {MODEL_KEY}"
+    assert body["model"] == "gpt-4o"
+
+
+def test_fields_the_registry_does_not_know_reach_an_openai_compatible_upstream(registry, gateway, model_server):
+    upstream = model_server(api_key=MODEL_KEY)
+    register(registry, upstream)
+    chat(openai_client(gateway()), temperature=0.2, extra_body={"top_k": 5, "vendor_option": {"a": [1]}})
+    body = upstream.calls[-1][2]
+    assert body["top_k"] == 5 and body["vendor_option"] == {"a": [1]} and body["temperature"] == 0.2
+
+
+def test_openai_stream_relays_chunks_with_the_registry_model_id_and_ends_with_done(registry, gateway, model_server):
+    provider_id = register(registry, model_server(api_key=MODEL_KEY))
+    server = gateway()
+    chunks = streamed(openai_client(server))
+    assert streamed_text(chunks) == "Hello!"
+    assert {chunk.model for chunk in chunks} == {"openai:gpt-4o"}
+    assert all(chunk.usage is None for chunk in chunks)  # not asked for
+    body = json.dumps({"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "stream": True})
+    with server.client(CALLER) as client:
+        response = client.post(
+            "/api/v1/openai/chat/completions", content=body, headers={"Content-Type": "application/json"}
+        )
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert response.headers["X-Accel-Buffering"] == "no"
+    assert response.headers["X-Registry-Provider-Id"] == provider_id
+    assert response.text.endswith("data: [DONE]\n\n")
+
+
+def test_include_usage_gives_a_last_chunk_without_choices(registry, gateway, model_server):
+    register(registry, model_server(api_key=MODEL_KEY))
+    chunks = streamed(openai_client(gateway()), stream_options={"include_usage": True})
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == USAGE["total_tokens"]
+    assert chunks[-1].model == "openai:gpt-4o"
+    assert streamed_text(chunks) == "Hello!"
+
+
+def test_rits_is_called_with_its_header_besides_bearer(registry, gateway, model_server):
+    upstream = model_server("rits", api_key=MODEL_KEY, models=["ibm/granite-3-8b"])
+    register(registry, upstream)
+    client = openai_client(gateway())
+    assert chat(client, "rits:ibm/granite-3-8b").choices[0].message.content == "Hello!"
+    assert streamed_text(streamed(client, "rits:ibm/granite-3-8b")) == "Hello!"
+    headers = upstream.calls[-1][1]
+    assert headers["RITS_API_KEY"] == MODEL_KEY and headers["Authorization"] == f"Bearer {MODEL_KEY}"
+
+
+def test_anthropic_is_called_through_its_openai_compatible_endpoint(registry, gateway, model_server):
+    upstream = model_server("anthropic", api_key=MODEL_KEY, models=["claude-sonnet-4"])
+    register(registry, upstream)
+    client = openai_client(gateway())
+    assert chat(client, "anthropic:claude-sonnet-4").model == "anthropic:claude-sonnet-4"
+    chunks = streamed(client, "anthropic:claude-sonnet-4", stream_options={"include_usage": True})
+    assert streamed_text(chunks) == "Hello!" and chunks[-1].usage.total_tokens == USAGE["total_tokens"]
+    path, headers, _ = upstream.calls[-1]
+    assert path == "/v1/chat/completions" and headers["Authorization"] == f"Bearer {MODEL_KEY}"
+
+
+def test_watsonx_chat_is_translated_both_ways(registry, gateway, model_server):
+    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+    register_watsonx(registry, upstream)
+    completion = chat(openai_client(gateway(iam=upstream)), "watsonx:ibm/granite-3-8b-instruct", max_tokens=20)
+    assert completion.object == "chat.completion"
+    assert completion.model == "watsonx:ibm/granite-3-8b-instruct"
+    assert completion.choices[0].message.content == "Hello!" and completion.choices[0].finish_reason == "stop"
+    assert completion.usage.total_tokens == USAGE["total_tokens"]
+    path, headers, body = upstream.calls[-1]
+    assert path == "/ml/v1/text/chat"
+    assert body["model_id"] == "ibm/granite-3-8b-instruct" and body["project_id"] == "project-1"
+    assert body["max_tokens"] == 20 and "model" not in body
+    assert headers["Authorization"] == "Bearer iam-token-1"
+
+
+def test_watsonx_stream_is_translated_with_usage(registry, gateway, model_server):
+    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+    register_watsonx(registry, upstream)
+    client = openai_client(gateway(iam=upstream))
+    chunks = streamed(client, "watsonx:ibm/granite-3-8b-instruct", stream_options={"include_usage": True})
+    assert upstream.calls[-1][0] == "/ml/v1/text/chat_stream"
+    assert streamed_text(chunks) == "Hello!"
+    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    assert {chunk.model for chunk in chunks} == {"watsonx:ibm/granite-3-8b-instruct"}
+    assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == USAGE["total_tokens"]
+    plain = streamed(client, "watsonx:ibm/granite-3-8b-instruct")
+    assert all(chunk.choices for chunk in plain)  # no usage chunk unless asked for
+
+
+def test_watsonx_token_is_exchanged_once_and_reused(registry, gateway, model_server):
+    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+    register_watsonx(registry, upstream)
+    client = openai_client(gateway(iam=upstream), client_class=openai.AsyncOpenAI)
+
+    async def calls_at_once():
+        model = "watsonx:ibm/granite-3-8b-instruct"
+        messages = [{"role": "user", "content": "Hi"}]
+        return await asyncio.gather(*(client.chat.completions.create(model=model, messages=messages) for _ in range(4)))
+
+    completions = asyncio.run(calls_at_once())
+    assert [completion.choices[0].message.content for completion in completions] == ["Hello!"] * 4
+    assert upstream.iam_exchanges == 1
+
+
+def test_watsonx_token_is_exchanged_anew_before_it_expires(registry, gateway, model_server):
+    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+    upstream.token_lifetime = 60  # within the renewal margin: every call exchanges anew
+    register_watsonx(registry, upstream)
+    client = openai_client(gateway(iam=upstream))
+    chat(client, "watsonx:ibm/granite-3-8b-instruct")
+    chat(client, "watsonx:ibm/granite-3-8b-instruct")
+    assert upstream.iam_exchanges == 2
+
+
+# Embeddings --------------------------------------------------------------------------------
+
+
+def test_embeddings_in_the_clients_default_base64_come_back_as_the_upstreams_floats(registry, gateway, model_server):
+    upstream = model_server(api_key=MODEL_KEY)
+    register(registry, upstream)
+    client = openai_client(gateway())
+    answer = client.embeddings.create(model="openai:text-embedding-3-small", input=["a", "bcd"])
+    assert upstream.calls[-1][2].get("encoding_format") is None  # asked as floats
+    assert answer.model == "openai:text-embedding-3-small"
+    assert [item.embedding for item in answer.data] == [[0.5, -0.25, 1.0], [0.5, -0.25, 3.0]]
+    assert answer.usage.total_tokens == 2
+
+
+def test_embeddings_answer_base64_of_little_endian_float32_when_asked(registry, gateway, model_server):
+    register(registry, model_server(api_key=MODEL_KEY))
+    server = gateway()
+    body = {"model": "openai:text-embedding-3-small", "input": "abcd", "encoding_format": "base64"}
+    with server.client(CALLER) as client:
+        answer = client.post("/api/v1/openai/embeddings", json=body).json()
+    encoded = answer["data"][0]["embedding"]
+    assert struct.unpack("<3f", base64.b64decode(encoded)) == (0.5, -0.25, 4.0)
+    with server.client(CALLER) as client:
+        floats = client.post("/api/v1/openai/embeddings", json={**body, "encoding_format": "float"}).json()
+    assert floats["data"][0]["embedding"] == [0.5, -0.25, 4.0]
+
+
+def test_watsonx_embeddings_are_translated(registry, gateway, model_server):
+    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/slate-125m-english-rtrvr"])
+    register_watsonx(registry, upstream)
+    client = openai_client(gateway(iam=upstream))
+    answer = client.embeddings.create(model="watsonx:ibm/slate-125m-english-rtrvr", input=["a", "bc"])
+    assert [item.embedding for item in answer.data] == [[0.5, -0.25, 1.0], [0.5, -0.25, 2.0]]
+    assert [item.index for item in answer.data] == [0, 1]
+    assert answer.model == "watsonx:ibm/slate-125m-english-rtrvr" and answer.usage.prompt_tokens == 2
+    path, _, body = upstream.calls[-1]
+    assert path == "/ml/v1/text/embeddings" and body["inputs"] == ["a", "bc"] and body["project_id"] == "project-1"
+
+
+# Tools and JSON mode -----------------------------------------------------------------------
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.mark.parametrize("flavor, model", [("openai", "gpt-4o"), ("watsonx", "ibm/granite-3-8b-instruct")])
+def test_tools_are_passed_through_and_tool_calls_come_back(registry, gateway, model_server, flavor, model):
+    upstream = model_server(flavor, api_key=WATSONX_KEY if flavor == "watsonx" else MODEL_KEY, models=[model])
+    register(registry, upstream, watsonx_project_id="project-1" if flavor == "watsonx" else None)
+    client = openai_client(gateway(iam=upstream))
+    completion = chat(client, f"{flavor}:{model}", tools=[WEATHER_TOOL], tool_choice="auto")
+    call = completion.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    body = upstream.calls[-1][2]
+    assert body["tools"] == [WEATHER_TOOL]
+    assert body.get("tool_choice", body.get("tool_choice_option")) == "auto"
+    chunks = streamed(client, f"{flavor}:{model}", tools=[WEATHER_TOOL]) if flavor == "openai" else []
+    assert all(chunk.model == f"{flavor}:{model}" for chunk in chunks)
+
+
+@pytest.mark.parametrize("flavor, model", [("openai", "gpt-4o"), ("watsonx", "ibm/granite-3-8b-instruct")])
+def test_json_mode_is_passed_through(registry, gateway, model_server, flavor, model):
+    upstream = model_server(flavor, api_key=WATSONX_KEY if flavor == "watsonx" else MODEL_KEY, models=[model])
+    register(registry, upstream, watsonx_project_id="project-1" if flavor == "watsonx" else None)
+    completion = chat(
+        openai_client(gateway(iam=upstream)), f"{flavor}:{model}", response_format={"type": "json_object"}
+    )
+    assert json.loads(completion.choices[0].message.content) == {"answer": "Hello!"}
+    assert upstream.calls[-1][2]["response_format"] == {"type": "json_object"}
+
+
+# Routing and failover ----------------------------------------------------------------------
+
+
+def test_oldest_online_provider_serves_first(registry, gateway, model_server):
+    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+    first_id = register(registry, first)
+    register(registry, second)
+    raw = raw_chat(openai_client(gateway()))
+    assert raw.headers["X-Registry-Provider-Id"] == first_id
+    assert len(first.calls) == 1 and second.calls == []
+
+
+@pytest.mark.parametrize("failure", ["500", "503", "429", "unreachable"])
+def test_a_failing_provider_hands_the_call_to_the_next(registry, gateway, model_server, failure):
+    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+    register(registry, first)
+    second_id = register(registry, second)
+    client = openai_client(gateway())
+    chat(client)  # both providers' models are listed while both answer
+    if failure == "unreachable":
+        first.down()
+    else:
+        first.fail_with(int(failure))
+    raw = raw_chat(client)
+    assert raw.parse().choices[0].message.content == "Hello!"
+    assert raw.headers["X-Registry-Provider-Id"] == second_id
+    assert streamed_text(streamed(client)) == "Hello!"
+
+
+def test_every_provider_failing_is_502(registry, gateway, model_server):
+    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+    register(registry, first)
+    register(registry, second)
+    client = openai_client(gateway())
+    chat(client)
+    first.fail_with(500)
+    second.fail_with(502)
+    with pytest.raises(openai.InternalServerError) as raised:
+        chat(client)
+    assert raised.value.status_code == 502
+    assert "Every provider of the model failed" in raised.value.message
+
+
+def test_every_provider_rate_limiting_is_429_with_retry_after(registry, gateway, model_server):
+    upstream = model_server(api_key=MODEL_KEY)
+    register(registry, upstream)
+    client = openai_client(gateway())
+    upstream.fail_with(429, "slow down", headers={"Retry-After": "7"})
+    with pytest.raises(openai.RateLimitError) as raised:
+        chat(client)
+    assert raised.value.response.headers["Retry-After"] == "7"
+
+
+def test_every_provider_offline_is_503(registry, gateway, model_server):
+    provider_id = register(registry, model_server(api_key=MODEL_KEY))
+    client = openai_client(gateway())
+    chat(client)
+    set_state(registry, provider_id, "offline")
+    with pytest.raises(openai.InternalServerError) as raised:
+        chat(client)
+    assert raised.value.status_code == 503
+
+
+def test_unknown_model_is_404_model_not_found(registry, gateway, model_server):
+    register(registry, model_server(api_key=MODEL_KEY))
+    client = openai_client(gateway())
+    for model in ("openai:gpt-5-unknown", "nosuchtype:gpt-4o", "gpt-4o"):
+        with pytest.raises(openai.NotFoundError) as raised:
+            chat(client, model)
+        assert raised.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="openai:nope", input="a")
+
+
+def test_bad_bodies_are_400_in_openais_shape(registry, gateway):
+    server = gateway()
+    with server.client(CALLER) as client:
+        no_model = client.post("/api/v1/openai/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        not_json = client.post(
+            "/api/v1/openai/chat/completions", content=b"{", headers={"Content-Type": "application/json"}
+        )
+        no_input = client.post("/api/v1/openai/embeddings", json={"model": "openai:x"})
+    for response in (no_model, not_json, no_input):
+        assert response.status_code == 400
+        assert response.headers["Content-Type"].startswith("application/json")
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert no_model.json()["error"]["param"] == "model"
+    with pytest.raises(openai.BadRequestError):
+        openai_client(server).chat.completions.create(model="openai:gpt-4o", messages=[])
+
+
+def test_a_chat_with_an_embedding_only_type_is_400(gateway):
+    with pytest.raises(openai.BadRequestError):
+        chat(openai_client(gateway()), "voyage:voyage-3.5")
+
+
+# Who may call ------------------------------------------------------------------------------
+
+
+def test_roles_below_the_gateways_are_refused_403(registry, gateway, model_server):
+    upstream = model_server(api_key=MODEL_KEY)
+    register(registry, upstream)
+    client = openai_client(gateway(), api_key=token_of(registry, "reader"))
+    with pytest.raises(openai.PermissionDeniedError):
+        chat(client)
+    with pytest.raises(openai.PermissionDeniedError):
+        client.embeddings.create(model="openai:text-embedding-3-small", input="a")
+    assert upstream.calls == []
+
+
+def test_unknown_or_revoked_tokens_and_wrong_passwords_are_401(registry, gateway):
+    server = gateway()
+    with pytest.raises(openai.AuthenticationError):
+        chat(openai_client(server, api_key="mpr_not-a-token-of-this-registry"))
+    revoked = token_of(registry, "caller")
+    token_id = client_as(registry, "service").get("/api/v1/tokens").get_json()["items"][0]["id"]
+    assert client_as(registry, "service").delete(f"/api/v1/tokens/{token_id}").status_code == 204
+    with pytest.raises(openai.AuthenticationError):
+        chat(openai_client(server, api_key=revoked))
+    wrong_password = {"Authorization": basic_auth(CALLER, "wrong")}
+    response = httpx.post(f"{server.base_url}/api/v1/openai/chat/completions", json={}, headers=wrong_password)
+    assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+    assert httpx.post(f"{server.base_url}/api/v1/openai/embeddings", json={}).status_code == 401
+
+
+def test_basic_credentials_of_a_caller_or_above_may_call_too(registry, gateway, model_server):
+    register(registry, model_server(api_key=MODEL_KEY))
+    server = gateway()
+    body = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
+    headers = {"Authorization": basic_auth(CALLER, PASSWORDS[CALLER])}
+    response = httpx.post(f"{server.base_url}/api/v1/openai/chat/completions", json=body, headers=headers)
+    assert response.status_code == 200 and response.json()["model"] == "openai:gpt-4o"
+
+
+# Upstream errors ---------------------------------------------------------------------------
+
+
+def test_an_upstream_400_quoting_the_key_reaches_the_client_without_it(registry, gateway, model_server):
+    upstream = model_server(api_key=MODEL_KEY)
+    register(registry, upstream)
+    server = gateway()
+    client = openai_client(server)
+    chat(client)
+    upstream.forced = (
+        400,
+        {
+            "error": {
+                "message": f"context too long for key {MODEL_KEY}",
+                "type": "invalid_request_error",
+                "code": "context_length_exceeded",
+                "param": "messages",
+            }
+        },
+        {},
+    )
+    with pytest.raises(openai.BadRequestError) as raised:
+        chat(client)
+    assert raised.value.code == "context_length_exceeded" and raised.value.param == "messages"
+    assert "context too long" in raised.value.message
+    assert MODEL_KEY not in raised.value.response.text
+    with pytest.raises(openai.BadRequestError) as raised:
+        streamed(client)
+    assert MODEL_KEY not in raised.value.response.text
+    assert MODEL_KEY not in server.log()
+
+
+def test_a_watsonx_error_quoting_its_token_reaches_the_client_without_it(registry, gateway, model_server):
+    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+    register_watsonx(registry, upstream)
+    server = gateway(iam=upstream)
+    client = openai_client(server)
+    chat(client, "watsonx:ibm/granite-3-8b-instruct")  # the token is iam-token-1 from here on
+    message = f"token iam-token-1 for key {WATSONX_KEY} may not use this model"
+    upstream.forced = (400, {"errors": [{"code": "model_not_supported", "message": message}]}, {})
+    with pytest.raises(openai.BadRequestError) as raised:
+        chat(client, "watsonx:ibm/granite-3-8b-instruct")
+    assert raised.value.code == "model_not_supported" and "may not use this model" in raised.value.message
+    assert "iam-token-1" not in raised.value.response.text and WATSONX_KEY not in raised.value.response.text
+    assert WATSONX_KEY not in server.log()
+
+
+def test_a_rejected_provider_key_is_a_502_not_the_clients_401(registry, gateway, model_server):
+    upstream = model_server(api_key=MODEL_KEY)
+    provider_id = register(registry, upstream)
+    client = openai_client(gateway())
+    chat(client)
+    upstream.api_key = "sk-rotated"
+    with pytest.raises(openai.InternalServerError) as raised:
+        chat(client)
+    assert raised.value.status_code == 502 and provider_id in raised.value.message
+    assert MODEL_KEY not in raised.value.response.text
+
+
+def test_a_failure_after_the_first_chunk_is_an_error_event_before_done(registry, gateway, model_server):
+    upstream = model_server(api_key=MODEL_KEY)
+    register(registry, upstream)
+    server = gateway()
+    upstream.break_after_chunks = 2
+    body = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+    with server.client(CALLER) as client:
+        events = client.post("/api/v1/openai/chat/completions", json=body).text.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    assert json.loads(events[-3].removeprefix("data: "))["error"]["message"].startswith(
+        "The provider failed mid-stream"
+    )
+    with pytest.raises(openai.APIError):
+        streamed(openai_client(server))
+
+
+def test_a_call_over_the_gateway_timeout_is_504(registry, gateway, model_server):
+    upstream = model_server(api_key=MODEL_KEY)
+    register(registry, upstream)
+    client = openai_client(gateway(REGISTRY_GATEWAY_TIMEOUT="1"))
+    chat(client)
+    upstream.delay = 5
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as raised:
+        chat(client)
+    assert raised.value.status_code == 504
+    assert time.monotonic() - started < 4  # the gateway's 1 s, not the model's 5
+
+
+# Streams and clients ------------------------------------------------------------------------
+
+
+def test_a_client_that_goes_away_ends_the_upstream_stream(registry, gateway, model_server):
+    upstream = model_server(api_key=MODEL_KEY)
+    upstream.pieces = ["tick "] * 200
+    upstream.chunk_interval = 0.05
+    register(registry, upstream)
+    stream = chat(openai_client(gateway()), stream=True)
+    assert next(iter(stream)).model == "openai:gpt-4o"
+    stream.close()
+    deadline = time.monotonic() + 5
+    while upstream.streams_cut_by_client == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert upstream.streams_cut_by_client == 1
+
+
+def test_chunks_are_relayed_as_they_arrive(registry, gateway, model_server):
+    upstream = model_server(api_key=MODEL_KEY)
+    upstream.pieces = ["a", "b", "c"]
+    upstream.chunk_interval = 0.5
+    register(registry, upstream)
+    arrivals = [time.monotonic() for _ in chat(openai_client(gateway()), stream=True)]
+    # Buffered, every chunk would arrive at the end at once; relayed, they keep the upstream's pace.
+    assert arrivals[-1] - arrivals[0] >= 1.0
+
+
+def test_the_async_client_chats_and_streams(registry, gateway, model_server):
+    register(registry, model_server(api_key=MODEL_KEY))
+    client = openai_client(gateway(), client_class=openai.AsyncOpenAI)
+
+    async def chat_and_stream():
+        messages = [{"role": "user", "content": "Hi"}]
+        completion = await client.chat.completions.create(model="openai:gpt-4o", messages=messages)
+        stream = await client.chat.completions.create(model="openai:gpt-4o", messages=messages, stream=True)
+        return completion, [chunk async for chunk in stream]
+
+    completion, chunks = asyncio.run(chat_and_stream())
+    assert completion.choices[0].message.content == "Hello!" and streamed_text(chunks) == "Hello!"
+
+
+@pytest.mark.slow
+def test_no_database_connection_is_held_while_waiting_on_the_model(registry, model_server):
+    upstream = model_server(api_key=MODEL_KEY)
+    register(registry, upstream)
+    client = client_as(registry, CALLER)
+    body = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
+    assert client.post("/api/v1/openai/chat/completions", json=body).status_code == 200  # models listed
+    upstream.delay = 1.0
+    answers = []
+    caller = threading.Thread(target=lambda: answers.append(client.post("/api/v1/openai/chat/completions", json=body)))
+    caller.start()
+    deadline = time.monotonic() + 5
+    while len(upstream.calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with registry.app_context():
+        held = db.engine.pool.checkedout()
+    caller.join()
+    assert answers[0].status_code == 200
+    assert held == 0
+
+
+def test_prompts_may_outgrow_the_registrys_own_64_kib_bodies(registry, model_server):
+    upstream = model_server(api_key=MODEL_KEY)
+    register(registry, upstream)
+    long_prompt = "word " * 40_000  # 200 KB
+    body = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": long_prompt}]}
+    response = client_as(registry, CALLER).post("/api/v1/openai/chat/completions", json=body)
+    assert response.status_code == 200
+    assert upstream.calls[-1][2]["messages"][0]["content"] == long_prompt
+
+
+def test_each_call_is_counted_in_the_metrics(registry, gateway, model_server):
+    register(registry, model_server(api_key=MODEL_KEY))
+    server = gateway()
+    client = openai_client(server)
+    streamed(client, stream_options={"include_usage": True})
+    with pytest.raises(openai.NotFoundError):
+        chat(client, "openai:no-such-model")
+    samples = parse(httpx.get(f"{server.base_url}/metrics").text)
+    labels = {"type": "openai", "model": "openai:gpt-4o"}
+    assert value(samples, "registry_gateway_requests_total", **labels, outcome="ok") == 1
+    assert value(samples, "registry_gateway_tokens_total", **labels, kind="completion") == USAGE["completion_tokens"]
+    assert value(samples, "registry_gateway_time_to_first_chunk_seconds_count", **labels) == 1
+    unknown = {"type": "openai", "model": "unknown", "outcome": "not_found"}
+    assert value(samples, "registry_gateway_requests_total", **unknown) == 1
