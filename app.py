@@ -129,8 +129,8 @@ def load_config(environ):
 
 
 def tune_sqlite(dbapi_connection, connection_record, synchronous):
-    """WAL for concurrent readers and crash safety; the README's "Storage" says why and what
-    `synchronous` (NORMAL or FULL) trades."""
+    """WAL for concurrent readers and crash safety; bench/README.md ("Why these choices") says
+    what `synchronous` (NORMAL or FULL) trades."""
     cursor = dbapi_connection.cursor()
     for pragma in ("journal_mode=WAL", f"synchronous={synchronous}", "busy_timeout=30000", "foreign_keys=ON"):
         cursor.execute(f"PRAGMA {pragma}")

@@ -1,8 +1,8 @@
 """The audit log: who changed what, and who read a key; GET /api/v1/audit for admins.
 
-record() adds an event to the session of the change it describes, so both commit
-together or neither does. The actor is the request's user (and token), the operator of a
-CLI command (cli:<operating system user>), or "system" for the scheduler's work.
+An event is stored with the change it records, or not at all. Its actor is the request's
+user (and token), `cli:<operating system user>` for a command, or `system` for the
+scheduler's work.
 """
 
 import getpass

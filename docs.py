@@ -105,13 +105,26 @@ def document_retry_after(responses):
         responses["429"]["headers"] = {"Retry-After": retry_after}
 
 
+# APIFairy names a tag after its blueprint, title-cased; these are spelled otherwise.
+TAG_NAMES = {"Openai": "OpenAI"}
+
+
 @apifairy.process_apispec
 def complete_document(spec):
     """What the marshmallow schemas cannot say: the watsonx rule of a create, and the problems."""
     spec["components"]["schemas"]["ProviderCreate"]["oneOf"] = WATSONX_RULE_OF_CREATE
     chat_answer = spec["paths"]["/api/v1/openai/chat/completions"]["post"]["responses"]["200"]
     chat_answer["content"].update(SSE_CONTENT)
-    return document_problems(document_token_scheme(spec))
+    return document_problems(document_token_scheme(spell_tags(spec)))
+
+
+def spell_tags(spec):
+    for tag in spec["tags"]:
+        tag["name"] = TAG_NAMES.get(tag["name"], tag["name"])
+    for path in spec["paths"].values():
+        for operation in path.values():
+            operation["tags"] = [TAG_NAMES.get(name, name) for name in operation.get("tags", ())]
+    return spec
 
 
 def document_token_scheme(spec):

@@ -395,7 +395,7 @@ def new_token_secret():
 
 
 def token_digest(token):
-    """What is stored of a token. A plain SHA-256 suffices for 256 random bits (README, Tokens)."""
+    """What is stored of a token. A plain SHA-256 suffices for 256 random bits (bench/README.md says why)."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 

@@ -3,7 +3,7 @@
 A round reads the providers, ends its transaction, probes them all at once in threads
 (greenlets under gevent), and writes the outcomes as they arrive in short transactions of
 at most WRITE_BATCH providers, so no connection waits on an upstream and the database's
-write lock is never held for long. README ("How the prober waits") says why threads.
+write lock is never held for long. bench/README.md ("Why these choices") says why threads.
 """
 
 import logging

@@ -1,4 +1,4 @@
-"""API tokens for programs: /api/v1/tokens, and the work the `tokens` CLI shares with it."""
+"""API tokens for programs, sent as `Authorization: Bearer <token>`: /api/v1/tokens."""
 
 from datetime import timedelta
 

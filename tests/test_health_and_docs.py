@@ -64,6 +64,15 @@ def test_openapi_document_describes_the_api(anonymous):
     assert all([*requirement] == ["token_auth"] for _, requirement in secured)
 
 
+def test_openapi_tags_are_spelled_for_readers(anonymous):
+    spec = anonymous.get("/openapi.json").get_json()
+    declared = {tag["name"] for tag in spec["tags"]}
+    assert "OpenAI" in declared and "Openai" not in declared
+    assert spec["paths"]["/api/v1/openai/models"]["get"]["tags"] == ["OpenAI"]
+    used = {name for path in spec["paths"].values() for operation in path.values() for name in operation["tags"]}
+    assert used <= declared
+
+
 def test_openapi_document_is_valid_openapi_3(anonymous):
     validate(anonymous.get("/openapi.json").get_json())  # raises, naming the first fault
 
