@@ -271,6 +271,7 @@ def wait_until_serving(base_url, process, timeout=30):
     raise RuntimeError("gunicorn did not become ready")
 
 
+SERVER_NUMBERS = itertools.count()
 GUNICORN_COMMAND = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
 FLASK_COMMAND = f"{shlex.quote(sys.executable)} -m flask --app app"
 # What `make run` does: apply the migrations, create the first admin, then serve.
@@ -291,7 +292,8 @@ class Gunicorn:
     def __init__(self, instance_path, workers=2, migrate_first=False, wait=True, port=None, **overrides):
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = instance_path / f"gunicorn-{self.port}.log"
+        # Numbered: a second server on the same port (refused) must not truncate the first's log.
+        self.log_path = instance_path / f"gunicorn-{self.port}-{next(SERVER_NUMBERS)}.log"
         environ = {**os.environ, **registry_environ(instance_path, **overrides)}
         environ.update(HOST="127.0.0.1", PORT=str(self.port), WEB_CONCURRENCY=str(workers))
         with open(self.log_path, "wb") as log:
