@@ -10,7 +10,7 @@ Starts the fake (tests/fake_model_servers.py, in its own process) and the regist
 - latency: non-streaming calls one after another; the added median and p99;
 - first-chunk: streaming calls one after another; the added time to the first chunk;
 - held: N streams at once through the registry, a chunk every 0.5 s (opened over the first
-  2 s, as clients arrive, not in one instant), with /healthz asked every 0.2 s meanwhile;
+  2 s, as clients arrive, not in one instant), with /healthz asked every 0.2 s meanwhile (from another process);
   streams refused or cut, and /healthz's slowest answer;
 - relay: N streams at once of 50 chunks a second, direct and through the registry; the
   chunks a second the client gets, and the registry's ratio to direct.
@@ -21,6 +21,8 @@ medians over the rounds. Targets (issue 14) are printed beside each figure.
 
 import argparse
 import asyncio
+import http.client
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -113,7 +115,7 @@ def timed_calls(client, endpoint, calls, stream):
 
 
 def warm_up(registry):
-    """Calls enough for every worker to have listed the fake's models."""
+    """Calls enough for every worker to have opened its connections to the fake."""
     for _ in range(20):
         # A new connection each time, so the calls spread over the workers.
         httpx.post(registry.url, json=registry.body(), headers=registry.headers, timeout=60).raise_for_status()
@@ -167,24 +169,30 @@ async def many_streams(endpoint, count, pieces, interval, ramp_seconds=0.0):
         return outcomes, time.perf_counter() - started
 
 
-async def health_latencies(registry_port, stop):
+def health_latencies(registry_port, stop, results):
+    """/healthz every 0.2 s until `stop` is set, from a process of its own: the streams' client
+    keeps its own event loop busy, which would otherwise count in these latencies."""
     latencies = []
-    async with httpx.AsyncClient(timeout=10) as client:
-        while not stop.is_set():
-            started = time.perf_counter()
-            await client.get(f"http://127.0.0.1:{registry_port}/healthz")
-            latencies.append(time.perf_counter() - started)
-            await asyncio.sleep(0.2)
-    return latencies
+    while not stop.is_set():
+        started = time.perf_counter()
+        connection = http.client.HTTPConnection("127.0.0.1", registry_port, timeout=10)
+        connection.request("GET", "/healthz")
+        connection.getresponse().read()
+        connection.close()
+        latencies.append(time.perf_counter() - started)
+        stop.wait(0.2)
+    results.put(latencies)
 
 
 async def held_streams(options, registry, registry_port):
     pieces = int(options.stream_seconds / 0.5)
-    stop = asyncio.Event()
-    health = asyncio.create_task(health_latencies(registry_port, stop))
+    stop, results = multiprocessing.Event(), multiprocessing.Queue()
+    health = multiprocessing.Process(target=health_latencies, args=(registry_port, stop, results))
+    health.start()
     outcomes, elapsed = await many_streams(registry, options.streams, pieces, 0.5, options.ramp_seconds)
     stop.set()
-    latencies = await health
+    latencies = results.get()
+    health.join()
     refused = sum(1 for chunks, _ in outcomes if chunks is None)
     cut = sum(1 for chunks, done in outcomes if chunks is not None and (chunks < pieces or not done))
     return {
@@ -234,7 +242,9 @@ def main():
     # No provider but the fake, so no traffic leaves the machine; calls carry an API token, as agents' do.
     authorizations, _ = prepare_registry(instance_path, seeded=0)
     fake, fake_port = start_fake()
-    server = Server("wsgi:app", instance_path, os.path.join(instance_path, "gunicorn.log"))
+    # Verified on create, so the fake's models are in the index the gateway routes by.
+    log_path = os.path.join(instance_path, "gunicorn.log")
+    server = Server("wsgi:app", instance_path, log_path, REGISTRY_VERIFY_ON_CREATE="true")
     try:
         register_fake(server.port, fake_port)
         direct, registry = endpoints(fake_port, server.port, authorizations["bearer"])
