@@ -44,7 +44,16 @@ ENSURE_SYNC_MEMORY = 1024  # far more hooks, views and callbacks than the regist
 
 # The registry's own settings besides REGISTRY_*: read here, in gunicorn.conf.py, and LOG_FORMAT (API.md section 5).
 OTHER_SETTINGS = frozenset(
-    {"DATABASE_URL", "HOST", "PORT", "LOG_FORMAT", "LOG_LEVEL", "WEB_CONCURRENCY", "GUNICORN_WORKER_CONNECTIONS"}
+    {
+        "DATABASE_URL",
+        "HOST",
+        "PORT",
+        "LOG_FORMAT",
+        "LOG_LEVEL",
+        "WEB_CONCURRENCY",
+        "GUNICORN_WORKER_CONNECTIONS",
+        "PROMETHEUS_MULTIPROC_DIR",
+    }
 )
 
 
