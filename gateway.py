@@ -9,24 +9,33 @@ a stream is iterated by the server after the request's context has ended.
 import base64
 import json
 import logging
+import re
 import struct
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from flask import current_app
+from flask import current_app, has_request_context, request
 from werkzeug.exceptions import NotFound, ServiceUnavailable
 
 from catalog import providers_serving
 from errors import GatewayError
+from logs import REQUEST_ID_KEY, USER_KEY
 from metrics import record_gateway_call
 from models import CAPABILITIES_BY_TYPE, ModelRef, release_connections
 from upstreams import openai, watsonx
-from upstreams.calls import Deadline, Target, UpstreamFailure, UpstreamRefusal, UpstreamTimeout
+from upstreams.calls import Target, UpstreamFailure, UpstreamRefusal, UpstreamTimeout
+from upstreams.transport import Deadline
 
 log = logging.getLogger(__name__)
 
 SSE_DONE = b"data: [DONE]\n\n"
+
+
+def request_log_fields():
+    """The request's id and user, for the log lines written after its context ended (a stream's)."""
+    environ = request.environ if has_request_context() else {}
+    return {"request_id": environ.get(REQUEST_ID_KEY, "-"), "user": environ.get(USER_KEY, "-")}
 
 
 @dataclass
@@ -43,6 +52,7 @@ class GatewayCall:
     started: float = field(default_factory=time.monotonic)
     first_chunk_after: float | None = None
     usage: dict | None = None
+    log_fields: dict = field(default_factory=request_log_fields)
 
     def served_by(self, target):
         self.provider_id = target.provider_id
@@ -70,6 +80,7 @@ def call_finished(call):
         latency * 1000,
         first_chunk,
         tokens,
+        extra=call.log_fields,
     )
 
 
@@ -85,11 +96,13 @@ class Settings:
         return cls(config["GATEWAY_TIMEOUT"], config["UPSTREAM_TIMEOUT"], config["WATSONX_IAM_URL"])
 
     def deadline(self):
-        return Deadline(self.total_timeout, self.connect_timeout)
+        return Deadline(self.total_timeout, connect_seconds=self.connect_timeout)
 
 
 def model_not_found(model_ref, why):
-    return GatewayError(404, f"The model {model_ref!r} does not exist: {why}.", code="model_not_found", param="model")
+    return GatewayError(
+        404, f"The model {model_ref!r} does not exist: {why.rstrip('.')}.", code="model_not_found", param="model"
+    )
 
 
 def parse_model_ref(model_ref, capability):
@@ -162,23 +175,29 @@ def refused(refusal, target):
     )
 
 
+def is_seconds(retry_after):
+    """A Retry-After in seconds the registry can pass on (its HTTP-date form is not)."""
+    return re.fullmatch(r"\d{1,9}", retry_after or "") is not None
+
+
 def every_provider_failed(failures):
     """429 when every provider said so (with the soonest Retry-After), else 502."""
     if all(failure.status == 429 for failure in failures):
-        waits = sorted(int(failure.retry_after) for failure in failures if (failure.retry_after or "").isdigit())
+        waits = sorted(int(failure.retry_after) for failure in failures if is_seconds(failure.retry_after))
         headers = {"Retry-After": str(waits[0])} if waits else {}
         return GatewayError(429, "Every provider of the model is rate-limiting; retry later.", headers=headers)
     reasons = "; ".join(str(failure) for failure in failures)
     return GatewayError(502, f"Every provider of the model failed: {reasons}.")
 
 
-def first_answer(targets, attempt, call):
+def first_answer(targets, attempt, call, deadline):
     """(target, answer) from the first provider that accepts the call, trying them in turn
-    on a connection failure, 429 or 5xx."""
+    on a connection failure, 429 or 5xx; every attempt's socket work within the deadline."""
     failures = []
     for target in targets:
         try:
-            answer = attempt(target)
+            with deadline.bounding():
+                answer = attempt(target)
         except UpstreamFailure as failure:
             log.warning("gateway: %s; trying the next provider", failure)
             failures.append(failure)
@@ -221,7 +240,7 @@ def served_answer(call, capability, operation, request_body, settings):
         return ask_upstream(target, request_body, deadline, *wire_arguments(target, settings))
 
     with counted_if_refused(call):
-        return first_answer(route(call, capability), ask, call), deadline
+        return first_answer(route(call, capability), ask, call, deadline), deadline
 
 
 def complete(call, chat_request, settings):
@@ -277,7 +296,7 @@ def relay(chunks, call, include_usage, deadline):
     last_chunk = {}
     try:
         try:
-            for chunk in chunks:
+            for chunk in deadline.each_within(chunks):
                 usage = chunk.pop("usage", None)
                 if usage:
                     call.usage = usage
@@ -300,7 +319,7 @@ def relay(chunks, call, include_usage, deadline):
             yield stream_error(f"The provider failed mid-stream: {failure}.")
         except Exception:
             call.outcome = "upstream_error"
-            log.exception("gateway stream of %s failed", call.model)
+            log.exception("gateway stream of %s failed", call.model, extra=call.log_fields)
             yield stream_error("The gateway met an unexpected error; it has been logged.")
         yield SSE_DONE
     except GeneratorExit:

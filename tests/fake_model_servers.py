@@ -34,6 +34,8 @@ class FakeModelServer:
         self.chunk_interval = 0.0
         self.delay = 0.0  # before answering a model call
         self.forced = None  # (status, document, headers) answered to model calls instead
+        self.script = None  # script(handler, body) answers model calls instead: a hostile upstream
+        self.iam_script = None  # iam_script(handler) answers token exchanges instead
         self.break_after_chunks = None  # close the connection after this many chunks
         self.token_lifetime = 3600  # of IAM tokens
         self.calls = []  # (path, headers, body) of each model call
@@ -108,7 +110,9 @@ class ModelHandler(BaseHTTPRequestHandler):
         pass
 
     def answer(self, status, document, headers=None):
-        payload = json.dumps(document).encode()
+        self.answer_bytes(status, json.dumps(document).encode(), headers)
+
+    def answer_bytes(self, status, payload, headers=None):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -116,6 +120,22 @@ class ModelHandler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(payload)
+
+    def trickle(self, payload, piece_size, interval, headers=()):
+        """A 200 answer sent a few bytes at a time (no Content-Length: it ends when the connection does)."""
+        self.send_response(200)
+        for name, value in headers or (("Content-Type", "application/json"),):
+            self.send_header(name, value)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        try:
+            for start in range(0, len(payload), piece_size):
+                self.wfile.write(payload[start : start + piece_size])
+                self.wfile.flush()
+                time.sleep(interval)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the registry gave up, as it should
 
     def read_body(self):
         length = int(self.headers.get("Content-Length") or 0)
@@ -160,6 +180,8 @@ class ModelHandler(BaseHTTPRequestHandler):
             return self.answer(*refusal)
         if state.forced:
             return self.answer(*state.forced)
+        if state.script:
+            return state.script(self, body)
         route = {
             "/v1/chat/completions": self.serve_openai_chat,
             "/v1/embeddings": self.serve_openai_embeddings,
@@ -197,6 +219,8 @@ class ModelHandler(BaseHTTPRequestHandler):
 
     def serve_iam(self, form):
         state = self.server_state
+        if state.iam_script:
+            return state.iam_script(self)
         if form.get("grant_type") != "urn:ibm:params:oauth:grant-type:apikey" or form.get("apikey") != state.api_key:
             return self.answer(400, {"errorCode": "BXNIM0415E", "errorMessage": "Provided API key could not be found."})
         with state.lock:

@@ -6,9 +6,12 @@ Model servers are faked by tests/fake_model_servers.py, which speak the real wir
 import asyncio
 import base64
 import json
+import logging
 import struct
 import threading
 import time
+import uuid
+from urllib.parse import unquote
 
 import httpx
 import openai
@@ -616,3 +619,329 @@ def test_each_call_is_counted_in_the_metrics(registry, gateway, model_server):
     assert value(samples, "registry_gateway_time_to_first_chunk_seconds_count", **labels) == 1
     unknown = {"type": "openai", "model": "unknown", "outcome": "not_found"}
     assert value(samples, "registry_gateway_requests_total", **unknown) == 1
+
+
+# Hostile upstreams (driven in process: the real app, its real HTTP calls to fake upstreams) ---
+
+DEEP_JSON = b"[" * 100_000 + b"]" * 100_000
+
+
+def chat_body(model="openai:gpt-4o", **fields):
+    return {"model": model, "messages": [{"role": "user", "content": "Hi"}], **fields}
+
+
+def embeddings_body(model="openai:text-embedding-3-small", **fields):
+    return {"model": model, "input": ["a text"], **fields}
+
+
+def call_model(app, body, path="chat/completions", headers=None):
+    return client_as(app, CALLER).post(f"/api/v1/openai/{path}", json=body, headers=headers)
+
+
+def events_of(response):
+    """The data of each SSE event of a streamed answer."""
+    return [event.removeprefix("data: ") for event in response.get_data(as_text=True).split("\n\n") if event]
+
+
+def openai_chunk(delta, finish_reason=None):
+    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+    document = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "gpt-4o",
+        "choices": [choice],
+    }
+    return b"data: " + json.dumps(document).encode() + b"\n\n"
+
+
+def stream_of(*events, interval=0.0):
+    """A script answering a stream of these SSE events (bytes), `interval` seconds apart."""
+
+    def script(handler, body):
+        handler.start_stream()
+        handler.send_events(events, interval)
+
+    return script
+
+
+def answering(status, payload, headers=None):
+    """A script answering every model call with this status and raw body."""
+    return lambda handler, body: handler.answer_bytes(status, payload, headers)
+
+
+def two_providers(registry, model_server):
+    """(first, second, second's id): two providers of the same models, the first tried first."""
+    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+    register(registry, first)
+    return first, second, register(registry, second)
+
+
+def watsonx_server(registry, model_server):
+    """A watsonx provider with a key of its own (the IAM tokens of this process are cached per key)."""
+    upstream = model_server(
+        "watsonx", api_key=f"{WATSONX_KEY}-{uuid.uuid4().hex}", models=["ibm/granite-3-8b-instruct"]
+    )
+    register_watsonx(registry, upstream)
+    return upstream
+
+
+WATSONX_MODEL = "watsonx:ibm/granite-3-8b-instruct"
+
+
+@pytest.mark.slow
+def test_an_answer_trickled_past_the_gateway_timeout_is_504(registry, make_app, model_server):
+    upstream = model_server(api_key=MODEL_KEY)
+    register(registry, upstream)
+    completion = {"id": "c", "object": "chat.completion", "created": 1, "choices": [{"index": 0, "message": {}}]}
+    upstream.script = lambda handler, body: handler.trickle(json.dumps(completion).encode(), 10, 0.3)
+    app = make_app(REGISTRY_GATEWAY_TIMEOUT="1")
+    started = time.monotonic()
+    response = call_model(app, chat_body())
+    assert response.status_code == 504  # each read came within any per-read timeout
+    assert time.monotonic() - started < 4  # the gateway's 1 s, not the 3 s of the trickle
+
+
+@pytest.mark.slow
+def test_a_stream_kept_alive_by_comments_ends_at_the_gateway_timeout(registry, make_app, model_server):
+    upstream = model_server(api_key=MODEL_KEY)
+    register(registry, upstream)
+    upstream.script = stream_of(openai_chunk({"content": "a"}), *[b": ping\n\n"] * 50, interval=0.2)
+    app = make_app(REGISTRY_GATEWAY_TIMEOUT="1")
+    started = time.monotonic()
+    response = call_model(app, chat_body(stream=True))
+    events = events_of(response)
+    assert time.monotonic() - started < 5  # not the 10 s of pings
+    assert json.loads(events[0])["choices"][0]["delta"] == {"content": "a"}
+    assert json.loads(events[1])["error"]["code"] == "timeout" and events[2:] == ["[DONE]"]
+
+
+@pytest.mark.slow
+def test_a_trickling_iam_exchange_is_bounded_by_the_gateway_timeout(registry, make_app, model_server):
+    upstream = watsonx_server(registry, model_server)
+    token = json.dumps({"access_token": "iam-token-x", "expires_in": 3600}).encode()
+    upstream.iam_script = lambda handler: handler.trickle(token, 2, 0.3)  # 8 s in all
+    app = make_app(REGISTRY_GATEWAY_TIMEOUT="1", REGISTRY_WATSONX_IAM_URL=upstream.iam_url)
+    started = time.monotonic()
+    assert call_model(app, chat_body(WATSONX_MODEL)).status_code == 504
+    assert time.monotonic() - started < 4
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "until-closed"])
+def test_an_answer_over_16_mib_fails_the_provider_for_the_next(registry, model_server, declared):
+    first, second, second_id = two_providers(registry, model_server)
+    big = b'{"object": "chat.completion", "choices": [], "pad": "' + b"z" * (17 * 1024 * 1024) + b'"}'
+    if declared:
+        first.script = answering(200, big)
+    else:
+        first.script = lambda handler, body: handler.trickle(big, 1024 * 1024, 0)
+    response = call_model(registry, chat_body())
+    assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
+    second.script = first.script
+    response = call_model(registry, chat_body())
+    assert response.status_code == 502 and "over 16 MiB" in response.get_json()["error"]["message"]
+
+
+def test_a_stream_line_without_end_fails_the_provider_for_the_next(registry, model_server):
+    first, second, second_id = two_providers(registry, model_server)
+    first.script = stream_of(b"data: ", *[b"x" * 65536] * 40)  # 2.5 MiB and no line end
+    response = call_model(registry, chat_body(stream=True))
+    assert response.headers["X-Registry-Provider-Id"] == second_id
+    assert (
+        "".join(json.loads(event)["choices"][0]["delta"].get("content", "") for event in events_of(response)[:-1])
+        == "Hello!"
+    )
+
+
+def test_a_stream_line_without_end_after_the_first_chunk_is_an_error_event(registry, model_server):
+    upstream = model_server(api_key=MODEL_KEY)
+    register(registry, upstream)
+    upstream.script = stream_of(openai_chunk({"content": "a"}), b"data: ", *[b"x" * 65536] * 40)
+    events = events_of(call_model(registry, chat_body(stream=True)))
+    assert len(events) == 3 and events[2] == "[DONE]"
+    assert "over 1048576 bytes" in json.loads(events[1])["error"]["message"]
+
+
+KEY_AS_BASE64 = base64.b64encode(f"Bearer {MODEL_KEY}".encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "error_body",
+    [
+        b"x" * 1990 + MODEL_KEY.encode(),
+        json.dumps({"error": {"message": "bad", "param": {"k": MODEL_KEY}, "code": [MODEL_KEY]}}).encode(),
+        json.dumps({"error": {"message": "Bearer%20" + MODEL_KEY.replace("-", "%2D")}}).encode(),
+        json.dumps(
+            {"error": {"message": "sent key=" + "".join(f"%{byte:02x}" for byte in MODEL_KEY.encode())}}
+        ).encode(),
+        json.dumps({"error": {"message": f"Authorization: Basic {KEY_AS_BASE64}"}}).encode(),
+        json.dumps({"error": {"message": "y" * 5_000_000 + MODEL_KEY}}).encode(),
+        json.dumps({"error": {"message": {"echo": MODEL_KEY}, "type": f"t {MODEL_KEY}"}}).encode(),
+    ],
+    ids=[
+        "text-cut-at-the-key",
+        "param-and-code-objects",
+        "url-encoded",
+        "percent-encoded",
+        "base64",
+        "5-mb",
+        "objects",
+    ],
+)
+def test_an_upstream_4xx_reaches_the_client_without_the_key_in_any_form(registry, model_server, error_body):
+    upstream = model_server(api_key=MODEL_KEY)
+    register(registry, upstream)
+    upstream.script = answering(400, error_body)
+    response = call_model(registry, chat_body())
+    error = response.get_json()["error"]
+    assert response.status_code == 400
+    text = response.get_data(as_text=True)
+    assert MODEL_KEY[:8] not in text and "SECRET" not in unquote(text) and KEY_AS_BASE64 not in text
+    assert len(error["message"]) <= 2000
+    assert all(isinstance(error[name], str | None) for name in ("type", "param", "code"))
+
+
+def test_a_watsonx_stream_error_quoting_its_token_is_relayed_without_it(registry, make_app, model_server):
+    upstream = watsonx_server(registry, model_server)
+    chunk = {"id": "c", "model_id": "ibm/granite-3-8b-instruct", "choices": [{"index": 0, "delta": {"content": "a"}}]}
+    upstream.script = stream_of(
+        b"event: message\ndata: " + json.dumps(chunk).encode() + b"\n\n",
+        b'event: error\ndata: {"error": "token iam-token-1 expired"}\n\n',
+    )
+    app = make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url)
+    response = call_model(app, chat_body(WATSONX_MODEL, stream=True))
+    events = events_of(response)
+    assert "token [redacted] expired" in json.loads(events[1])["error"]["message"]
+    assert "iam-token-1" not in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    "path, body, answer",
+    [
+        ("chat/completions", chat_body(), json.dumps({"error": {"message": f"invalid key {MODEL_KEY}"}}).encode()),
+        ("chat/completions", chat_body(), b"{}"),
+        ("chat/completions", chat_body(), b"[]"),
+        ("chat/completions", chat_body(), b'{"choices": [], "usage": "x"}'),
+        ("chat/completions", chat_body(), b'{"choices": ["x"]}'),
+        ("chat/completions", chat_body(), b'{"choices": [], "temperature": NaN}'),
+        ("chat/completions", chat_body(), DEEP_JSON),
+        ("embeddings", embeddings_body(), b'{"data": ["x"]}'),
+        ("embeddings", embeddings_body(encoding_format="base64"), b'{"data": [{"embedding": ["a"]}]}'),
+        ("embeddings", embeddings_body(encoding_format="base64"), b'{"data": [{"embedding": [1e300]}]}'),
+        ("embeddings", embeddings_body(), b'{"data": [{"embedding": "not base64!"}]}'),
+        ("embeddings", embeddings_body(), b'{"data": [{"embedding": [0.5]}], "usage": {"total_tokens": "x"}}'),
+    ],
+)
+def test_an_answer_of_the_wrong_shape_fails_the_provider_for_the_next(registry, model_server, path, body, answer):
+    first, second, second_id = two_providers(registry, model_server)
+    first.script = answering(200, answer)
+    response = call_model(registry, body, path)
+    assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
+    second.script = first.script
+    response = call_model(registry, body, path)
+    assert response.status_code == 502 and "SECRET" not in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("retry_after", ["9" * 5000, "\u00b2", "Wed, 21 Oct 2015 07:28:00 GMT"])
+def test_a_retry_after_the_registry_cannot_pass_on_is_left_out(registry, model_server, retry_after):
+    upstream = model_server(api_key=MODEL_KEY)
+    register(registry, upstream)
+    upstream.script = answering(429, b"{}", {"Retry-After": retry_after})
+    response = call_model(registry, chat_body())
+    assert response.status_code == 429 and "Retry-After" not in response.headers
+
+
+def test_an_upstream_400_nested_too_deep_is_passed_on_as_its_text(registry, model_server):
+    upstream = model_server(api_key=MODEL_KEY)
+    register(registry, upstream)
+    upstream.script = answering(400, DEEP_JSON)
+    response = call_model(registry, chat_body())
+    assert response.status_code == 400 and response.get_json()["error"]["message"] == "[" * 2000
+
+
+@pytest.mark.parametrize(
+    "path, body, status, answer, expected",
+    [
+        ("chat/completions", chat_body(WATSONX_MODEL), 400, {"errors": ["bad token iam-token-1"]}, 400),
+        ("chat/completions", chat_body(WATSONX_MODEL), 200, {"choices": ["x"]}, 502),
+        ("chat/completions", chat_body(WATSONX_MODEL), 302, {}, 502),
+        ("embeddings", embeddings_body("watsonx:ibm/granite-3-8b-instruct"), 200, {"results": ["x"]}, 502),
+        ("embeddings", embeddings_body("watsonx:ibm/granite-3-8b-instruct"), 200, {"results": [{}]}, 502),
+    ],
+)
+def test_watsonx_answers_of_the_wrong_shape(registry, make_app, model_server, path, body, status, answer, expected):
+    upstream = watsonx_server(registry, model_server)
+    upstream.script = answering(status, json.dumps(answer).encode(), {"Location": "http://127.0.0.1:1/"})
+    response = call_model(make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url), body, path)
+    assert response.status_code == expected and "iam-token-1" not in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("token_answer", [{"access_token": "t", "expires_in": "soon"}, {"access_token": ["t"]}, []])
+def test_an_iam_answer_without_a_usable_token_is_502(registry, make_app, model_server, token_answer):
+    upstream = watsonx_server(registry, model_server)
+    upstream.iam_script = lambda handler: handler.answer(200, token_answer)
+    response = call_model(make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url), chat_body(WATSONX_MODEL))
+    assert response.status_code == 502
+
+
+def test_iam_refusing_the_key_is_a_502_not_the_clients_400(registry, make_app, model_server):
+    upstream = watsonx_server(registry, model_server)
+    upstream.api_key = "another-key"  # IAM answers 400: "Provided API key could not be found."
+    response = call_model(make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url), chat_body(WATSONX_MODEL))
+    assert response.status_code == 502 and "IAM refused the key" in response.get_json()["error"]["message"]
+
+
+def test_a_watsonx_token_refused_is_exchanged_anew_on_the_next_call(registry, make_app, model_server):
+    upstream = watsonx_server(registry, model_server)
+    app = make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url)
+    assert call_model(app, chat_body(WATSONX_MODEL)).status_code == 200
+    upstream.tokens.clear()  # watsonx no longer takes the token (revoked): 401
+    assert call_model(app, chat_body(WATSONX_MODEL)).status_code == 502
+    assert call_model(app, chat_body(WATSONX_MODEL)).status_code == 200
+    assert upstream.iam_exchanges == 2
+
+
+def test_iam_expires_in_is_preferred_to_its_expiration(registry, make_app, model_server):
+    upstream = watsonx_server(registry, model_server)
+
+    def token_with_a_clock_behind(handler):
+        upstream.iam_exchanges += 1
+        upstream.tokens.add("iam-token-skewed")
+        answer = {"access_token": "iam-token-skewed", "expires_in": 3600, "expiration": int(time.time()) - 600}
+        handler.answer(200, answer)
+
+    upstream.iam_script = token_with_a_clock_behind
+    app = make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url)
+    assert [call_model(app, chat_body(WATSONX_MODEL)).status_code for _ in range(2)] == [200, 200]
+    assert upstream.iam_exchanges == 1
+
+
+def test_a_stream_failing_before_its_first_chunk_goes_to_the_next_provider(registry, model_server):
+    first, second, second_id = two_providers(registry, model_server)
+    first.script = stream_of(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
+    response = call_model(registry, chat_body(stream=True))
+    assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
+    assert "error" not in response.get_data(as_text=True)
+
+
+def test_an_upstream_redirect_fails_the_provider_for_the_next(registry, model_server):
+    first, second, second_id = two_providers(registry, model_server)
+    first.script = answering(302, b"{}", {"Location": f"{second.base_url}/chat/completions"})
+    response = call_model(registry, chat_body())
+    assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
+    second.script = first.script
+    assert call_model(registry, chat_body()).status_code == 502
+
+
+def test_the_log_line_of_a_stream_carries_its_request_id_and_user(registry, model_server, caplog):
+    register(registry, model_server(api_key=MODEL_KEY))
+    with caplog.at_level(logging.INFO, logger="gateway"):
+        call_model(registry, chat_body(stream=True), headers={"X-Request-ID": "stream-request-1"}).get_data()
+    [line] = [record for record in caplog.records if record.getMessage().startswith("gateway chat stream")]
+    assert (line.request_id, line.user) == ("stream-request-1", CALLER)
+
+
+def test_a_model_id_not_found_is_said_in_one_sentence(registry, model_server):
+    register(registry, model_server(api_key=MODEL_KEY))
+    response = call_model(registry, chat_body("gpt-4o"))
+    assert response.status_code == 404 and not response.get_json()["error"]["message"].endswith("..")

@@ -76,16 +76,16 @@ def http_client():
         return _client
 
 
-def read_capped(response):
-    """The answer's body, refused once it is over MAX_LISTING_BYTES (read in chunks, never whole)."""
-    too_large = UpstreamError(f"the upstream's answer is over {MAX_LISTING_BYTES // (1024 * 1024)} MiB (refused)")
+def read_capped(response, limit=MAX_LISTING_BYTES):
+    """The answer's body, refused once it is over `limit` bytes (read in chunks, never whole)."""
+    too_large = UpstreamError(f"the upstream's answer is over {limit // (1024 * 1024)} MiB (refused)")
     declared = response.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) > MAX_LISTING_BYTES:
+    if declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
     for chunk in response.iter_bytes():
         size += len(chunk)
-        if size > MAX_LISTING_BYTES:
+        if size > limit:
             raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
@@ -107,13 +107,23 @@ def send(connection, url, headers=None, params=None):
         raise UpstreamError(f"{connection.base_url} cannot be requested (host or port not usable)") from None
 
 
-def parse_json(body):
+def refuse_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def json_of(text):
+    """The JSON document in `text` (str or bytes); NaN and Infinity, which JSON does not have,
+    refused, so nothing relayed from it is invalid JSON."""
     try:
-        return off_the_hub(json.loads, body)  # a few MiB of JSON is milliseconds of CPU
+        return json.loads(text, parse_constant=refuse_constant)
     except RecursionError:
         raise UpstreamError("unexpected response from the upstream: JSON nested too deep") from None
     except ValueError:  # UnicodeDecodeError included
         raise UpstreamError("unexpected response from the upstream: not JSON") from None
+
+
+def parse_json(body):
+    return off_the_hub(json_of, body)  # a few MiB of JSON is milliseconds of CPU
 
 
 def get_json(connection, url, headers=None, params=None):

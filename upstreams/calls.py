@@ -1,19 +1,28 @@
-"""What every gateway call to an upstream shares: the request with its deadline, the failures
-it can meet, the SSE events of a stream, and removing the provider's key from upstream text.
+"""What every gateway call to an upstream shares: the request, the failures it can meet, the
+answer read within its size cap and checked for shape, the SSE events of a stream, and
+removing the provider's key (and any token) from upstream text.
 
+The caller bounds the socket work by the call's deadline (upstreams/transport.py).
 Each wire format's chat and embeddings live beside its listing (openai.py, watsonx.py).
 """
 
+import base64
+import binascii
 import json
-import time
+import re
 from contextlib import closing
 from dataclasses import dataclass
 
 import httpx
 
-from upstreams import http_client
+from upstreams import UpstreamError, http_client, json_of, parse_json, read_capped
 
-UPSTREAM_TEXT_LIMIT = 2000
+UPSTREAM_TEXT_LIMIT = 2000  # an upstream error's message, as passed on
+UPSTREAM_FIELD_LIMIT = 200  # its type, param and code
+MAX_ANSWER_BYTES = 16 * 1024 * 1024  # a non-streamed answer (or error)
+MAX_EVENT_BYTES = 1024 * 1024  # one line, and one event, of a stream
+FLOAT32_MAX = 3.4028234663852886e38
+REDACTED = "[redacted]"
 
 
 @dataclass(frozen=True)
@@ -27,24 +36,6 @@ class Target:
     upstream_model: str
     watsonx_project_id: str | None = None
     watsonx_space_id: str | None = None
-
-
-class Deadline:
-    """The time one gateway call may take in all (REGISTRY_GATEWAY_TIMEOUT), streaming included."""
-
-    def __init__(self, total, connect):
-        self.ends_at = time.monotonic() + total
-        self.connect = connect
-
-    def remaining(self):
-        return self.ends_at - time.monotonic()
-
-    def timeout(self):
-        """httpx timeouts for the next request: no single wait may outlast the call."""
-        remaining = self.remaining()
-        if remaining <= 0:
-            raise UpstreamTimeout("the call took longer than the gateway allows")
-        return httpx.Timeout(remaining, connect=min(self.connect, remaining))
 
 
 class UpstreamFailure(Exception):
@@ -70,47 +61,105 @@ class UpstreamRefusal(Exception):
         self.error = error
 
 
+# Secrets out of upstream text ---------------------------------------------------------------
+
+
+def percent_encodable(character):
+    """The character as sent or percent-encoded (either case of hex digits; a space also as +)."""
+    forms = [re.escape(character), "".join(f"%{byte:02x}" for byte in character.encode())]
+    return "(?:" + "|".join(forms + (["\\+"] if character == " " else [])) + ")"
+
+
+def base64_cores(secret):
+    """What any base64 (standard or URL-safe) of a text holding the secret contains, whatever
+    the secret's offset: the characters that encode only the secret's bytes."""
+    raw = secret.encode()
+    cores = set()
+    for offset in range(3):
+        encoded = base64.b64encode(bytes(offset) + raw).decode()
+        core = encoded[-(-8 * offset // 6) : 8 * (offset + len(raw)) // 6]
+        if len(core) >= 8:  # shorter pieces would match innocent text
+            cores |= {core, core.translate(str.maketrans("+/", "-_"))}
+    return cores
+
+
+def secret_pattern(secret):
+    url_encoded = "".join(percent_encodable(character) for character in secret)
+    return "|".join([url_encoded, *(re.escape(core) for core in sorted(base64_cores(secret)))])
+
+
 def redact(text, *secrets):
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    return text
+    """The text without the secrets: as sent, URL-encoded or in base64 (case ignored)."""
+    patterns = [secret_pattern(secret) for secret in secrets if secret]
+    if not patterns:
+        return text
+    return re.sub("|".join(patterns), REDACTED, text, flags=re.IGNORECASE)
 
 
-def upstream_error(response, *secrets):
-    """The upstream's error as OpenAI's {message, type, param, code}, whatever shape it used."""
-    response.read()
+def scrubbed(value, limit, secrets):
+    """An upstream error field as text (JSON when it is not a string), its secrets removed
+    and then cut to `limit`; None stays None."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else json.dumps(value)
+    return redact(text, *secrets)[:limit]
+
+
+def error_fields(document):
+    """{message, type, param, code} as far as the upstream's error document gives them."""
+    if not isinstance(document, dict):
+        return {}
+    if isinstance(document.get("error"), dict):  # OpenAI and most compatible servers
+        return {key: document["error"][key] for key in ("message", "type", "param", "code") if key in document["error"]}
+    errors = document.get("errors")
+    if isinstance(errors, list) and errors:  # watsonx
+        first = errors[0]
+        return (
+            {"message": first.get("message"), "code": first.get("code")}
+            if isinstance(first, dict)
+            else {"message": first}
+        )
+    if isinstance(document.get("error"), str):
+        return {"message": document["error"]}
+    return {}
+
+
+def upstream_error(response, target, *secrets):
+    """The upstream's error as OpenAI's {message, type, param, code} of text or null, whatever
+    shape it used, without the key or the secrets, cut to size."""
+    body = read_body(response, target)
     try:
-        document = response.json()
-    except ValueError:
+        document = parse_json(body)
+    except UpstreamError:
         document = None
-    error = {"message": response.text[:UPSTREAM_TEXT_LIMIT], "type": "upstream_error", "param": None, "code": None}
-    if isinstance(document, dict):
-        if isinstance(document.get("error"), dict):  # OpenAI and most compatible servers
-            error.update({key: document["error"].get(key, error[key]) for key in error})
-        elif isinstance(document.get("errors"), list) and document["errors"]:  # watsonx
-            first = document["errors"][0]
-            error.update(message=first.get("message", error["message"]), code=first.get("code"))
-        elif isinstance(document.get("error"), str):
-            error["message"] = document["error"]
-    error["message"] = str(error["message"] or f"HTTP {response.status_code}")
-    return {key: redact(value, *secrets) if isinstance(value, str) else value for key, value in error.items()}
+    error = {"message": body.decode(errors="replace"), "type": "upstream_error", "param": None, "code": None}
+    error.update(error_fields(document))
+    secrets = (target.api_key, *secrets)
+    passed_on = {key: scrubbed(value, UPSTREAM_FIELD_LIMIT, secrets) for key, value in error.items()}
+    passed_on["message"] = scrubbed(error["message"], UPSTREAM_TEXT_LIMIT, secrets) or f"HTTP {response.status_code}"
+    passed_on["type"] = passed_on["type"] or "upstream_error"
+    return passed_on
+
+
+# Requests and answers -----------------------------------------------------------------------
 
 
 def check_status(response, target, *secrets):
-    """Return when the upstream accepted the call; otherwise raise what its answer means."""
-    if response.status_code < 300:
+    """Return when the upstream accepted the call (2xx); pass its 4xx about the request on;
+    anything else (429, 5xx, 3xx, the registry's key refused) fails this provider."""
+    status = response.status_code
+    if 200 <= status < 300:
         return
-    if response.status_code == 429 or response.status_code >= 500:
-        raise UpstreamFailure(
-            f"provider {target.provider_id} answered HTTP {response.status_code}",
-            status=response.status_code,
-            retry_after=response.headers.get("Retry-After"),
-        )
-    if response.status_code in (401, 403):
+    if status in (401, 403):
         # The registry's key for this provider, not the client's token, was refused.
-        raise UpstreamFailure(f"provider {target.provider_id} rejected the registry's API key")
-    raise UpstreamRefusal(response.status_code, upstream_error(response, target.api_key, *secrets))
+        raise UpstreamFailure(f"provider {target.provider_id} rejected the registry's API key", status=status)
+    if 400 <= status < 500 and status != 429:
+        raise UpstreamRefusal(status, upstream_error(response, target, *secrets))
+    raise UpstreamFailure(
+        f"provider {target.provider_id} answered HTTP {status}",
+        status=status,
+        retry_after=response.headers.get("Retry-After"),
+    )
 
 
 def open_response(target, method, url, deadline, *, headers=None, json_body=None, params=None, data=None, secrets=()):
@@ -120,11 +169,13 @@ def open_response(target, method, url, deadline, *, headers=None, json_body=None
     """
     client = http_client()
     request = client.build_request(
-        method, url, headers=headers, json=json_body, params=params, data=data, timeout=deadline.timeout()
+        method, url, headers=headers, json=json_body, params=params, data=data, timeout=deadline.timeout
     )
     try:
         response = client.send(request, stream=True)
     except httpx.ConnectTimeout:
+        if deadline.remaining() <= 0:
+            raise UpstreamTimeout(f"provider {target.provider_id} could not be reached in time") from None
         raise UpstreamFailure(f"could not connect to provider {target.provider_id} in time") from None
     except httpx.TimeoutException:
         raise UpstreamTimeout(f"provider {target.provider_id} did not answer in time") from None
@@ -138,58 +189,168 @@ def open_response(target, method, url, deadline, *, headers=None, json_body=None
     return response
 
 
+def read_body(response, target):
+    """The response's body, up to MAX_ANSWER_BYTES."""
+    try:
+        return read_capped(response, MAX_ANSWER_BYTES)
+    except httpx.TimeoutException:
+        raise UpstreamTimeout(f"provider {target.provider_id} did not answer in time") from None
+    except httpx.HTTPError:
+        raise UpstreamFailure(f"provider {target.provider_id} broke off its answer") from None
+    except UpstreamError as error:
+        raise UpstreamFailure(f"provider {target.provider_id}: {error}") from None
+
+
 def read_json(response, target):
     """The accepted response's JSON body (and the response closed)."""
     with closing(response):
-        try:
-            response.read()
-            return response.json()
-        except httpx.TimeoutException:
-            raise UpstreamTimeout(f"provider {target.provider_id} did not answer in time") from None
-        except httpx.HTTPError:
-            raise UpstreamFailure(f"provider {target.provider_id} broke off its answer") from None
-        except ValueError:
-            raise UpstreamFailure(f"provider {target.provider_id} answered with something other than JSON") from None
+        body = read_body(response, target)
+    try:
+        return parse_json(body)
+    except UpstreamError as error:
+        raise UpstreamFailure(f"provider {target.provider_id}: {error}") from None
+
+
+# The shapes of answers ----------------------------------------------------------------------
+
+
+def is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_usage(usage):
+    """Absent, or an object whose token counts (those the gateway counts) are integers."""
+    if usage is None:
+        return True
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    return isinstance(usage, dict) and all(usage.get(name) is None or is_count(usage[name]) for name in counts)
+
+
+def is_list_of_objects(value):
+    return isinstance(value, list) and all(isinstance(item, dict) for item in value)
+
+
+def is_float32_base64(text):
+    try:
+        return len(base64.b64decode(text, validate=True)) % 4 == 0
+    except binascii.Error:
+        return False
+
+
+def is_vector(embedding):
+    """A list of numbers float32 can hold (NaN and infinities excluded), or their base64."""
+    if isinstance(embedding, str):
+        return is_float32_base64(embedding)
+    return isinstance(embedding, list) and all(
+        isinstance(value, int | float) and not isinstance(value, bool) and abs(value) <= FLOAT32_MAX
+        for value in embedding
+    )
+
+
+def wrong_shape(target, what):
+    return UpstreamFailure(f"provider {target.provider_id} answered {what} of an unexpected shape")
+
+
+def checked_completion(document, target, what="a chat completion"):
+    """The completion (or stream chunk): an object whose `choices` is a list of objects, its
+    `usage` absent or counted in integers; else this provider failed."""
+    if not (isinstance(document, dict) and is_list_of_objects(document.get("choices"))):
+        raise wrong_shape(target, what)
+    if not is_usage(document.get("usage")):
+        raise wrong_shape(target, f"{what} with a usage")
+    return document
+
+
+def checked_embeddings(document, target):
+    """The embeddings: an object whose `data` is a list of objects, each `embedding` a vector."""
+    data = document.get("data") if isinstance(document, dict) else None
+    if not (is_list_of_objects(data) and all(is_vector(item.get("embedding")) for item in data)):
+        raise wrong_shape(target, "embeddings")
+    if not is_usage(document.get("usage")):
+        raise wrong_shape(target, "embeddings with a usage")
+    return document
+
+
+# Streams ------------------------------------------------------------------------------------
+
+
+def capped_lines(response, target):
+    """The stream's lines (bytes) as they arrive; a line longer than MAX_EVENT_BYTES fails it.
+    Lines end with LF (a CR before it is dropped), as every SSE server ends them."""
+    too_long = UpstreamFailure(f"provider {target.provider_id} sent a stream line over {MAX_EVENT_BYTES} bytes")
+    pending = b""
+    for chunk in response.iter_bytes():
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r")
+        if len(pending) > MAX_EVENT_BYTES:
+            raise too_long
+    if pending:
+        yield pending
 
 
 def sse_events(response, target):
-    """The data of each server-sent event, as each arrives; the stream's own errors raised as ours."""
-    data_lines = []
+    """The data of each server-sent event, as each arrives; the stream's own errors raised as
+    ours, and an event over MAX_EVENT_BYTES a failure."""
+    data_lines, size = [], 0
     try:
-        for line in response.iter_lines():
-            if line.startswith("data:"):
-                data_lines.append(line[5:].removeprefix(" "))
+        for line in capped_lines(response, target):
+            if line.startswith(b"data:"):
+                data_lines.append(line[5:].removeprefix(b" "))
+                size += len(data_lines[-1])
+                if size > MAX_EVENT_BYTES:
+                    raise UpstreamFailure(f"provider {target.provider_id} sent an event over {MAX_EVENT_BYTES} bytes")
             elif not line and data_lines:
-                yield "\n".join(data_lines)
-                data_lines = []
+                yield b"\n".join(data_lines)
+                data_lines, size = [], 0
     except httpx.TimeoutException:
         raise UpstreamTimeout(f"provider {target.provider_id} stopped sending in time") from None
     except httpx.HTTPError:
         raise UpstreamFailure(f"provider {target.provider_id} broke off its stream") from None
     if data_lines:
-        yield "\n".join(data_lines)
+        yield b"\n".join(data_lines)
 
 
 def has_finished(event):
-    choices = event.get("choices") if isinstance(event, dict) else None
-    return any(isinstance(choice, dict) and choice.get("finish_reason") for choice in choices or ())
+    return any(choice.get("finish_reason") for choice in event["choices"])
 
 
 def json_events(response, target, *secrets):
-    """Each event of an SSE stream as a JSON document, until `[DONE]`; an error event raises,
-    and so does a stream that ends before the model finished (a cut connection)."""
+    """Each event of an SSE stream as a checked chunk, until `[DONE]`; an error event raises
+    (without the key or the secrets), and so does a stream that ends before the model
+    finished (a cut connection)."""
     finished = False
     for data in sse_events(response, target):
-        if data.strip() == "[DONE]":
+        if data.strip() == b"[DONE]":
             return
         try:
-            event = json.loads(data)
-        except ValueError:
-            raise UpstreamFailure(f"provider {target.provider_id} sent an event that is not JSON") from None
+            event = json_of(data)
+        except UpstreamError as error:
+            raise UpstreamFailure(f"provider {target.provider_id} sent an event that is not usable: {error}") from None
         if isinstance(event, dict) and "error" in event and "choices" not in event:
-            message = redact(json.dumps(event["error"]), target.api_key, *secrets)
-            raise UpstreamFailure(f"provider {target.provider_id} failed mid-stream: {message[:UPSTREAM_TEXT_LIMIT]}")
+            message = scrubbed(event["error"], UPSTREAM_TEXT_LIMIT, (target.api_key, *secrets))
+            raise UpstreamFailure(f"provider {target.provider_id} failed mid-stream: {message}")
+        checked_completion(event, target, "a stream chunk")
         finished = finished or has_finished(event)
         yield event
     if not finished:
         raise UpstreamFailure(f"provider {target.provider_id} ended its stream before the model finished")
+
+
+def started(chunks, target):
+    """The stream with its first chunk already read, so that a provider whose stream fails
+    before any chunk fails the attempt (and the next provider is tried)."""
+    try:
+        first = next(chunks)
+    except StopIteration:
+        raise UpstreamFailure(f"provider {target.provider_id} ended its stream without a chunk") from None
+    except BaseException:
+        chunks.close()
+        raise
+
+    def resumed():
+        with closing(chunks):
+            yield first
+            yield from chunks
+
+    return resumed()

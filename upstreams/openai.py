@@ -5,7 +5,7 @@ sent it (fields the registry does not know included), with the upstream's model 
 from contextlib import closing
 
 from upstreams import get_json, model_entries, upstream_model, usable_models
-from upstreams.calls import json_events, open_response, read_json
+from upstreams.calls import checked_completion, checked_embeddings, json_events, open_response, read_json, started
 
 
 def entry_model(entry):
@@ -36,7 +36,7 @@ def post(target, path, body, deadline):
 
 
 def chat(target, body, deadline):
-    return read_json(post(target, "/chat/completions", body, deadline), target)
+    return checked_completion(read_json(post(target, "/chat/completions", body, deadline), target), target)
 
 
 def open_chat_stream(target, body, deadline):
@@ -52,10 +52,10 @@ def open_chat_stream(target, body, deadline):
         with closing(response):
             yield from json_events(response, target)
 
-    return chunks()
+    return started(chunks(), target)
 
 
 def embed(target, body, deadline):
     """Embeddings as floats: the gateway encodes base64 itself, which not every upstream can."""
     body = {name: value for name, value in body.items() if name != "encoding_format"}
-    return read_json(post(target, "/embeddings", body, deadline), target)
+    return checked_embeddings(read_json(post(target, "/embeddings", body, deadline), target), target)

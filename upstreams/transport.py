@@ -1,9 +1,11 @@
 """The HTTP transport of upstream calls: a total deadline over all of a call's socket work.
 
 httpx's timeouts bound each read: an upstream trickling a byte at a time, each within the
-read timeout, holds a call for as long as it likes. Inside `deadline(seconds)`, every
-connect, read and write of the calls made in that context (thread or greenlet) waits at
-most what is left of the deadline, and fails as an httpx timeout once it has passed.
+read timeout, holds a call for as long as it likes. While a `Deadline` bounds a block
+(`with deadline.bounding():`), every connect, read and write of the calls made in it (in
+that thread or greenlet) waits at most what is left of the deadline, and fails as an httpx
+timeout once it has passed. A gateway call enters its one deadline for each piece of socket
+work (the request, the answer's reads, each read of a stream); a listing, for all of it.
 """
 
 import contextlib
@@ -14,16 +16,43 @@ import httpcore
 import httpx
 
 _ends_at = contextvars.ContextVar("upstream_deadline", default=None)
+_END = object()
 
 
-@contextlib.contextmanager
+class Deadline:
+    """The time a piece of upstream work may take in all, however the upstream trickles;
+    `timeout`, httpx's timeouts of each request made within it (a connect may have a shorter
+    limit of its own: a provider that cannot be reached soon is given up for the next)."""
+
+    def __init__(self, seconds, connect_seconds=None):
+        self.ends_at = time.monotonic() + seconds
+        self.timeout = httpx.Timeout(seconds, connect=min(connect_seconds or seconds, seconds))
+
+    def remaining(self):
+        return self.ends_at - time.monotonic()
+
+    @contextlib.contextmanager
+    def bounding(self):
+        """Bound the socket work of the upstream calls made inside by this deadline."""
+        token = _ends_at.set(self.ends_at)
+        try:
+            yield
+        finally:
+            _ends_at.reset(token)
+
+    def each_within(self, items):
+        """The iterator's items, each read within the deadline (so each read of a stream is)."""
+        while True:
+            with self.bounding():
+                item = next(items, _END)
+            if item is _END:
+                return
+            yield item
+
+
 def deadline(seconds):
-    """Bound the upstream calls made inside to `seconds` in all, however the upstream trickles."""
-    token = _ends_at.set(time.monotonic() + seconds)
-    try:
-        yield
-    finally:
-        _ends_at.reset(token)
+    """Bound the upstream calls made inside to `seconds` in all."""
+    return Deadline(seconds).bounding()
 
 
 def remaining(timeout, timeout_error):

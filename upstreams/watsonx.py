@@ -2,13 +2,26 @@
 translated to and from OpenAI's shapes, with the IAM token exchange its API keys need."""
 
 import hashlib
+import math
 import threading
 import time
 from contextlib import closing
 from datetime import date
 
 from upstreams import UpstreamError, get_json, model_entries, upstream_model, usable_models
-from upstreams.calls import UpstreamFailure, UpstreamRefusal, json_events, open_response, read_json
+from upstreams.calls import (
+    UpstreamFailure,
+    UpstreamRefusal,
+    UpstreamTimeout,
+    checked_completion,
+    checked_embeddings,
+    is_count,
+    is_list_of_objects,
+    json_events,
+    open_response,
+    read_json,
+    started,
+)
 
 WATSONX_API_VERSION = "2024-05-01"
 
@@ -80,59 +93,89 @@ class IamTokens:
         return token if renew_at > time.time() else None
 
     def token(self, iam_url, target, deadline):
-        digest = hashlib.sha256(target.api_key.encode()).digest()
+        digest = key_digest(target)
         token = self._fresh(digest)
         if token:
             return token
         with self._lock:
             exchange_lock = self._exchanges.setdefault(digest, threading.Lock())
-        with exchange_lock:
+        if not exchange_lock.acquire(timeout=max(deadline.remaining(), 0)):
+            raise UpstreamTimeout(f"the watsonx IAM token exchange for provider {target.provider_id} took too long")
+        try:
             token = self._fresh(digest)
             if token:
                 return token
             token, expires_at = exchange_key(iam_url, target, deadline)
             self._tokens[digest] = (token, expires_at - TOKEN_RENEWAL_MARGIN)
             return token
+        finally:
+            exchange_lock.release()
+
+    def forget(self, target, token):
+        """Drop the key's token (watsonx refused it): the next call exchanges the key again."""
+        digest = key_digest(target)
+        if self._tokens.get(digest, (None, 0))[0] == token:
+            self._tokens.pop(digest, None)
+
+
+def key_digest(target):
+    return hashlib.sha256(target.api_key.encode()).digest()
 
 
 iam_tokens = IamTokens()
 
 
+def is_seconds(value):
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def exchange_key(iam_url, target, deadline):
+    """(token, when it expires in Unix seconds): IAM's `expires_in` (relative, so a clock
+    that is off does not matter) preferred to its `expiration`. IAM refusing the key, or
+    answering without a usable token, fails the provider."""
     form = {"grant_type": IAM_GRANT_TYPE, "apikey": target.api_key}
+    failed = f"watsonx IAM token exchange failed for provider {target.provider_id}"
     try:
         response = open_response(target, "POST", iam_url, deadline, data=form, headers={"Accept": "application/json"})
     except UpstreamFailure as failure:
-        raise UpstreamFailure(
-            f"watsonx IAM token exchange failed for provider {target.provider_id}: {failure}"
-        ) from None
+        raise UpstreamFailure(f"{failed}: {failure}") from None
+    except UpstreamRefusal as refusal:
+        raise UpstreamFailure(f"{failed}: IAM refused the key (HTTP {refusal.status})") from None
     document = read_json(response, target)
     token = document.get("access_token") if isinstance(document, dict) else None
     if not isinstance(token, str) or not token:
         raise UpstreamFailure(f"watsonx IAM answered provider {target.provider_id} without a token")
-    expiration = document.get("expiration")
-    if not isinstance(expiration, int | float):
-        expiration = time.time() + float(document.get("expires_in") or 0)
-    return token, expiration
+    if is_seconds(document.get("expires_in")):
+        return token, time.time() + document["expires_in"]
+    if is_seconds(document.get("expiration")):
+        return token, document["expiration"]
+    raise UpstreamFailure(f"watsonx IAM answered provider {target.provider_id} without a usable expiry")
 
 
 def post(target, path, body, deadline, iam_url):
+    """(the accepted response, the IAM token it was asked with: a secret like the key)."""
     token = iam_tokens.token(iam_url, target, deadline)
     scope = (
         {"project_id": target.watsonx_project_id}
         if target.watsonx_project_id
         else {"space_id": target.watsonx_space_id}
     )
-    return open_response(
-        target,
-        "POST",
-        f"{target.base_url}{path}",
-        deadline,
-        headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
-        params={"version": WATSONX_API_VERSION},
-        json_body={**body, "model_id": target.upstream_model, **scope},
-        secrets=(token,),
-    )
+    try:
+        response = open_response(
+            target,
+            "POST",
+            f"{target.base_url}{path}",
+            deadline,
+            headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+            params={"version": WATSONX_API_VERSION},
+            json_body={**body, "model_id": target.upstream_model, **scope},
+            secrets=(token,),
+        )
+    except UpstreamFailure as failure:
+        if failure.status in (401, 403):
+            iam_tokens.forget(target, token)
+        raise
+    return response, token
 
 
 def chat_body(body):
@@ -175,19 +218,20 @@ def openai_completion(answer, kind, part):
 
 
 def chat(target, body, deadline, iam_url):
-    answer = read_json(post(target, "/ml/v1/text/chat", chat_body(body), deadline, iam_url), target)
+    response, _ = post(target, "/ml/v1/text/chat", chat_body(body), deadline, iam_url)
+    answer = checked_completion(read_json(response, target), target)
     return openai_completion(answer, "chat.completion", "message")
 
 
 def open_chat_stream(target, body, deadline, iam_url):
-    response = post(target, "/ml/v1/text/chat_stream", chat_body(body), deadline, iam_url)
+    response, token = post(target, "/ml/v1/text/chat_stream", chat_body(body), deadline, iam_url)
 
     def chunks():
         with closing(response):
-            for answer in json_events(response, target):
+            for answer in json_events(response, target, token):
                 yield openai_completion(answer, "chat.completion.chunk", "delta")
 
-    return chunks()
+    return started(chunks(), target)
 
 
 def embedding_inputs(body):
@@ -203,17 +247,19 @@ def embedding_inputs(body):
 
 def embed(target, body, deadline, iam_url):
     request_body = {"inputs": embedding_inputs(body)}
-    answer = read_json(post(target, "/ml/v1/text/embeddings", request_body, deadline, iam_url), target)
+    response, _ = post(target, "/ml/v1/text/embeddings", request_body, deadline, iam_url)
+    answer = read_json(response, target)
     results = answer.get("results") if isinstance(answer, dict) else None
-    if not isinstance(results, list):
-        raise UpstreamFailure(f"provider {target.provider_id} answered embeddings without results")
+    if not is_list_of_objects(results) or not is_count(answer.get("input_token_count") or 0):
+        raise UpstreamFailure(f"provider {target.provider_id} answered embeddings of an unexpected shape")
     tokens = answer.get("input_token_count") or 0
-    return {
+    embeddings = {
         "object": "list",
         "data": [
-            {"object": "embedding", "index": index, "embedding": result.get("embedding") or []}
+            {"object": "embedding", "index": index, "embedding": result.get("embedding")}
             for index, result in enumerate(results)
         ],
         "model": answer.get("model_id", ""),
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
+    return checked_embeddings(embeddings, target)
