@@ -1,9 +1,10 @@
 """The gateway's calls: route a model to its providers, try them in turn, relay the answer.
 
-A call is routed and its providers' keys opened while the request holds the database;
-then the database is let go (release_connections) and only then is an upstream called, so
-no connection or transaction waits on a model. What runs after that needs no app context:
-a stream is iterated by the server after the request's context has ended.
+A call is routed while the request holds the database; then the database is let go
+(release_connections) and only then is an upstream called, so no connection or
+transaction waits on a model. Each provider's key is opened when its attempt starts. What
+runs after the first chunk of a stream needs no app context: the rest of a stream is
+iterated by the server after the request's context has ended.
 """
 
 import base64
@@ -14,11 +15,13 @@ import struct
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 from flask import current_app, has_request_context, request
 from werkzeug.exceptions import NotFound, ServiceUnavailable
 
 from catalog import providers_serving
+from crypto import UnopenableApiKey
 from errors import GatewayError
 from logs import REQUEST_ID_KEY, USER_KEY
 from metrics import record_gateway_call
@@ -107,6 +110,8 @@ def model_not_found(model_ref, why):
 
 def parse_model_ref(model_ref, capability):
     """The ModelRef of a registry model id that names a model of the capability."""
+    if not model_ref:
+        raise GatewayError(400, "`model` must name a model: its registry id, as type:upstream id.", param="model")
     try:
         parsed = ModelRef.parse(model_ref)
     except ValueError as error:
@@ -118,11 +123,17 @@ def parse_model_ref(model_ref, capability):
 
 
 def target_of(provider, upstream_id):
+    """The provider as a call's target, its key opened when its attempt starts: a key the
+    configured encryption keys cannot open fails this provider only."""
+    try:
+        api_key = provider.open_api_key()
+    except UnopenableApiKey:
+        raise UpstreamFailure(f"the registry cannot open the API key of provider {provider.id}") from None
     return Target(
         provider.id,
         provider.type,
         provider.base_url,
-        provider.open_api_key(),
+        api_key,
         upstream_id,
         provider.watsonx_project_id,
         provider.watsonx_space_id,
@@ -140,8 +151,8 @@ def serving_providers(parsed):
 
 
 def route(call, capability):
-    """The targets to try for the call's model, oldest provider first, keys opened; the
-    database let go."""
+    """The targets to try for the call's model, oldest provider first, each to be made (its
+    key opened) when its turn comes; the database let go."""
     parsed = parse_model_ref(call.model, capability)
     call.provider_type = parsed.type
     try:
@@ -150,9 +161,8 @@ def route(call, capability):
         call.indexed = error.status == 503  # indexed, its providers offline
         raise
     call.indexed = True
-    targets = [target_of(provider, parsed.upstream_id) for provider in providers]
     release_connections()
-    return targets
+    return [partial(target_of, provider, parsed.upstream_id) for provider in providers]
 
 
 def wire_of(target):
@@ -194,8 +204,9 @@ def first_answer(targets, attempt, call, deadline):
     """(target, answer) from the first provider that accepts the call, trying them in turn
     on a connection failure, 429 or 5xx; every attempt's socket work within the deadline."""
     failures = []
-    for target in targets:
+    for target_of_turn in targets:
         try:
+            target = target_of_turn()
             with deadline.bounding():
                 answer = attempt(target)
         except UpstreamFailure as failure:

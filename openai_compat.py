@@ -21,7 +21,8 @@ openai_bp = Blueprint("openai", __name__)
 GATEWAY_MAX_BODY_BYTES = 16 * 1024 * 1024
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 GATEWAY_ERRORS = {
-    400: "Bad body, no model, or an upstream's own 400 (its message, without the provider's key)",
+    400: "Bad body or no model; an upstream's own 4xx about the request comes with its status and "
+    "message (without the provider's key)",
     404: "No provider of the type has the model (code model_not_found)",
     429: "Every provider of the model is rate-limiting (Retry-After)",
     502: "Every provider tried failed",

@@ -945,3 +945,20 @@ def test_a_model_id_not_found_is_said_in_one_sentence(registry, model_server):
     register(registry, model_server(api_key=MODEL_KEY))
     response = call_model(registry, chat_body("gpt-4o"))
     assert response.status_code == 404 and not response.get_json()["error"]["message"].endswith("..")
+
+
+def test_a_provider_key_that_cannot_be_opened_fails_only_that_provider(registry, model_server):
+    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+    first_id = register(registry, first)
+    second_id = register(registry, second)
+    with registry.app_context():
+        unopenable = sa.update(ModelProvider).where(ModelProvider.id == first_id).values(sealed_api_key="not-fernet")
+        db.session.execute(unopenable)
+        db.session.commit()
+    response = call_model(registry, chat_body())
+    assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
+
+
+def test_an_empty_model_is_400(registry):
+    response = call_model(registry, chat_body(""))
+    assert response.status_code == 400 and response.get_json()["error"]["param"] == "model"
