@@ -70,6 +70,20 @@ class Timestamp(fields.DateTime):
         return self.text_of(value)
 
 
+class UtcTimestamp(fields.AwareDateTime):
+    """An RFC 3339 time (UTC when it names no offset), loaded as the naive UTC the database holds."""
+
+    def __init__(self, **kwargs):
+        super().__init__(default_timezone=UTC, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        moment = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return moment.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the first representable UTC time
+            raise ValidationError("Not a representable time in UTC.") from None
+
+
 def collection(item_schema, paged=False):
     """The schema of a list answer, `{items, total_count}`, with `has_more` and
     `next_page_token` when `paged`; named after its items (ProviderPage, ModelList)."""
@@ -116,9 +130,12 @@ class BaseURL(fields.String):
         if not 1 <= len(url) <= BASE_URL_MAX_LENGTH:
             raise ValidationError(f"Length must be between 1 and {BASE_URL_MAX_LENGTH}.")
         try:
-            return normalize_base_url(url)
+            normalized = normalize_base_url(url)
         except ValueError as error:
             raise ValidationError(f"Not a valid URL: {error}") from None
+        if len(normalized) > BASE_URL_MAX_LENGTH:  # a short IPv4 form grows: 1.1 is 1.0.0.1
+            raise ValidationError(f"Normalized, it is {len(normalized)} characters, over {BASE_URL_MAX_LENGTH}.")
+        return normalized
 
 
 def optional_text(max_length, description):
@@ -307,9 +324,7 @@ class AuditQuerySchema(ma.Schema):
     action = Text()
     user = Text()
     target_id = Text()
-    since = fields.AwareDateTime(
-        default_timezone=UTC, metadata={"description": "Only events at or after this time (RFC 3339)"}
-    )
+    since = UtcTimestamp(metadata={"description": "Only events at or after this time (RFC 3339)"})
     limit = fields.Integer(load_default=100, validate=Range(1, 1000))
     page_token = fields.String(metadata={"description": "Opaque token from the previous page"})
 
