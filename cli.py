@@ -15,6 +15,7 @@ from werkzeug.security import generate_password_hash
 import audit
 from crypto import UnopenableApiKey, cipher
 from errors import SyncInProgress
+from logs import escape
 from manifests import sync_manifests
 from models import PROVIDERS, ROLES, USERNAME_MAX_LENGTH, USERS, User, canonical_username, db
 from schemas import MAX_TOKEN_DAYS, TokenCreateSchema
@@ -183,7 +184,8 @@ def list_api_tokens(username):
         for token in page["items"]:
             times = (token.created_at, token.expires_at, token.last_used_at)
             shown_times = [f"{time:%Y-%m-%dT%H:%M:%SZ}" if time else "-" for time in times]
-            click.echo("\t".join([token.id, token.name, token.user, token.role, *shown_times]))
+            # Escaped: a name stored before names had to be printable could rewrite the terminal.
+            click.echo("\t".join([token.id, escape(token.name), token.user, token.role, *shown_times]))
         if not page["has_more"]:
             return
         page_token = page["next_page_token"]

@@ -19,6 +19,7 @@ from models import (
     ROLES,
     STATES,
     ModelRef,
+    is_printable,
     is_storable_text,
     normalize_base_url,
 )
@@ -559,8 +560,13 @@ class EmbeddingsSchema(OpenAIAnswerSchema):
     usage = fields.Dict(allow_none=True)
 
 
+def printable(text):
+    if not is_printable(text):
+        raise ValidationError("Must not hold control or format characters, or line breaks.")
+
+
 class TokenCreateSchema(ma.Schema):
-    name = Text(required=True, validate=Length(1, 255), metadata={"description": "What the token is for"})
+    name = Text(required=True, validate=[Length(1, 255), printable], metadata={"description": "What the token is for"})
     role = fields.String(
         validate=OneOf(ROLES), metadata={"description": "At most the owner's role; default: the owner's role"}
     )

@@ -112,8 +112,15 @@ def test_a_token_cannot_create_tokens(app, admin):
 
 @pytest.mark.parametrize(
     "body",
-    [{}, {"name": ""}, {"name": "x" * 256}, {"name": "x", "role": "owner"}, {"name": "x", "expires_in_days": 0}],
-    ids=["no name", "empty name", "long name", "unknown role", "zero days"],
+    [
+        {},
+        {"name": ""},
+        {"name": "x" * 256},
+        {"name": "ci\n5c1b\treader-token\x1b]0;pwned\x07"},
+        {"name": "x", "role": "owner"},
+        {"name": "x", "expires_in_days": 0},
+    ],
+    ids=["no name", "empty name", "long name", "control characters", "unknown role", "zero days"],
 )
 def test_invalid_create_bodies_are_422(reader, body):
     assert reader.post(TOKENS, json=body).status_code == 422
@@ -333,6 +340,7 @@ def test_cli_refuses_a_role_above_the_owner_and_unknown_users(app):
     assert "at most" in tokens_cli(app, "create", "x", "--user", "reader", "--role", "admin").output
     assert tokens_cli(app, "create", "x", "--user", "nobody").exit_code == 1
     assert tokens_cli(app, "create", "", "--user", "reader").exit_code == 1
+    assert tokens_cli(app, "create", "ci\x1b]0;pwned\x07", "--user", "reader").exit_code == 1
     assert tokens_cli(app, "list").stdout == ""
 
 
