@@ -337,10 +337,6 @@ class User(db.Model):
     role = sa.Column(sa.String(16), nullable=False)
     created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
 
-    @property
-    def roles(self):
-        return roles_up_to(self.role)
-
     def set_password(self, password):
         self.password_hash = generate_password_hash(password)
 
