@@ -342,6 +342,7 @@ def test_cli_refuses_a_role_above_the_owner_and_unknown_users(app):
     assert tokens_cli(app, "create", "", "--user", "reader").exit_code == 1
     assert tokens_cli(app, "create", "ci\x1b]0;pwned\x07", "--user", "reader").exit_code == 1
     assert tokens_cli(app, "list").stdout == ""
+    assert "No user named 'nobody'" in tokens_cli(app, "list", "--user", "nobody").output
 
 
 def statuses_on_fresh_connections(server, method, path, token, count=20, **kwargs):

@@ -125,6 +125,15 @@ def test_login_with_control_characters_in_the_name_is_401(app):
     assert can_list(app, "reader", "reader-pass-1") == 200
 
 
+def test_commands_on_an_unknown_user_name_it_as_typed_and_ask_for_no_password(cli):
+    for name in ("nobody", "nobody\x01"):
+        for command in (["set-password", name], ["delete", name], ["set-role", name, "reader"]):
+            result = cli(*command, input="never-read\n")
+            assert result.exit_code == 1
+            assert f"No user named {name!r}" in result.output
+            assert "Password" not in result.output
+
+
 def test_set_password_takes_effect_on_the_next_request(app, cli):
     assert can_list(app, "reader", "reader-pass-1") == 200
     result = cli("set-password", "reader", "--password-stdin", input="new-reader-pw\n")
