@@ -291,13 +291,18 @@ class ProviderSchema(DirectDumpSchema):
     last_error = fields.String(allow_none=True, metadata={"description": "Error of the last failed probe"})
 
 
-class ProvidersQuerySchema(ma.Schema):
+class PageQuerySchema(ma.Schema):
+    """What every paged list takes besides its filters."""
+
+    limit = fields.Integer(load_default=100, validate=Range(1, 1000))
+    page_token = fields.String(metadata={"description": "Opaque token from the previous page"})
+
+
+class ProvidersQuerySchema(PageQuerySchema):
     type = fields.String(validate=OneOf(PROVIDER_TYPES))
     capability = fields.String(validate=OneOf(CAPABILITIES))
     state = fields.String(validate=OneOf(STATES))
     registry = Text(metadata={"description": "Manifest location the providers come from"})
-    limit = fields.Integer(load_default=100, validate=Range(1, 1000))
-    page_token = fields.String(metadata={"description": "Opaque token from the previous page"})
 
 
 class AuditEventSchema(DirectDumpSchema):
@@ -321,13 +326,11 @@ class AuditEventSchema(DirectDumpSchema):
     detail = fields.String(allow_none=True)
 
 
-class AuditQuerySchema(ma.Schema):
+class AuditQuerySchema(PageQuerySchema):
     action = Text()
     user = Text()
     target_id = Text()
     since = UtcTimestamp(metadata={"description": "Only events at or after this time (RFC 3339)"})
-    limit = fields.Integer(load_default=100, validate=Range(1, 1000))
-    page_token = fields.String(metadata={"description": "Opaque token from the previous page"})
 
 
 class ProviderHeadersSchema(ma.Schema):
@@ -596,7 +599,5 @@ class NewTokenSchema(TokenSchema):
     )
 
 
-class TokensQuerySchema(ma.Schema):
+class TokensQuerySchema(PageQuerySchema):
     user = Text(metadata={"description": "Only this user's tokens (admin; others see only their own)"})
-    limit = fields.Integer(load_default=100, validate=Range(1, 1000))
-    page_token = fields.String(metadata={"description": "Opaque token from the previous page"})
