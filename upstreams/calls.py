@@ -98,11 +98,20 @@ def redact(text, *secrets):
 
 def scrubbed(value, limit, secrets):
     """An upstream error field as text (JSON when it is not a string), its secrets removed
-    and then cut to `limit`; None stays None."""
+    and then cut to `limit`; None stays None.
+
+    Only the text's start is scrubbed (a long text would hold the worker for a scan of
+    megabytes): `margin` covers the longest form a secret can take, so a secret cut off at
+    the end of the piece can only be in its last `margin` characters, which are dropped.
+    """
     if value is None:
         return None
     text = value if isinstance(value, str) else json.dumps(value)
-    return redact(text, *secrets)[:limit]
+    margin = max((12 * len(secret) for secret in secrets if secret), default=0)  # %XX of 4 UTF-8 bytes a character
+    if len(text) <= limit + margin:
+        return redact(text, *secrets)[:limit]
+    piece = redact(text[: limit + 2 * margin], *secrets)
+    return piece[: min(limit, len(piece) - margin)]
 
 
 def error_fields(document):
