@@ -185,7 +185,7 @@ def refused(refusal, target):
     )
 
 
-def is_seconds(retry_after):
+def is_delay_in_seconds(retry_after):
     """A Retry-After in seconds the registry can pass on (its HTTP-date form is not)."""
     return re.fullmatch(r"\d{1,9}", retry_after or "") is not None
 
@@ -193,7 +193,7 @@ def is_seconds(retry_after):
 def every_provider_failed(failures):
     """429 when every provider said so (with the soonest Retry-After), else 502."""
     if all(failure.status == 429 for failure in failures):
-        waits = sorted(int(failure.retry_after) for failure in failures if is_seconds(failure.retry_after))
+        waits = sorted(int(failure.retry_after) for failure in failures if is_delay_in_seconds(failure.retry_after))
         headers = {"Retry-After": str(waits[0])} if waits else {}
         return GatewayError(429, "Every provider of the model is rate-limiting; retry later.", headers=headers)
     reasons = "; ".join(str(failure) for failure in failures)

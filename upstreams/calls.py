@@ -106,7 +106,7 @@ def scrubbed(value, limit, secrets):
     """
     if value is None:
         return None
-    text = value if isinstance(value, str) else json.dumps(value)
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     margin = max((12 * len(secret) for secret in secrets if secret), default=0)  # %XX of 4 UTF-8 bytes a character
     if len(text) <= limit + margin:
         return redact(text, *secrets)[:limit]

@@ -125,7 +125,7 @@ def key_digest(target):
 iam_tokens = IamTokens()
 
 
-def is_seconds(value):
+def is_number(value):
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -145,9 +145,9 @@ def exchange_key(iam_url, target, deadline):
     token = document.get("access_token") if isinstance(document, dict) else None
     if not isinstance(token, str) or not token:
         raise UpstreamFailure(f"watsonx IAM answered provider {target.provider_id} without a token")
-    if is_seconds(document.get("expires_in")):
+    if is_number(document.get("expires_in")):
         return token, time.time() + document["expires_in"]
-    if is_seconds(document.get("expiration")):
+    if is_number(document.get("expiration")):
         return token, document["expiration"]
     raise UpstreamFailure(f"watsonx IAM answered provider {target.provider_id} without a usable expiry")
 
