@@ -107,23 +107,19 @@ def send(connection, url, headers=None, params=None):
         raise UpstreamError(f"{connection.base_url} cannot be requested (host or port not usable)") from None
 
 
-def refuse_constant(name):
-    raise ValueError(f"{name} is not JSON")
-
-
-def json_of(text):
-    """The JSON document in `text` (str or bytes); NaN and Infinity, which JSON does not have,
-    refused, so nothing relayed from it is invalid JSON."""
+def json_of(text, parse_constant=None):
+    """The JSON document in `text` (str or bytes); `parse_constant` as json.loads takes it
+    (listings take NaN, whose entries are then left out; the gateway refuses it)."""
     try:
-        return json.loads(text, parse_constant=refuse_constant)
+        return json.loads(text, parse_constant=parse_constant)
     except RecursionError:
         raise UpstreamError("unexpected response from the upstream: JSON nested too deep") from None
     except ValueError:  # UnicodeDecodeError included
         raise UpstreamError("unexpected response from the upstream: not JSON") from None
 
 
-def parse_json(body):
-    return off_the_hub(json_of, body)  # a few MiB of JSON is milliseconds of CPU
+def parse_json(body, parse_constant=None):
+    return off_the_hub(json_of, body, parse_constant)  # a few MiB of JSON is milliseconds of CPU
 
 
 def get_json(connection, url, headers=None, params=None):

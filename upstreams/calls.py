@@ -61,6 +61,15 @@ class UpstreamRefusal(Exception):
         self.error = error
 
 
+def refuse_constant(name):
+    """NaN and Infinity are not JSON: an answer holding them would be relayed as invalid JSON."""
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(body):
+    return parse_json(body, refuse_constant)
+
+
 # Secrets out of upstream text ---------------------------------------------------------------
 
 
@@ -138,7 +147,7 @@ def upstream_error(response, target, *secrets):
     shape it used, without the key or the secrets, cut to size."""
     body = read_body(response, target)
     try:
-        document = parse_json(body)
+        document = strict_json(body)
     except UpstreamError:
         document = None
     error = {"message": body.decode(errors="replace"), "type": "upstream_error", "param": None, "code": None}
@@ -215,7 +224,7 @@ def read_json(response, target):
     with closing(response):
         body = read_body(response, target)
     try:
-        return parse_json(body)
+        return strict_json(body)
     except UpstreamError as error:
         raise UpstreamFailure(f"provider {target.provider_id}: {error}") from None
 
@@ -333,7 +342,7 @@ def json_events(response, target, *secrets):
         if data.strip() == b"[DONE]":
             return
         try:
-            event = json_of(data)
+            event = json_of(data, refuse_constant)
         except UpstreamError as error:
             raise UpstreamFailure(f"provider {target.provider_id} sent an event that is not usable: {error}") from None
         if isinstance(event, dict) and "error" in event and "choices" not in event:
