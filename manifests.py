@@ -14,7 +14,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
 import httpx
@@ -65,23 +65,34 @@ class SyncResult:
         return f"{self.location}: {counts}"
 
 
-def location_uri(location):
-    """A configured location as its providers' `registry`: file:///abs/path, or the URL.
+@dataclass(frozen=True)
+class ManifestLocation:
+    """A configured location: `uri` is shown to readers and stored as its providers' `registry`,
+    `source` is what a sync reads (a URL's credentials included)."""
 
-    Credentials in a URL (user:password@) are dropped: the location is shown to readers.
-    """
+    uri: str
+    source: str
+
+
+def without_credentials(parts):
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2])
+
+
+def manifest_location(location):
+    """A configured location as file:///abs/path or its URL; credentials (user:password@) are not shown."""
     try:
         parts = urlsplit(location)
     except ValueError:  # not a usable URL: kept as configured, for its sync to report
-        return location
+        return ManifestLocation(location, location)
     if parts.scheme.lower() not in ("", "file"):
-        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        return ManifestLocation(without_credentials(parts).geturl(), location)
     path = url2pathname(parts.path) if parts.scheme else location
-    return Path(os.path.abspath(path)).as_uri()
+    uri = Path(os.path.abspath(path)).as_uri()
+    return ManifestLocation(uri, uri)
 
 
 def configured_locations():
-    return list(dict.fromkeys(location_uri(location) for location in current_app.config["MANIFESTS"]))
+    return list(dict.fromkeys(manifest_location(location) for location in current_app.config["MANIFESTS"]))
 
 
 # Reading
@@ -101,11 +112,25 @@ def read_file(path):
         raise ManifestError(f"Cannot read the file: {error.strerror}.") from None
 
 
+def basic_credentials(parts):
+    """The user and password of a URL's user:password@, or None; sent as Basic auth."""
+    if "@" not in parts.netloc:
+        return None
+    return unquote(parts.username or ""), unquote(parts.password or "")
+
+
 def fetch_url(url):
+    """The manifest at `url`. Its credentials go as Basic auth, not in the URL: httpx logs and
+    quotes the URL it requests."""
+    parts = urlsplit(url)
+    url_shown, credentials = without_credentials(parts).geturl(), basic_credentials(parts)
     content = b""
     timeout = current_app.config["UPSTREAM_TIMEOUT"]
     try:
-        with deadline(timeout), http_client().stream("GET", url, timeout=timeout, follow_redirects=True) as answer:
+        with (
+            deadline(timeout),
+            http_client().stream("GET", url_shown, auth=credentials, timeout=timeout, follow_redirects=True) as answer,
+        ):
             if answer.status_code != 200:
                 raise ManifestError(f"Fetching the manifest answered HTTP {answer.status_code}.")
             for chunk in answer.iter_bytes():
@@ -115,15 +140,15 @@ def fetch_url(url):
     return content
 
 
-def read_location(uri):
+def read_location(source):
     try:
-        parts = urlsplit(uri)
+        parts = urlsplit(source)
     except ValueError:
         raise ManifestError("The location is not a valid URL.") from None
     if parts.scheme == "file":
         return read_file(url2pathname(parts.path))
     if parts.scheme.lower() in ("http", "https"):
-        return fetch_url(uri)
+        return fetch_url(source)
     raise ManifestError("Unsupported location: use a path, a file:// URL or an http(s):// URL.")
 
 
@@ -183,9 +208,9 @@ def with_variables(document, variables):
     return {**document, "model_providers": expanded}
 
 
-def load_manifest(uri):
-    """The validated entries of the manifest at `uri`, or a ManifestError saying why not."""
-    document = parse_document(read_location(uri))
+def load_manifest(source):
+    """The validated entries of the manifest read from `source`, or a ManifestError saying why not."""
+    document = parse_document(read_location(source))
     if not isinstance(document, dict):
         raise ManifestError("The manifest must be a mapping with a model_providers list.")
     document = with_variables(document, current_app.extensions["manifest_variables"])
@@ -299,10 +324,10 @@ def record_sync(result):
 
 def sync_location(location):
     try:
-        result = apply_manifest(location, load_manifest(location))
+        result = apply_manifest(location.uri, load_manifest(location.source))
     except ManifestError as error:
         db.session.rollback()
-        result = SyncResult(location, error=str(error))
+        result = SyncResult(location.uri, error=str(error))
     record_sync(result)
     return result
 
@@ -347,7 +372,8 @@ def sync_manifests():
     holder = holder_name()
     take_sync_lease(holder, len(locations))
     try:
-        results = remove_dropped_locations(locations) + [sync_location(location) for location in locations]
+        dropped = remove_dropped_locations([location.uri for location in locations])
+        results = dropped + [sync_location(location) for location in locations]
     finally:
         db.session.rollback()  # what an unexpected error left half-applied must not ride on the release
         release_lease(SYNC_LEASE, holder)
@@ -364,7 +390,7 @@ def sync_on_schedule(app):
 
 
 def registry_status():
-    locations = configured_locations()
+    locations = [location.uri for location in configured_locations()]
     last_syncs = {
         last_sync.location: last_sync
         for last_sync in db.session.scalars(sa.select(ManifestSync).where(ManifestSync.location.in_(locations)))

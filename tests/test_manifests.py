@@ -1,6 +1,7 @@
 """Manifests: providers declared in files or at URLs, synced into the registry (section 8)."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
@@ -16,7 +18,7 @@ from cryptography.fernet import Fernet
 from manifests import MAX_MANIFEST_BYTES
 from models import PROVIDER_ROWS, db, provider_of
 from models import PROVIDERS as PROVIDER_TABLE
-from tests.conftest import ROOT, client_as, provider_body, registry_environ
+from tests.conftest import ROOT, basic_auth, client_as, provider_body, registry_environ
 
 PROVIDERS = "/api/v1/model_providers"
 REGISTRY = "/api/v1/registry"
@@ -158,10 +160,12 @@ def registry_status(app):
 
 
 class ManifestServer:
-    """A manifest served over local HTTP, counting fetches and how many of them overlapped."""
+    """A manifest served over local HTTP, counting fetches and how many of them overlapped;
+    with `credentials` ("user:password"), only to a client sending them as Basic auth."""
 
-    def __init__(self, body, delay=0.0):
+    def __init__(self, body, delay=0.0, credentials=None):
         self.body, self.delay = body, delay
+        self.authorization = None if credentials is None else basic_auth(*credentials.split(":", 1))
         self.fetches = self.in_flight = self.most_in_flight = 0
         self.lock = threading.Lock()
         answer = self.answer
@@ -185,6 +189,12 @@ class ManifestServer:
         time.sleep(self.delay)
         with self.lock:  # before answering: the next fetch may only start once this one was answered
             self.in_flight -= 1
+        if self.authorization is not None and handler.headers.get("Authorization") != self.authorization:
+            handler.send_response(401)
+            handler.send_header("WWW-Authenticate", 'Basic realm="manifests"')
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
         if self.body is None:
             handler.send_error(404)
             return
@@ -203,8 +213,8 @@ class ManifestServer:
 def serve_manifest():
     servers = []
 
-    def serve(body, delay=0.0):
-        servers.append(ManifestServer(body, delay))
+    def serve(body, delay=0.0, credentials=None):
+        servers.append(ManifestServer(body, delay, credentials))
         return servers[-1]
 
     yield serve
@@ -415,14 +425,34 @@ def test_a_manifest_url_answering_an_error_status_changes_nothing(registry_app, 
     assert snapshot(app) == before
 
 
-def test_credentials_in_a_manifest_url_are_never_shown(registry_app, serve_manifest):
-    server = serve_manifest(manifest(OPENAI))
-    with_credentials = server.url.replace("http://", "http://deploy:hunter2@")
-    app = registry_app(with_credentials)
+MANIFEST_PASSWORD = "hunter2/?#@:pw"  # each of its special characters percent-encoded in the URL
+
+
+def test_a_manifest_url_with_credentials_is_fetched_with_them_and_never_shows_them(
+    registry_app, serve_manifest, instance_path, databases, caplog
+):
+    caplog.set_level(logging.DEBUG)
+    server = serve_manifest(manifest(OPENAI), credentials=f"deploy:{MANIFEST_PASSWORD}")
+    app = registry_app(server.url.replace("http://", f"http://deploy:{quote(MANIFEST_PASSWORD, safe='')}@"))
     (result,) = sync(app)
-    assert result["location"] == server.url
+    assert result == {"location": server.url, **counts(added=1)}
     assert {provider["registry"] for provider in listing(app)} == {server.url}
     assert [status["location"] for status in registry_status(app)] == [server.url]
+    shown = json.dumps([result, listing(app), registry_status(app)]) + caplog.text
+    stored = databases.stored_bytes(instance_path)
+    for secret in (MANIFEST_PASSWORD, quote(MANIFEST_PASSWORD, safe=""), "deploy:"):
+        assert secret not in shown and secret.encode() not in stored
+
+
+def test_a_manifest_url_with_wrong_credentials_is_an_error_that_does_not_show_them(
+    registry_app, serve_manifest, caplog
+):
+    server = serve_manifest(manifest(OPENAI), credentials=f"deploy:{MANIFEST_PASSWORD}")
+    app = registry_app(server.url.replace("http://", "http://deploy:wrong-password-6666@"))
+    (result,) = sync(app)
+    assert result == {"location": server.url, **counts(), "error": "Fetching the manifest answered HTTP 401."}
+    assert listing(app) == []
+    assert "wrong-password-6666" not in json.dumps(registry_status(app)) + caplog.text
 
 
 def test_providers_of_a_dropped_location_are_removed(registry_app, manifest_path, tmp_path):
