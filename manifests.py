@@ -27,7 +27,17 @@ import audit
 from crypto import UnopenableApiKey, cipher
 from errors import SyncInProgress, flatten_messages
 from metrics import record_manifest_sync
-from models import PROVIDER_ROWS, PROVIDERS, ManifestSync, db, new_id, provider_of, providers_of, utcnow
+from models import (
+    PROVIDER_ROWS,
+    PROVIDERS,
+    ManifestSync,
+    db,
+    new_id,
+    provider_of,
+    providers_of,
+    release_connections,
+    utcnow,
+)
 from scheduler import holder_name, release_lease, try_lease
 from schemas import ManifestSchema
 from upstreams import http_client
@@ -323,6 +333,7 @@ def record_sync(result):
 
 
 def sync_location(location):
+    release_connections()  # none held while a manifest's server is waited on
     try:
         result = apply_manifest(location.uri, load_manifest(location.source))
     except ManifestError as error:

@@ -168,6 +168,8 @@ class ManifestServer:
         self.authorization = None if credentials is None else basic_auth(*credentials.split(":", 1))
         self.fetches = self.in_flight = self.most_in_flight = 0
         self.lock = threading.Lock()
+        self.fetching, self.released = threading.Event(), threading.Event()  # hold(): fetches wait for release()
+        self.released.set()
         answer = self.answer
 
         class Handler(BaseHTTPRequestHandler):
@@ -186,6 +188,8 @@ class ManifestServer:
             self.fetches += 1
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        self.fetching.set()
+        self.released.wait(timeout=30)
         time.sleep(self.delay)
         with self.lock:  # before answering: the next fetch may only start once this one was answered
             self.in_flight -= 1
@@ -204,7 +208,15 @@ class ManifestServer:
         handler.end_headers()
         handler.wfile.write(self.body.encode())
 
+    def hold(self):
+        self.fetching.clear()
+        self.released.clear()
+
+    def release(self):
+        self.released.set()
+
     def stop(self):
+        self.release()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -453,6 +465,26 @@ def test_a_manifest_url_with_wrong_credentials_is_an_error_that_does_not_show_th
     assert result == {"location": server.url, **counts(), "error": "Fetching the manifest answered HTTP 401."}
     assert listing(app) == []
     assert "wrong-password-6666" not in json.dumps(registry_status(app)) + caplog.text
+
+
+@pytest.mark.parametrize("credential", ["password", "token"])
+def test_no_database_connection_is_held_while_a_manifest_is_fetched(credential, registry_app, serve_manifest):
+    server = serve_manifest(manifest(OPENAI))
+    app = registry_app(server.url)
+    admin = client_as(app, "admin")
+    if credential == "token":
+        token = admin.post("/api/v1/tokens", json={"name": "sync"}).get_json()["token"]
+        admin = app.test_client()
+        admin.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    server.hold()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        answer = pool.submit(admin.post, SYNC)
+        assert server.fetching.wait(timeout=10), "the manifest was never fetched"
+        with app.app_context():
+            checked_out = db.engine.pool.checkedout()
+        server.release()
+        assert answer.result(timeout=30).get_json()["items"] == [{"location": server.url, **counts(added=1)}]
+    assert checked_out == 0
 
 
 def test_providers_of_a_dropped_location_are_removed(registry_app, manifest_path, tmp_path):
