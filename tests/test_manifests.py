@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
-from manifests import MAX_MANIFEST_BYTES
+from manifests import MAX_MANIFEST_BYTES, MAX_MANIFEST_ENTRIES
 from models import PROVIDER_ROWS, db, provider_of
 from models import PROVIDERS as PROVIDER_TABLE
 from tests.conftest import ROOT, basic_auth, client_as, provider_body, registry_environ
@@ -353,6 +353,61 @@ def test_a_broken_manifest_changes_nothing_and_says_why(kind, registry_app, mani
     assert (status["outcome"], status["error"], status["provider_count"]) == ("error", result["error"], 2)
     for secret in (LITERAL_KEY, OPENAI_KEY):
         assert secret not in result["error"] and secret not in caplog.text
+
+
+def empty_entries(count):
+    return "model_providers:\n" + "- {}\n" * count
+
+
+def missing(index, *fields):
+    return "; ".join(f"model_providers.{index}.{field}: Missing data for required field." for field in fields)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected_error"),
+    [
+        (
+            empty_entries(MAX_MANIFEST_ENTRIES + 1),
+            f"The manifest declares {MAX_MANIFEST_ENTRIES + 1} providers; at most {MAX_MANIFEST_ENTRIES} may be.",
+        ),
+        (
+            empty_entries(MAX_MANIFEST_ENTRIES),
+            f"{missing(0, 'base_url', 'api_key', 'type')}; {missing(1, 'base_url', 'api_key')}; "
+            f"and {3 * MAX_MANIFEST_ENTRIES - 5} more problems.",
+        ),
+        (
+            json.dumps({"model_providers": [{"x" * 100_000: 1}]}),
+            f"{missing(0, 'base_url', 'api_key', 'type')}; model_providers.0.{'x' * 181}…",  # 200 characters
+        ),
+    ],
+    ids=["too many entries", "many invalid entries", "a long unknown field"],
+)
+def test_the_error_of_a_large_invalid_manifest_stays_short(
+    content, expected_error, registry_app, manifest_path, caplog
+):
+    app = registry_app(manifest_path)
+    sync(app)
+    before = snapshot(app)
+    write_manifest(manifest_path, content)
+    (result,) = sync(app)
+    assert result["error"] == expected_error
+    assert snapshot(app) == before
+    (status,) = registry_status(app)
+    assert status["error"] == expected_error
+    assert max(map(len, caplog.text.splitlines())) < 2000
+
+
+def test_a_manifest_of_the_largest_allowed_size_and_entry_count_syncs(registry_app, manifest_path):
+    entries = "".join(
+        f"  - {{type: openai, base_url: 'https://p{index}.example.com/v1', api_key: k, description: '{index:-<800}'}}\n"
+        for index in range(MAX_MANIFEST_ENTRIES)
+    )
+    content = f"model_providers:\n{entries}"
+    padding = MAX_MANIFEST_BYTES - len(content.encode())
+    assert padding >= 0
+    write_manifest(manifest_path, content + "#" * padding)
+    app = registry_app(manifest_path)
+    assert sync(app) == [{"location": manifest_path.as_uri(), **counts(added=MAX_MANIFEST_ENTRIES)}]
 
 
 SECRET_SETTINGS = {
