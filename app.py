@@ -58,7 +58,8 @@ OTHER_SETTINGS = frozenset(
 
 
 def is_registry_setting(name):
-    return name.startswith("REGISTRY_") or name in OTHER_SETTINGS
+    """REGISTRY_*, OTHER_SETTINGS, and PG* (what libpq reads beside DATABASE_URL: PGPASSWORD, ...)."""
+    return name.startswith(("REGISTRY_", "PG")) or name in OTHER_SETTINGS
 
 
 def read_bool(environ, name, default):

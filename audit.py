@@ -7,7 +7,7 @@ scheduler's work.
 
 import getpass
 import os
-from datetime import UTC, timedelta
+from datetime import timedelta
 
 import click
 import sqlalchemy as sa
@@ -76,10 +76,7 @@ AUDIT_PAGES = NewestFirstPages(
 
 
 def audit_filter_values(query):
-    values = {name: query[name] for name in ("action", "user", "target_id") if name in query}
-    if "since" in query:
-        values["since"] = query["since"].astimezone(UTC).replace(tzinfo=None)  # stored as naive UTC
-    return values
+    return {name: query[name] for name in ("action", "user", "target_id", "since") if name in query}
 
 
 @audit_bp.route("/audit", methods=["GET"])

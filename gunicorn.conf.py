@@ -35,7 +35,7 @@ keepalive = 5
 limit_request_line = 4094
 limit_request_fields = 100
 limit_request_field_size = 8190
-# Access log without credentials: the request line (path and query) but no headers, with the
+# Access log without credentials: the method and path (no query, no headers), with the
 # request id and the authenticated user's name. Every line escaped; LOG_FORMAT=json makes
 # each line, access and error alike, one JSON object (logs.py).
 accesslog = "-"

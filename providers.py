@@ -169,8 +169,13 @@ def create_provider(fields, verify):
     )
 
 
-def changes_connection(changes):
-    return "base_url" in changes or "api_key" in changes
+def changes_connection(values):
+    """Whether the stored changes (stored_changes) touch how the upstream is reached."""
+    return "base_url" in values or "sealed_api_key" in values
+
+
+def changed_field_names(values):
+    return ["api_key" if field == "sealed_api_key" else field for field in values]
 
 
 def verify_changed_connection(provider, changes):
@@ -219,13 +224,15 @@ def update_provider(provider, changes, preconditions, verify):
     errors = watsonx_id_errors(provider.type, merged["watsonx_project_id"], merged["watsonx_space_id"])
     if errors:
         raise ValidationError(errors)
-    if "base_url" in changes:
-        refuse_if_base_url_taken(changes["base_url"], provider.id)
+    values = stored_changes(provider, changes)  # a field sent with its current value changes nothing
+    if not values:
+        return provider
+    if "base_url" in values:
+        refuse_if_base_url_taken(values["base_url"], provider.id)
     upstream_models = KEEP_MODELS
-    if changes_connection(changes):  # unverified (None), the new connection has no list until it is probed
+    if changes_connection(values):  # unverified (None), the new connection has no list until it is probed
         upstream_models = verify_changed_connection(provider, changes) if verify else None
-    values = stored_changes(provider, changes)
-    return store_changes(provider, values, changes.get("base_url"), changes, upstream_models) if values else provider
+    return store_changes(provider, values, values.get("base_url"), changed_field_names(values), upstream_models)
 
 
 def delete_provider(provider, preconditions):

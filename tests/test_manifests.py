@@ -425,6 +425,7 @@ SECRET_SETTINGS = {
         ("HOST", "base_url"),  # set or not, a registry setting is refused
         ("LOG_FORMAT", "name"),
         ("PROMETHEUS_MULTIPROC_DIR", "description"),
+        ("PGPASSWORD", "name"),
     ],
 )
 def test_a_manifest_naming_a_registry_setting_is_an_error_naming_it(
