@@ -263,6 +263,12 @@ def load_manifest(source):
 # Applying
 
 
+def record_change(provider_id, detail, changed_fields=()):
+    """Audit a change of the sync: its actor is `system` (or the CLI user), even when an admin's
+    POST /registry/sync asked for it (API.md section 10); that request lends its request id."""
+    audit.record("manifest.sync", provider_id, changed_fields, detail, by_system=True)
+
+
 def refuse_clashes(location, entries):
     clash = provider_of(
         db.session.execute(
@@ -324,7 +330,7 @@ def apply_manifest(location, entries):
     if gone:  # first, freeing the base_url of a replaced provider for its successor
         db.session.execute(sa.delete(PROVIDERS).where(PROVIDERS.c.id.in_(gone)))
     for provider_id in gone:
-        audit.record("manifest.sync", provider_id, detail=f"deleted: gone from {location}")
+        record_change(provider_id, detail=f"deleted: gone from {location}")
     changes = [
         (kept[entry["base_url"]].id, changes_from_entry(kept[entry["base_url"]], entry))
         for entry in entries
@@ -335,7 +341,7 @@ def apply_manifest(location, entries):
             edit = sa.update(PROVIDERS).where(PROVIDERS.c.id == provider_id)
             db.session.execute(edit.values(**values, version=PROVIDERS.c.version + 1))
             changed_fields = [field.replace("sealed_api_key", "api_key") for field in values]
-            audit.record("manifest.sync", provider_id, changed_fields, f"updated from {location}")
+            record_change(provider_id, f"updated from {location}", changed_fields)
     added = [values_of_entry(location, entry) for entry in entries if entry["base_url"] not in kept]
     if added:
         try:
@@ -348,7 +354,7 @@ def apply_manifest(location, entries):
         changed_fields = [
             field.replace("sealed_api_key", "api_key") for field in values if field not in ("id", "registry")
         ]
-        audit.record("manifest.sync", values["id"], changed_fields, f"created from {location}")
+        record_change(values["id"], f"created from {location}", changed_fields)
     updated = sum(bool(values) for _, values in changes)
     return SyncResult(location, added=len(added), updated=updated, removed=len(gone), unchanged=len(kept) - updated)
 
@@ -379,7 +385,7 @@ def remove_providers_of(location):
         .all()
     )
     for provider_id in removed:
-        audit.record("manifest.sync", provider_id, detail=f"deleted: {location} is no longer configured")
+        record_change(provider_id, detail=f"deleted: {location} is no longer configured")
     return len(removed)
 
 

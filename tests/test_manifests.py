@@ -543,6 +543,19 @@ def test_no_database_connection_is_held_while_a_manifest_is_fetched(credential, 
     assert checked_out == 0
 
 
+def test_the_changes_of_a_sync_an_admin_asks_for_are_audited_as_the_systems(registry_app, manifest_path):
+    app = registry_app(manifest_path)
+    admin = client_as(app, "admin")
+    token = admin.post("/api/v1/tokens", json={"name": "sync"}).get_json()["token"]
+    asked = admin.post(SYNC, headers={"Authorization": f"Bearer {token}", "X-Request-ID": "sync-1"})
+    assert asked.status_code == 200
+    events = admin.get("/api/v1/audit", query_string={"action": "manifest.sync"}).get_json()["items"]
+    assert len(events) == 2
+    for event in events:
+        assert (event["user"], event["token_id"], event["client_address"]) == ("system", None, None)
+        assert event["request_id"] == "sync-1"
+
+
 def test_providers_of_a_dropped_location_are_removed(registry_app, manifest_path, tmp_path):
     dropped_path = write_manifest(tmp_path / "dropped.yaml", manifest(ANTHROPIC))
     app = registry_app(manifest_path, dropped_path)
