@@ -84,31 +84,46 @@ class SyncResult:
 @dataclass(frozen=True)
 class ManifestLocation:
     """A configured location: `uri` is shown to readers and stored as its providers' `registry`,
-    `source` is what a sync reads (a URL's credentials included)."""
+    `source` is what a sync reads (with a URL's credentials and query string); None when
+    several configured locations share the `uri`."""
 
     uri: str
-    source: str
+    source: str | None
 
 
 def without_credentials(parts):
     return parts._replace(netloc=parts.netloc.rpartition("@")[2])
 
 
+def shown_url(parts):
+    """A URL without what may be a secret: credentials (user:password@) and the query string
+    (a presigned URL's signature)."""
+    return without_credentials(parts)._replace(query="").geturl()
+
+
 def manifest_location(location):
-    """A configured location as file:///abs/path or its URL; credentials (user:password@) are not shown."""
+    """A configured location as file:///abs/path or its URL as shown (shown_url)."""
     try:
         parts = urlsplit(location)
     except ValueError:  # not a usable URL: kept as configured, for its sync to report
         return ManifestLocation(location, location)
     if parts.scheme.lower() not in ("", "file"):
-        return ManifestLocation(without_credentials(parts).geturl(), location)
+        return ManifestLocation(shown_url(parts), location)
     path = url2pathname(parts.path) if parts.scheme else location
     uri = Path(os.path.abspath(path)).as_uri()
     return ManifestLocation(uri, uri)
 
 
 def configured_locations():
-    return list(dict.fromkeys(manifest_location(location) for location in current_app.config["MANIFESTS"]))
+    """Each configured location once. URLs that differ only in what is not shown would be one
+    location to readers and in `registry`: such a location has no source, and its sync fails."""
+    sources_by_uri = {}
+    for location in map(manifest_location, current_app.config["MANIFESTS"]):
+        sources_by_uri.setdefault(location.uri, set()).add(location.source)
+    return [
+        ManifestLocation(uri, next(iter(sources)) if len(sources) == 1 else None)
+        for uri, sources in sources_by_uri.items()
+    ]
 
 
 # Reading
@@ -139,13 +154,16 @@ def fetch_url(url):
     """The manifest at `url`. Its credentials go as Basic auth, not in the URL: httpx logs and
     quotes the URL it requests."""
     parts = urlsplit(url)
-    url_shown, credentials = without_credentials(parts).geturl(), basic_credentials(parts)
+    url_without_credentials = without_credentials(parts).geturl()
+    credentials = basic_credentials(parts)
     content = b""
     timeout = current_app.config["UPSTREAM_TIMEOUT"]
     try:
         with (
             deadline(timeout),
-            http_client().stream("GET", url_shown, auth=credentials, timeout=timeout, follow_redirects=True) as answer,
+            http_client().stream(
+                "GET", url_without_credentials, auth=credentials, timeout=timeout, follow_redirects=True
+            ) as answer,
         ):
             if answer.status_code != 200:
                 raise ManifestError(f"Fetching the manifest answered HTTP {answer.status_code}.")
@@ -157,6 +175,11 @@ def fetch_url(url):
 
 
 def read_location(source):
+    if source is None:
+        raise ManifestError(
+            "This location is configured more than once with different credentials or query strings, which are not "
+            "shown; give each manifest a path of its own."
+        )
     try:
         parts = urlsplit(source)
     except ValueError:

@@ -167,6 +167,7 @@ class ManifestServer:
         self.body, self.delay = body, delay
         self.authorization = None if credentials is None else basic_auth(*credentials.split(":", 1))
         self.fetches = self.in_flight = self.most_in_flight = 0
+        self.paths = []  # each fetch's path and query
         self.lock = threading.Lock()
         self.fetching, self.released = threading.Event(), threading.Event()  # hold(): fetches wait for release()
         self.released.set()
@@ -186,6 +187,7 @@ class ManifestServer:
     def answer(self, handler):
         with self.lock:
             self.fetches += 1
+            self.paths.append(handler.path)
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
         self.fetching.set()
@@ -554,6 +556,54 @@ def test_the_changes_of_a_sync_an_admin_asks_for_are_audited_as_the_systems(regi
     for event in events:
         assert (event["user"], event["token_id"], event["client_address"]) == ("system", None, None)
         assert event["request_id"] == "sync-1"
+
+
+SIGNATURE = "presigned-signature-7777"
+
+
+def test_a_manifest_url_is_shown_and_stored_without_its_query_string(
+    registry_app, serve_manifest, instance_path, databases, caplog
+):
+    caplog.set_level(logging.INFO, logger="manifests")
+    server = serve_manifest(manifest(OPENAI))
+    app = registry_app(f"{server.url}?sig={SIGNATURE}&expires=1")
+    assert sync(app) == [{"location": server.url, **counts(added=1)}]
+    assert server.paths == [f"/providers.yaml?sig={SIGNATURE}&expires=1"]
+    (provider,) = listing(app)
+    assert provider["registry"] == server.url
+    assert [status["location"] for status in registry_status(app)] == [server.url]
+    assert SIGNATURE not in json.dumps([listing(app), registry_status(app)]) + caplog.text
+    assert SIGNATURE.encode() not in databases.stored_bytes(instance_path)
+
+    resigned_app = registry_app(f"{server.url}?sig=another-signature&expires=2")
+    assert sync(resigned_app) == [{"location": server.url, **counts(unchanged=1)}]  # the same location
+    assert listing(resigned_app) == [provider]
+
+
+def test_urls_that_differ_only_in_what_is_not_shown_are_one_location_that_fails(registry_app, serve_manifest):
+    server = serve_manifest(manifest(OPENAI))
+    app = registry_app(f"{server.url}?team=a", f"{server.url}?team=b", server.url.replace("//", "//user:pw@"))
+    error = (
+        "This location is configured more than once with different credentials or query strings, which are not "
+        "shown; give each manifest a path of its own."
+    )
+    assert sync(app) == [{"location": server.url, **counts(), "error": error}]
+    assert server.fetches == 0 and listing(app) == []
+    assert [(status["location"], status["error"]) for status in registry_status(app)] == [(server.url, error)]
+
+
+def test_a_manifest_urls_credentials_and_query_string_are_not_in_the_server_log(start_gunicorn, serve_manifest):
+    manifest_server = serve_manifest(manifest(OPENAI), credentials=f"deploy:{MANIFEST_PASSWORD}")
+    secret_url = manifest_server.url.replace("http://", f"http://deploy:{quote(MANIFEST_PASSWORD, safe='')}@")
+    server = start_gunicorn(workers=1, REGISTRY_MANIFESTS=f"{secret_url}?sig={SIGNATURE}", OPENAI_API_KEY=OPENAI_KEY)
+    (provider,) = wait_for_providers(server, 1)
+    assert provider["registry"] == manifest_server.url
+    assert post_sync(server) == 200
+    server.kill()
+    log = server.log()
+    assert manifest_server.url in log  # the sync's own line, with the location as shown
+    for secret in (SIGNATURE, MANIFEST_PASSWORD, quote(MANIFEST_PASSWORD, safe=""), "deploy:"):
+        assert secret not in log
 
 
 def test_providers_of_a_dropped_location_are_removed(registry_app, manifest_path, tmp_path):
