@@ -156,7 +156,7 @@ def fetch_url(url):
     parts = urlsplit(url)
     url_without_credentials = without_credentials(parts).geturl()
     credentials = basic_credentials(parts)
-    content = b""
+    content = bytearray()  # grown in place: a server trickling small chunks costs no copy of all so far each
     timeout = current_app.config["UPSTREAM_TIMEOUT"]
     try:
         with (
@@ -168,10 +168,11 @@ def fetch_url(url):
             if answer.status_code != 200:
                 raise ManifestError(f"Fetching the manifest answered HTTP {answer.status_code}.")
             for chunk in answer.iter_bytes():
-                content = within_size_limit(content + chunk)
+                content += chunk
+                within_size_limit(content)
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as error:  # ValueError: a host or port httpx cannot use
         raise ManifestError(f"Cannot fetch the manifest: {error or type(error).__name__}.") from None
-    return content
+    return bytes(content)
 
 
 def read_location(source):
@@ -270,7 +271,9 @@ def entries_of(content, variables):
         raise ManifestError("The manifest must be a mapping with a model_providers list.")
     entries = document.get("model_providers")
     if isinstance(entries, list) and len(entries) > MAX_MANIFEST_ENTRIES:
-        raise ManifestError(f"The manifest declares {len(entries)} providers; at most {MAX_MANIFEST_ENTRIES} may be.")
+        raise ManifestError(
+            f"The manifest declares {len(entries)} providers; at most {MAX_MANIFEST_ENTRIES} are allowed."
+        )
     try:
         return manifest_schema.load(with_variables(document, variables))["model_providers"]
     except ValidationError as error:

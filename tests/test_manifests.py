@@ -370,7 +370,7 @@ def missing(index, *fields):
     [
         (
             empty_entries(MAX_MANIFEST_ENTRIES + 1),
-            f"The manifest declares {MAX_MANIFEST_ENTRIES + 1} providers; at most {MAX_MANIFEST_ENTRIES} may be.",
+            f"The manifest declares {MAX_MANIFEST_ENTRIES + 1} providers; at most {MAX_MANIFEST_ENTRIES} are allowed.",
         ),
         (
             empty_entries(MAX_MANIFEST_ENTRIES),
@@ -492,6 +492,17 @@ def test_a_manifest_url_answering_an_error_status_changes_nothing(registry_app, 
     before = snapshot(app)
     server.body = None
     assert sync(app) == [{"location": server.url, **counts(), "error": "Fetching the manifest answered HTTP 404."}]
+    assert snapshot(app) == before
+
+
+def test_a_manifest_url_answering_more_than_the_size_limit_changes_nothing(registry_app, serve_manifest):
+    server = serve_manifest(manifest(OPENAI))
+    app = registry_app(server.url)
+    sync(app)
+    before = snapshot(app)
+    server.body = manifest(OPENAI) + "#" * MAX_MANIFEST_BYTES
+    (result,) = sync(app)
+    assert result["error"] == f"The manifest is larger than {MAX_MANIFEST_BYTES} bytes."
     assert snapshot(app) == before
 
 
