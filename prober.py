@@ -6,10 +6,13 @@ at most WRITE_BATCH providers, so no connection waits on an upstream and the dat
 write lock is never held for long. bench/README.md ("Why these choices") says why threads.
 """
 
+import gc
 import logging
 import math
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -43,6 +46,7 @@ WRITE_BATCH = 50  # outcomes per write transaction
 # (up to 100 ms apart), so back-to-back batches could keep it waiting through several.
 PAUSE_BETWEEN_BATCHES = 0.05
 WRITE_EVERY_SECONDS = 0.5  # outcomes wait at most this long to be written
+collection_switch = threading.Lock()  # one no_garbage_collection at a time
 
 
 @dataclass(frozen=True)
@@ -112,27 +116,51 @@ def write_batch(outcomes):
     Nothing is stored for a provider edited or deleted since it was read, as the probe may
     have asked its old upstream: the state update is conditional, and the model lists are
     written for the providers it recorded. A probe is not an edit: updated_at and version
-    keep their values.
+    keep their values. Rows are built before the transaction, which holds only statements.
     """
     checked_at = utcnow()
     records = [probe_record(target, error, checked_at) for target, _, error in outcomes]
-    for statement, batch in (
+    records_by_statement = (
         (RECORD_FAILURE, [record for record in records if record["last_error"] is not None]),
         (RECORD_SUCCESS, [record for record in records if record["last_error"] is None]),
-    ):
-        if batch:
-            db.session.execute(statement, batch)
-    recorded = set(
-        db.session.scalars(RECORDED, {"target_ids": [target.id for target, _, _ in outcomes], "checked_at": checked_at})
     )
-    listings = [(target, models) for target, models, error in outcomes if error is None and target.id in recorded]
-    if listings:
-        db.session.execute(MODELS_OF_TARGETS, {"target_ids": [target.id for target, _ in listings]})
-        rows = [row for target, upstream_models in listings for row in index_rows(target.id, upstream_models)]
-        if rows:
-            db.session.execute(sa.insert(PROVIDER_MODELS), rows)
-    db.session.commit()
+    rows_of_listed = {target.id: index_rows(target.id, models) for target, models, error in outcomes if error is None}
+    with no_garbage_collection():
+        for statement, batch in records_by_statement:
+            if batch:
+                db.session.execute(statement, batch)
+        recorded = set(
+            db.session.scalars(
+                RECORDED, {"target_ids": [record["target_id"] for record in records], "checked_at": checked_at}
+            )
+        )
+        listed = [target_id for target_id in rows_of_listed if target_id in recorded]
+        if listed:
+            db.session.execute(MODELS_OF_TARGETS, {"target_ids": listed})
+            rows = [row for target_id in listed for row in rows_of_listed[target_id]]
+            if rows:
+                db.session.execute(sa.insert(PROVIDER_MODELS), rows)
+        db.session.commit()
     log_state_changes(outcomes, records, recorded)
+
+
+@contextmanager
+def no_garbage_collection():
+    """No garbage collection starts in this process meanwhile; one pending runs after.
+
+    A full collection over a round's objects stops every thread for 100 ms or more (a few
+    such per round at 3000 providers, and longer with more), so one that started inside a
+    write transaction held SQLite's write lock as long (bench/README.md, "write-lock
+    hold"). gc is the whole process's: one writer at a time turns it off and on again.
+    """
+    with collection_switch:
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            yield
+        finally:
+            if collecting:
+                gc.enable()
 
 
 def log_state_changes(outcomes, records, recorded):
