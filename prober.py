@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 from flask import current_app
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from catalog import index_rows, provider_connection
 from crypto import UnopenableApiKey
@@ -91,7 +93,7 @@ def listing_or_error(target):
         return None, UpstreamError("listing the models failed unexpectedly")
 
 
-def probe_record(target, error, checked_at):
+def probe_record(target, error):
     """The provider's row after a probe: online after one success, offline after N failures in a row."""
     count_probe(target.type, succeeded=error is None)
     if error is None:
@@ -105,42 +107,40 @@ def probe_record(target, error, checked_at):
         "read_version": target.version,
         "state": state,
         "consecutive_failures": failures,
-        "last_checked_at": checked_at,
         "last_error": last_error,
+        "listed": error is None,
     }
 
 
 def write_batch(outcomes):
-    """Store a batch of probe outcomes in one transaction of a few statements.
+    """Store a batch of probe outcomes in one transaction of three statements.
 
     Nothing is stored for a provider edited or deleted since it was read, as the probe may
     have asked its old upstream: the state update is conditional, and the model lists are
-    written for the providers it recorded. A probe is not an edit: updated_at and version
-    keep their values. Rows are built before the transaction, which holds only statements.
+    written for the providers it recorded; a failed listing keeps the last list. A probe is
+    not an edit: updated_at and version keep their values.
+
+    The batch travels as two JSON parameters, built before the transaction, so each
+    statement is one step of the database: bench/README.md ("write-lock hold") says why.
     """
-    checked_at = utcnow()
-    records = [probe_record(target, error, checked_at) for target, _, error in outcomes]
-    records_by_statement = (
-        (RECORD_FAILURE, [record for record in records if record["last_error"] is not None]),
-        (RECORD_SUCCESS, [record for record in records if record["last_error"] is None]),
-    )
-    rows_of_listed = {target.id: index_rows(target.id, models) for target, models, error in outcomes if error is None}
+    records = [probe_record(target, error) for target, _, error in outcomes]
+    parameters = {
+        "checked_at": utcnow(),
+        "outcomes": records,
+        "target_ids": [target.id for target, _, _ in outcomes],
+        "listed_ids": [target.id for target, _, error in outcomes if error is None],
+        "index_rows": [
+            row for target, models, error in outcomes if error is None for row in index_rows(target.id, models)
+        ],
+    }
     with no_garbage_collection():
-        for statement, batch in records_by_statement:
-            if batch:
-                db.session.execute(statement, batch)
-        recorded = set(
-            db.session.scalars(
-                RECORDED, {"target_ids": [record["target_id"] for record in records], "checked_at": checked_at}
-            )
-        )
-        listed = [target_id for target_id in rows_of_listed if target_id in recorded]
-        if listed:
-            db.session.execute(MODELS_OF_TARGETS, {"target_ids": listed})
-            rows = [row for target_id in listed for row in rows_of_listed[target_id]]
-            if rows:
-                db.session.execute(sa.insert(PROVIDER_MODELS), rows)
+        db.session.execute(RECORD_OUTCOMES, parameters)
+        if parameters["listed_ids"]:
+            db.session.execute(FORMER_MODELS, parameters)
+            db.session.execute(LISTED_MODELS, parameters)
         db.session.commit()
+    recorded = set(db.session.scalars(RECORDED, parameters))
+    release_connections()
     log_state_changes(outcomes, records, recorded)
 
 
@@ -170,24 +170,72 @@ def log_state_changes(outcomes, records, recorded):
             log.warning("provider %s (%s) is now %s%s", target.id, target.type, record["state"], last_error)
 
 
-RECORD_FAILURE = (
+class json_array_elements(FunctionElement):
+    """The elements of a JSON array parameter, as rows of one column, `value`."""
+
+    inherit_cache = True
+    name = "json_array_elements"
+
+
+@compiles(json_array_elements)
+def sqlite_json_each(element, compiler, **kw):
+    return f"json_each({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(json_array_elements, "postgresql")
+def postgresql_json_array_elements(element, compiler, **kw):
+    return f"json_array_elements({compiler.process(element.clauses, **kw)})"
+
+
+def json_rows(name):
+    """The rows of the JSON array parameter `name`, as a table."""
+    return json_array_elements(sa.bindparam(name, type_=sa.JSON)).table_valued("value").alias(name)
+
+
+def field(rows, key):
+    return sa.type_coerce(rows.c.value, sa.JSON)[key]
+
+
+def recorded_now(target_ids):
+    """The ids among the parameter `target_ids` whose probe this batch recorded."""
+    return sa.select(PROVIDERS.c.id).where(
+        PROVIDERS.c.id.in_(sa.bindparam(target_ids, expanding=True)), PROVIDERS.c.last_checked_at == CHECKED_AT
+    )
+
+
+CHECKED_AT = sa.bindparam("checked_at", type_=PROVIDERS.c.last_checked_at.type)
+OUTCOMES = json_rows("outcomes")
+RECORD_OUTCOMES = (
     sa.update(PROVIDERS)
-    .where(PROVIDERS.c.id == sa.bindparam("target_id"), PROVIDERS.c.version == sa.bindparam("read_version"))
+    .where(
+        PROVIDERS.c.id == field(OUTCOMES, "target_id").as_string(),
+        PROVIDERS.c.version == field(OUTCOMES, "read_version").as_integer(),
+    )
     .values(
-        state=sa.bindparam("state"),
-        consecutive_failures=sa.bindparam("consecutive_failures"),
-        last_checked_at=sa.bindparam("last_checked_at"),
-        last_error=sa.bindparam("last_error"),
+        state=field(OUTCOMES, "state").as_string(),
+        consecutive_failures=field(OUTCOMES, "consecutive_failures").as_integer(),
+        last_error=field(OUTCOMES, "last_error").as_string(),
+        last_checked_at=CHECKED_AT,
+        models_listed_at=sa.case(
+            (field(OUTCOMES, "listed").as_boolean(), CHECKED_AT), else_=PROVIDERS.c.models_listed_at
+        ),
         updated_at=PROVIDERS.c.updated_at,
     )
 )
-RECORD_SUCCESS = RECORD_FAILURE.values(models_listed_at=sa.bindparam("last_checked_at"))
-RECORDED = sa.select(PROVIDERS.c.id).where(
-    PROVIDERS.c.id.in_(sa.bindparam("target_ids", expanding=True)),
-    PROVIDERS.c.last_checked_at == sa.bindparam("checked_at"),
-)
-MODELS_OF_TARGETS = sa.delete(PROVIDER_MODELS).where(
-    PROVIDER_MODELS.c.provider_id.in_(sa.bindparam("target_ids", expanding=True))
+RECORDED = recorded_now("target_ids")
+LISTINGS_RECORDED = recorded_now("listed_ids")
+FORMER_MODELS = sa.delete(PROVIDER_MODELS).where(PROVIDER_MODELS.c.provider_id.in_(LISTINGS_RECORDED))
+INDEX_ROWS = json_rows("index_rows")
+LISTED_MODELS = sa.insert(PROVIDER_MODELS).from_select(
+    ["provider_id", "upstream_id", "position", "created", "owned_by", "display_name"],
+    sa.select(
+        field(INDEX_ROWS, "provider_id").as_string(),
+        field(INDEX_ROWS, "upstream_id").as_string(),
+        field(INDEX_ROWS, "position").as_integer(),
+        sa.cast(field(INDEX_ROWS, "created").as_string(), sa.BigInteger),  # as_integer casts to a 32-bit INTEGER
+        field(INDEX_ROWS, "owned_by").as_string(),
+        field(INDEX_ROWS, "display_name").as_string(),
+    ).where(field(INDEX_ROWS, "provider_id").as_string().in_(LISTINGS_RECORDED)),
 )
 
 
