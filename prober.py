@@ -205,6 +205,7 @@ def recorded_now(target_ids):
 
 CHECKED_AT = sa.bindparam("checked_at", type_=PROVIDERS.c.last_checked_at.type)
 OUTCOMES = json_rows("outcomes")
+# UPDATE ... FROM: SQLite 3.33 or later.
 RECORD_OUTCOMES = (
     sa.update(PROVIDERS)
     .where(

@@ -68,6 +68,26 @@ def test_check_probes_at_once(prober_app, fake_upstream):
     assert admin.post(f"{PROVIDERS}/{provider['id']}/check").get_json()["state"] == "online"
 
 
+def test_a_round_stores_each_listing_as_the_upstream_sent_it(prober_app, fake_upstream):
+    # A batch reaches the database as JSON: ids that look like numbers or JSON stay text.
+    upstream_ids = ["0123", 'say "hi"', "back\\slash", "éè-模型", "null", "gpt-4o"]
+    admin = client_as(prober_app, "admin")
+    openai = register(admin, fake_upstream(models=upstream_ids))
+    claude = fake_upstream(flavor="anthropic", models=["claude-sonnet-4"])
+    anthropic = admin.post(
+        PROVIDERS, json=provider_body(type="anthropic", base_url=claude.base_url, api_key=claude.api_key)
+    ).get_json()
+
+    probe_round(prober_app)
+    listed = admin.get(f"{PROVIDERS}/{openai['id']}/models").get_json()["items"]
+    assert [model["id"] for model in listed] == [f"openai:{upstream_id}" for upstream_id in upstream_ids]
+    assert {(model["created"], model["owned_by"], model["display_name"]) for model in listed} == {
+        (1700000000, "fake", None)
+    }
+    [sonnet] = admin.get(f"{PROVIDERS}/{anthropic['id']}/models").get_json()["items"]
+    assert (sonnet["display_name"], sonnet["created"]) == ("Claude-Sonnet-4", 1739923200)  # 2025-02-19
+
+
 def test_a_round_leaves_garbage_collection_as_it_found_it(prober_app, fake_upstream):
     # The prober pauses the process's garbage collection while it holds the write lock.
     register(client_as(prober_app, "admin"), fake_upstream())
