@@ -38,16 +38,28 @@ MIGRATIONS_DIRECTORY = os.path.join(HERE, "migrations")
 MAX_BODY_BYTES = 64 * 1024
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
+SQLITE_MMAP_BYTES = 256 * 1024 * 1024
+ENSURE_SYNC_MEMORY = 1024  # far more hooks, views and callbacks than the registry has
 
 
 # The registry's own settings besides REGISTRY_*: read here, in gunicorn.conf.py, and LOG_FORMAT (API.md section 5).
 OTHER_SETTINGS = frozenset(
-    {"DATABASE_URL", "HOST", "PORT", "LOG_FORMAT", "LOG_LEVEL", "WEB_CONCURRENCY", "GUNICORN_WORKER_CONNECTIONS"}
+    {
+        "DATABASE_URL",
+        "HOST",
+        "PORT",
+        "LOG_FORMAT",
+        "LOG_LEVEL",
+        "WEB_CONCURRENCY",
+        "GUNICORN_WORKER_CONNECTIONS",
+        "PROMETHEUS_MULTIPROC_DIR",
+    }
 )
 
 
 def is_registry_setting(name):
-    return name.startswith("REGISTRY_") or name in OTHER_SETTINGS
+    """REGISTRY_*, OTHER_SETTINGS, and PG* (what libpq reads beside DATABASE_URL: PGPASSWORD, ...)."""
+    return name.startswith(("REGISTRY_", "PG")) or name in OTHER_SETTINGS
 
 
 def read_bool(environ, name, default):
@@ -118,8 +130,9 @@ def load_config(environ):
         else 0,
         "SQLITE_SYNCHRONOUS": read_choice(environ, "REGISTRY_SQLITE_SYNCHRONOUS", ("NORMAL", "FULL")),
         "MAX_CONTENT_LENGTH": MAX_BODY_BYTES,
-        # A SQLite file drops no connection; a ping would cost a query on every request.
-        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": not database_url.startswith("sqlite")},
+        # A SQLite file drops no connection; a ping would cost a query on every request. The
+        # most recently used connection goes out first, with the warmest page cache.
+        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": not database_url.startswith("sqlite"), "pool_use_lifo": True},
         "APIFAIRY_TITLE": "Model Provider Registry",
         "APIFAIRY_VERSION": "1.0.0",
         "APIFAIRY_APISPEC_PATH": "/openapi.json",
@@ -130,9 +143,16 @@ def load_config(environ):
 
 def tune_sqlite(dbapi_connection, connection_record, synchronous):
     """WAL for concurrent readers and crash safety; bench/README.md ("Why these choices") says
-    what `synchronous` (NORMAL or FULL) trades."""
+    what `synchronous` (NORMAL or FULL) trades. Memory-mapped reads: a connection whose cache
+    another worker's write made stale reads its pages again without copying them."""
     cursor = dbapi_connection.cursor()
-    for pragma in ("journal_mode=WAL", f"synchronous={synchronous}", "busy_timeout=30000", "foreign_keys=ON"):
+    for pragma in (
+        "journal_mode=WAL",
+        f"synchronous={synchronous}",
+        "busy_timeout=30000",
+        "foreign_keys=ON",
+        f"mmap_size={SQLITE_MMAP_BYTES}",
+    ):
         cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
 
@@ -168,11 +188,31 @@ def register_jobs(scheduler):
     scheduler.add_job("audit-prune", "AUDIT_PRUNE_INTERVAL", audit.prune_old_events)
 
 
+class Registry(Flask):
+    """Flask, asking once per function whether it is a coroutine function.
+
+    Flask and flask-httpauth pass every hook, view and auth callback through ensure_sync on
+    every request (about fourteen times), and inspect's check costs more than most hooks.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._runnable_of = {}
+
+    def ensure_sync(self, func):
+        runnable = self._runnable_of.get(func)
+        if runnable is None:
+            runnable = super().ensure_sync(func)
+            if len(self._runnable_of) < ENSURE_SYNC_MEMORY:
+                self._runnable_of[func] = runnable
+        return runnable
+
+
 def create_app(environ=None):
     """Build the registry; `environ` replaces os.environ (tests pass their own)."""
     environ = os.environ if environ is None else environ
     config = load_config(environ)
-    app = Flask(__name__, instance_path=config.pop("INSTANCE_PATH"))
+    app = Registry(__name__, instance_path=config.pop("INSTANCE_PATH"))
     app.config.update(config, SCHEMA_HEAD=schema_head())
     app.json.sort_keys = False
     app.wsgi_app = RequestIds(app.wsgi_app)

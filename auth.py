@@ -40,8 +40,6 @@ from serving import off_the_hub
 log = logging.getLogger(__name__)
 REALM = "model-provider-registry"
 CHALLENGES = [("WWW-Authenticate", f'Basic realm="{REALM}"'), ("WWW-Authenticate", f'Bearer realm="{REALM}"')]
-# API.md section 6: a worker may trust a password it verified this long without reading the user again.
-REMEMBER_VERIFIED_SECONDS = 1.0
 # Failed Basic logins per client address across all user names, as a multiple of the limit per name.
 ADDRESS_LIMIT_FACTOR = 4
 # last_used_at is written when the stored value is older than this, not on every request.
@@ -116,20 +114,14 @@ class BoundedMemory:
             self._entries.pop(key, None)
 
 
-class VerifiedPassword(NamedTuple):
-    caller: Caller
-    password_hash: str
-    checked_at: float  # monotonic
-
-
 class VerifiedPasswords:
     """Passwords this process has already checked with the slow hash.
 
     Keyed by user name and a keyed digest of the password, so a wrong password never
-    matches and the plain password is never held. An entry checked against the users table
-    within REMEMBER_VERIFIED_SECONDS is trusted without reading it; after that, it spares
-    the slow hash only while the user's id and stored hash are still the ones verified, so
-    a password change, or a new user of the same name, never matches.
+    matches and the plain password is never held. An entry spares the slow hash only while
+    the user's id and stored hash are still the ones verified: a password change, or a new
+    user of the same name, never matches. The user is read on every request all the same,
+    so a demotion or a deletion takes effect on the next one (API.md section 6).
     """
 
     def __init__(self, capacity=1024):
@@ -139,21 +131,16 @@ class VerifiedPasswords:
     def key(self, username, password):
         return username, hmac.new(self._secret, password.encode(), hashlib.sha256).digest()
 
-    def recent(self, key):
-        """The caller of a password verified within the last REMEMBER_VERIFIED_SECONDS, else None."""
-        entry = self._memory.get(key)
-        if entry is not None and time.monotonic() - entry.checked_at <= REMEMBER_VERIFIED_SECONDS:
-            return entry.caller
-        return None
-
     def matches(self, key, user):
-        entry = self._memory.get(key)
-        return entry is not None and (entry.caller.id, entry.password_hash) == (user.id, user.password_hash)
+        return self._memory.get(key) == (user.id, user.password_hash)
 
     def remember(self, key, user):
-        caller = Caller(user.id, user.username, user.role)
-        self._memory.put(key, VerifiedPassword(caller, user.password_hash, time.monotonic()))
-        return caller
+        self._memory.put(key, (user.id, user.password_hash))
+        return caller_of(user)
+
+
+def caller_of(user):
+    return Caller(user.id, user.username, user.role)
 
 
 class FailedAttempts:
@@ -280,13 +267,15 @@ def refuse_if_address_limited(state):
     state.login_failures_by_address.refuse_if_limited(request.remote_addr, "logins from your address")
 
 
-def check_credentials(key, username, password):
+def check_credentials(key, username, password, name_key):
     """The caller when the password is right, else None; the slow hash only for a password
-    this process has not verified for this user's current hash."""
+    this process has not verified for this user's current hash, and the limits only for such a
+    password: one a worker has verified is never refused for the guesses of others."""
     state = auth_state()
     user = read_connection().execute(CREDENTIALS_BY_USERNAME, {"username": username}).first()
     if user is not None and state.verified_passwords.matches(key, user):
-        return state.verified_passwords.remember(key, user)
+        return caller_of(user)
+    state.login_failures_by_name.refuse_if_limited(name_key, "logins as this user from your address")
     refuse_if_address_limited(state)
     with slow_hash_turn():
         refuse_if_address_limited(state)  # the guesses this request waited for may have reached the limit
@@ -307,9 +296,7 @@ def verify_password(username, password):
         return None
     state = auth_state()
     name_key = (request.remote_addr, hashlib.sha256(username.encode()).digest())  # bounded, whatever was sent
-    state.login_failures_by_name.refuse_if_limited(name_key, "logins as this user from your address")
-    key = state.verified_passwords.key(username, password)
-    caller = state.verified_passwords.recent(key) or check_credentials(key, username, password)
+    caller = check_credentials(state.verified_passwords.key(username, password), username, password, name_key)
     if caller is None:
         state.login_failures_by_name.record(name_key)
         state.login_failures_by_address.record(request.remote_addr)

@@ -15,6 +15,7 @@ from werkzeug.security import generate_password_hash
 import audit
 from crypto import UnopenableApiKey, cipher
 from errors import SyncInProgress
+from logs import escape
 from manifests import sync_manifests
 from models import PROVIDERS, ROLES, USERNAME_MAX_LENGTH, USERS, User, canonical_username, db
 from schemas import MAX_TOKEN_DAYS, TokenCreateSchema
@@ -49,10 +50,10 @@ def check_username(username):
 
 def change_user(statement, username, action, changed_fields=()):
     """Run an UPDATE or DELETE of the user named `username`, audit it and commit; an error when there is none."""
-    username = canonical_username(username)
-    if db.session.execute(statement.where(USERS.c.username == username)).rowcount == 0:
+    canonical = canonical_username(username)
+    if canonical is None or db.session.execute(statement.where(USERS.c.username == canonical)).rowcount == 0:
         raise click.ClickException(f"No user named {username!r}.")
-    audit.record(action, username, changed_fields)
+    audit.record(action, canonical, changed_fields)
     db.session.commit()
 
 
@@ -130,6 +131,7 @@ def list_users():
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input.")
 def set_password(username, password_stdin):
     """Change a user's password."""
+    find_user(username)  # before asking for a password
     password_hash = generate_password_hash(read_password(password_stdin))
     change_user(sa.update(USERS).values(password_hash=password_hash), username, "user.update", ["password"])
     click.echo(f"Changed the password of {username}.")
@@ -177,13 +179,15 @@ def create_api_token(name, username, role, expires_in_days):
 @click.option("--user", "username", help="Only this user's tokens.")
 def list_api_tokens(username):
     """List API tokens, newest first: id, name, user, role, created, expires, last used."""
+    filters = {"user": find_user(username).username} if username else {}
     page_token = None
     while True:
-        page = TOKEN_PAGES.page({"user": username} if username else {}, 1000, page_token)
+        page = TOKEN_PAGES.page(filters, 1000, page_token)
         for token in page["items"]:
             times = (token.created_at, token.expires_at, token.last_used_at)
             shown_times = [f"{time:%Y-%m-%dT%H:%M:%SZ}" if time else "-" for time in times]
-            click.echo("\t".join([token.id, token.name, token.user, token.role, *shown_times]))
+            # Escaped: a name stored before names had to be printable could rewrite the terminal.
+            click.echo("\t".join([token.id, escape(token.name), token.user, token.role, *shown_times]))
         if not page["has_more"]:
             return
         page_token = page["next_page_token"]

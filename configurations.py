@@ -23,13 +23,15 @@ def system_configuration():
 
 def replace_system_configuration(changes, username):
     configuration = system_configuration()
-    for field, model_ref in changes.items():
-        setattr(configuration, field, None if model_ref is None else str(model_ref))
+    values = {field: None if model_ref is None else str(model_ref) for field, model_ref in changes.items()}
+    changed_fields = [field for field, value in values.items() if getattr(configuration, field) != value]
+    for field, value in values.items():
+        setattr(configuration, field, value)
     configuration.created_by = username
     db.session.add(configuration)
     try:
         db.session.flush()  # gives a first configuration its id
-        audit.record("configuration.update", configuration.id, changes)
+        audit.record("configuration.update", configuration.id, changed_fields)
         db.session.commit()
     except sa.exc.IntegrityError:  # another PUT created the row first: change that one
         db.session.rollback()

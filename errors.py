@@ -7,7 +7,6 @@ from flask import Blueprint, current_app, has_request_context, json, request
 from marshmallow import ValidationError
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
@@ -125,16 +124,6 @@ def gateway_error(error):
 @errors_bp.app_errorhandler(SyncInProgress)
 def sync_in_progress(error):
     return problem(409, str(error), headers={"Retry-After": "5"})
-
-
-@errors_bp.app_errorhandler(ObjectDeletedError)
-def deleted_meanwhile(error):
-    return problem(404, "The resource was deleted by another request meanwhile.")
-
-
-@errors_bp.app_errorhandler(StaleDataError)
-def changed_meanwhile(error):
-    return problem(409, "The resource was changed or deleted by another request meanwhile; read it again and retry.")
 
 
 @errors_bp.app_errorhandler(IntegrityError)

@@ -35,7 +35,7 @@ keepalive = 5
 limit_request_line = 4094
 limit_request_fields = 100
 limit_request_field_size = 8190
-# Access log without credentials: the request line (path and query) but no headers, with the
+# Access log without credentials: the method and path (no query, no headers), with the
 # request id and the authenticated user's name. Every line escaped; LOG_FORMAT=json makes
 # each line, access and error alike, one JSON object (logs.py).
 accesslog = "-"
@@ -108,6 +108,19 @@ def on_starting(server):
     prepare_metrics_directory(server)
 
 
+def shown_address(address):
+    host, port = address[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def when_ready(server):
+    """Say where the registry listens: with SO_REUSEPORT the workers bind, and gunicorn's own
+    "Listening at" line names no address."""
+    for address in server.cfg.address:
+        shown = f"http://{shown_address(address)}" if isinstance(address, tuple) else f"unix:{address}"
+        server.log.info("the registry listens at %s", shown)
+
+
 def claim_addresses(server):
     """Refuse an address where another server listens, rather than share it through SO_REUSEPORT."""
     if server.master_pid:  # a re-executed master (USR2) succeeds its parent on the same address
@@ -118,10 +131,10 @@ def claim_addresses(server):
         try:
             claim_address(address)
         except OSError as error:
-            host, port = address[:2]
-            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             server.log.error(
-                "cannot listen on %s: %s (another server listens there; it is not shared)", shown, error.strerror
+                "cannot listen on %s: %s (another server listens there; it is not shared)",
+                shown_address(address),
+                error.strerror,
             )
             sys.exit(1)
 

@@ -163,9 +163,11 @@ def canonical_username(username):
     username = unicodedata.normalize("NFC", username)
     if not 1 <= len(username) <= USERNAME_MAX_LENGTH or ":" in username:
         return None
-    if any(unicodedata.category(char) in UNPRINTABLE_CATEGORIES for char in username):
-        return None
-    return username
+    return username if is_printable(username) else None
+
+
+def is_printable(text):
+    return not any(unicodedata.category(char) in UNPRINTABLE_CATEGORIES for char in text)
 
 
 def is_host_name(host):
@@ -334,10 +336,6 @@ class User(db.Model):
     password_hash = sa.Column(sa.String(255), nullable=False)
     role = sa.Column(sa.String(16), nullable=False)
     created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
-
-    @property
-    def roles(self):
-        return roles_up_to(self.role)
 
     def set_password(self, password):
         self.password_hash = generate_password_hash(password)

@@ -16,15 +16,21 @@ def encode_page_token(item):
     return base64.urlsafe_b64encode(json.dumps(position).encode()).decode().rstrip("=")
 
 
+# Tokens this registry makes are about 100 characters; a longer one was not made here.
+PAGE_TOKEN_MAX_LENGTH = 512
+
+
 def decode_page_token(page_token):
     try:
+        if len(page_token) > PAGE_TOKEN_MAX_LENGTH:
+            raise ValueError("longer than any page token this registry makes")
         padded = page_token + "=" * (-len(page_token) % 4)
         position = json.loads(base64.urlsafe_b64decode(padded.encode()))
         created_at, row_id = datetime.fromisoformat(position["created_at"]), position["id"]
         if not (isinstance(row_id, str) and is_storable_text(row_id)):
             raise ValueError("the id is not text the database can compare")
         return created_at, row_id
-    except (ValueError, TypeError, KeyError, binascii.Error, UnicodeError):
+    except (ValueError, TypeError, KeyError, binascii.Error, UnicodeError, RecursionError):
         raise RequestValidationError(422, {"query": {"page_token": ["Not a valid page token."]}}) from None
 
 

@@ -118,13 +118,18 @@ def refuse_if_managed(provider):
 KEEP_MODELS = object()
 
 
-def write_provider(statement, base_url, action, changed_fields, own_id=None, upstream_models=KEEP_MODELS):
-    """Run an INSERT or UPDATE of one provider, audit it as `action` and commit; the provider as
-    written (None when an UPDATE found none to change). A concurrent writer that took the same
-    base_url first is a 409. `upstream_models`, unless KEEP_MODELS, is stored in the model index
-    in the same transaction (None: no list, for a connection not verified)."""
+# Built once, as every statement a request runs the same way: SQLAlchemy then reuses its compiled form.
+INSERT_PROVIDER = sa.insert(PROVIDERS).returning(*PROVIDER_COLUMNS)
+
+
+def write_provider(statement, values, base_url, action, changed_fields, own_id=None, upstream_models=KEEP_MODELS):
+    """Run an INSERT or UPDATE of one provider (returning PROVIDER_COLUMNS) with `values`, audit it as
+    `action` and commit; the provider as written (None when an UPDATE found none to change). A
+    concurrent writer that took the same base_url first is a 409. `upstream_models`, unless
+    KEEP_MODELS, is stored in the model index in the same transaction (None: no list, for a
+    connection not verified)."""
     try:
-        provider = provider_of(db.session.execute(statement.returning(*PROVIDER_COLUMNS)))
+        provider = provider_of(db.session.execute(statement, values))
         if provider is not None:
             audit.record(action, provider.id, changed_fields)
             if upstream_models is not KEEP_MODELS:
@@ -153,14 +158,24 @@ def create_provider(fields, verify):
     if verify:
         refuse_if_base_url_taken(fields["base_url"])  # before calling the upstream; the insert checks anyway
         upstream_models = verify_holding_no_connection(connection_of(fields["type"], fields["base_url"], api_key))
-    insert = sa.insert(PROVIDERS).values(**fields, sealed_api_key=cipher.seal(api_key))
+    values = {**fields, "sealed_api_key": cipher.seal(api_key)}
     return write_provider(
-        insert, fields["base_url"], "provider.create", [*fields, "api_key"], upstream_models=upstream_models
+        INSERT_PROVIDER,
+        values,
+        fields["base_url"],
+        "provider.create",
+        [*fields, "api_key"],
+        upstream_models=upstream_models,
     )
 
 
-def changes_connection(changes):
-    return "base_url" in changes or "api_key" in changes
+def changes_connection(values):
+    """Whether the stored changes (stored_changes) touch how the upstream is reached."""
+    return "base_url" in values or "sealed_api_key" in values
+
+
+def changed_field_names(values):
+    return ["api_key" if field == "sealed_api_key" else field for field in values]
 
 
 def verify_changed_connection(provider, changes):
@@ -188,8 +203,9 @@ def store_changes(provider, values, base_url, changed_fields, upstream_models):
         sa.update(PROVIDERS)
         .where(PROVIDERS.c.id == provider.id, PROVIDERS.c.version == provider.version)
         .values(**values, version=PROVIDERS.c.version + 1)
+        .returning(*PROVIDER_COLUMNS)
     )
-    updated = write_provider(update, base_url, "provider.update", changed_fields, provider.id, upstream_models)
+    updated = write_provider(update, {}, base_url, "provider.update", changed_fields, provider.id, upstream_models)
     if updated is None:
         if not provider_exists(provider.id):
             raise no_such_provider(provider.id)
@@ -208,13 +224,15 @@ def update_provider(provider, changes, preconditions, verify):
     errors = watsonx_id_errors(provider.type, merged["watsonx_project_id"], merged["watsonx_space_id"])
     if errors:
         raise ValidationError(errors)
-    if "base_url" in changes:
-        refuse_if_base_url_taken(changes["base_url"], provider.id)
+    values = stored_changes(provider, changes)  # a field sent with its current value changes nothing
+    if not values:
+        return provider
+    if "base_url" in values:
+        refuse_if_base_url_taken(values["base_url"], provider.id)
     upstream_models = KEEP_MODELS
-    if changes_connection(changes):  # unverified (None), the new connection has no list until it is probed
+    if changes_connection(values):  # unverified (None), the new connection has no list until it is probed
         upstream_models = verify_changed_connection(provider, changes) if verify else None
-    values = stored_changes(provider, changes)
-    return store_changes(provider, values, changes.get("base_url"), changes, upstream_models) if values else provider
+    return store_changes(provider, values, values.get("base_url"), changed_field_names(values), upstream_models)
 
 
 def delete_provider(provider, preconditions):

@@ -19,6 +19,7 @@ from models import (
     ROLES,
     STATES,
     ModelRef,
+    is_printable,
     is_storable_text,
     normalize_base_url,
 )
@@ -70,6 +71,20 @@ class Timestamp(fields.DateTime):
         return self.text_of(value)
 
 
+class UtcTimestamp(fields.AwareDateTime):
+    """An RFC 3339 time (UTC when it names no offset), loaded as the naive UTC the database holds."""
+
+    def __init__(self, **kwargs):
+        super().__init__(default_timezone=UTC, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        moment = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return moment.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the first representable UTC time
+            raise ValidationError("Not a representable time in UTC.") from None
+
+
 def collection(item_schema, paged=False):
     """The schema of a list answer, `{items, total_count}`, with `has_more` and
     `next_page_token` when `paged`; named after its items (ProviderPage, ModelList)."""
@@ -116,9 +131,12 @@ class BaseURL(fields.String):
         if not 1 <= len(url) <= BASE_URL_MAX_LENGTH:
             raise ValidationError(f"Length must be between 1 and {BASE_URL_MAX_LENGTH}.")
         try:
-            return normalize_base_url(url)
+            normalized = normalize_base_url(url)
         except ValueError as error:
             raise ValidationError(f"Not a valid URL: {error}") from None
+        if len(normalized) > BASE_URL_MAX_LENGTH:  # a short IPv4 form grows: 1.1 is 1.0.0.1
+            raise ValidationError(f"Normalized, it is {len(normalized)} characters, over {BASE_URL_MAX_LENGTH}.")
+        return normalized
 
 
 def optional_text(max_length, description):
@@ -273,13 +291,18 @@ class ProviderSchema(DirectDumpSchema):
     last_error = fields.String(allow_none=True, metadata={"description": "Error of the last failed probe"})
 
 
-class ProvidersQuerySchema(ma.Schema):
+class PageQuerySchema(ma.Schema):
+    """What every paged list takes besides its filters."""
+
+    limit = fields.Integer(load_default=100, validate=Range(1, 1000))
+    page_token = fields.String(metadata={"description": "Opaque token from the previous page"})
+
+
+class ProvidersQuerySchema(PageQuerySchema):
     type = fields.String(validate=OneOf(PROVIDER_TYPES))
     capability = fields.String(validate=OneOf(CAPABILITIES))
     state = fields.String(validate=OneOf(STATES))
     registry = Text(metadata={"description": "Manifest location the providers come from"})
-    limit = fields.Integer(load_default=100, validate=Range(1, 1000))
-    page_token = fields.String(metadata={"description": "Opaque token from the previous page"})
 
 
 class AuditEventSchema(DirectDumpSchema):
@@ -303,15 +326,11 @@ class AuditEventSchema(DirectDumpSchema):
     detail = fields.String(allow_none=True)
 
 
-class AuditQuerySchema(ma.Schema):
+class AuditQuerySchema(PageQuerySchema):
     action = Text()
     user = Text()
     target_id = Text()
-    since = fields.AwareDateTime(
-        default_timezone=UTC, metadata={"description": "Only events at or after this time (RFC 3339)"}
-    )
-    limit = fields.Integer(load_default=100, validate=Range(1, 1000))
-    page_token = fields.String(metadata={"description": "Opaque token from the previous page"})
+    since = UtcTimestamp(metadata={"description": "Only events at or after this time (RFC 3339)"})
 
 
 class ProviderHeadersSchema(ma.Schema):
@@ -544,8 +563,13 @@ class EmbeddingsSchema(OpenAIAnswerSchema):
     usage = fields.Dict(allow_none=True)
 
 
+def printable(text):
+    if not is_printable(text):
+        raise ValidationError("Must not hold control or format characters, or line breaks.")
+
+
 class TokenCreateSchema(ma.Schema):
-    name = Text(required=True, validate=Length(1, 255), metadata={"description": "What the token is for"})
+    name = Text(required=True, validate=[Length(1, 255), printable], metadata={"description": "What the token is for"})
     role = fields.String(
         validate=OneOf(ROLES), metadata={"description": "At most the owner's role; default: the owner's role"}
     )
@@ -575,7 +599,5 @@ class NewTokenSchema(TokenSchema):
     )
 
 
-class TokensQuerySchema(ma.Schema):
+class TokensQuerySchema(PageQuerySchema):
     user = Text(metadata={"description": "Only this user's tokens (admin; others see only their own)"})
-    limit = fields.Integer(load_default=100, validate=Range(1, 1000))
-    page_token = fields.String(metadata={"description": "Opaque token from the previous page"})

@@ -122,6 +122,14 @@ def test_base_url_of_2083_characters_is_accepted_and_2084_refused(admin):
     assert "base_url" in response.get_json()["errors"]
 
 
+def test_a_base_url_that_normalization_makes_longer_than_2083_is_422_and_stores_nothing(admin):
+    sent = "http://1.1/" + "a" * (2083 - len("http://1.1/"))  # 2083 as sent; its host becomes 1.0.0.1
+    response = create(admin, base_url=sent)
+    assert response.status_code == 422
+    assert "2087 characters" in response.get_json()["errors"]["base_url"][0]
+    assert admin.get("/api/v1/model_providers").get_json()["total_count"] == 0
+
+
 @pytest.mark.parametrize(
     "base_url",
     [

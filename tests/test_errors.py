@@ -156,6 +156,14 @@ def test_bad_query_parameters_are_422(reader):
         assert query.split("=")[0] in problem["errors"]
 
 
+@pytest.mark.parametrize("path", [PROVIDERS, "/api/v1/tokens", "/api/v1/audit"])
+def test_a_deeply_nested_or_overlong_page_token_is_422_on_every_list(admin, path):
+    nested = base64.urlsafe_b64encode(b"[" * 1100 + b"]" * 1100).decode()
+    for token in (nested, "A" * 2000):
+        problem = assert_problem(admin.get(path, query_string={"page_token": token}), 422)
+        assert "page_token" in problem["errors"]
+
+
 def test_database_gone_is_503_not_500(app, admin, databases, instance_path):
     from models import db
 

@@ -47,6 +47,7 @@ def test_a_second_server_on_a_taken_address_exits_naming_it(start_gunicorn):
     second = start_gunicorn(workers=2, port=first.port, wait=False)
     assert second.process.wait(timeout=30) != 0
     assert f"cannot listen on 127.0.0.1:{first.port}" in second.log()
+    assert f"the registry listens at http://127.0.0.1:{first.port}" in first.log()
     # Every connection still reaches the first server (its log shows each request), spread
     # over both its workers (each worker's SO_REUSEPORT socket gets some).
     with httpx.Client(base_url=first.base_url, limits=httpx.Limits(max_keepalive_connections=0)) as new_connections:

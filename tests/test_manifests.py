@@ -347,6 +347,8 @@ SECRET_SETTINGS = {
         ("DATABASE_URL", "description"),
         ("HOST", "base_url"),  # set or not, a registry setting is refused
         ("LOG_FORMAT", "name"),
+        ("PROMETHEUS_MULTIPROC_DIR", "description"),
+        ("PGPASSWORD", "name"),
     ],
 )
 def test_a_manifest_naming_a_registry_setting_is_an_error_naming_it(

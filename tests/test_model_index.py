@@ -164,6 +164,19 @@ def test_a_changed_connection_replaces_the_list_or_empties_it_when_unverified(ad
     assert provider_models(reader, provider)["items"] == []
 
 
+def test_a_patch_resending_the_current_base_url_is_not_a_connection_change(app, admin, reader, fake_upstream):
+    upstream = fake_upstream(models=["gpt-4o"])
+    provider = register(admin, upstream)
+    upstream.down()  # verifying again would fail
+    path = f"{PROVIDERS}/{provider['id']}"
+    for query in ("", "?verify=false"):
+        changed = admin.patch(path + query, json={"base_url": provider["base_url"], "name": f"renamed{query}"})
+        assert changed.status_code == 200, changed.get_json()
+        assert model_ids(provider_models(reader, provider)) == ["openai:gpt-4o"]  # the list is kept
+    events = admin.get("/api/v1/audit", query_string={"action": "provider.update"}).get_json()["items"]
+    assert [event["changed_fields"] for event in events] == [["name"], ["name"]]
+
+
 def test_each_model_id_appears_once_with_its_oldest_online_provider(app, admin, reader, fake_upstream):
     first = register(admin, fake_upstream(models=["gpt-4o", "gpt-4o-mini"]))
     second = register(admin, fake_upstream(models=["gpt-4o"]))
