@@ -31,12 +31,13 @@ def operator_name():
         return str(os.getuid())
 
 
-NO_REQUEST = {"token_id": None, "client_address": None, "request_id": None}
+def actor_fields(by_system=False):
+    """Who is making the change now, and from where.
 
-
-def actor_fields():
-    """Who is making the change now, and from where."""
-    if has_request_context():
+    The system's own work (`by_system`: the manifest sync's changes) is the CLI user's in a
+    command, else `system`'s; a request that asked for it lends only its request id.
+    """
+    if has_request_context() and not by_system:
         environ = request.environ
         return {
             "actor": environ.get(USER_KEY) or SYSTEM_ACTOR,
@@ -44,22 +45,27 @@ def actor_fields():
             "client_address": request.remote_addr,
             "request_id": environ.get(REQUEST_ID_KEY),
         }
-    if click.get_current_context(silent=True) is not None:  # a flask command in this thread
-        return {"actor": f"cli:{operator_name()}", **NO_REQUEST}
-    return {"actor": SYSTEM_ACTOR, **NO_REQUEST}
+    in_command = click.get_current_context(silent=True) is not None  # a flask command in this thread
+    return {
+        "actor": f"cli:{operator_name()}" if in_command else SYSTEM_ACTOR,
+        "token_id": None,
+        "client_address": None,
+        "request_id": request.environ.get(REQUEST_ID_KEY) if has_request_context() else None,
+    }
 
 
 # A Core insert, not an ORM object: the unit of work's flush at commit cost more than the change itself.
 INSERT_EVENT = sa.insert(AUDIT_EVENTS)
 
 
-def record(action, target_id=None, changed_fields=(), detail=None):
+def record(action, target_id=None, changed_fields=(), detail=None, by_system=False):
     """Write an event in the session's transaction: it commits with the change it records, or not at all.
 
-    `changed_fields` holds names (a dict's keys are its names): never a value.
+    `changed_fields` holds names (a dict's keys are its names): never a value. `by_system`:
+    see actor_fields.
     """
     event = {"action": action, "target_id": target_id, "changed_fields": sorted(changed_fields), "detail": detail}
-    db.session.execute(INSERT_EVENT, {**event, **actor_fields()})
+    db.session.execute(INSERT_EVENT, {**event, **actor_fields(by_system)})
 
 
 AUDIT_PAGES = NewestFirstPages(

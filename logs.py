@@ -191,5 +191,7 @@ def logging_config(log_format):
             "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
             # Its plugin registrations at import, on every worker start, say nothing to an operator.
             "alembic": {"level": "WARNING"},
+            # Its INFO line quotes each URL it requests: a manifest URL's query may be a presigned signature.
+            "httpx": {"level": "WARNING"},
         },
     }

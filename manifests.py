@@ -14,7 +14,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
 import httpx
@@ -27,9 +27,20 @@ import audit
 from crypto import UnopenableApiKey, cipher
 from errors import SyncInProgress, flatten_messages
 from metrics import record_manifest_sync
-from models import PROVIDER_ROWS, PROVIDERS, ManifestSync, db, new_id, provider_of, providers_of, utcnow
+from models import (
+    PROVIDER_ROWS,
+    PROVIDERS,
+    ManifestSync,
+    db,
+    new_id,
+    provider_of,
+    providers_of,
+    release_connections,
+    utcnow,
+)
 from scheduler import holder_name, release_lease, try_lease
 from schemas import ManifestSchema
+from serving import off_the_hub
 from upstreams import http_client
 from upstreams.transport import deadline
 
@@ -41,6 +52,11 @@ SYNC_WAIT_SECONDS = 10  # how long a sync waits for a running one to finish befo
 LEASE_POLL_SECONDS = 0.1
 LEASE_BASE_SECONDS = 60
 MAX_MANIFEST_BYTES = 1024 * 1024
+MAX_MANIFEST_ENTRIES = 1000
+# An error is stored, shown by GET /registry and logged: it names this many problems, then a count.
+PROBLEMS_SHOWN = 5
+MAX_PROBLEM_CHARS = 200  # a problem names its field, which may be an unknown field's (long) name
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's, when PyYAML has it: about 5 times faster
 VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 DECLARED_FIELDS = ("name", "description", "watsonx_project_id", "watsonx_space_id")
 
@@ -65,23 +81,49 @@ class SyncResult:
         return f"{self.location}: {counts}"
 
 
-def location_uri(location):
-    """A configured location as its providers' `registry`: file:///abs/path, or the URL.
+@dataclass(frozen=True)
+class ManifestLocation:
+    """A configured location: `uri` is shown to readers and stored as its providers' `registry`,
+    `source` is what a sync reads (with a URL's credentials and query string); None when
+    several configured locations share the `uri`."""
 
-    Credentials in a URL (user:password@) are dropped: the location is shown to readers.
-    """
+    uri: str
+    source: str | None
+
+
+def without_credentials(parts):
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2])
+
+
+def shown_url(parts):
+    """A URL without what may be a secret: credentials (user:password@) and the query string
+    (a presigned URL's signature)."""
+    return without_credentials(parts)._replace(query="").geturl()
+
+
+def manifest_location(location):
+    """A configured location as file:///abs/path or its URL as shown (shown_url)."""
     try:
         parts = urlsplit(location)
     except ValueError:  # not a usable URL: kept as configured, for its sync to report
-        return location
+        return ManifestLocation(location, location)
     if parts.scheme.lower() not in ("", "file"):
-        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        return ManifestLocation(shown_url(parts), location)
     path = url2pathname(parts.path) if parts.scheme else location
-    return Path(os.path.abspath(path)).as_uri()
+    uri = Path(os.path.abspath(path)).as_uri()
+    return ManifestLocation(uri, uri)
 
 
 def configured_locations():
-    return list(dict.fromkeys(location_uri(location) for location in current_app.config["MANIFESTS"]))
+    """Each configured location once. URLs that differ only in what is not shown would be one
+    location to readers and in `registry`: such a location has no source, and its sync fails."""
+    sources_by_uri = {}
+    for location in map(manifest_location, current_app.config["MANIFESTS"]):
+        sources_by_uri.setdefault(location.uri, set()).add(location.source)
+    return [
+        ManifestLocation(uri, next(iter(sources)) if len(sources) == 1 else None)
+        for uri, sources in sources_by_uri.items()
+    ]
 
 
 # Reading
@@ -101,29 +143,52 @@ def read_file(path):
         raise ManifestError(f"Cannot read the file: {error.strerror}.") from None
 
 
+def basic_credentials(parts):
+    """The user and password of a URL's user:password@, or None; sent as Basic auth."""
+    if "@" not in parts.netloc:
+        return None
+    return unquote(parts.username or ""), unquote(parts.password or "")
+
+
 def fetch_url(url):
-    content = b""
+    """The manifest at `url`. Its credentials go as Basic auth, not in the URL: httpx logs and
+    quotes the URL it requests."""
+    parts = urlsplit(url)
+    url_without_credentials = without_credentials(parts).geturl()
+    credentials = basic_credentials(parts)
+    content = bytearray()  # grown in place: a server trickling small chunks costs no copy of all so far each
     timeout = current_app.config["UPSTREAM_TIMEOUT"]
     try:
-        with deadline(timeout), http_client().stream("GET", url, timeout=timeout, follow_redirects=True) as answer:
+        with (
+            deadline(timeout),
+            http_client().stream(
+                "GET", url_without_credentials, auth=credentials, timeout=timeout, follow_redirects=True
+            ) as answer,
+        ):
             if answer.status_code != 200:
                 raise ManifestError(f"Fetching the manifest answered HTTP {answer.status_code}.")
             for chunk in answer.iter_bytes():
-                content = within_size_limit(content + chunk)
+                content += chunk
+                within_size_limit(content)
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as error:  # ValueError: a host or port httpx cannot use
         raise ManifestError(f"Cannot fetch the manifest: {error or type(error).__name__}.") from None
-    return content
+    return bytes(content)
 
 
-def read_location(uri):
+def read_location(source):
+    if source is None:
+        raise ManifestError(
+            "This location is configured more than once with different credentials or query strings, which are not "
+            "shown; give each manifest a path of its own."
+        )
     try:
-        parts = urlsplit(uri)
+        parts = urlsplit(source)
     except ValueError:
         raise ManifestError("The location is not a valid URL.") from None
     if parts.scheme == "file":
         return read_file(url2pathname(parts.path))
     if parts.scheme.lower() in ("http", "https"):
-        return fetch_url(uri)
+        return fetch_url(source)
     raise ManifestError("Unsupported location: use a path, a file:// URL or an http(s):// URL.")
 
 
@@ -134,7 +199,7 @@ def parse_document(content):
     except (ValueError, RecursionError):
         pass
     try:
-        return yaml.safe_load(content)
+        return yaml.load(content, Loader=YAML_LOADER)
     except yaml.MarkedYAMLError as error:
         # Only where: PyYAML's wording quotes the text it stumbled on ("found undefined alias 'sk-...'").
         mark = error.problem_mark or error.context_mark
@@ -183,20 +248,51 @@ def with_variables(document, variables):
     return {**document, "model_providers": expanded}
 
 
-def load_manifest(uri):
-    """The validated entries of the manifest at `uri`, or a ManifestError saying why not."""
-    document = parse_document(read_location(uri))
+def shortened(text, length):
+    return text if len(text) <= length else text[: length - 1] + "…"
+
+
+def describe_problems(messages):
+    """The first few of a manifest's problems, then how many more: its error stays short however
+    many entries are invalid."""
+    problems = [f"{field}: {' '.join(texts)}" for field, texts in flatten_messages(messages).items()]
+    described = "; ".join(shortened(problem, MAX_PROBLEM_CHARS) for problem in problems[:PROBLEMS_SHOWN])
+    more = len(problems) - PROBLEMS_SHOWN
+    return f"{described}; and {more} more problems." if more > 0 else described
+
+
+def entries_of(content, variables):
+    """The validated entries of a manifest's content, or a ManifestError saying why not.
+
+    CPU work that grows with the manifest (parsing, validating): run off the gevent hub.
+    """
+    document = parse_document(content)
     if not isinstance(document, dict):
         raise ManifestError("The manifest must be a mapping with a model_providers list.")
-    document = with_variables(document, current_app.extensions["manifest_variables"])
+    entries = document.get("model_providers")
+    if isinstance(entries, list) and len(entries) > MAX_MANIFEST_ENTRIES:
+        raise ManifestError(
+            f"The manifest declares {len(entries)} providers; at most {MAX_MANIFEST_ENTRIES} are allowed."
+        )
     try:
-        return manifest_schema.load(document)["model_providers"]
+        return manifest_schema.load(with_variables(document, variables))["model_providers"]
     except ValidationError as error:
-        problems = flatten_messages(error.messages).items()
-        raise ManifestError("; ".join(f"{field}: {' '.join(messages)}" for field, messages in problems)) from None
+        raise ManifestError(describe_problems(error.messages)) from None
+
+
+def load_manifest(source):
+    """The validated entries of the manifest read from `source`, or a ManifestError saying why not."""
+    content = read_location(source)
+    return off_the_hub(entries_of, content, current_app.extensions["manifest_variables"])
 
 
 # Applying
+
+
+def record_change(provider_id, detail, changed_fields=()):
+    """Audit a change of the sync: its actor is `system` (or the CLI user), even when an admin's
+    POST /registry/sync asked for it (API.md section 10); that request lends its request id."""
+    audit.record("manifest.sync", provider_id, changed_fields, detail, by_system=True)
 
 
 def refuse_clashes(location, entries):
@@ -260,7 +356,7 @@ def apply_manifest(location, entries):
     if gone:  # first, freeing the base_url of a replaced provider for its successor
         db.session.execute(sa.delete(PROVIDERS).where(PROVIDERS.c.id.in_(gone)))
     for provider_id in gone:
-        audit.record("manifest.sync", provider_id, detail=f"deleted: gone from {location}")
+        record_change(provider_id, detail=f"deleted: gone from {location}")
     changes = [
         (kept[entry["base_url"]].id, changes_from_entry(kept[entry["base_url"]], entry))
         for entry in entries
@@ -271,7 +367,7 @@ def apply_manifest(location, entries):
             edit = sa.update(PROVIDERS).where(PROVIDERS.c.id == provider_id)
             db.session.execute(edit.values(**values, version=PROVIDERS.c.version + 1))
             changed_fields = [field.replace("sealed_api_key", "api_key") for field in values]
-            audit.record("manifest.sync", provider_id, changed_fields, f"updated from {location}")
+            record_change(provider_id, f"updated from {location}", changed_fields)
     added = [values_of_entry(location, entry) for entry in entries if entry["base_url"] not in kept]
     if added:
         try:
@@ -284,7 +380,7 @@ def apply_manifest(location, entries):
         changed_fields = [
             field.replace("sealed_api_key", "api_key") for field in values if field not in ("id", "registry")
         ]
-        audit.record("manifest.sync", values["id"], changed_fields, f"created from {location}")
+        record_change(values["id"], f"created from {location}", changed_fields)
     updated = sum(bool(values) for _, values in changes)
     return SyncResult(location, added=len(added), updated=updated, removed=len(gone), unchanged=len(kept) - updated)
 
@@ -298,11 +394,12 @@ def record_sync(result):
 
 
 def sync_location(location):
+    release_connections()  # none held while a manifest's server is waited on
     try:
-        result = apply_manifest(location, load_manifest(location))
+        result = apply_manifest(location.uri, load_manifest(location.source))
     except ManifestError as error:
         db.session.rollback()
-        result = SyncResult(location, error=str(error))
+        result = SyncResult(location.uri, error=str(error))
     record_sync(result)
     return result
 
@@ -314,7 +411,7 @@ def remove_providers_of(location):
         .all()
     )
     for provider_id in removed:
-        audit.record("manifest.sync", provider_id, detail=f"deleted: {location} is no longer configured")
+        record_change(provider_id, detail=f"deleted: {location} is no longer configured")
     return len(removed)
 
 
@@ -347,7 +444,8 @@ def sync_manifests():
     holder = holder_name()
     take_sync_lease(holder, len(locations))
     try:
-        results = remove_dropped_locations(locations) + [sync_location(location) for location in locations]
+        dropped = remove_dropped_locations([location.uri for location in locations])
+        results = dropped + [sync_location(location) for location in locations]
     finally:
         db.session.rollback()  # what an unexpected error left half-applied must not ride on the release
         release_lease(SYNC_LEASE, holder)
@@ -364,7 +462,7 @@ def sync_on_schedule(app):
 
 
 def registry_status():
-    locations = configured_locations()
+    locations = [location.uri for location in configured_locations()]
     last_syncs = {
         last_sync.location: last_sync
         for last_sync in db.session.scalars(sa.select(ManifestSync).where(ManifestSync.location.in_(locations)))

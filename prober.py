@@ -6,14 +6,19 @@ at most WRITE_BATCH providers, so no connection waits on an upstream and the dat
 write lock is never held for long. bench/README.md ("Why these choices") says why threads.
 """
 
+import gc
 import logging
 import math
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 from flask import current_app
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from catalog import index_rows, provider_connection
 from crypto import UnopenableApiKey
@@ -43,6 +48,7 @@ WRITE_BATCH = 50  # outcomes per write transaction
 # (up to 100 ms apart), so back-to-back batches could keep it waiting through several.
 PAUSE_BETWEEN_BATCHES = 0.05
 WRITE_EVERY_SECONDS = 0.5  # outcomes wait at most this long to be written
+collection_switch = threading.Lock()  # one no_garbage_collection at a time
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,7 @@ def listing_or_error(target):
         return None, UpstreamError("listing the models failed unexpectedly")
 
 
-def probe_record(target, error, checked_at):
+def probe_record(target, error):
     """The provider's row after a probe: online after one success, offline after N failures in a row."""
     count_probe(target.type, succeeded=error is None)
     if error is None:
@@ -101,38 +107,60 @@ def probe_record(target, error, checked_at):
         "read_version": target.version,
         "state": state,
         "consecutive_failures": failures,
-        "last_checked_at": checked_at,
         "last_error": last_error,
+        "listed": error is None,
     }
 
 
 def write_batch(outcomes):
-    """Store a batch of probe outcomes in one transaction of a few statements.
+    """Store a batch of probe outcomes in one transaction of three statements.
 
     Nothing is stored for a provider edited or deleted since it was read, as the probe may
     have asked its old upstream: the state update is conditional, and the model lists are
-    written for the providers it recorded. A probe is not an edit: updated_at and version
-    keep their values.
+    written for the providers it recorded; a failed listing keeps the last list. A probe is
+    not an edit: updated_at and version keep their values.
+
+    The batch travels as two JSON parameters, built before the transaction, so each
+    statement is one step of the database: bench/README.md ("write-lock hold") says why.
     """
-    checked_at = utcnow()
-    records = [probe_record(target, error, checked_at) for target, _, error in outcomes]
-    for statement, batch in (
-        (RECORD_FAILURE, [record for record in records if record["last_error"] is not None]),
-        (RECORD_SUCCESS, [record for record in records if record["last_error"] is None]),
-    ):
-        if batch:
-            db.session.execute(statement, batch)
-    recorded = set(
-        db.session.scalars(RECORDED, {"target_ids": [target.id for target, _, _ in outcomes], "checked_at": checked_at})
-    )
-    listings = [(target, models) for target, models, error in outcomes if error is None and target.id in recorded]
-    if listings:
-        db.session.execute(MODELS_OF_TARGETS, {"target_ids": [target.id for target, _ in listings]})
-        rows = [row for target, upstream_models in listings for row in index_rows(target.id, upstream_models)]
-        if rows:
-            db.session.execute(sa.insert(PROVIDER_MODELS), rows)
-    db.session.commit()
+    records = [probe_record(target, error) for target, _, error in outcomes]
+    parameters = {
+        "checked_at": utcnow(),
+        "outcomes": records,
+        "target_ids": [target.id for target, _, _ in outcomes],
+        "listed_ids": [target.id for target, _, error in outcomes if error is None],
+        "index_rows": [
+            row for target, models, error in outcomes if error is None for row in index_rows(target.id, models)
+        ],
+    }
+    with no_garbage_collection():
+        db.session.execute(RECORD_OUTCOMES, parameters)
+        if parameters["listed_ids"]:
+            db.session.execute(FORMER_MODELS, parameters)
+            db.session.execute(LISTED_MODELS, parameters)
+        db.session.commit()
+    recorded = set(db.session.scalars(RECORDED, parameters))
+    release_connections()
     log_state_changes(outcomes, records, recorded)
+
+
+@contextmanager
+def no_garbage_collection():
+    """No garbage collection starts in this process meanwhile; one pending runs after.
+
+    A full collection over a round's objects stops every thread for 100 ms or more (a few
+    such per round at 3000 providers, and longer with more), so one that started inside a
+    write transaction held SQLite's write lock as long (bench/README.md, "write-lock
+    hold"). gc is the whole process's: one writer at a time turns it off and on again.
+    """
+    with collection_switch:
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            yield
+        finally:
+            if collecting:
+                gc.enable()
 
 
 def log_state_changes(outcomes, records, recorded):
@@ -142,24 +170,73 @@ def log_state_changes(outcomes, records, recorded):
             log.warning("provider %s (%s) is now %s%s", target.id, target.type, record["state"], last_error)
 
 
-RECORD_FAILURE = (
+class json_array_elements(FunctionElement):
+    """The elements of a JSON array parameter, as rows of one column, `value`."""
+
+    inherit_cache = True
+    name = "json_array_elements"
+
+
+@compiles(json_array_elements)
+def sqlite_json_each(element, compiler, **kw):
+    return f"json_each({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(json_array_elements, "postgresql")
+def postgresql_json_array_elements(element, compiler, **kw):
+    return f"json_array_elements({compiler.process(element.clauses, **kw)})"
+
+
+def json_rows(name):
+    """The rows of the JSON array parameter `name`, as a table."""
+    return json_array_elements(sa.bindparam(name, type_=sa.JSON)).table_valued("value").alias(name)
+
+
+def field(rows, key):
+    return sa.type_coerce(rows.c.value, sa.JSON)[key]
+
+
+def recorded_now(target_ids):
+    """The ids among the parameter `target_ids` whose probe this batch recorded."""
+    return sa.select(PROVIDERS.c.id).where(
+        PROVIDERS.c.id.in_(sa.bindparam(target_ids, expanding=True)), PROVIDERS.c.last_checked_at == CHECKED_AT
+    )
+
+
+CHECKED_AT = sa.bindparam("checked_at", type_=PROVIDERS.c.last_checked_at.type)
+OUTCOMES = json_rows("outcomes")
+# UPDATE ... FROM: SQLite 3.33 or later.
+RECORD_OUTCOMES = (
     sa.update(PROVIDERS)
-    .where(PROVIDERS.c.id == sa.bindparam("target_id"), PROVIDERS.c.version == sa.bindparam("read_version"))
+    .where(
+        PROVIDERS.c.id == field(OUTCOMES, "target_id").as_string(),
+        PROVIDERS.c.version == field(OUTCOMES, "read_version").as_integer(),
+    )
     .values(
-        state=sa.bindparam("state"),
-        consecutive_failures=sa.bindparam("consecutive_failures"),
-        last_checked_at=sa.bindparam("last_checked_at"),
-        last_error=sa.bindparam("last_error"),
+        state=field(OUTCOMES, "state").as_string(),
+        consecutive_failures=field(OUTCOMES, "consecutive_failures").as_integer(),
+        last_error=field(OUTCOMES, "last_error").as_string(),
+        last_checked_at=CHECKED_AT,
+        models_listed_at=sa.case(
+            (field(OUTCOMES, "listed").as_boolean(), CHECKED_AT), else_=PROVIDERS.c.models_listed_at
+        ),
         updated_at=PROVIDERS.c.updated_at,
     )
 )
-RECORD_SUCCESS = RECORD_FAILURE.values(models_listed_at=sa.bindparam("last_checked_at"))
-RECORDED = sa.select(PROVIDERS.c.id).where(
-    PROVIDERS.c.id.in_(sa.bindparam("target_ids", expanding=True)),
-    PROVIDERS.c.last_checked_at == sa.bindparam("checked_at"),
-)
-MODELS_OF_TARGETS = sa.delete(PROVIDER_MODELS).where(
-    PROVIDER_MODELS.c.provider_id.in_(sa.bindparam("target_ids", expanding=True))
+RECORDED = recorded_now("target_ids")
+LISTINGS_RECORDED = recorded_now("listed_ids")
+FORMER_MODELS = sa.delete(PROVIDER_MODELS).where(PROVIDER_MODELS.c.provider_id.in_(LISTINGS_RECORDED))
+INDEX_ROWS = json_rows("index_rows")
+LISTED_MODELS = sa.insert(PROVIDER_MODELS).from_select(
+    ["provider_id", "upstream_id", "position", "created", "owned_by", "display_name"],
+    sa.select(
+        field(INDEX_ROWS, "provider_id").as_string(),
+        field(INDEX_ROWS, "upstream_id").as_string(),
+        field(INDEX_ROWS, "position").as_integer(),
+        sa.cast(field(INDEX_ROWS, "created").as_string(), sa.BigInteger),  # as_integer casts to a 32-bit INTEGER
+        field(INDEX_ROWS, "owned_by").as_string(),
+        field(INDEX_ROWS, "display_name").as_string(),
+    ).where(field(INDEX_ROWS, "provider_id").as_string().in_(LISTINGS_RECORDED)),
 )
 
 

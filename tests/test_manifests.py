@@ -1,6 +1,7 @@
 """Manifests: providers declared in files or at URLs, synced into the registry (section 8)."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -8,15 +9,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
-from manifests import MAX_MANIFEST_BYTES
+from manifests import MAX_MANIFEST_BYTES, MAX_MANIFEST_ENTRIES
 from models import PROVIDER_ROWS, db, provider_of
 from models import PROVIDERS as PROVIDER_TABLE
-from tests.conftest import ROOT, client_as, provider_body, registry_environ
+from tests.conftest import ROOT, basic_auth, client_as, provider_body, registry_environ
 
 PROVIDERS = "/api/v1/model_providers"
 REGISTRY = "/api/v1/registry"
@@ -158,12 +160,17 @@ def registry_status(app):
 
 
 class ManifestServer:
-    """A manifest served over local HTTP, counting fetches and how many of them overlapped."""
+    """A manifest served over local HTTP, counting fetches and how many of them overlapped;
+    with `credentials` ("user:password"), only to a client sending them as Basic auth."""
 
-    def __init__(self, body, delay=0.0):
+    def __init__(self, body, delay=0.0, credentials=None):
         self.body, self.delay = body, delay
+        self.authorization = None if credentials is None else basic_auth(*credentials.split(":", 1))
         self.fetches = self.in_flight = self.most_in_flight = 0
+        self.paths = []  # each fetch's path and query
         self.lock = threading.Lock()
+        self.fetching, self.released = threading.Event(), threading.Event()  # hold(): fetches wait for release()
+        self.released.set()
         answer = self.answer
 
         class Handler(BaseHTTPRequestHandler):
@@ -180,11 +187,20 @@ class ManifestServer:
     def answer(self, handler):
         with self.lock:
             self.fetches += 1
+            self.paths.append(handler.path)
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        self.fetching.set()
+        self.released.wait(timeout=30)
         time.sleep(self.delay)
         with self.lock:  # before answering: the next fetch may only start once this one was answered
             self.in_flight -= 1
+        if self.authorization is not None and handler.headers.get("Authorization") != self.authorization:
+            handler.send_response(401)
+            handler.send_header("WWW-Authenticate", 'Basic realm="manifests"')
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
         if self.body is None:
             handler.send_error(404)
             return
@@ -194,7 +210,15 @@ class ManifestServer:
         handler.end_headers()
         handler.wfile.write(self.body.encode())
 
+    def hold(self):
+        self.fetching.clear()
+        self.released.clear()
+
+    def release(self):
+        self.released.set()
+
     def stop(self):
+        self.release()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -203,8 +227,8 @@ class ManifestServer:
 def serve_manifest():
     servers = []
 
-    def serve(body, delay=0.0):
-        servers.append(ManifestServer(body, delay))
+    def serve(body, delay=0.0, credentials=None):
+        servers.append(ManifestServer(body, delay, credentials))
         return servers[-1]
 
     yield serve
@@ -333,6 +357,61 @@ def test_a_broken_manifest_changes_nothing_and_says_why(kind, registry_app, mani
         assert secret not in result["error"] and secret not in caplog.text
 
 
+def empty_entries(count):
+    return "model_providers:\n" + "- {}\n" * count
+
+
+def missing(index, *fields):
+    return "; ".join(f"model_providers.{index}.{field}: Missing data for required field." for field in fields)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected_error"),
+    [
+        (
+            empty_entries(MAX_MANIFEST_ENTRIES + 1),
+            f"The manifest declares {MAX_MANIFEST_ENTRIES + 1} providers; at most {MAX_MANIFEST_ENTRIES} are allowed.",
+        ),
+        (
+            empty_entries(MAX_MANIFEST_ENTRIES),
+            f"{missing(0, 'base_url', 'api_key', 'type')}; {missing(1, 'base_url', 'api_key')}; "
+            f"and {3 * MAX_MANIFEST_ENTRIES - 5} more problems.",
+        ),
+        (
+            json.dumps({"model_providers": [{"x" * 100_000: 1}]}),
+            f"{missing(0, 'base_url', 'api_key', 'type')}; model_providers.0.{'x' * 181}…",  # 200 characters
+        ),
+    ],
+    ids=["too many entries", "many invalid entries", "a long unknown field"],
+)
+def test_the_error_of_a_large_invalid_manifest_stays_short(
+    content, expected_error, registry_app, manifest_path, caplog
+):
+    app = registry_app(manifest_path)
+    sync(app)
+    before = snapshot(app)
+    write_manifest(manifest_path, content)
+    (result,) = sync(app)
+    assert result["error"] == expected_error
+    assert snapshot(app) == before
+    (status,) = registry_status(app)
+    assert status["error"] == expected_error
+    assert max(map(len, caplog.text.splitlines())) < 2000
+
+
+def test_a_manifest_of_the_largest_allowed_size_and_entry_count_syncs(registry_app, manifest_path):
+    entries = "".join(
+        f"  - {{type: openai, base_url: 'https://p{index}.example.com/v1', api_key: k, description: '{index:-<800}'}}\n"
+        for index in range(MAX_MANIFEST_ENTRIES)
+    )
+    content = f"model_providers:\n{entries}"
+    padding = MAX_MANIFEST_BYTES - len(content.encode())
+    assert padding >= 0
+    write_manifest(manifest_path, content + "#" * padding)
+    app = registry_app(manifest_path)
+    assert sync(app) == [{"location": manifest_path.as_uri(), **counts(added=MAX_MANIFEST_ENTRIES)}]
+
+
 SECRET_SETTINGS = {
     "REGISTRY_ADMIN_PASSWORD": "admin-password-in-the-environment-4444",
     "REGISTRY_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
@@ -416,14 +495,126 @@ def test_a_manifest_url_answering_an_error_status_changes_nothing(registry_app, 
     assert snapshot(app) == before
 
 
-def test_credentials_in_a_manifest_url_are_never_shown(registry_app, serve_manifest):
+def test_a_manifest_url_answering_more_than_the_size_limit_changes_nothing(registry_app, serve_manifest):
     server = serve_manifest(manifest(OPENAI))
-    with_credentials = server.url.replace("http://", "http://deploy:hunter2@")
-    app = registry_app(with_credentials)
+    app = registry_app(server.url)
+    sync(app)
+    before = snapshot(app)
+    server.body = manifest(OPENAI) + "#" * MAX_MANIFEST_BYTES
     (result,) = sync(app)
-    assert result["location"] == server.url
+    assert result["error"] == f"The manifest is larger than {MAX_MANIFEST_BYTES} bytes."
+    assert snapshot(app) == before
+
+
+MANIFEST_PASSWORD = "hunter2/?#@:pw"  # each of its special characters percent-encoded in the URL
+
+
+def test_a_manifest_url_with_credentials_is_fetched_with_them_and_never_shows_them(
+    registry_app, serve_manifest, instance_path, databases, caplog
+):
+    caplog.set_level(logging.DEBUG)
+    server = serve_manifest(manifest(OPENAI), credentials=f"deploy:{MANIFEST_PASSWORD}")
+    app = registry_app(server.url.replace("http://", f"http://deploy:{quote(MANIFEST_PASSWORD, safe='')}@"))
+    (result,) = sync(app)
+    assert result == {"location": server.url, **counts(added=1)}
     assert {provider["registry"] for provider in listing(app)} == {server.url}
     assert [status["location"] for status in registry_status(app)] == [server.url]
+    shown = json.dumps([result, listing(app), registry_status(app)]) + caplog.text
+    stored = databases.stored_bytes(instance_path)
+    for secret in (MANIFEST_PASSWORD, quote(MANIFEST_PASSWORD, safe=""), "deploy:"):
+        assert secret not in shown and secret.encode() not in stored
+
+
+def test_a_manifest_url_with_wrong_credentials_is_an_error_that_does_not_show_them(
+    registry_app, serve_manifest, caplog
+):
+    server = serve_manifest(manifest(OPENAI), credentials=f"deploy:{MANIFEST_PASSWORD}")
+    app = registry_app(server.url.replace("http://", "http://deploy:wrong-password-6666@"))
+    (result,) = sync(app)
+    assert result == {"location": server.url, **counts(), "error": "Fetching the manifest answered HTTP 401."}
+    assert listing(app) == []
+    assert "wrong-password-6666" not in json.dumps(registry_status(app)) + caplog.text
+
+
+@pytest.mark.parametrize("credential", ["password", "token"])
+def test_no_database_connection_is_held_while_a_manifest_is_fetched(credential, registry_app, serve_manifest):
+    server = serve_manifest(manifest(OPENAI))
+    app = registry_app(server.url)
+    admin = client_as(app, "admin")
+    if credential == "token":
+        token = admin.post("/api/v1/tokens", json={"name": "sync"}).get_json()["token"]
+        admin = app.test_client()
+        admin.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    server.hold()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        answer = pool.submit(admin.post, SYNC)
+        assert server.fetching.wait(timeout=10), "the manifest was never fetched"
+        with app.app_context():
+            checked_out = db.engine.pool.checkedout()
+        server.release()
+        assert answer.result(timeout=30).get_json()["items"] == [{"location": server.url, **counts(added=1)}]
+    assert checked_out == 0
+
+
+def test_the_changes_of_a_sync_an_admin_asks_for_are_audited_as_the_systems(registry_app, manifest_path):
+    app = registry_app(manifest_path)
+    admin = client_as(app, "admin")
+    token = admin.post("/api/v1/tokens", json={"name": "sync"}).get_json()["token"]
+    asked = admin.post(SYNC, headers={"Authorization": f"Bearer {token}", "X-Request-ID": "sync-1"})
+    assert asked.status_code == 200
+    events = admin.get("/api/v1/audit", query_string={"action": "manifest.sync"}).get_json()["items"]
+    assert len(events) == 2
+    for event in events:
+        assert (event["user"], event["token_id"], event["client_address"]) == ("system", None, None)
+        assert event["request_id"] == "sync-1"
+
+
+SIGNATURE = "presigned-signature-7777"
+
+
+def test_a_manifest_url_is_shown_and_stored_without_its_query_string(
+    registry_app, serve_manifest, instance_path, databases, caplog
+):
+    caplog.set_level(logging.INFO, logger="manifests")
+    server = serve_manifest(manifest(OPENAI))
+    app = registry_app(f"{server.url}?sig={SIGNATURE}&expires=1")
+    assert sync(app) == [{"location": server.url, **counts(added=1)}]
+    assert server.paths == [f"/providers.yaml?sig={SIGNATURE}&expires=1"]
+    (provider,) = listing(app)
+    assert provider["registry"] == server.url
+    assert [status["location"] for status in registry_status(app)] == [server.url]
+    assert SIGNATURE not in json.dumps([listing(app), registry_status(app)]) + caplog.text
+    assert SIGNATURE.encode() not in databases.stored_bytes(instance_path)
+
+    resigned_app = registry_app(f"{server.url}?sig=another-signature&expires=2")
+    assert sync(resigned_app) == [{"location": server.url, **counts(unchanged=1)}]  # the same location
+    assert listing(resigned_app) == [provider]
+
+
+def test_urls_that_differ_only_in_what_is_not_shown_are_one_location_that_fails(registry_app, serve_manifest):
+    server = serve_manifest(manifest(OPENAI))
+    app = registry_app(f"{server.url}?team=a", f"{server.url}?team=b", server.url.replace("//", "//user:pw@"))
+    error = (
+        "This location is configured more than once with different credentials or query strings, which are not "
+        "shown; give each manifest a path of its own."
+    )
+    assert sync(app) == [{"location": server.url, **counts(), "error": error}]
+    assert server.fetches == 0 and listing(app) == []
+    assert [(status["location"], status["error"]) for status in registry_status(app)] == [(server.url, error)]
+
+
+def test_a_manifest_urls_credentials_and_query_string_are_not_in_the_server_log(start_gunicorn, serve_manifest):
+    manifest_server = serve_manifest(manifest(OPENAI), credentials=f"deploy:{MANIFEST_PASSWORD}")
+    secret_url = manifest_server.url.replace("http://", f"http://deploy:{quote(MANIFEST_PASSWORD, safe='')}@")
+    server = start_gunicorn(workers=1, REGISTRY_MANIFESTS=f"{secret_url}?sig={SIGNATURE}", OPENAI_API_KEY=OPENAI_KEY)
+    (provider,) = wait_for_providers(server, 1)
+    assert provider["registry"] == manifest_server.url
+    assert post_sync(server) == 200
+    server.kill()
+    log = server.log()
+    assert manifest_server.url in log  # the sync's own line, with the location as shown
+    for secret in (SIGNATURE, MANIFEST_PASSWORD, quote(MANIFEST_PASSWORD, safe=""), "deploy:"):
+        assert secret not in log
 
 
 def test_providers_of_a_dropped_location_are_removed(registry_app, manifest_path, tmp_path):

@@ -1,9 +1,12 @@
 """The health prober keeps `state` true; under gunicorn it runs once per database."""
 
+import gc
 import time
 
 import pytest
+import sqlalchemy as sa
 
+from models import db
 from prober import probe_all
 from tests.conftest import client_as, provider_body, wait_for
 
@@ -63,6 +66,49 @@ def test_check_probes_at_once(prober_app, fake_upstream):
         assert response.get_json()["state"] == expected_state
     upstream.up()
     assert admin.post(f"{PROVIDERS}/{provider['id']}/check").get_json()["state"] == "online"
+
+
+def test_a_round_stores_each_listing_as_the_upstream_sent_it(prober_app, fake_upstream):
+    # A batch reaches the database as JSON: ids that look like numbers or JSON stay text.
+    upstream_ids = ["0123", 'say "hi"', "back\\slash", "éè-模型", "null", "gpt-4o"]
+    admin = client_as(prober_app, "admin")
+    openai = register(admin, fake_upstream(models=upstream_ids))
+    claude = fake_upstream(flavor="anthropic", models=["claude-sonnet-4"])
+    anthropic = admin.post(
+        PROVIDERS, json=provider_body(type="anthropic", base_url=claude.base_url, api_key=claude.api_key)
+    ).get_json()
+
+    probe_round(prober_app)
+    listed = admin.get(f"{PROVIDERS}/{openai['id']}/models").get_json()["items"]
+    assert [model["id"] for model in listed] == [f"openai:{upstream_id}" for upstream_id in upstream_ids]
+    assert {(model["created"], model["owned_by"], model["display_name"]) for model in listed} == {
+        (1700000000, "fake", None)
+    }
+    [sonnet] = admin.get(f"{PROVIDERS}/{anthropic['id']}/models").get_json()["items"]
+    assert (sonnet["display_name"], sonnet["created"]) == ("Claude-Sonnet-4", 1739923200)  # 2025-02-19
+
+
+def test_a_round_leaves_garbage_collection_as_it_found_it(prober_app, fake_upstream):
+    # The prober pauses the process's garbage collection while it holds the write lock.
+    register(client_as(prober_app, "admin"), fake_upstream())
+    probe_round(prober_app)
+    assert gc.isenabled()
+    gc.disable()  # as an embedding application may have
+    try:
+        probe_round(prober_app)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_failed_write_turns_garbage_collection_back_on(prober_app, fake_upstream):
+    register(client_as(prober_app, "admin"), fake_upstream())
+    with prober_app.app_context():
+        db.session.execute(sa.text("DROP TABLE provider_models"))
+        db.session.commit()
+    with pytest.raises(sa.exc.DatabaseError):
+        probe_round(prober_app)
+    assert gc.isenabled()
 
 
 def test_check_is_for_admins(prober_app, fake_upstream):
