@@ -40,16 +40,25 @@ def registry(make_app):
 @pytest.fixture
 def gateway(start_gunicorn, registry):
     """gunicorn serving the registry, with `caller_token`, an API token of role caller, as
-    agents hold; `gateway(iam=server)` points watsonx at a fake IAM."""
+    agents hold; `gateway(iam=server)` points watsonx at a fake IAM. The OpenAI clients of
+    its servers are closed first at the end: gunicorn's graceful stop waits on their idle
+    keep-alive connections."""
+    servers = []
 
     def start(iam=None, **overrides):
         if iam is not None:
             overrides["REGISTRY_WATSONX_IAM_URL"] = iam.iam_url
         server = start_gunicorn(workers=1, **overrides)
         server.caller_token = token_of(registry, "caller")
+        server.openai_clients = []
+        servers.append(server)
         return server
 
-    return start
+    yield start
+    for server in servers:
+        for client in server.openai_clients:
+            if isinstance(client, openai.OpenAI):  # an async client's connections ended with its event loop
+                client.close()
 
 
 def token_of(registry, role):
@@ -81,12 +90,11 @@ def set_state(registry, provider_id, state):
 
 def openai_client(server, api_key=None, client_class=openai.OpenAI):
     """The OpenAI client as an agent points it at the registry: an API token as its key."""
-    return client_class(
-        base_url=f"{server.base_url}/api/v1/openai",
-        api_key=api_key or server.caller_token,
-        max_retries=0,
-        timeout=30,
+    client = client_class(
+        base_url=f"{server.base_url}/api/v1/openai", api_key=api_key or server.caller_token, max_retries=0, timeout=30
     )
+    server.openai_clients.append(client)
+    return client
 
 
 def chat(client, model="openai:gpt-4o", **options):
