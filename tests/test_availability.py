@@ -52,11 +52,14 @@ def assert_responsive(server, reader, provider_id, rounds=7):
 
 
 def responsive_reader(server):
-    """A reader whose password both workers have verified already (the slow hash is paid)."""
+    """A reader whose password the workers have verified already (the slow hash is paid),
+    the worker of its own kept-alive connection certainly: SO_REUSEPORT may hand every
+    warming connection to the same worker."""
     reader = server.client("reader")
     for _ in range(4):
-        with server.client("reader") as warming:  # new connections reach each worker in turn
+        with server.client("reader") as warming:
             assert warming.get("/api/v1/configurations/system").status_code == 200
+    assert reader.get("/api/v1/configurations/system").status_code == 200
     return reader
 
 
