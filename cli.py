@@ -80,8 +80,8 @@ def create_first_admin(app):
     admin = User(username=app.config["ADMIN_USERNAME"], role="admin")
     admin.set_password(password)
     db.session.add(admin)
-    audit.record("user.create", admin.username, ["role", "password"], detail="the first admin")
     try:
+        audit.record("user.create", admin.username, ["role", "password"], detail="the first admin")  # flushes the add
         db.session.commit()
     except sa.exc.IntegrityError:  # another instance starting at once created it first
         db.session.rollback()

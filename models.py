@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
-from flask import g
+from flask import g, has_app_context
 from flask_sqlalchemy import SQLAlchemy
 from werkzeug.security import generate_password_hash
 
@@ -39,6 +39,16 @@ def close_read_connection(exception=None):
     connection = g.pop("read_connection", None)
     if connection is not None:
         connection.close()
+
+
+@sa.event.listens_for(sa.orm.Session, "after_transaction_create")
+def one_pooled_connection_per_request(session, transaction):
+    """A request's session about to take a connection (to write) gives back the read
+    connection first: a burst of writers each holding a read connection (from checking
+    their credentials) and waiting for a session connection would wait on one another
+    until the pool's timeout."""
+    if transaction.parent is None and has_app_context():
+        close_read_connection()
 
 
 def release_connections():
