@@ -31,6 +31,7 @@ from models import (
     PROVIDER_ROWS,
     PROVIDERS,
     ManifestSync,
+    changed_field_names,
     db,
     new_id,
     provider_of,
@@ -366,8 +367,7 @@ def apply_manifest(location, entries):
         if values:
             edit = sa.update(PROVIDERS).where(PROVIDERS.c.id == provider_id)
             db.session.execute(edit.values(**values, version=PROVIDERS.c.version + 1))
-            changed_fields = [field.replace("sealed_api_key", "api_key") for field in values]
-            record_change(provider_id, f"updated from {location}", changed_fields)
+            record_change(provider_id, f"updated from {location}", changed_field_names(values))
     added = [values_of_entry(location, entry) for entry in entries if entry["base_url"] not in kept]
     if added:
         try:
@@ -377,10 +377,8 @@ def apply_manifest(location, entries):
                 "A base_url of the manifest was registered meanwhile; sync again to see which."
             ) from None
     for values in added:
-        changed_fields = [
-            field.replace("sealed_api_key", "api_key") for field in values if field not in ("id", "registry")
-        ]
-        record_change(values["id"], f"created from {location}", changed_fields)
+        fields = {column: value for column, value in values.items() if column not in ("id", "registry")}
+        record_change(values["id"], f"created from {location}", changed_field_names(fields))
     updated = sum(bool(values) for _, values in changes)
     return SyncResult(location, added=len(added), updated=updated, removed=len(gone), unchanged=len(kept) - updated)
 

@@ -297,6 +297,11 @@ PROVIDER_COLUMNS = tuple(attribute.columns[0] for attribute in sa.inspect(ModelP
 PROVIDER_ROWS = sa.select(*PROVIDER_COLUMNS)
 
 
+def changed_field_names(values):
+    """The API's names of the provider columns in `values`: the sealed key is `api_key`."""
+    return ["api_key" if column == "sealed_api_key" else column for column in values]
+
+
 def providers_of(rows):
     return [Provider.from_row(row) for row in rows]
 

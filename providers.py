@@ -26,6 +26,7 @@ from models import (
     PROVIDER_ROWS,
     PROVIDERS,
     Provider,
+    changed_field_names,
     db,
     is_canonical_id,
     provider_etag,
@@ -164,7 +165,7 @@ def create_provider(fields, verify):
         values,
         fields["base_url"],
         "provider.create",
-        [*fields, "api_key"],
+        changed_field_names(values),
         upstream_models=upstream_models,
     )
 
@@ -172,10 +173,6 @@ def create_provider(fields, verify):
 def changes_connection(values):
     """Whether the stored changes (stored_changes) touch how the upstream is reached."""
     return "base_url" in values or "sealed_api_key" in values
-
-
-def changed_field_names(values):
-    return ["api_key" if field == "sealed_api_key" else field for field in values]
 
 
 def verify_changed_connection(provider, changes):
@@ -196,7 +193,7 @@ def stored_changes(provider, changes):
     return values
 
 
-def store_changes(provider, values, base_url, changed_fields, upstream_models):
+def store_changes(provider, values, upstream_models):
     """Write a patch WHERE version = the version read, so that it never stores a mix of its
     fields and those of a change stored meanwhile: that is a 409 (or a 404 when deleted)."""
     update = (
@@ -205,6 +202,7 @@ def store_changes(provider, values, base_url, changed_fields, upstream_models):
         .values(**values, version=PROVIDERS.c.version + 1)
         .returning(*PROVIDER_COLUMNS)
     )
+    base_url, changed_fields = values.get("base_url"), changed_field_names(values)
     updated = write_provider(update, {}, base_url, "provider.update", changed_fields, provider.id, upstream_models)
     if updated is None:
         if not provider_exists(provider.id):
@@ -232,7 +230,7 @@ def update_provider(provider, changes, preconditions, verify):
     upstream_models = KEEP_MODELS
     if changes_connection(values):  # unverified (None), the new connection has no list until it is probed
         upstream_models = verify_changed_connection(provider, changes) if verify else None
-    return store_changes(provider, values, values.get("base_url"), changed_field_names(values), upstream_models)
+    return store_changes(provider, values, upstream_models)
 
 
 def delete_provider(provider, preconditions):
