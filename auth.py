@@ -27,6 +27,7 @@ from metrics import record_failed_login
 from models import (
     USERS,
     ApiToken,
+    Lookup,
     canonical_username,
     close_read_connection,
     lower_role,
@@ -214,11 +215,13 @@ def init_auth(app):
 
 # Every request runs one of these: Core statements built once, giving rows rather than objects.
 TOKENS = ApiToken.__table__
-CREDENTIALS_BY_USERNAME = sa.select(USERS.c.id, USERS.c.username, USERS.c.password_hash, USERS.c.role).where(
-    USERS.c.username == sa.bindparam("username")
+CREDENTIALS_BY_USERNAME = Lookup(
+    sa.select(USERS.c.id, USERS.c.username, USERS.c.password_hash, USERS.c.role).where(
+        USERS.c.username == sa.bindparam("username")
+    )
 )
 # An unknown, revoked (deleted) and expired token all find no row, by the same indexed lookup.
-TOKEN_BY_DIGEST = (
+TOKEN_BY_DIGEST = Lookup(
     sa.select(
         TOKENS.c.id,
         TOKENS.c.role,
@@ -272,7 +275,7 @@ def check_credentials(key, username, password, name_key):
     this process has not verified for this user's current hash, and the limits only for such a
     password: one a worker has verified is never refused for the guesses of others."""
     state = auth_state()
-    user = read_connection().execute(CREDENTIALS_BY_USERNAME, {"username": username}).first()
+    user = CREDENTIALS_BY_USERNAME.first(username=username)
     if user is not None and state.verified_passwords.matches(key, user):
         return caller_of(user)
     state.login_failures_by_name.refuse_if_limited(name_key, "logins as this user from your address")
@@ -330,7 +333,7 @@ def verify_token(token):
     if state.verified_tokens.get(digest) is None:
         state.token_failures.refuse_if_limited(request.remote_addr, "token attempts from your address")
     now = utcnow()
-    row = read_connection().execute(TOKEN_BY_DIGEST, {"digest": digest, "now": now}).first()
+    row = TOKEN_BY_DIGEST.first(digest=digest, now=now)
     if row is None:
         state.verified_tokens.pop(digest)
         state.token_failures.record(request.remote_addr)

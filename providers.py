@@ -25,13 +25,13 @@ from models import (
     PROVIDER_COLUMNS,
     PROVIDER_ROWS,
     PROVIDERS,
+    Lookup,
     Provider,
     changed_field_names,
     db,
     is_canonical_id,
     provider_etag,
     provider_of,
-    read_connection,
     release_connections,
     types_with,
 )
@@ -65,21 +65,21 @@ def no_such_provider(provider_id):
     return NotFound(f"No model provider has id {provider_id!r}.")
 
 
-PROVIDER_BY_ID = PROVIDER_ROWS.where(PROVIDERS.c.id == sa.bindparam("provider_id"))
-PROVIDER_ID_BY_BASE_URL = sa.select(PROVIDERS.c.id).where(PROVIDERS.c.base_url == sa.bindparam("base_url"))
+PROVIDER_BY_ID = Lookup(PROVIDER_ROWS.where(PROVIDERS.c.id == sa.bindparam("provider_id")), Provider)
+PROVIDER_ID_BY_BASE_URL = Lookup(sa.select(PROVIDERS.c.id).where(PROVIDERS.c.base_url == sa.bindparam("base_url")))
 
 
 def provider_or_404(provider_id):
     provider = None
     if is_canonical_id(provider_id):
-        provider = provider_of(read_connection().execute(PROVIDER_BY_ID, {"provider_id": provider_id}))
+        provider = PROVIDER_BY_ID.first(provider_id=provider_id)
     if provider is None:
         raise no_such_provider(provider_id)
     return provider
 
 
 def provider_exists(provider_id):
-    return read_connection().scalar(sa.select(PROVIDERS.c.id).where(PROVIDERS.c.id == provider_id)) is not None
+    return PROVIDER_BY_ID.first(provider_id=provider_id) is not None
 
 
 ETAG_FIELDS = ("id", "version", "last_checked_at")
@@ -104,9 +104,9 @@ def refuse_unless_matches(provider, preconditions):
 
 
 def refuse_if_base_url_taken(base_url, own_id=None):
-    owner_id = read_connection().scalar(PROVIDER_ID_BY_BASE_URL, {"base_url": base_url})
-    if owner_id is not None and owner_id != own_id:
-        raise Conflict(f"base_url {base_url} is already registered by model provider {owner_id}.")
+    owner = PROVIDER_ID_BY_BASE_URL.first(base_url=base_url)
+    if owner is not None and owner.id != own_id:
+        raise Conflict(f"base_url {base_url} is already registered by model provider {owner.id}.")
 
 
 def refuse_if_managed(provider):

@@ -3,6 +3,8 @@ role at most the owner's, revocation, expiry and the owner's changes effective o
 
 import hashlib
 import logging
+import re
+import sqlite3
 from datetime import timedelta
 
 import httpx
@@ -269,23 +271,44 @@ def test_failed_token_attempts_are_limited_per_address_apart_from_logins(app, re
 
 
 class Statements:
-    """The SQL statements the app's engine runs, with their parameter names."""
+    """The SQL statements the app sends to the database, with their literal values as "?".
+
+    Seen by the driver (SQLite's trace, or psycopg's cursors), on connections opened for the
+    purpose, so statements sent through SQLAlchemy and straight to the DBAPI cursor
+    (models.Lookup) are seen alike.
+    """
 
     def __init__(self, app):
         self.seen = []
+        self.tracing = False
         with app.app_context():
             self.engine = db.engine
+        self.engine.dispose()
+        sa.event.listen(self.engine, "connect", self.trace)
 
-    def record(self, connection, cursor, statement, parameters, context, executemany):
-        self.seen.append(statement)
+    def trace(self, dbapi_connection, connection_record):
+        if isinstance(dbapi_connection, sqlite3.Connection):
+            dbapi_connection.set_trace_callback(self.record)
+            return
+        record = self.record
+
+        class RecordingCursor(type(dbapi_connection.cursor())):
+            def execute(self, query, *args, **kwargs):
+                record(str(query))
+                return super().execute(query, *args, **kwargs)
+
+        dbapi_connection.cursor_factory = RecordingCursor
+
+    def record(self, statement):
+        if self.tracing and statement.strip("; "):  # not the pool's ping of a PostgreSQL connection
+            self.seen.append(re.sub(r"'(?:[^']|'')*'|\b\d+(?:\.\d+)?\b", "?", statement))
 
     def during(self, action):
-        self.seen = []
-        sa.event.listen(self.engine, "before_cursor_execute", self.record)
+        self.seen, self.tracing = [], True
         try:
             result = action()
         finally:
-            sa.event.remove(self.engine, "before_cursor_execute", self.record)
+            self.tracing = False
         return self.seen, result
 
 
