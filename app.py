@@ -3,9 +3,7 @@ what they serve, and whether they answer."""
 
 import logging
 import os
-from functools import partial
 
-import sqlalchemy as sa
 from alembic.script import ScriptDirectory
 from flask import Flask
 from flask_migrate import Migrate
@@ -28,6 +26,7 @@ from providers import providers_bp
 from registry import registry_bp
 from scheduler import Scheduler
 from schemas import ma
+from sqlite import prepare_sqlite
 from tokens import tokens_bp
 
 log = logging.getLogger("registry")
@@ -38,7 +37,6 @@ MIGRATIONS_DIRECTORY = os.path.join(HERE, "migrations")
 MAX_BODY_BYTES = 64 * 1024
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
-SQLITE_MMAP_BYTES = 256 * 1024 * 1024
 ENSURE_SYNC_MEMORY = 1024  # far more hooks, views and callbacks than the registry has
 
 
@@ -141,41 +139,6 @@ def load_config(environ):
     }
 
 
-def tune_sqlite(dbapi_connection, connection_record, synchronous):
-    """WAL for concurrent readers and crash safety; bench/README.md ("Why these choices") says
-    what `synchronous` (NORMAL or FULL) trades. Memory-mapped reads: a connection whose cache
-    another worker's write made stale reads its pages again without copying them."""
-    cursor = dbapi_connection.cursor()
-    for pragma in (
-        "journal_mode=WAL",
-        f"synchronous={synchronous}",
-        "busy_timeout=30000",
-        "foreign_keys=ON",
-        f"mmap_size={SQLITE_MMAP_BYTES}",
-    ):
-        cursor.execute(f"PRAGMA {pragma}")
-    cursor.close()
-
-
-def make_sqlite_files_private(database_path):
-    """Create the database file 0600 before SQLite would (0644 less the umask), and tighten
-    files made earlier; SQLite gives the -wal and -shm files the database file's mode."""
-    try:
-        os.close(os.open(database_path, os.O_WRONLY | os.O_CREAT, 0o600))
-        for path in (database_path, f"{database_path}-wal", f"{database_path}-shm"):
-            if os.path.exists(path):
-                os.chmod(path, 0o600)
-    except OSError as error:  # SQLite's own open will say what is wrong
-        log.warning("cannot make the database file %s private: %s", database_path, error.strerror)
-
-
-def sqlite_file_of(url):
-    """The file a SQLite URL names, or None for an in-memory or URI-form database."""
-    if url.database in (None, "", ":memory:") or url.query.get("uri"):
-        return None
-    return url.database
-
-
 def schema_head():
     return ScriptDirectory(MIGRATIONS_DIRECTORY).get_current_head()
 
@@ -243,9 +206,7 @@ def create_app(environ=None):
 
     with app.app_context():
         if db.engine.dialect.name == "sqlite":
-            if database_path := sqlite_file_of(db.engine.url):
-                make_sqlite_files_private(database_path)
-            sa.event.listen(db.engine, "connect", partial(tune_sqlite, synchronous=app.config["SQLITE_SYNCHRONOUS"]))
+            prepare_sqlite(db.engine, app.config["SQLITE_SYNCHRONOUS"])
         elif not app.config["ENCRYPTION_KEYS"]:
             key_file = os.path.join(app.instance_path, KEY_FILE_NAME)
             log.warning(

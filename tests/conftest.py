@@ -24,6 +24,7 @@ PASSWORDS = {"admin": "admin-pass-1", "service": "service-pass-1", "reader": "re
 # A PostgreSQL database (postgresql+psycopg://...) whose role may create databases: the
 # whole suite then runs on PostgreSQL, with a fresh database per test. Unset: SQLite.
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
+SQLITE_ONLY = pytest.mark.skipif(bool(TEST_DATABASE_URL), reason="SQLite's own behaviour; PostgreSQL has none of it")
 # Instance folder -> its own PostgreSQL database; a folder not listed uses its SQLite file.
 DATABASE_URLS = {}
 

@@ -7,6 +7,7 @@ new connection) and a reader's GET answer within 100 ms.
 import contextlib
 import json
 import socket
+import sqlite3
 import statistics
 import threading
 import time
@@ -14,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tests.conftest import provider_body, wait_for
+from tests.conftest import SQLITE_ONLY, provider_body, wait_for
 
 PROVIDERS = "/api/v1/model_providers"
 RESPONSIVE_SECONDS = 0.1
@@ -288,4 +289,28 @@ def test_a_flood_of_slow_hashes_does_not_stall_the_others(start_gunicorn):
             stop.set()
         for guesser in guessers:
             guesser.result()
+    reader.close()
+
+
+@SQLITE_ONLY
+def test_a_create_waiting_for_the_write_lock_does_not_stall_its_worker(start_gunicorn, instance_path):
+    """SQLite's busy handler would sleep in C until the lock came free, and the worker's
+    other connections with it: the registry waits in gevent's sleeps instead."""
+    server = start_gunicorn(workers=1)
+    provider_id = stored_provider(server)
+    reader = responsive_reader(server)
+    other_writer = sqlite3.connect(instance_path / "registry.db", isolation_level=None)
+    other_writer.execute("BEGIN IMMEDIATE")
+    with server.client("admin") as admin, ThreadPoolExecutor(max_workers=1) as pool:
+        try:
+            waiting = pool.submit(
+                admin.post, PROVIDERS, params={"verify": "false"}, json=provider_body(base_url="http://waits.test/v1")
+            )
+            time.sleep(0.5)
+            assert not waiting.done()
+            assert_responsive(server, reader, provider_id)
+        finally:
+            other_writer.rollback()
+        assert waiting.result().status_code == 201
+    other_writer.close()
     reader.close()

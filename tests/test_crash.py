@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from models import db
-from tests.conftest import TEST_DATABASE_URL, provider_body
+from tests.conftest import SQLITE_ONLY, TEST_DATABASE_URL, provider_body
 
 PROVIDERS = "/api/v1/model_providers"
 WRITERS = 4
@@ -79,9 +79,6 @@ def test_every_create_answered_201_survives_sigkill(start_gunicorn, instance_pat
     if not TEST_DATABASE_URL:  # PostgreSQL checks its own pages; SQLite is asked here
         with sqlite3.connect(instance_path / "registry.db") as database:
             assert database.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-
-
-SQLITE_ONLY = pytest.mark.skipif(bool(TEST_DATABASE_URL), reason="SQLite's own settings; PostgreSQL has none of these")
 
 
 def pragma(app, name):
