@@ -14,7 +14,7 @@ anything else a client typed.
 import logging
 import os
 import time
-from functools import wraps
+from functools import cache, wraps
 
 import sqlalchemy as sa
 from flask import Blueprint, current_app, g, request
@@ -112,12 +112,21 @@ def start_timer():
     g.metrics_started = time.perf_counter()
 
 
+@cache
+def request_series(method, route, status):
+    """The request counter and duration histogram of one kind of answer. labels() checks and
+    locks on every call; these label values are few (methods, route templates, statuses)."""
+    return REQUESTS.labels(method, route, str(status)), REQUEST_SECONDS.labels(method, route)
+
+
 def count_request(response):
-    method, route = known_or_unknown(request.method, HTTP_METHODS), route_template()
-    REQUESTS.labels(method, route, str(response.status_code)).inc()
+    requests, seconds = request_series(
+        known_or_unknown(request.method, HTTP_METHODS), route_template(), response.status_code
+    )
+    requests.inc()
     started = g.pop("metrics_started", None)
     if started is not None:
-        REQUEST_SECONDS.labels(method, route).observe(time.perf_counter() - started)
+        seconds.observe(time.perf_counter() - started)
     return response
 
 
