@@ -5,6 +5,7 @@ import logging
 import os
 import sqlite3
 import time
+import weakref
 from functools import partial
 
 import sqlalchemy as sa
@@ -22,11 +23,53 @@ WRITE_STATEMENTS = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 
 
 def prepare_sqlite(engine, synchronous):
-    """Make the database file private, tune every connection, and take write locks cooperatively."""
+    """Make the database file private, tune every connection, take write locks cooperatively,
+    and keep connections for models.Lookup."""
     if database_path := sqlite_file_of(engine.url):
         make_sqlite_files_private(database_path)
     sa.event.listen(engine, "connect", partial(tune_sqlite, synchronous=synchronous))
     sa.event.listen(engine, "before_cursor_execute", begin_before_writing)
+    lookup_connections = LOOKUP_CONNECTIONS[engine] = LookupConnections(engine)
+    sa.event.listen(engine, "engine_disposed", lambda engine: lookup_connections.close())
+
+
+class LookupConnections:
+    """Connections of models.Lookup's own, outside SQLAlchemy's pool.
+
+    A SQLite read waits on no socket, so it never lets another greenlet run: a gevent worker
+    needs one such connection (a thread one each, while it reads), taken and given back
+    without the pool's checkout, events and reset on return, which cost about as much as
+    the read. Each is made by the engine (so it is tuned like the others) and detached from
+    its pool; the reads on it are single statements, so none is left in a transaction.
+    """
+
+    def __init__(self, engine):
+        self._engine = engine
+        self._idle = []
+
+    def take(self):
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return self._new_connection()
+
+    def _new_connection(self):
+        try:
+            pooled = self._engine.raw_connection()
+        except sqlite3.Error as error:  # as SQLAlchemy raises it (errors.py maps OperationalError to 503)
+            raise sa.exc.DBAPIError.instance(None, None, error, sqlite3.Error) from error
+        pooled.detach()
+        return pooled.dbapi_connection
+
+    def give_back(self, dbapi_connection):
+        self._idle.append(dbapi_connection)
+
+    def close(self):
+        while self._idle:
+            self._idle.pop().close()
+
+
+LOOKUP_CONNECTIONS = weakref.WeakKeyDictionary()  # engine -> its LookupConnections, for SQLite engines
 
 
 def tune_sqlite(dbapi_connection, connection_record, synchronous):
