@@ -17,6 +17,7 @@ from models import (
     canonical_username,
     db,
     is_canonical_id,
+    lower_role,
     new_id,
     new_token_secret,
     token_digest,
@@ -53,13 +54,24 @@ def find_owner(username):
     return db.session.scalar(sa.select(User).where(User.username == canonical_username(username)))
 
 
-def create_token(owner, name, role=None, expires_in_days=None):
-    """A new token of `owner` (a User) as its answer, secret included; its role at most the owner's."""
-    role = role or owner.role
+def create_token(owner, name, role=None, expires_in_days=None, made_with=None):
+    """A new token of `owner` (a User) as its answer, secret included; its role at most the
+    owner's. One `made_with` another token (an ApiToken) has at most that token's role and
+    expires no later than it (by default when it does), so a token cannot outlast or
+    outrank the token that made it."""
+    ceiling = owner.role if made_with is None else lower_role(owner.role, made_with.role)
+    role = role or ceiling
     if ROLES.index(role) > ROLES.index(owner.role):
         raise Forbidden(f"A token's role is at most its owner's; {owner.username} is {owner.role}.")
-    secret = new_token_secret()
+    if ROLES.index(role) > ROLES.index(ceiling):
+        raise Forbidden(f"A token made with a token has at most that token's role, {made_with.role}.")
     created_at = utcnow()
+    expires_at = created_at + timedelta(days=expires_in_days) if expires_in_days else None
+    if made_with is not None and made_with.expires_at is not None:
+        if expires_at is not None and expires_at > made_with.expires_at:
+            raise Forbidden(f"A token made with a token expires no later than it: {made_with.expires_at.isoformat()}Z.")
+        expires_at = expires_at or made_with.expires_at
+    secret = new_token_secret()
     token = ApiToken(
         id=new_id(),
         user_id=owner.id,
@@ -67,7 +79,7 @@ def create_token(owner, name, role=None, expires_in_days=None):
         role=role,
         digest=token_digest(secret),
         created_at=created_at,
-        expires_at=created_at + timedelta(days=expires_in_days) if expires_in_days else None,
+        expires_at=expires_at,
     )
     db.session.add(token)
     audit.record("token.create", token.id, ["name", "role", "expires_at"], detail=f"for {owner.username}, role {role}")
@@ -101,8 +113,6 @@ def revoke_token(token_id, owner_id=None):
 
 def owner_for(caller, username):
     """Whom a token asked for by `caller` belongs to: the caller, or (admin only) the named user."""
-    if caller.token_id is not None:
-        raise Forbidden("Tokens are created with a user's password, not with another token.")
     if username is not None and canonical_username(username) != caller.username:
         if caller.role != "admin":
             raise Forbidden("Only an admin may create a token for another user.")
@@ -125,12 +135,23 @@ def create(request_fields):
 
     The answer holds the secret (`token`, sent as `Authorization: Bearer <token>`); it is
     shown this once, since the registry keeps only a digest of it. The token acts with its
-    role, never more than its owner's current role. Tokens are created with a password
-    (HTTP Basic), not with another token, so a leaked token cannot outlive its revocation.
+    role, never more than its owner's current role. A token made with another token (sent
+    as the Bearer credential) has at most that token's role and expires no later than it
+    (by default, when it does).
     """
-    owner = owner_for(auth.current_user(), request_fields.get("user"))
+    caller = auth.current_user()
+    owner = owner_for(caller, request_fields.get("user"))
+    made_with = None
+    if caller.token_id is not None:
+        made_with = db.session.get(ApiToken, caller.token_id)
+        if made_with is None:
+            raise Forbidden("The token you sent was revoked meanwhile.")
     return create_token(
-        owner, request_fields["name"], request_fields.get("role"), request_fields.get("expires_in_days")
+        owner,
+        request_fields["name"],
+        request_fields.get("role"),
+        request_fields.get("expires_in_days"),
+        made_with=made_with,
     )
 
 

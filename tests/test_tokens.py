@@ -105,11 +105,33 @@ def test_only_an_admin_names_another_owner(admin, reader):
     assert unknown.status_code == 422 and "user" in unknown.get_json()["errors"]
 
 
-def test_a_token_cannot_create_tokens(app, admin):
-    token = new_token(admin)["token"]
-    refused = call(app, "POST", TOKENS, token, json={"name": "another"})
-    assert refused.status_code == 403
-    assert admin.get(TOKENS).get_json()["total_count"] == 1
+def test_a_token_creates_tokens_within_its_own_role_and_expiry(app, admin):
+    """Every /api/v1 route takes a token (API.md section 6); a token cannot outrank or outlast its maker."""
+    maker = new_token(admin, role="service", expires_in_days=7)
+    made = call(app, "POST", TOKENS, maker["token"], json={"name": "made"})
+    assert made.status_code == 201
+    assert (made.get_json()["role"], made.get_json()["expires_at"]) == ("service", maker["expires_at"])
+    assert call(app, "GET", PROVIDERS, made.get_json()["token"]).status_code == 200
+    shorter = call(app, "POST", TOKENS, maker["token"], json={"name": "short", "role": "reader", "expires_in_days": 1})
+    assert shorter.status_code == 201 and shorter.get_json()["expires_at"] < maker["expires_at"]
+    for refused_body in (
+        {"name": "higher", "role": "admin"},
+        {"name": "longer", "expires_in_days": 8},
+        {"name": "for another", "user": "reader"},  # a service token is no admin's
+    ):
+        refused = call(app, "POST", TOKENS, maker["token"], json=refused_body)
+        assert refused.status_code == 403, refused_body
+    assert admin.get(TOKENS).get_json()["total_count"] == 3
+    events = admin.get("/api/v1/audit", query_string={"action": "token.create"}).get_json()["items"]
+    assert {event["token_id"] for event in events} == {None, maker["id"]}
+
+
+def test_an_admin_token_may_create_a_token_for_another_user(app, admin):
+    maker = new_token(admin)
+    for_service = call(app, "POST", TOKENS, maker["token"], json={"name": "svc", "user": "service"})
+    assert for_service.status_code == 201
+    assert (for_service.get_json()["user"], for_service.get_json()["role"]) == ("service", "service")
+    assert for_service.get_json()["expires_at"] is None
 
 
 @pytest.mark.parametrize(
