@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from flask import current_app
 from werkzeug.exceptions import BadRequest, Conflict, NotFound, ServiceUnavailable
 
+import audit
 from configurations import system_configuration
 from models import (
     CAPABILITIES_BY_TYPE,
@@ -98,6 +99,7 @@ def refresh_models(provider):
     if not replace_models(provider.id, upstream_models, read_version=read_version):
         db.session.rollback()
         raise Conflict(f"Model provider {provider.id} was changed or deleted while its upstream was listed.")
+    audit.record("provider.refresh", provider.id, ["models"], detail=f"{len(upstream_models)} models listed")
     db.session.commit()
 
 

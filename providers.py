@@ -117,6 +117,8 @@ def refuse_if_managed(provider):
 
 
 KEEP_MODELS = object()
+# What a probe writes (prober.py), as a check's audit event names it.
+PROBED_FIELDS = ("state", "last_checked_at", "last_error", "models")
 
 
 # Built once, as every statement a request runs the same way: SQLAlchemy then reuses its compiled form.
@@ -390,7 +392,10 @@ def check(provider_id):
     Like a health probe, a successful one also stores the provider's model list.
     """
     probe_one(provider_or_404(provider_id).id)
-    return shown(provider_or_404(provider_id))
+    provider = provider_or_404(provider_id)
+    audit.record("provider.check", provider.id, PROBED_FIELDS, detail=f"now {provider.state}")
+    db.session.commit()
+    return shown(provider)
 
 
 @providers_bp.route("/model_providers/match", methods=["POST"])

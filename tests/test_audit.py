@@ -62,6 +62,21 @@ def test_a_resolve_is_recorded_because_it_hands_out_a_key(app, admin, service, f
     assert len(events(app, action="provider.resolve")) == 1
 
 
+def test_a_check_and_a_refresh_are_recorded(app, admin, fake_upstream):
+    """Both change what is stored (the state, the model index) at an admin's request."""
+    upstream = fake_upstream()
+    body = provider_body(base_url=upstream.base_url, api_key=upstream.api_key)
+    provider_id = admin.post(PROVIDERS, json=body, query_string={"verify": "false"}).get_json()["id"]
+    assert admin.post(f"{PROVIDERS}/{provider_id}/check", headers={"X-Request-ID": "k-1"}).status_code == 200
+    refreshed = admin.get(f"{PROVIDERS}/{provider_id}/models", query_string={"refresh": "true"})
+    assert refreshed.status_code == 200
+    check, refresh = only_event(app, action="provider.check"), only_event(app, action="provider.refresh")
+    assert (check["user"], check["target_id"], check["request_id"]) == ("admin", provider_id, "k-1")
+    assert check["detail"] == "now online" and "state" in check["changed_fields"]
+    assert (refresh["target_id"], refresh["changed_fields"]) == (provider_id, ["models"])
+    assert upstream.api_key not in json.dumps(events(app))
+
+
 def test_a_configuration_change_is_recorded(app, admin):
     answer = admin.put("/api/v1/configurations/system", json={"default_llm_model": "openai:gpt-4o"})
     event = only_event(app, action="configuration.update")
