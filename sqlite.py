@@ -14,7 +14,6 @@ log = logging.getLogger("registry")
 
 MMAP_BYTES = 256 * 1024 * 1024
 BUSY_TIMEOUT_MS = 30000
-WAL_CHECKPOINT_PAGES = 10000  # about 40 MB of log
 # What SQLite's busy handler would do, but in steps of time.sleep, which gevent's workers
 # patch: a worker waiting for another's write lock goes on serving its other connections.
 WRITE_LOCK_FIRST_WAIT = 0.0002
@@ -76,10 +75,7 @@ LOOKUP_CONNECTIONS = weakref.WeakKeyDictionary()  # engine -> its LookupConnecti
 def tune_sqlite(dbapi_connection, connection_record, synchronous):
     """WAL for concurrent readers and crash safety; bench/README.md ("Why these choices") says
     what `synchronous` (NORMAL or FULL) trades. Memory-mapped reads: a connection whose cache
-    another worker's write made stale reads its pages again without copying them. The log is
-    copied into the database (a checkpoint, with its fsyncs) by the commit that takes it past
-    WAL_CHECKPOINT_PAGES, stopping that worker meanwhile: ten times SQLite's default, so ten
-    times rarer, and each copies pages that many commits changed only once."""
+    another worker's write made stale reads its pages again without copying them."""
     cursor = dbapi_connection.cursor()
     for pragma in (
         "journal_mode=WAL",
@@ -87,7 +83,6 @@ def tune_sqlite(dbapi_connection, connection_record, synchronous):
         f"busy_timeout={BUSY_TIMEOUT_MS}",
         "foreign_keys=ON",
         f"mmap_size={MMAP_BYTES}",
-        f"wal_autocheckpoint={WAL_CHECKPOINT_PAGES}",
     ):
         cursor.execute(f"PRAGMA {pragma}")
     cursor.close()

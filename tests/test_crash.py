@@ -91,7 +91,6 @@ def test_connections_use_wal_and_sync_at_checkpoints_by_default(app):
     """WAL keeps readers off the writer's back; NORMAL survives a killed process (above)."""
     assert pragma(app, "journal_mode") == "wal"
     assert pragma(app, "synchronous") == 1  # NORMAL
-    assert pragma(app, "wal_autocheckpoint") == 10000  # bench/README.md: creates 3 to 15 % faster
 
 
 @SQLITE_ONLY
