@@ -72,36 +72,29 @@ class Lookup:
 
     def first(self, **parameters):
         """The first row found, or None."""
-        rows = self._run(parameters, lambda cursor: cursor.fetchmany(1))
-        return rows[0] if rows else None
-
-    def all(self, **parameters):
-        return self._run(parameters, lambda cursor: cursor.fetchall())
-
-    def _run(self, parameters, fetch):
         engine = db.engine
         lookup_connections = LOOKUP_CONNECTIONS.get(engine)
         if lookup_connections is None:
-            return self._read(read_connection().connection, engine.dialect, parameters, fetch)
+            return self._first(read_connection().connection, engine.dialect, parameters)
         dbapi_connection = lookup_connections.take()
         try:
-            return self._read(dbapi_connection, engine.dialect, parameters, fetch)
+            return self._first(dbapi_connection, engine.dialect, parameters)
         finally:
             lookup_connections.give_back(dbapi_connection)
 
-    def _read(self, dbapi_connection, dialect, parameters, fetch):
+    def _first(self, dbapi_connection, dialect, parameters):
         compiled = self._compiled_for(dialect)
         driver_parameters = compiled.driver_parameters(parameters)
         dbapi_error = dialect.loaded_dbapi.Error
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(compiled.sql, driver_parameters)
-            rows = fetch(cursor)
+            row = cursor.fetchone()
         except dbapi_error as error:  # as SQLAlchemy raises it (errors.py maps OperationalError to 503)
             raise sa.exc.DBAPIError.instance(compiled.sql, driver_parameters, error, dbapi_error) from error
         finally:
             cursor.close()
-        return [self.make_row(*compiled.values_of(row)) for row in rows]
+        return None if row is None else self.make_row(*compiled.values_of(row))
 
     def _compiled_for(self, dialect):
         key = (dialect.name, dialect.driver)

@@ -1,5 +1,5 @@
-"""What the registry does for a SQLite database: its files' mode, its pragmas, and a write
-lock taken without blocking the worker."""
+"""What the registry does for a SQLite database: its files' mode, its pragmas, a write lock
+taken without blocking the worker, and the connections models.Lookup reads on."""
 
 import logging
 import os
