@@ -16,7 +16,7 @@ from flask import Blueprint, has_request_context, request
 
 from auth import auth
 from logs import REQUEST_ID_KEY, TOKEN_ID_KEY, USER_KEY
-from models import AUDIT_EVENTS, AuditEvent, db, utcnow
+from models import AUDIT_EVENTS, AuditEvent, DirectStatement, db, utcnow
 from pagination import NewestFirstPages
 from schemas import AuditEventSchema, AuditQuerySchema, collection
 
@@ -54,8 +54,8 @@ def actor_fields(by_system=False):
     }
 
 
-# A Core insert, not an ORM object: the unit of work's flush at commit cost more than the change itself.
-INSERT_EVENT = sa.insert(AUDIT_EVENTS)
+# Not an ORM object: the unit of work's flush at commit cost more than the change itself.
+INSERT_EVENT = DirectStatement(sa.insert(AUDIT_EVENTS))
 
 
 def record(action, target_id=None, changed_fields=(), detail=None, by_system=False):
@@ -65,7 +65,7 @@ def record(action, target_id=None, changed_fields=(), detail=None, by_system=Fal
     see actor_fields.
     """
     event = {"action": action, "target_id": target_id, "changed_fields": sorted(changed_fields), "detail": detail}
-    db.session.execute(INSERT_EVENT, {**event, **actor_fields(by_system)})
+    INSERT_EVENT.write(**event, **actor_fields(by_system))
 
 
 AUDIT_PAGES = NewestFirstPages(

@@ -27,7 +27,7 @@ from metrics import record_failed_login
 from models import (
     USERS,
     ApiToken,
-    Lookup,
+    DirectStatement,
     canonical_username,
     close_read_connection,
     lower_role,
@@ -215,13 +215,13 @@ def init_auth(app):
 
 # Every request runs one of these: Core statements built once, giving rows rather than objects.
 TOKENS = ApiToken.__table__
-CREDENTIALS_BY_USERNAME = Lookup(
+CREDENTIALS_BY_USERNAME = DirectStatement(
     sa.select(USERS.c.id, USERS.c.username, USERS.c.password_hash, USERS.c.role).where(
         USERS.c.username == sa.bindparam("username")
     )
 )
 # An unknown, revoked (deleted) and expired token all find no row, by the same indexed lookup.
-TOKEN_BY_DIGEST = Lookup(
+TOKEN_BY_DIGEST = DirectStatement(
     sa.select(
         TOKENS.c.id,
         TOKENS.c.role,

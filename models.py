@@ -9,6 +9,7 @@ import uuid
 from collections import namedtuple
 from dataclasses import dataclass, make_dataclass
 from datetime import UTC, datetime
+from functools import partial
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
@@ -17,7 +18,7 @@ from flask_sqlalchemy import SQLAlchemy
 from werkzeug.security import generate_password_hash
 
 from crypto import cipher
-from sqlite import LOOKUP_CONNECTIONS
+from sqlite import LOOKUP_CONNECTIONS, take_write_lock
 
 # Objects keep their values after a commit: a response is built from what was just written,
 # without reading it back (nothing else writes to a session's objects meanwhile).
@@ -53,25 +54,26 @@ def one_pooled_connection_per_request(session, transaction):
         close_read_connection()
 
 
-class Lookup:
-    """A fixed read (a Core select with named parameters) run on a DBAPI cursor: compiled
-    once per database, its parameters and values converted as SQLAlchemy would convert
-    them, each row made by `make_row` (a named tuple of the selected columns by default).
-    On SQLite the cursor is of a connection kept for lookups (sqlite.LookupConnections),
-    elsewhere of the request's read connection.
+class DirectStatement:
+    """A fixed Core statement with named parameters, run on a DBAPI cursor: compiled once per
+    database (and set of parameter names), its parameters and values converted as SQLAlchemy
+    would convert them, column defaults filled in as SQLAlchemy would fill them, each row
+    made by `make_row` (a named tuple of the returned columns by default).
 
-    Every request makes one or two of these (its credentials, the provider it names). Run
-    through a Connection, such a one-row indexed read cost about 15 µs against 4 µs on the
-    cursor (bench/README.md); the rest of the reads go through SQLAlchemy.
+    The hot path of every request is one or two reads (its credentials, the provider it
+    names) and, for a change, one or two writes (the row, its audit event). Through
+    SQLAlchemy's execution such a statement costs several times what the driver does with
+    it (bench/README.md); the rest of the statements go through SQLAlchemy.
     """
 
     def __init__(self, statement, make_row=None):
         self.statement = statement
-        self.make_row = make_row or namedtuple("Row", [column.key for column in statement.selected_columns])
-        self._compiled = {}  # (dialect name, driver) -> CompiledLookup
+        self.make_row = make_row or namedtuple("Row", statement.exported_columns.keys())
+        self._compiled = {}  # (dialect name, driver, parameter names) -> CompiledStatement
 
     def first(self, **parameters):
-        """The first row found, or None."""
+        """The first row a read finds, or None. On SQLite the read runs on a connection kept
+        for such reads (sqlite.LookupConnections), elsewhere on the request's read connection."""
         engine = db.engine
         lookup_connections = LOOKUP_CONNECTIONS.get(engine)
         if lookup_connections is None:
@@ -82,60 +84,86 @@ class Lookup:
         finally:
             lookup_connections.give_back(dbapi_connection)
 
+    def write(self, **parameters):
+        """Run a write in the session's transaction (begun when none is): the first row it
+        returns, or None."""
+        engine = db.engine
+        dbapi_connection = db.session.connection().connection.dbapi_connection
+        if engine.dialect.name == "sqlite" and not dbapi_connection.in_transaction:
+            take_write_lock(dbapi_connection)
+        return self._first(dbapi_connection, engine.dialect, parameters)
+
     def _first(self, dbapi_connection, dialect, parameters):
-        compiled = self._compiled_for(dialect)
+        compiled = self._compiled_for(dialect, parameters)
         driver_parameters = compiled.driver_parameters(parameters)
         dbapi_error = dialect.loaded_dbapi.Error
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(compiled.sql, driver_parameters)
-            row = cursor.fetchone()
+            row = cursor.fetchone() if compiled.result_processors else None
         except dbapi_error as error:  # as SQLAlchemy raises it (errors.py maps OperationalError to 503)
             raise sa.exc.DBAPIError.instance(compiled.sql, driver_parameters, error, dbapi_error) from error
         finally:
             cursor.close()
         return None if row is None else self.make_row(*compiled.values_of(row))
 
-    def _compiled_for(self, dialect):
-        key = (dialect.name, dialect.driver)
+    def _compiled_for(self, dialect, parameters):
+        key = (dialect.name, dialect.driver, frozenset(parameters))
         compiled = self._compiled.get(key)
         if compiled is None:
-            compiled = self._compiled[key] = CompiledLookup.of(self.statement, dialect)
+            compiled = self._compiled[key] = CompiledStatement.of(self.statement, dialect, key[2])
         return compiled
 
 
 @dataclass(frozen=True)
-class CompiledLookup:
+class CompiledStatement:
     sql: str
-    parameter_order: tuple | None  # names in the order of a positional paramstyle's placeholders
+    parameter_names: tuple  # in the order of a positional paramstyle's placeholders
+    positional: bool
+    fixed_values: dict  # parameter name -> the value the statement holds (a literal)
+    defaults: dict  # parameter name -> function giving the column default an INSERT or UPDATE fills in
     bind_processors: dict  # parameter name -> function or None
-    result_processors: tuple  # per selected column: function or None
+    result_processors: tuple  # per returned column: function or None
 
     @classmethod
-    def of(cls, statement, dialect):
-        compiled = statement.compile(dialect=dialect)
+    def of(cls, statement, dialect, parameter_names):
+        compiled = statement.compile(dialect=dialect, column_keys=list(parameter_names))
+        names = compiled.positiontup or list(dict.fromkeys(compiled.bind_names.values()))
+        binds = {name: compiled.binds[name] for name in names}
         return cls(
             compiled.string,
-            tuple(compiled.positiontup) if compiled.positiontup is not None else None,
-            {name: bind.type.dialect_impl(dialect).bind_processor(dialect) for name, bind in compiled.binds.items()},
+            tuple(names),
+            compiled.positiontup is not None,
+            {name: bind.value for name, bind in binds.items() if not bind.required},
+            {column.key: default_of(column.default) for column in compiled.insert_prefetch}
+            | {column.key: default_of(column.onupdate) for column in compiled.update_prefetch},
+            {name: bind.type.dialect_impl(dialect).bind_processor(dialect) for name, bind in binds.items()},
             tuple(
                 column.type.dialect_impl(dialect).result_processor(dialect, None)
-                for column in statement.selected_columns
+                for column in statement.exported_columns
             ),
         )
 
     def driver_parameters(self, parameters):
+        values = self.fixed_values | {name: default() for name, default in self.defaults.items()} | parameters
         converted = {
             name: value if (process := self.bind_processors[name]) is None else process(value)
-            for name, value in parameters.items()
+            for name, value in ((name, values[name]) for name in self.parameter_names)
         }
-        return converted if self.parameter_order is None else [converted[name] for name in self.parameter_order]
+        return list(converted.values()) if self.positional else converted
 
     def values_of(self, row):
         return [
             value if process is None else process(value)
             for process, value in zip(self.result_processors, row, strict=True)
         ]
+
+
+def default_of(column_default):
+    """A column default (scalar or function) as a function of no arguments."""
+    if column_default.is_callable:
+        return partial(column_default.arg, None)  # SQLAlchemy's wrapper of a function takes a context
+    return lambda: column_default.arg
 
 
 def release_connections():

@@ -25,13 +25,12 @@ from models import (
     PROVIDER_COLUMNS,
     PROVIDER_ROWS,
     PROVIDERS,
-    Lookup,
+    DirectStatement,
     Provider,
     changed_field_names,
     db,
     is_canonical_id,
     provider_etag,
-    provider_of,
     release_connections,
     types_with,
 )
@@ -65,8 +64,10 @@ def no_such_provider(provider_id):
     return NotFound(f"No model provider has id {provider_id!r}.")
 
 
-PROVIDER_BY_ID = Lookup(PROVIDER_ROWS.where(PROVIDERS.c.id == sa.bindparam("provider_id")), Provider)
-PROVIDER_ID_BY_BASE_URL = Lookup(sa.select(PROVIDERS.c.id).where(PROVIDERS.c.base_url == sa.bindparam("base_url")))
+PROVIDER_BY_ID = DirectStatement(PROVIDER_ROWS.where(PROVIDERS.c.id == sa.bindparam("provider_id")), Provider)
+PROVIDER_ID_BY_BASE_URL = DirectStatement(
+    sa.select(PROVIDERS.c.id).where(PROVIDERS.c.base_url == sa.bindparam("base_url"))
+)
 
 
 def provider_or_404(provider_id):
@@ -121,18 +122,25 @@ KEEP_MODELS = object()
 PROBED_FIELDS = ("state", "last_checked_at", "last_error", "models")
 
 
-# Built once, as every statement a request runs the same way: SQLAlchemy then reuses its compiled form.
-INSERT_PROVIDER = sa.insert(PROVIDERS).returning(*PROVIDER_COLUMNS)
+INSERT_PROVIDER = DirectStatement(sa.insert(PROVIDERS).returning(*PROVIDER_COLUMNS), Provider)
+# A patch: the columns given, only if the provider is still at the version read (store_changes).
+UPDATE_PROVIDER = DirectStatement(
+    sa.update(PROVIDERS)
+    .where(PROVIDERS.c.id == sa.bindparam("provider_id"), PROVIDERS.c.version == sa.bindparam("read_version"))
+    .values(version=PROVIDERS.c.version + 1)
+    .returning(*PROVIDER_COLUMNS),
+    Provider,
+)
 
 
 def write_provider(statement, values, base_url, action, changed_fields, own_id=None, upstream_models=KEEP_MODELS):
-    """Run an INSERT or UPDATE of one provider (returning PROVIDER_COLUMNS) with `values`, audit it as
+    """Run INSERT_PROVIDER or UPDATE_PROVIDER with `values`, audit it as
     `action` and commit; the provider as written (None when an UPDATE found none to change). A
     concurrent writer that took the same base_url first is a 409. `upstream_models`, unless
     KEEP_MODELS, is stored in the model index in the same transaction (None: no list, for a
     connection not verified)."""
     try:
-        provider = provider_of(db.session.execute(statement, values))
+        provider = statement.write(**values)
         if provider is not None:
             audit.record(action, provider.id, changed_fields)
             if upstream_models is not KEEP_MODELS:
@@ -198,14 +206,11 @@ def stored_changes(provider, changes):
 def store_changes(provider, values, upstream_models):
     """Write a patch WHERE version = the version read, so that it never stores a mix of its
     fields and those of a change stored meanwhile: that is a 409 (or a 404 when deleted)."""
-    update = (
-        sa.update(PROVIDERS)
-        .where(PROVIDERS.c.id == provider.id, PROVIDERS.c.version == provider.version)
-        .values(**values, version=PROVIDERS.c.version + 1)
-        .returning(*PROVIDER_COLUMNS)
-    )
+    where = {"provider_id": provider.id, "read_version": provider.version}
     base_url, changed_fields = values.get("base_url"), changed_field_names(values)
-    updated = write_provider(update, {}, base_url, "provider.update", changed_fields, provider.id, upstream_models)
+    updated = write_provider(
+        UPDATE_PROVIDER, values | where, base_url, "provider.update", changed_fields, provider.id, upstream_models
+    )
     if updated is None:
         if not provider_exists(provider.id):
             raise no_such_provider(provider.id)
