@@ -18,7 +18,7 @@ from flask_sqlalchemy import SQLAlchemy
 from werkzeug.security import generate_password_hash
 
 from crypto import cipher
-from sqlite import LOOKUP_CONNECTIONS, take_write_lock
+from sqlite import LOOKUP_CONNECTIONS, begin_writing
 
 # Objects keep their values after a commit: a response is built from what was just written,
 # without reading it back (nothing else writes to a session's objects meanwhile).
@@ -89,8 +89,8 @@ class DirectStatement:
         returns, or None."""
         engine = db.engine
         dbapi_connection = db.session.connection().connection.dbapi_connection
-        if engine.dialect.name == "sqlite" and not dbapi_connection.in_transaction:
-            take_write_lock(dbapi_connection)
+        if engine.dialect.name == "sqlite":
+            begin_writing(dbapi_connection)
         return self._first(dbapi_connection, engine.dialect, parameters)
 
     def _first(self, dbapi_connection, dialect, parameters):

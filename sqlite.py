@@ -89,10 +89,16 @@ def tune_sqlite(dbapi_connection, connection_record, synchronous):
 
 
 def begin_before_writing(connection, cursor, statement, parameters, context, executemany):
-    """Begin the transaction a write statement is about to begin, with the write lock taken
-    cooperatively (take_write_lock); the sqlite3 module then begins none of its own."""
-    if not cursor.connection.in_transaction and statement.lstrip()[:7].upper().startswith(WRITE_STATEMENTS):
-        take_write_lock(cursor.connection)
+    """SQLAlchemy's hook for the statements it runs: begin_writing before a write."""
+    if statement.lstrip()[:7].upper().startswith(WRITE_STATEMENTS):
+        begin_writing(cursor.connection)
+
+
+def begin_writing(dbapi_connection):
+    """Begin the transaction a write is about to begin, unless one is open, with the write
+    lock taken cooperatively (take_write_lock); the sqlite3 module then begins none of its own."""
+    if not dbapi_connection.in_transaction:
+        take_write_lock(dbapi_connection)
 
 
 def take_write_lock(dbapi_connection, timeout=BUSY_TIMEOUT_MS / 1000):
