@@ -197,7 +197,12 @@ def every_provider_failed(failures):
         headers = {"Retry-After": str(waits[0])} if waits else {}
         return GatewayError(429, "Every provider of the model is rate-limiting; retry later.", headers=headers)
     reasons = "; ".join(str(failure) for failure in failures)
-    return GatewayError(502, f"Every provider of the model failed: {reasons}.")
+    return GatewayError(502, sentence(f"Every provider of the model failed: {reasons}"))
+
+
+def sentence(text):
+    """`text` ended by one full stop: the upstream's words it may end with bring their own."""
+    return text if text.endswith((".", "!", "?")) else f"{text}."
 
 
 def first_answer(targets, attempt, call, deadline):
@@ -324,10 +329,10 @@ def relay(chunks, call, include_usage, deadline):
                 yield sse({**usage_chunk, "model": call.model, "choices": [], "usage": call.usage})
         except UpstreamTimeout as timeout:
             call.outcome = "timeout"
-            yield stream_error(f"The model did not answer in time: {timeout}.", "timeout", "timeout")
+            yield stream_error(sentence(f"The model did not answer in time: {timeout}"), "timeout", "timeout")
         except (UpstreamFailure, UpstreamRefusal) as failure:
             call.outcome = "upstream_error"
-            yield stream_error(f"The provider failed mid-stream: {failure}.")
+            yield stream_error(sentence(f"The provider failed mid-stream: {failure}"))
         except Exception:
             call.outcome = "upstream_error"
             log.exception("gateway stream of %s failed", call.model, extra=call.log_fields)

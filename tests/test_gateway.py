@@ -932,6 +932,22 @@ def test_a_stream_failing_before_its_first_chunk_goes_to_the_next_provider(regis
     assert "error" not in response.get_data(as_text=True)
 
 
+@pytest.mark.parametrize("chunks_first", [0, 1])
+def test_an_upstream_error_ending_a_sentence_gets_no_second_full_stop(registry, model_server, chunks_first):
+    """Before the first chunk every provider failed (a 502); after it, an error event."""
+    upstream = model_server(api_key=MODEL_KEY)
+    register(registry, upstream)
+    error_event = b'data: {"error": "Overloaded, try again."}\n\n'
+    upstream.script = stream_of(*[openai_chunk({"content": "a"})] * chunks_first, error_event)
+    response = call_model(registry, chat_body(stream=True))
+    if chunks_first:
+        message = json.loads(events_of(response)[-2])["error"]["message"]
+    else:
+        assert response.status_code == 502
+        message = response.get_json()["error"]["message"]
+    assert message.endswith(": Overloaded, try again.")
+
+
 def test_an_upstream_redirect_fails_the_provider_for_the_next(registry, model_server):
     first, second, second_id = two_providers(registry, model_server)
     first.script = answering(302, b"{}", {"Location": f"{second.base_url}/chat/completions"})
