@@ -122,7 +122,7 @@ def parse_model_ref(model_ref, capability):
     return parsed
 
 
-def target_of(provider, upstream_id):
+def target_of(provider, upstream_id, watsonx_iam_url):
     """The provider as a call's target, its key opened when its attempt starts: a key the
     configured encryption keys cannot open fails this provider only."""
     try:
@@ -137,6 +137,7 @@ def target_of(provider, upstream_id):
         upstream_id,
         provider.watsonx_project_id,
         provider.watsonx_space_id,
+        watsonx_iam_url,
     )
 
 
@@ -150,7 +151,7 @@ def serving_providers(parsed):
         raise GatewayError(503, f"Every provider of {parsed} is offline; try again when one answers.") from None
 
 
-def route(call, capability):
+def route(call, capability, settings):
     """The targets to try for the call's model, oldest provider first, each to be made (its
     key opened) when its turn comes; the database let go."""
     parsed = parse_model_ref(call.model, capability)
@@ -162,15 +163,11 @@ def route(call, capability):
         raise
     call.indexed = True
     release_connections()
-    return [partial(target_of, provider, parsed.upstream_id) for provider in providers]
+    return [partial(target_of, provider, parsed.upstream_id, settings.watsonx_iam_url) for provider in providers]
 
 
 def wire_of(target):
     return watsonx if target.type == "watsonx" else openai
-
-
-def wire_arguments(target, settings):
-    return (settings.watsonx_iam_url,) if target.type == "watsonx" else ()
 
 
 def refused(refusal, target):
@@ -247,21 +244,21 @@ def counted_if_refused(call):
 
 
 def served_answer(call, capability, operation, request_body, settings):
-    """(target, answer) of the first provider of the call's model that accepts it, asked
-    through its wire format's `operation` (chat, open_chat_stream or embed)."""
+    """(target, answer, the call's deadline) of the first provider of the call's model that
+    accepts it, asked through its wire format's `operation` (chat, open_chat_stream or embed)."""
     deadline = settings.deadline()
 
     def ask(target):
-        ask_upstream = getattr(wire_of(target), operation)
-        return ask_upstream(target, request_body, deadline, *wire_arguments(target, settings))
+        return getattr(wire_of(target), operation)(target, request_body, deadline)
 
     with counted_if_refused(call):
-        return first_answer(route(call, capability), ask, call, deadline), deadline
+        target, answer = first_answer(route(call, capability, settings), ask, call, deadline)
+    return target, answer, deadline
 
 
 def complete(call, chat_request, settings):
     """A chat completion (not streamed) in OpenAI's shape, `model` the registry's id."""
-    (target, completion), _ = served_answer(call, "llm", "chat", chat_request, settings)
+    target, completion, _ = served_answer(call, "llm", "chat", chat_request, settings)
     call.usage = completion.get("usage")
     completion["model"] = call.model
     call_finished(call)
@@ -276,7 +273,7 @@ def float32_base64(vector):
 def embeddings(call, embeddings_request, settings):
     """Embeddings in OpenAI's shape, base64-encoded when the client asked so (as OpenAI's
     own client does by default), `model` the registry's id."""
-    (target, answer), _ = served_answer(call, "embedding", "embed", embeddings_request, settings)
+    target, answer, _ = served_answer(call, "embedding", "embed", embeddings_request, settings)
     call.usage = answer.get("usage")
     answer["model"] = call.model
     if embeddings_request.get("encoding_format") == "base64":
@@ -297,7 +294,7 @@ def stream_error(message, error_type="api_error", code=None):
 
 def open_stream(call, chat_request, settings):
     """(target, SSE event bytes): the stream of the first provider that accepts the call."""
-    (target, chunks), deadline = served_answer(call, "llm", "open_chat_stream", chat_request, settings)
+    target, chunks, deadline = served_answer(call, "llm", "open_chat_stream", chat_request, settings)
     include_usage = bool((chat_request.get("stream_options") or {}).get("include_usage"))
     return target, relay(chunks, call, include_usage, deadline)
 

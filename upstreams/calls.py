@@ -36,6 +36,7 @@ class Target:
     upstream_model: str
     watsonx_project_id: str | None = None
     watsonx_space_id: str | None = None
+    watsonx_iam_url: str | None = None  # where a watsonx key is exchanged for tokens
 
 
 class UpstreamFailure(Exception):

@@ -92,7 +92,7 @@ class IamTokens:
         token, renew_at = self._tokens.get(digest, (None, 0))
         return token if renew_at > time.time() else None
 
-    def token(self, iam_url, target, deadline):
+    def token(self, target, deadline):
         digest = key_digest(target)
         token = self._fresh(digest)
         if token:
@@ -105,7 +105,7 @@ class IamTokens:
             token = self._fresh(digest)
             if token:
                 return token
-            token, expires_at = exchange_key(iam_url, target, deadline)
+            token, expires_at = exchange_key(target, deadline)
             self._tokens[digest] = (token, expires_at - TOKEN_RENEWAL_MARGIN)
             return token
         finally:
@@ -129,14 +129,16 @@ def is_number(value):
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def exchange_key(iam_url, target, deadline):
+def exchange_key(target, deadline):
     """(token, when it expires in Unix seconds): IAM's `expires_in` (relative, so a clock
     that is off does not matter) preferred to its `expiration`. IAM refusing the key, or
     answering without a usable token, fails the provider."""
     form = {"grant_type": IAM_GRANT_TYPE, "apikey": target.api_key}
     failed = f"watsonx IAM token exchange failed for provider {target.provider_id}"
     try:
-        response = open_response(target, "POST", iam_url, deadline, data=form, headers={"Accept": "application/json"})
+        response = open_response(
+            target, "POST", target.watsonx_iam_url, deadline, data=form, headers={"Accept": "application/json"}
+        )
     except UpstreamFailure as failure:
         raise UpstreamFailure(f"{failed}: {failure}") from None
     except UpstreamRefusal as refusal:
@@ -152,9 +154,9 @@ def exchange_key(iam_url, target, deadline):
     raise UpstreamFailure(f"watsonx IAM answered provider {target.provider_id} without a usable expiry")
 
 
-def post(target, path, body, deadline, iam_url):
+def post(target, path, body, deadline):
     """(the accepted response, the IAM token it was asked with: a secret like the key)."""
-    token = iam_tokens.token(iam_url, target, deadline)
+    token = iam_tokens.token(target, deadline)
     scope = (
         {"project_id": target.watsonx_project_id}
         if target.watsonx_project_id
@@ -217,14 +219,14 @@ def openai_completion(answer, kind, part):
     return completion
 
 
-def chat(target, body, deadline, iam_url):
-    response, _ = post(target, "/ml/v1/text/chat", chat_body(body), deadline, iam_url)
+def chat(target, body, deadline):
+    response, _ = post(target, "/ml/v1/text/chat", chat_body(body), deadline)
     answer = checked_completion(read_json(response, target), target)
     return openai_completion(answer, "chat.completion", "message")
 
 
-def open_chat_stream(target, body, deadline, iam_url):
-    response, token = post(target, "/ml/v1/text/chat_stream", chat_body(body), deadline, iam_url)
+def open_chat_stream(target, body, deadline):
+    response, token = post(target, "/ml/v1/text/chat_stream", chat_body(body), deadline)
 
     def chunks():
         with closing(response):
@@ -245,9 +247,9 @@ def embedding_inputs(body):
     return inputs
 
 
-def embed(target, body, deadline, iam_url):
+def embed(target, body, deadline):
     request_body = {"inputs": embedding_inputs(body)}
-    response, _ = post(target, "/ml/v1/text/embeddings", request_body, deadline, iam_url)
+    response, _ = post(target, "/ml/v1/text/embeddings", request_body, deadline)
     answer = read_json(response, target)
     results = answer.get("results") if isinstance(answer, dict) else None
     if not is_list_of_objects(results) or not is_count(answer.get("input_token_count") or 0):
