@@ -87,11 +87,7 @@ class DirectStatement:
     def write(self, **parameters):
         """Run a write in the session's transaction (begun when none is): the first row it
         returns, or None."""
-        engine = db.engine
-        dbapi_connection = db.session.connection().connection.dbapi_connection
-        if engine.dialect.name == "sqlite":
-            begin_writing(dbapi_connection)
-        return self._first(dbapi_connection, engine.dialect, parameters)
+        return self._first(session_writing(), db.engine.dialect, parameters)
 
     def _first(self, dbapi_connection, dialect, parameters):
         compiled = self._compiled_for(dialect, parameters)
@@ -164,6 +160,15 @@ def default_of(column_default):
     if column_default.is_callable:
         return partial(column_default.arg, None)  # SQLAlchemy's wrapper of a function takes a context
     return lambda: column_default.arg
+
+
+def session_writing():
+    """The session's DBAPI connection, its transaction begun (when none is) for writing: on
+    SQLite with the write lock taken cooperatively (sqlite.begin_writing)."""
+    dbapi_connection = db.session.connection().connection.dbapi_connection
+    if db.engine.dialect.name == "sqlite":
+        begin_writing(dbapi_connection)
+    return dbapi_connection
 
 
 def release_connections():

@@ -31,6 +31,7 @@ from models import (
     providers_of,
     read_connection,
     release_connections,
+    session_writing,
     utcnow,
 )
 from upstreams import Connection, UpstreamError, list_models
@@ -133,6 +134,7 @@ def write_batch(outcomes):
             row for target, models, error in outcomes if error is None for row in index_rows(target.id, models)
         ],
     }
+    session_writing()  # any wait for SQLite's write lock first: garbage may be collected meanwhile
     with no_garbage_collection():
         db.session.execute(RECORD_OUTCOMES, parameters)
         if parameters["listed_ids"]:

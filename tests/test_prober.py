@@ -1,14 +1,16 @@
 """The health prober keeps `state` true; under gunicorn it runs once per database."""
 
 import gc
+import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sqlalchemy as sa
 
 from models import db
 from prober import probe_all
-from tests.conftest import client_as, provider_body, wait_for
+from tests.conftest import SQLITE_ONLY, client_as, provider_body, wait_for
 
 PROVIDERS = "/api/v1/model_providers"
 
@@ -99,6 +101,26 @@ def test_a_round_leaves_garbage_collection_as_it_found_it(prober_app, fake_upstr
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+@SQLITE_ONLY
+def test_a_round_waiting_for_the_write_lock_leaves_garbage_collection_on(prober_app, fake_upstream, instance_path):
+    provider = register(client_as(prober_app, "admin"), fake_upstream())
+    other_writer = sqlite3.connect(instance_path / "registry.db", isolation_level=None)
+    other_writer.execute("BEGIN IMMEDIATE")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        try:
+            waiting = pool.submit(probe_round, prober_app)
+            assert wait_for(lambda: gc_paused_or(waiting.done), timeout=0.5) is False
+        finally:
+            other_writer.rollback()
+        waiting.result()
+    other_writer.close()
+    assert client_as(prober_app, "reader").get(f"{PROVIDERS}/{provider['id']}").get_json()["last_checked_at"]
+
+
+def gc_paused_or(done):
+    return not gc.isenabled() or done()
 
 
 def test_a_failed_write_turns_garbage_collection_back_on(prober_app, fake_upstream):
