@@ -81,7 +81,7 @@ def create_first_admin(app):
     admin.set_password(password)
     db.session.add(admin)
     try:
-        audit.record("user.create", admin.username, ["role", "password"], detail="the first admin")  # flushes the add
+        audit.record("user.create", admin.username, ["role", "password"], detail="the first admin")
         db.session.commit()
     except sa.exc.IntegrityError:  # another instance starting at once created it first
         db.session.rollback()
