@@ -102,9 +102,14 @@ class Settings:
         return Deadline(self.total_timeout, connect_seconds=self.connect_timeout)
 
 
+def sentence(text):
+    """`text` ended by one full stop: the words it ends with (an upstream's, a reason) may bring their own."""
+    return text if text.endswith((".", "!", "?")) else f"{text}."
+
+
 def model_not_found(model_ref, why):
     return GatewayError(
-        404, f"The model {model_ref!r} does not exist: {why.rstrip('.')}.", code="model_not_found", param="model"
+        404, sentence(f"The model {model_ref!r} does not exist: {why}"), code="model_not_found", param="model"
     )
 
 
@@ -195,11 +200,6 @@ def every_provider_failed(failures):
         return GatewayError(429, "Every provider of the model is rate-limiting; retry later.", headers=headers)
     reasons = "; ".join(str(failure) for failure in failures)
     return GatewayError(502, sentence(f"Every provider of the model failed: {reasons}"))
-
-
-def sentence(text):
-    """`text` ended by one full stop: the upstream's words it may end with bring their own."""
-    return text if text.endswith((".", "!", "?")) else f"{text}."
 
 
 def first_answer(targets, attempt, call, deadline):
