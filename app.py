@@ -8,26 +8,26 @@ from alembic.script import ScriptDirectory
 from flask import Flask
 from flask_migrate import Migrate
 
-import audit
-from auth import init_auth
-from cli import register_commands
-from configurations import configurations_bp
-from crypto import KEY_FILE_NAME, cipher
-from docs import apifairy, docs_bp
-from errors import errors_bp
-from health import health_bp
-from logs import RequestIds
-from manifests import ManifestVariables, sync_on_schedule
-from metrics import init_metrics
+from access.auth import init_auth
+from access.crypto import KEY_FILE_NAME, cipher
+from api.configurations import configurations_bp
+from api.docs import apifairy, docs_bp
+from api.errors import errors_bp
+from api.health import health_bp
+from api.providers import providers_bp
+from api.registry import registry_bp
+from api.tokens import tokens_bp
+from catalog.manifests import ManifestVariables, sync_on_schedule
+from gateway.openai import openai_bp
+from jobs.prober import probe_all
+from jobs.scheduler import Scheduler
 from models import USERNAME_MAX_LENGTH, canonical_username, close_read_connection, db
-from openai_compat import openai_bp
-from prober import probe_all
-from providers import providers_bp
-from registry import registry_bp
-from scheduler import Scheduler
+from observability import audit
+from observability.logs import RequestIds
+from observability.metrics import init_metrics
 from schemas import ma
-from sqlite import prepare_sqlite
-from tokens import tokens_bp
+from serving.cli import register_commands
+from storage.sqlite import prepare_sqlite
 
 log = logging.getLogger("registry")
 migrate = Migrate()

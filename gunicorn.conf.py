@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 from gunicorn import util
 
-from logs import ACCESS_LOG_FORMAT, logging_config, request_id_for
+from observability.logs import ACCESS_LOG_FORMAT, logging_config, request_id_for
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 # gevent workers (README, "Serving model"): each connection is a greenlet, so a request
@@ -40,7 +40,7 @@ limit_request_field_size = 8190
 # each line, access and error alike, one JSON object (logs.py).
 accesslog = "-"
 access_log_format = ACCESS_LOG_FORMAT
-logger_class = "logs.AccessLogger"
+logger_class = "observability.logs.AccessLogger"
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
 logconfig_dict = logging_config(os.environ.get("LOG_FORMAT", "text").strip().lower() or "text")

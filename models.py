@@ -17,8 +17,8 @@ from flask import g, has_app_context
 from flask_sqlalchemy import SQLAlchemy
 from werkzeug.security import generate_password_hash
 
-from crypto import cipher
-from sqlite import LOOKUP_CONNECTIONS, begin_writing
+from access.crypto import cipher
+from storage.sqlite import LOOKUP_CONNECTIONS, begin_writing
 
 # Objects keep their values after a commit: a response is built from what was just written,
 # without reading it back (nothing else writes to a session's objects meanwhile).

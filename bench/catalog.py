@@ -31,10 +31,10 @@ import sqlalchemy as sa
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from access.crypto import cipher  # noqa: E402
 from app import create_app  # noqa: E402
-from crypto import cipher  # noqa: E402
+from jobs.prober import probe_all  # noqa: E402
 from models import PROVIDERS, db  # noqa: E402
-from prober import probe_all  # noqa: E402
 from tests.conftest import Gunicorn, free_port, migrate_and_add_users, registry_environ  # noqa: E402
 from tests.fake_upstreams import BlackHole  # noqa: E402
 

@@ -20,7 +20,7 @@ from flask_migrate import upgrade
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from app import create_app  # noqa: E402
-from cli import create_first_admin  # noqa: E402
+from serving.cli import create_first_admin  # noqa: E402
 from tests.conftest import basic_auth, provider_body  # noqa: E402
 
 PROVIDERS = "/api/v1/model_providers"

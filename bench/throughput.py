@@ -72,10 +72,10 @@ def prepare_registry(instance_path, seeded=SEEDED_PROVIDERS):
     import sqlalchemy as sa
     from flask_migrate import upgrade
 
+    from access.crypto import cipher
+    from api.tokens import create_token
     from app import create_app
-    from crypto import cipher
     from models import PROVIDERS, User, db
-    from tokens import create_token
 
     app = create_app({"REGISTRY_INSTANCE_PATH": instance_path})
     with app.app_context():

@@ -7,9 +7,9 @@ from datetime import timedelta
 import pytest
 from cryptography.fernet import Fernet
 
-from audit import prune_old_events
-from manifests import sync_on_schedule
+from catalog.manifests import sync_on_schedule
 from models import AuditEvent, db, utcnow
+from observability.audit import prune_old_events
 from tests.conftest import client_as, provider_body
 
 PROVIDERS = "/api/v1/model_providers"

@@ -74,7 +74,7 @@ def test_rotation_without_the_old_key_changes_nothing(make_app, instance_path, o
 
 
 def test_a_key_dropped_too_early_is_a_503_and_the_prober_marks_the_provider_offline(make_app, fake_upstream):
-    from prober import probe_all
+    from jobs.prober import probe_all
 
     upstream = fake_upstream(models=["gpt-4o"])
     sealing_app = make_app(REGISTRY_ENCRYPTION_KEYS=Fernet.generate_key().decode(), REGISTRY_VERIFY_ON_CREATE="true")

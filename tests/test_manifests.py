@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
-from manifests import MAX_MANIFEST_BYTES, MAX_MANIFEST_ENTRIES
+from catalog.manifests import MAX_MANIFEST_BYTES, MAX_MANIFEST_ENTRIES
 from models import PROVIDER_ROWS, db, provider_of
 from models import PROVIDERS as PROVIDER_TABLE
 from tests.conftest import ROOT, basic_auth, client_as, provider_body, registry_environ

@@ -7,8 +7,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from metrics import record_gateway_call
 from models import db
+from observability.metrics import record_gateway_call
 from tests.conftest import basic_auth, client_as, provider_body
 
 PROVIDERS = "/api/v1/model_providers"

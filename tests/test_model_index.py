@@ -6,8 +6,8 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from jobs.prober import probe_all
 from models import PROVIDER_MODELS, db
-from prober import probe_all
 from tests.conftest import client_as, provider_body
 
 PROVIDERS = "/api/v1/model_providers"

@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import sqlalchemy as sa
 
+from jobs.prober import probe_all
 from models import db
-from prober import probe_all
 from tests.conftest import SQLITE_ONLY, client_as, provider_body, wait_for
 
 PROVIDERS = "/api/v1/model_providers"

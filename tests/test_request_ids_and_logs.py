@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from logs import escape
+from observability.logs import escape
 from tests.conftest import provider_body
 
 PROVIDERS = "/api/v1/model_providers"

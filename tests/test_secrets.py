@@ -174,7 +174,7 @@ def test_admin_name_with_a_control_character_stops_the_start(userless_instance):
 def test_workers_starting_at_once_share_one_whole_key_file(instance_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from crypto import read_or_create_key_file
+    from access.crypto import read_or_create_key_file
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         keys = set(pool.map(lambda _: read_or_create_key_file(instance_path), range(64)))

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from metrics import timed_upstream_call
-from serving import off_the_hub
+from observability.metrics import timed_upstream_call
+from serving.hub import off_the_hub
 from upstreams.transport import DeadlineTransport, deadline
 
 log = logging.getLogger(__name__)

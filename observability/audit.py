@@ -14,11 +14,11 @@ import sqlalchemy as sa
 from apifairy import arguments, authenticate, response
 from flask import Blueprint, has_request_context, request
 
-from auth import auth
-from logs import REQUEST_ID_KEY, TOKEN_ID_KEY, USER_KEY
+from access.auth import auth
 from models import AUDIT_EVENTS, AuditEvent, DirectStatement, db, utcnow
-from pagination import NewestFirstPages
+from observability.logs import REQUEST_ID_KEY, TOKEN_ID_KEY, USER_KEY
 from schemas import AuditEventSchema, AuditQuerySchema, collection
+from storage.paging import NewestFirstPages
 
 audit_bp = Blueprint("audit", __name__)
 SYSTEM_ACTOR = "system"

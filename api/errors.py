@@ -10,7 +10,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
-from crypto import UnopenableApiKey
+from access.crypto import UnopenableApiKey
 from upstreams import UpstreamError
 
 errors_bp = Blueprint("errors", __name__)

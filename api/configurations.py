@@ -4,9 +4,9 @@ import sqlalchemy as sa
 from apifairy import authenticate, body, response
 from flask import Blueprint
 
-import audit
-from auth import auth
+from access.auth import auth
 from models import SystemConfiguration, db
+from observability import audit
 from schemas import SystemConfigurationChangesSchema, SystemConfigurationSchema
 
 configurations_bp = Blueprint("configurations", __name__)

@@ -21,9 +21,7 @@ from werkzeug.datastructures import Authorization
 from werkzeug.exceptions import TooManyRequests
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from errors import problem
-from logs import remember_user
-from metrics import record_failed_login
+from api.errors import problem
 from models import (
     USERS,
     ApiToken,
@@ -36,7 +34,9 @@ from models import (
     token_digest,
     utcnow,
 )
-from serving import off_the_hub
+from observability.logs import remember_user
+from observability.metrics import record_failed_login
+from serving.hub import off_the_hub
 
 log = logging.getLogger(__name__)
 REALM = "model-provider-registry"

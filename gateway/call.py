@@ -20,12 +20,12 @@ from functools import partial
 from flask import current_app, has_request_context, request
 from werkzeug.exceptions import NotFound, ServiceUnavailable
 
-from catalog import providers_serving
-from crypto import UnopenableApiKey
-from errors import GatewayError
-from logs import REQUEST_ID_KEY, USER_KEY
-from metrics import record_gateway_call
+from access.crypto import UnopenableApiKey
+from api.errors import GatewayError
+from catalog.index import providers_serving
 from models import CAPABILITIES_BY_TYPE, ModelRef, release_connections
+from observability.logs import REQUEST_ID_KEY, USER_KEY
+from observability.metrics import record_gateway_call
 from upstreams import openai, watsonx
 from upstreams.calls import Target, UpstreamFailure, UpstreamRefusal, UpstreamTimeout
 from upstreams.transport import Deadline

@@ -4,9 +4,9 @@ embeddings, which call the providers' models without handing out their keys."""
 from apifairy import authenticate, body, other_responses, response
 from flask import Blueprint, request
 
-from auth import auth
-from catalog import available_models
-from gateway import GatewayCall, Settings, complete, embeddings, open_stream
+from access.auth import auth
+from catalog.index import available_models
+from gateway.call import GatewayCall, Settings, complete, embeddings, open_stream
 from schemas import (
     ChatCompletionRequestSchema,
     ChatCompletionSchema,

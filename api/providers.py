@@ -9,9 +9,9 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import Conflict, Forbidden, NotFound, PreconditionFailed
 from werkzeug.http import parse_etags, quote_etag
 
-import audit
-from auth import auth, user_roles
-from catalog import (
+from access.auth import auth, user_roles
+from access.crypto import cipher
+from catalog.index import (
     connection_of,
     indexed_models,
     match_models,
@@ -20,7 +20,7 @@ from catalog import (
     replace_models,
     verify_upstream,
 )
-from crypto import cipher
+from jobs.prober import probe_one
 from models import (
     PROVIDER_COLUMNS,
     PROVIDER_ROWS,
@@ -34,8 +34,7 @@ from models import (
     release_connections,
     types_with,
 )
-from pagination import NewestFirstPages
-from prober import probe_one
+from observability import audit
 from schemas import (
     CreatedProviderHeadersSchema,
     MatchRequestSchema,
@@ -55,6 +54,7 @@ from schemas import (
     collection,
     watsonx_id_errors,
 )
+from storage.paging import NewestFirstPages
 
 log = logging.getLogger(__name__)
 providers_bp = Blueprint("providers", __name__)

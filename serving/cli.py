@@ -12,14 +12,14 @@ from flask.cli import AppGroup
 from werkzeug.exceptions import Forbidden
 from werkzeug.security import generate_password_hash
 
-import audit
-from crypto import UnopenableApiKey, cipher
-from errors import SyncInProgress
-from logs import escape
-from manifests import sync_manifests
+from access.crypto import UnopenableApiKey, cipher
+from api.errors import SyncInProgress
+from api.tokens import TOKEN_PAGES, create_token, find_owner, revoke_token
+from catalog.manifests import sync_manifests
 from models import PROVIDERS, ROLES, USERNAME_MAX_LENGTH, USERS, User, canonical_username, db
+from observability import audit
+from observability.logs import escape
 from schemas import MAX_TOKEN_DAYS, TokenCreateSchema
-from tokens import TOKEN_PAGES, create_token, find_owner, revoke_token
 
 log = logging.getLogger("registry")
 users_cli = AppGroup("users", help="Manage the users who may call the API.")

@@ -8,8 +8,7 @@ from flask import Blueprint
 from marshmallow import ValidationError
 from werkzeug.exceptions import Forbidden, NotFound
 
-import audit
-from auth import auth
+from access.auth import auth
 from models import (
     ROLES,
     ApiToken,
@@ -23,8 +22,9 @@ from models import (
     token_digest,
     utcnow,
 )
-from pagination import NewestFirstPages
+from observability import audit
 from schemas import NewTokenSchema, TokenCreateSchema, TokenSchema, TokensQuerySchema, collection
+from storage.paging import NewestFirstPages
 
 tokens_bp = Blueprint("tokens", __name__)
 

@@ -11,8 +11,7 @@ import sqlalchemy as sa
 from flask import current_app
 from werkzeug.exceptions import BadRequest, Conflict, NotFound, ServiceUnavailable
 
-import audit
-from configurations import system_configuration
+from api.configurations import system_configuration
 from models import (
     CAPABILITIES_BY_TYPE,
     PROVIDER_MODELS,
@@ -27,7 +26,8 @@ from models import (
     types_with,
     utcnow,
 )
-from serving import off_the_hub
+from observability import audit
+from serving.hub import off_the_hub
 from upstreams import Connection, UpstreamError, list_models
 
 

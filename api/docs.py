@@ -4,7 +4,7 @@ import swagger_ui_bundle
 from apifairy import APIFairy
 from flask import Blueprint, send_from_directory
 
-from errors import OPENAI_PATH_PREFIX
+from api.errors import OPENAI_PATH_PREFIX
 from schemas import WATSONX_RULE_OF_CREATE
 
 apifairy = APIFairy()

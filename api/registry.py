@@ -3,10 +3,10 @@
 from apifairy import authenticate, other_responses, response
 from flask import Blueprint
 
-from auth import auth
-from manifests import registry_status, sync_manifests
-from pagination import collection_of
+from access.auth import auth
+from catalog.manifests import registry_status, sync_manifests
 from schemas import ManifestStatusSchema, ManifestSyncResultSchema, collection
+from storage.paging import collection_of
 
 registry_bp = Blueprint("registry", __name__)
 

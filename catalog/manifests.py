@@ -23,10 +23,9 @@ import yaml
 from flask import current_app
 from marshmallow import ValidationError
 
-import audit
-from crypto import UnopenableApiKey, cipher
-from errors import SyncInProgress, flatten_messages
-from metrics import record_manifest_sync
+from access.crypto import UnopenableApiKey, cipher
+from api.errors import SyncInProgress, flatten_messages
+from jobs.scheduler import holder_name, release_lease, try_lease
 from models import (
     PROVIDER_ROWS,
     PROVIDERS,
@@ -39,9 +38,10 @@ from models import (
     release_connections,
     utcnow,
 )
-from scheduler import holder_name, release_lease, try_lease
+from observability import audit
+from observability.metrics import record_manifest_sync
 from schemas import ManifestSchema
-from serving import off_the_hub
+from serving.hub import off_the_hub
 from upstreams import http_client
 from upstreams.transport import deadline
 

@@ -20,9 +20,8 @@ from flask import current_app
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
-from catalog import index_rows, provider_connection
-from crypto import UnopenableApiKey
-from metrics import count_probe
+from access.crypto import UnopenableApiKey
+from catalog.index import index_rows, provider_connection
 from models import (
     PROVIDER_MODELS,
     PROVIDER_ROWS,
@@ -34,6 +33,7 @@ from models import (
     session_writing,
     utcnow,
 )
+from observability.metrics import count_probe
 from upstreams import Connection, UpstreamError, list_models
 
 log = logging.getLogger(__name__)
