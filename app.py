@@ -126,6 +126,7 @@ def load_config(environ):
         "AUDIT_PRUNE_INTERVAL": read_number(environ, "REGISTRY_AUDIT_PRUNE_INTERVAL", 3600.0, float)
         if audit_retention_days
         else 0,
+        "LOG_FORMAT": environ.get("LOG_FORMAT", "").strip().lower() or "text",
         "SQLITE_SYNCHRONOUS": read_choice(environ, "REGISTRY_SQLITE_SYNCHRONOUS", ("NORMAL", "FULL")),
         "MAX_CONTENT_LENGTH": MAX_BODY_BYTES,
         # A SQLite file drops no connection; a ping would cost a query on every request. The

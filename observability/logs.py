@@ -195,3 +195,10 @@ def logging_config(log_format):
             "httpx": {"level": "WARNING"},
         },
     }
+
+
+def command_logging_config(log_format):
+    """logging_config for the `flask` command, which also tells the migrations it applies."""
+    config = logging_config(log_format)
+    config["loggers"]["alembic.runtime.migration"] = {"level": "INFO"}
+    return config
