@@ -40,7 +40,7 @@ FALSE_WORDS = {"0", "false", "no", "off"}
 ENSURE_SYNC_MEMORY = 1024  # far more hooks, views and callbacks than the registry has
 
 
-# The registry's own settings besides REGISTRY_*: read here, in gunicorn.conf.py, and LOG_FORMAT (API.md section 5).
+# The registry's own settings besides REGISTRY_*: read here, in gunicorn.conf.py and by the logging setup.
 OTHER_SETTINGS = frozenset(
     {
         "DATABASE_URL",
@@ -100,7 +100,7 @@ def read_list(environ, name):
 
 
 def load_config(environ):
-    """Configuration from the environment (section 5 of the API contract), read once."""
+    """Configuration from the environment, read once."""
     instance_path = os.path.abspath(environ.get("REGISTRY_INSTANCE_PATH") or os.path.join(HERE, "instance"))
     database_url = environ.get("DATABASE_URL") or f"sqlite:///{instance_path}/registry.db"
     audit_retention_days = read_number(environ, "REGISTRY_AUDIT_RETENTION_DAYS", 90.0, float)
