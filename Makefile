@@ -33,15 +33,15 @@ format: $(INSTALLED)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# The model index and the prober at 100 and 1000 providers (README, Performance).
+# The model index and the prober at 100 and 1000 providers (bench/README.md).
 bench: $(INSTALLED)
 	$(BIN)/python bench/catalog.py
 
-# The registry against a bare Flask app under the same gunicorn configuration (README, Performance).
+# The registry against a bare Flask app under the same gunicorn configuration (bench/README.md).
 bench-throughput: $(INSTALLED)
 	$(BIN)/python bench/throughput.py
 
-# What the gateway adds against calling a local fake model server directly (README, Gateway).
+# What the gateway adds against calling a local fake model server directly (bench/README.md).
 bench-gateway: $(INSTALLED)
 	$(BIN)/python bench/gateway.py
 

@@ -40,7 +40,7 @@ FALSE_WORDS = {"0", "false", "no", "off"}
 ENSURE_SYNC_MEMORY = 1024  # far more hooks, views and callbacks than the registry has
 
 
-# The registry's own settings besides REGISTRY_*: read here, in gunicorn.conf.py, and LOG_FORMAT (API.md section 5).
+# The registry's own settings besides REGISTRY_*: read here, in gunicorn.conf.py and by the logging setup.
 OTHER_SETTINGS = frozenset(
     {
         "DATABASE_URL",
@@ -100,7 +100,7 @@ def read_list(environ, name):
 
 
 def load_config(environ):
-    """Configuration from the environment (section 5 of the API contract), read once."""
+    """Configuration from the environment, read once."""
     instance_path = os.path.abspath(environ.get("REGISTRY_INSTANCE_PATH") or os.path.join(HERE, "instance"))
     database_url = environ.get("DATABASE_URL") or f"sqlite:///{instance_path}/registry.db"
     audit_retention_days = read_number(environ, "REGISTRY_AUDIT_RETENTION_DAYS", 90.0, float)
@@ -126,6 +126,7 @@ def load_config(environ):
         "AUDIT_PRUNE_INTERVAL": read_number(environ, "REGISTRY_AUDIT_PRUNE_INTERVAL", 3600.0, float)
         if audit_retention_days
         else 0,
+        "LOG_FORMAT": environ.get("LOG_FORMAT", "").strip().lower() or "text",
         "SQLITE_SYNCHRONOUS": read_choice(environ, "REGISTRY_SQLITE_SYNCHRONOUS", ("NORMAL", "FULL")),
         "MAX_CONTENT_LENGTH": MAX_BODY_BYTES,
         # A SQLite file drops no connection; a ping would cost a query on every request. The

@@ -14,7 +14,7 @@ from gunicorn import util
 from observability.logs import ACCESS_LOG_FORMAT, logging_config, request_id_for
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
-# gevent workers (README, "Serving model"): each connection is a greenlet, so a request
+# gevent workers (docs/production.md): each connection is a greenlet, so a request
 # waiting on an upstream or a client sending its headers slowly costs a little memory, not
 # one of a handful of threads. CPU-heavy work (password hashes, match) runs off the hub
 # (serving.off_the_hub), so it cannot stall the worker's other connections.

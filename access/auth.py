@@ -122,7 +122,7 @@ class VerifiedPasswords:
     matches and the plain password is never held. An entry spares the slow hash only while
     the user's id and stored hash are still the ones verified: a password change, or a new
     user of the same name, never matches. The user is read on every request all the same,
-    so a demotion or a deletion takes effect on the next one (API.md section 6).
+    so a demotion or a deletion takes effect on the next one (roles are always current).
     """
 
     def __init__(self, capacity=1024):

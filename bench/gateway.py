@@ -16,7 +16,7 @@ Starts the fake (tests/fake_model_servers.py, in its own process) and the regist
   chunks a second the client gets, and the registry's ratio to direct.
 
 Direct and registry runs alternate (which goes first alternates too) and the figures are
-medians over the rounds. Targets (issue 14) are printed beside each figure.
+medians over the rounds. Targets are printed beside each figure.
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""Manifests: providers declared in files or at URLs, synced into the registry (section 8).
+"""Manifests: providers declared in files or at URLs, synced into the registry.
 
 A sync reads each configured location, validates it with the create body's schema and
 applies it in one transaction, whole or not at all; providers of locations no longer
@@ -292,7 +292,7 @@ def load_manifest(source):
 
 def record_change(provider_id, detail, changed_fields=()):
     """Audit a change of the sync: its actor is `system` (or the CLI user), even when an admin's
-    POST /registry/sync asked for it (API.md section 10); that request lends its request id."""
+    POST /registry/sync asked for it (it only asked for what the manifests say); that request lends its request id."""
     audit.record("manifest.sync", provider_id, changed_fields, detail, by_system=True)
 
 

@@ -3,7 +3,7 @@
 A round reads the providers, ends its transaction, probes them all at once in threads
 (greenlets under gevent), and writes the outcomes as they arrive in short transactions of
 at most WRITE_BATCH providers, so no connection waits on an upstream and the database's
-write lock is never held for long. bench/README.md ("Why these choices") says why threads.
+write lock is never held for long. bench/README.md ("The prober") says why threads.
 """
 
 import gc
@@ -122,7 +122,7 @@ def write_batch(outcomes):
     not an edit: updated_at and version keep their values.
 
     The batch travels as two JSON parameters, built before the transaction, so each
-    statement is one step of the database: bench/README.md ("write-lock hold") says why.
+    statement is one step of the database: bench/README.md ("The prober") says why.
     """
     records = [probe_record(target, error) for target, _, error in outcomes]
     parameters = {
@@ -152,8 +152,8 @@ def no_garbage_collection():
 
     A full collection over a round's objects stops every thread for 100 ms or more (a few
     such per round at 3000 providers, and longer with more), so one that started inside a
-    write transaction held SQLite's write lock as long (bench/README.md, "write-lock
-    hold"). gc is the whole process's: one writer at a time turns it off and on again.
+    write transaction held SQLite's write lock as long (bench/README.md, "The
+    prober"). gc is the whole process's: one writer at a time turns it off and on again.
     """
     with collection_switch:
         collecting = gc.isenabled()

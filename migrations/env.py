@@ -9,9 +9,10 @@ from flask import current_app
 # access to the values within the .ini file in use.
 config = context.config
 
-# Interpret the config file for Python logging.
-# This line sets up loggers basically.
-fileConfig(config.config_file_name, disable_existing_loggers=False)
+# The `flask` command has set up the registry's log lines (LOG_FORMAT); alembic.ini's
+# logging serves only a caller that set up none.
+if not logging.getLogger().handlers:
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
 logger = logging.getLogger("alembic.env")
 
 # PostgreSQL advisory lock key ("registry" in ASCII) that serializes migrations when

@@ -161,7 +161,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def logging_config(log_format):
-    """gunicorn's logconfig_dict: the registry's and gunicorn's records on stderr, access lines on stdout."""
+    """gunicorn's logconfig_dict (and the flask command's): records on stderr, access lines on stdout."""
     if log_format not in LOG_FORMATS:
         raise RuntimeError(f"LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}.")
     json_lines = log_format == "json"
@@ -195,3 +195,10 @@ def logging_config(log_format):
             "httpx": {"level": "WARNING"},
         },
     }
+
+
+def command_logging_config(log_format):
+    """logging_config for the `flask` command, which also tells the migrations it applies."""
+    config = logging_config(log_format)
+    config["loggers"]["alembic.runtime.migration"] = {"level": "INFO"}
+    return config

@@ -1,6 +1,7 @@
 """Operator commands: `flask --app app users ...`, `tokens ...`, `registry sync` and `keys rotate`."""
 
 import logging
+import logging.config
 import os
 import secrets
 import sys
@@ -8,7 +9,7 @@ import sys
 import click
 import sqlalchemy as sa
 from flask import current_app
-from flask.cli import AppGroup
+from flask.cli import AppGroup, ScriptInfo
 from werkzeug.exceptions import Forbidden
 from werkzeug.security import generate_password_hash
 
@@ -18,7 +19,7 @@ from api.tokens import TOKEN_PAGES, create_token, find_owner, revoke_token
 from catalog.manifests import sync_manifests
 from models import PROVIDERS, ROLES, USERNAME_MAX_LENGTH, USERS, User, canonical_username, db
 from observability import audit
-from observability.logs import escape
+from observability.logs import command_logging_config, escape
 from schemas import MAX_TOKEN_DAYS, TokenCreateSchema
 
 log = logging.getLogger("registry")
@@ -250,8 +251,17 @@ def rotate_keys():
         click.echo("The others changed meanwhile (sealed by a running server); run the command again.")
 
 
+def built_by_flask_command():
+    """Whether the `flask` command is building the app (not gunicorn, a test, or a program embedding it)."""
+    command = click.get_current_context(silent=True)
+    return command is not None and command.find_object(ScriptInfo) is not None
+
+
 def register_commands(app):
     app.cli.add_command(users_cli)
     app.cli.add_command(registry_cli)
     app.cli.add_command(keys_cli)
     app.cli.add_command(tokens_cli)
+    # gunicorn and an embedding program set up logging themselves; the command's lines follow LOG_FORMAT here.
+    if built_by_flask_command():
+        logging.config.dictConfig(command_logging_config(app.config["LOG_FORMAT"]))

@@ -1,4 +1,4 @@
-"""How work shares a gevent worker (README, "Serving model")."""
+"""How work shares a gevent worker (docs/production.md)."""
 
 from gevent import get_hub, monkey
 

@@ -73,7 +73,7 @@ LOOKUP_CONNECTIONS = weakref.WeakKeyDictionary()  # engine -> its LookupConnecti
 
 
 def tune_sqlite(dbapi_connection, connection_record, synchronous):
-    """WAL for concurrent readers and crash safety; bench/README.md ("Why these choices") says
+    """WAL for concurrent readers and crash safety; bench/README.md ("Writes") says
     what `synchronous` (NORMAL or FULL) trades. Memory-mapped reads: a connection whose cache
     another worker's write made stale reads its pages again without copying them."""
     cursor = dbapi_connection.cursor()

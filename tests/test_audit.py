@@ -144,7 +144,7 @@ def test_manifest_syncs_record_each_provider_changed_and_who_synced(make_app, tm
     assert admin.post("/api/v1/registry/sync", headers={"X-Request-ID": "s-1"}).status_code == 200
     [created] = manifest_events(app)
     provider_id = admin.get(PROVIDERS).get_json()["items"][0]["id"]
-    # The change is the sync's (API.md section 10); the admin's request lends its id.
+    # The change is the sync's (its actor is `system`); the admin's request lends its id.
     assert created["target_id"] == provider_id and created["user"] == "system" and created["request_id"] == "s-1"
     assert created["detail"] == f"created from {manifest.as_uri()}"
 

@@ -1,7 +1,8 @@
 """Slow clients and slow or hostile upstreams, over gunicorn: the service keeps answering.
 
-Each test reproduces a row of issue 11's table and checks, meanwhile, that `/healthz` (on a
-new connection) and a reader's GET answer within 100 ms.
+Each test reproduces one slow or hostile party (a client, an upstream, a flood of hashes or
+a held write lock) and checks, meanwhile, that `/healthz` (on a new connection) and a
+reader's GET answer within 100 ms.
 """
 
 import contextlib

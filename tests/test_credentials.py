@@ -151,7 +151,7 @@ def test_limit_over_a_socket_keys_on_the_client_address(start_gunicorn):
 
 
 def test_a_flood_of_random_names_leaves_a_known_reader_answered_promptly(start_gunicorn):
-    """16 clients sending random user names (issue 11): after the per-address limit they cost no
+    """16 clients sending random user names: after the per-address limit they cost no
     slow hash, and a reader whose password each worker has verified keeps its answers."""
     server = start_gunicorn(workers=2)
     for _ in range(20):  # fresh connections, so each worker verifies the reader's password

@@ -1,4 +1,4 @@
-"""Manifests: providers declared in files or at URLs, synced into the registry (section 8)."""
+"""Manifests: providers declared in files or at URLs, synced into the registry."""
 
 import json
 import logging

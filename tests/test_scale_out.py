@@ -25,7 +25,7 @@ SHARED_ENCRYPTION_KEY = Fernet.generate_key().decode()
 @pytest.fixture
 def start_instances(tmp_path):
     """Start `count` instances at the same moment on one database, each in its own
-    folder, sharing REGISTRY_ENCRYPTION_KEYS as the README says they must."""
+    folder, sharing REGISTRY_ENCRYPTION_KEYS as docs/storage.md says they must."""
     servers = []
 
     def start(count, on_database, **options):

@@ -1,4 +1,4 @@
-"""API tokens (API.md section 6): created once with their secret, Bearer on every route, a
+"""API tokens: created once with their secret, Bearer on every route, a
 role at most the owner's, revocation, expiry and the owner's changes effective on the next request."""
 
 import hashlib
@@ -106,7 +106,7 @@ def test_only_an_admin_names_another_owner(admin, reader):
 
 
 def test_a_token_creates_tokens_within_its_own_role_and_expiry(app, admin):
-    """Every /api/v1 route takes a token (API.md section 6); a token cannot outrank or outlast its maker."""
+    """Every /api/v1 route takes a token; a token cannot outrank or outlast its maker."""
     maker = new_token(admin, role="service", expires_in_days=7)
     made = call(app, "POST", TOKENS, maker["token"], json={"name": "made"})
     assert made.status_code == 201
