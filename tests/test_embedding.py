@@ -116,3 +116,7 @@ def test_gunicorn_serves_under_the_proxy_path_of_script_name(start_gunicorn):
         created = admin.post("/api/v1/model_providers", json=provider_body())
         assert created.headers["Location"] == f"{MOUNT}/api/v1/model_providers/{created.json()['id']}"
         assert admin.get("/openapi.json").json()["servers"] == [{"url": MOUNT}]
+    outside = httpx.get(f"{server.base_url.removesuffix(MOUNT)}/healthz", timeout=10)
+    assert outside.status_code == 404
+    assert outside.headers["Content-Type"] == "application/problem+json"
+    assert "SCRIPT_NAME" in outside.json()["detail"]
