@@ -106,6 +106,8 @@ def test_gateway_under_a_mount_path_serves_the_openai_client(mounted, model_serv
         assert answer.choices[0].message.content == "Hello!"
         chunks = client.chat.completions.create(model="openai:gpt-4o", messages=messages, stream=True)
         assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == "Hello!"
+        with pytest.raises(openai.NotFoundError):  # errors in OpenAI's shape under the mount path too
+            client.chat.completions.create(model="openai:no-such-model", messages=messages)
 
 
 def test_gunicorn_serves_under_the_proxy_path_of_script_name(start_gunicorn):
