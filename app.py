@@ -40,7 +40,8 @@ FALSE_WORDS = {"0", "false", "no", "off"}
 ENSURE_SYNC_MEMORY = 1024  # far more hooks, views and callbacks than the registry has
 
 
-# The registry's own settings besides REGISTRY_*: read here, in gunicorn.conf.py and by the logging setup.
+# The registry's own settings besides REGISTRY_*: read here, in gunicorn.conf.py (and by gunicorn
+# itself: SCRIPT_NAME), and LOG_FORMAT.
 OTHER_SETTINGS = frozenset(
     {
         "DATABASE_URL",
@@ -51,6 +52,7 @@ OTHER_SETTINGS = frozenset(
         "WEB_CONCURRENCY",
         "GUNICORN_WORKER_CONNECTIONS",
         "PROMETHEUS_MULTIPROC_DIR",
+        "SCRIPT_NAME",
     }
 )
 
@@ -99,8 +101,28 @@ def read_list(environ, name):
     return [item.strip() for item in environ.get(name, "").split(",") if item.strip()]
 
 
+def setting_text(value):
+    """A setting given as a Python value (False, 0, a list of keys) in the form the environment spells it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def settings_over(environ, settings):
+    """`environ` with `settings` (named as the environment variables) put over it; None unsets."""
+    merged = dict(environ)
+    for name, value in (settings or {}).items():
+        if value is None:
+            merged.pop(name, None)
+        else:
+            merged[name] = setting_text(value)
+    return merged
+
+
 def load_config(environ):
-    """Configuration from the environment, read once."""
+    """Configuration from the environment (or the settings given to create_app), read once."""
     instance_path = os.path.abspath(environ.get("REGISTRY_INSTANCE_PATH") or os.path.join(HERE, "instance"))
     database_url = environ.get("DATABASE_URL") or f"sqlite:///{instance_path}/registry.db"
     audit_retention_days = read_number(environ, "REGISTRY_AUDIT_RETENTION_DAYS", 90.0, float)
@@ -134,7 +156,7 @@ def load_config(environ):
         "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": not database_url.startswith("sqlite"), "pool_use_lifo": True},
         "APIFAIRY_TITLE": "Model Provider Registry",
         "APIFAIRY_VERSION": "1.0.0",
-        "APIFAIRY_APISPEC_PATH": "/openapi.json",
+        "APIFAIRY_APISPEC_PATH": None,  # api/docs.py serves it, under the mount path
         "APIFAIRY_UI": "swagger_ui",
         "APIFAIRY_UI_PATH": "/docs",
     }
@@ -172,9 +194,11 @@ class Registry(Flask):
         return runnable
 
 
-def create_app(environ=None):
-    """Build the registry; `environ` replaces os.environ (tests pass their own)."""
-    environ = os.environ if environ is None else environ
+def create_app(settings=None, environ=None):
+    """Build the registry from `settings`, named as the environment variables it reads
+    (`{"DATABASE_URL": ..., "REGISTRY_PROBE_INTERVAL": 0}`), over `environ` (os.environ
+    unless given; tests give their own, so the runner's environment does not leak in)."""
+    environ = settings_over(os.environ if environ is None else environ, settings)
     config = load_config(environ)
     app = Registry(__name__, instance_path=config.pop("INSTANCE_PATH"))
     app.config.update(config, SCHEMA_HEAD=schema_head())

@@ -167,7 +167,11 @@ GUNICORN_REFUSALS = {
     400: "The request is not valid HTTP/1.1.",
     414: f"The request line (method, path and query) is over {limit_request_line} bytes.",
     431: f"A request header is over {limit_request_field_size} bytes, or there are over {limit_request_fields}.",
+    404: "The path is not under SCRIPT_NAME, the path this registry is served under.",
 }
+# gunicorn answers a path outside SCRIPT_NAME (a reverse proxy's path) with 500, its reason
+# still "Bad Request": the one request error it counts so. For the client it is a 404.
+OUTSIDE_SCRIPT_NAME = (500, "Bad Request")
 
 
 def write_problem(sock, status, reason, message):
@@ -176,6 +180,8 @@ def write_problem(sock, status, reason, message):
     gunicorn writes them as HTML through util.write_error; its message can quote the raw
     request line or a header, so the detail is a fixed sentence per status instead.
     """
+    if (status, reason) == OUTSIDE_SCRIPT_NAME:
+        status, reason = 404, "Not Found"
     problem = {
         "type": "about:blank",
         "title": reason,

@@ -2,7 +2,7 @@
 
 import swagger_ui_bundle
 from apifairy import APIFairy
-from flask import Blueprint, send_from_directory
+from flask import Blueprint, request, send_from_directory
 
 from api.errors import OPENAI_PATH_PREFIX
 from schemas import WATSONX_RULE_OF_CREATE
@@ -74,6 +74,17 @@ GATEWAY_RESPONSES_OF_BODIES = {
 SSE_CONTENT = {
     "text/event-stream": {"schema": {"type": "string", "description": "`data: {chunk}` events, then `data: [DONE]`"}}
 }
+
+
+@docs_bp.route("/openapi.json")
+def openapi_document():
+    """The document APIFairy built, served from wherever the registry is mounted.
+
+    APIFairy names as its server the address of the first request, and keeps it for every
+    later one, from any host; the path the registry is mounted at (SCRIPT_NAME), relative to
+    the document's own host, is right for each of them, and Swagger's calls go there.
+    """
+    return {**apifairy.apispec, "servers": [{"url": request.script_root or "/"}]}
 
 
 @docs_bp.route("/docs/assets/<path:filename>")

@@ -1,21 +1,24 @@
 """What the gateway adds: the registry's /api/v1/openai against a local fake model server,
-side by side with calling the same fake directly.
+side by side with calling the same fake directly, and with a floor: a bare Flask relay
+(bench/relay_app.py) forwarding the same calls under the same gunicorn settings.
 
     .venv/bin/python bench/gateway.py [--rounds 5] [--calls 200] [--streams 500] [--stream-seconds 10]
                                       [--relay-streams 100] [--relay-seconds 5] [--only latency ...]
 
-Starts the fake (tests/fake_model_servers.py, in its own process) and the registry under
-`make run`'s defaults (gunicorn.conf.py), registers the fake as an openai provider, then:
+Starts the fake (tests/fake_model_servers.py, in its own process), the registry and the
+relay under `make run`'s defaults (gunicorn.conf.py), registers the fake as an openai
+provider, then:
 
-- latency: non-streaming calls one after another; the added median and p99;
-- first-chunk: streaming calls one after another; the added time to the first chunk;
+- latency: non-streaming calls one after another; what the registry and the relay each add
+  (median and p99), and the ratio of the registry's added median to the relay's;
+- first-chunk: streaming calls one after another; the same for the time to the first chunk;
 - held: N streams at once through the registry, a chunk every 0.5 s (opened over the first
   2 s, as clients arrive, not in one instant), with /healthz asked every 0.2 s meanwhile (from another process);
   streams refused or cut, and /healthz's slowest answer;
 - relay: N streams at once of 50 chunks a second, direct and through the registry; the
   chunks a second the client gets, and the registry's ratio to direct.
 
-Direct and registry runs alternate (which goes first alternates too) and the figures are
+The runs of the endpoints interleave (which goes first rotates too) and the figures are
 medians over the rounds. Targets are printed beside each figure.
 """
 
@@ -57,7 +60,7 @@ class Endpoint:
         return {"model": self.model, "messages": MESSAGES, **fields}
 
 
-def endpoints(fake_port, registry_port, token_authorization):
+def endpoints(fake_port, registry_port, relay_port, token_authorization):
     direct = Endpoint(
         "direct",
         f"http://127.0.0.1:{fake_port}/v1/chat/completions",
@@ -70,7 +73,8 @@ def endpoints(fake_port, registry_port, token_authorization):
         {"Authorization": token_authorization},
         "openai:gpt-4o",
     )
-    return direct, registry
+    relay = Endpoint("relay", f"http://127.0.0.1:{relay_port}/v1/chat/completions", direct.headers, direct.model)
+    return direct, registry, relay
 
 
 def register_fake(registry_port, fake_port):
@@ -86,11 +90,11 @@ def percentile(values, fraction):
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def alternating(rounds, direct, registry):
-    """(round, endpoint) pairs, direct and registry in turn, which one first alternating."""
+def interleaved(rounds, *endpoints):
+    """(round, endpoint) pairs, every endpoint once a round, which one first rotating."""
     for number in range(rounds):
-        pair = (direct, registry) if number % 2 == 0 else (registry, direct)
-        for endpoint in pair:
+        first = number % len(endpoints)
+        for endpoint in endpoints[first:] + endpoints[:first]:
             yield number, endpoint
 
 
@@ -114,29 +118,35 @@ def timed_calls(client, endpoint, calls, stream):
     return timings
 
 
-def warm_up(registry):
+def warm_up(relaying):
     """Calls enough for every worker to have opened its connections to the fake."""
     for _ in range(20):
         # A new connection each time, so the calls spread over the workers.
-        httpx.post(registry.url, json=registry.body(), headers=registry.headers, timeout=60).raise_for_status()
+        httpx.post(relaying.url, json=relaying.body(), headers=relaying.headers, timeout=60).raise_for_status()
 
 
-def added_time(options, direct, registry, stream):
-    per_round = {"direct": [], "registry": []}
-    every = {"direct": [], "registry": []}
+def added_time(options, direct, *relaying, stream):
+    """What each of `relaying` adds over `direct`, and the ratio of the first's added median to the last's."""
+    names = [endpoint.name for endpoint in (direct, *relaying)]
+    per_round = {name: [] for name in names}
+    every = {name: [] for name in names}
     with httpx.Client(timeout=60) as client:
-        for endpoint in (direct, registry):
+        for endpoint in (direct, *relaying):
             timed_calls(client, endpoint, 10, stream)  # warm up the connections
-        for _, endpoint in alternating(options.rounds, direct, registry):
+        for _, endpoint in interleaved(options.rounds, direct, *relaying):
             timings = timed_calls(client, endpoint, options.calls, stream)
             per_round[endpoint.name].append(statistics.median(timings))
             every[endpoint.name] += timings
-    added_medians = [reg - dir for reg, dir in zip(per_round["registry"], per_round["direct"], strict=True)]
-    return {
-        "direct median ms": statistics.median(per_round["direct"]) * 1000,
-        "added median ms": statistics.median(added_medians) * 1000,
-        "added p99 ms": (percentile(every["registry"], 0.99) - percentile(every["direct"], 0.99)) * 1000,
-    }
+    figures = {"direct median ms": statistics.median(per_round["direct"]) * 1000}
+    for endpoint in relaying:
+        rounds = zip(per_round[endpoint.name], per_round["direct"], strict=True)
+        added = [through - straight for through, straight in rounds]
+        figures[f"{endpoint.name} adds median ms"] = statistics.median(added) * 1000
+        p99_added = percentile(every[endpoint.name], 0.99) - percentile(every["direct"], 0.99)
+        figures[f"{endpoint.name} adds p99 ms"] = p99_added * 1000
+    first, last = relaying[0].name, relaying[-1].name
+    figures[f"{first}/{last} added"] = figures[f"{first} adds median ms"] / figures[f"{last} adds median ms"]
+    return figures
 
 
 async def one_stream(client, endpoint, pieces, interval, start_after=0.0):
@@ -208,7 +218,7 @@ async def held_streams(options, registry, registry_port):
 def relay_rate(options, direct, registry):
     pieces = int(options.relay_seconds * 50)
     rates = {"direct": [], "registry": []}
-    for _, endpoint in alternating(options.rounds, direct, registry):
+    for _, endpoint in interleaved(options.rounds, direct, registry):
         outcomes, elapsed = asyncio.run(many_streams(endpoint, options.relay_streams, pieces, 1 / 50))
         rates[endpoint.name].append(sum(chunks or 0 for chunks, _ in outcomes) / elapsed)
     ratios = [reg / dir for reg, dir in zip(rates["registry"], rates["direct"], strict=True)]
@@ -245,14 +255,21 @@ def main():
     # Verified on create, so the fake's models are in the index the gateway routes by.
     log_path = os.path.join(instance_path, "gunicorn.log")
     server = Server("wsgi:app", instance_path, log_path, REGISTRY_VERIFY_ON_CREATE="true")
+    relay_log_path = os.path.join(instance_path, "relay.log")
+    relay_server = Server(
+        "bench.relay_app:app", instance_path, relay_log_path, RELAY_UPSTREAM=f"http://127.0.0.1:{fake_port}"
+    )
     try:
         register_fake(server.port, fake_port)
-        direct, registry = endpoints(fake_port, server.port, authorizations["bearer"])
+        direct, registry, relay = endpoints(fake_port, server.port, relay_server.port, authorizations["bearer"])
         warm_up(registry)
+        warm_up(relay)
         if "latency" in options.only:
-            report("latency", added_time(options, direct, registry, stream=False), "added <= 3 ms median, <= 10 ms p99")
+            figures = added_time(options, direct, registry, relay, stream=False)
+            report("latency", figures, "registry adds <= 3 ms median, <= 10 ms p99; registry/relay added <= 1.82")
         if "first-chunk" in options.only:
-            report("first chunk", added_time(options, direct, registry, stream=True), "added <= 5 ms median")
+            figures = added_time(options, direct, registry, relay, stream=True)
+            report("first chunk", figures, "registry adds <= 5 ms median; registry/relay added <= 1.82")
         if "held" in options.only:
             figures = asyncio.run(held_streams(options, registry, server.port))
             report("held", figures, "none refused or cut, /healthz within 100 ms")
@@ -260,6 +277,7 @@ def main():
             report("relay", relay_rate(options, direct, registry), "ratio >= 0.9")
     finally:
         server.stop()
+        relay_server.stop()
         os.killpg(fake.pid, 15)
         fake.wait(timeout=10)
     print(f"registry log: {os.path.join(instance_path, 'gunicorn.log')}")

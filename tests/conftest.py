@@ -62,7 +62,7 @@ def registry_environ(instance_path, **overrides):
 
 def migrate_and_add_users(instance_path):
     """Apply the migrations to the folder's database and add one user per role."""
-    app = create_app(registry_environ(instance_path))
+    app = create_app(registry_environ(instance_path), environ={})
     with app.app_context():
         upgrade()
         for role, password in PASSWORDS.items():
@@ -186,7 +186,7 @@ def make_app(instance_path):
     apps = []
 
     def build(**overrides):
-        app = create_app(registry_environ(instance_path, **overrides))
+        app = create_app(registry_environ(instance_path, **overrides), environ={})
         apps.append(app)
         return app
 
