@@ -13,6 +13,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from flask_migrate import upgrade
+from werkzeug.security import generate_password_hash
 
 from app import create_app
 from models import User, db
@@ -60,15 +61,20 @@ def registry_environ(instance_path, **overrides):
     return environ
 
 
+# The users of the template database have a one-round hash: werkzeug reads the method from the
+# stored hash, so they log in as scrypt users do, without scrypt's 0.1 s per first login,
+# paid by nearly every test. Tests about the slow hash make their users with the CLI.
+CHEAP_HASH_METHOD = "pbkdf2:sha256:1"
+
+
 def migrate_and_add_users(instance_path):
     """Apply the migrations to the folder's database and add one user per role."""
     app = create_app(registry_environ(instance_path))
     with app.app_context():
         upgrade()
         for role, password in PASSWORDS.items():
-            user = User(username=role, role=role)
-            user.set_password(password)
-            db.session.add(user)
+            password_hash = generate_password_hash(password, method=CHEAP_HASH_METHOD)
+            db.session.add(User(username=role, role=role, password_hash=password_hash))
         db.session.commit()
         db.engine.dispose()
 

@@ -49,10 +49,15 @@ def patient_app(make_app):
 
 
 def test_unknown_user_costs_the_same_hash_as_a_wrong_password(patient_app):
-    login(patient_app, "admin", PASSWORDS["admin"])  # remembered from now on
-    wrong_password = slow_hashes_during(lambda: login(patient_app, "admin", "wrong"))
+    # The suite's users have a cheap hash: this one has the hash the CLI makes.
+    created = patient_app.test_cli_runner().invoke(
+        args=["users", "create", "operator", "--role", "admin", "--password-stdin"], input="operator-pass-1\n"
+    )
+    assert created.exit_code == 0, created.output
+    login(patient_app, "operator", "operator-pass-1")  # remembered from now on
+    wrong_password = slow_hashes_during(lambda: login(patient_app, "operator", "wrong"))
     unknown_user = slow_hashes_during(lambda: login(patient_app, "nobody", "wrong"))
-    remembered = slow_hashes_during(lambda: login(patient_app, "admin", PASSWORDS["admin"]))
+    remembered = slow_hashes_during(lambda: login(patient_app, "operator", "operator-pass-1"))
     assert len(wrong_password) == 1 and wrong_password[0].startswith("scrypt:")  # one slow hash, its cost
     assert unknown_user == wrong_password
     assert remembered == []
