@@ -120,11 +120,18 @@ def random_names(count):
     return [f"guess-{secrets.token_hex(6)}" for _ in range(count)]
 
 
-def test_failures_across_names_are_limited_per_address(app):
-    """Four times REGISTRY_LOGIN_FAILURES (5): random names cannot buy unlimited slow hashes."""
+@pytest.fixture
+def strict_app(make_app):
+    """An app allowing 2 failed logins, so 8 across names per address: 8 slow hashes, not 20."""
+    return make_app(REGISTRY_LOGIN_FAILURES="2")
+
+
+def test_failures_across_names_are_limited_per_address(strict_app):
+    """Four times REGISTRY_LOGIN_FAILURES: random names cannot buy unlimited slow hashes."""
+    app = strict_app
     assert login(app, "reader", PASSWORDS["reader"]).status_code == 200  # verified before the flood
-    statuses = [login(app, name, "wrong").status_code for name in random_names(21)]
-    assert statuses == [401] * 20 + [429]
+    statuses = [login(app, name, "wrong").status_code for name in random_names(9)]
+    assert statuses == [401] * 8 + [429]
     refused = login(app, "guess-new", "wrong")
     assert refused.status_code == 429 and "your address" in refused.get_json()["detail"]
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
@@ -134,8 +141,9 @@ def test_failures_across_names_are_limited_per_address(app):
     assert login(app, "admin", PASSWORDS["admin"], address=ELSEWHERE).status_code == 200
 
 
-def test_a_success_does_not_clear_the_failures_across_names(app):
-    for name in random_names(19):
+def test_a_success_does_not_clear_the_failures_across_names(strict_app):
+    app = strict_app
+    for name in random_names(7):
         login(app, name, "wrong")
     assert login(app, "reader", PASSWORDS["reader"]).status_code == 200
     assert [login(app, name, "wrong").status_code for name in random_names(2)] == [401, 429]
