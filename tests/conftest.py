@@ -1,3 +1,14 @@
+"""The suite's fixtures, and its lanes.
+
+A test marked `server` starts gunicorn: through start_gunicorn or start_instances (marked
+here), or through Gunicorn itself (marked in its module). Such tests time answers under
+load, so they run one at a time. Every server test is also `slow`, as is a test marked so
+for running for seconds in-process.
+
+- Fast lane, under a minute on two cores: `pytest -m "not slow" -n 2`.
+- `make test`: lint, `pytest -m "not server" -n 2`, then `pytest -m server` alone.
+"""
+
 import base64
 import itertools
 import os
@@ -29,14 +40,15 @@ SQLITE_ONLY = pytest.mark.skipif(bool(TEST_DATABASE_URL), reason="SQLite's own b
 # Instance folder -> its own PostgreSQL database; a folder not listed uses its SQLite file.
 DATABASE_URLS = {}
 
-
-# Tests that use these start gunicorn: the fast lane (`pytest -m "not slow"`) leaves them out.
-SLOW_FIXTURES = {"start_gunicorn", "start_instances"}
+# Tests that use these start gunicorn: they are marked `server` (and so `slow`) here.
+SERVER_FIXTURES = {"start_gunicorn", "start_instances"}
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+        if item.get_closest_marker("server"):
             item.add_marker(pytest.mark.slow)
 
 
