@@ -16,8 +16,11 @@ run: $(INSTALLED)
 	$(BIN)/flask --app app users bootstrap
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
+# Two processes for the tests that start no server; then the server tests, one at a time,
+# as they time answers under load.
 test: $(INSTALLED) lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not server" -n 2
+	$(BIN)/python -m pytest -m server
 
 # The suite on PostgreSQL: a database per test, copied from a migrated template. The
 # default is what `.ci/start-postgres` sets up on this machine's PostgreSQL 15.

@@ -1,3 +1,14 @@
+"""The suite's fixtures, and its lanes.
+
+A test marked `server` starts gunicorn: through start_gunicorn or start_instances (marked
+here), or through Gunicorn itself (marked in its module). Such tests time answers under
+load, so they run one at a time. Every server test is also `slow`, as is a test marked so
+for running for seconds in-process.
+
+- Fast lane, under a minute on two cores: `pytest -m "not slow" -n 2`.
+- `make test`: lint, `pytest -m "not server" -n 2`, then `pytest -m server` alone.
+"""
+
 import base64
 import itertools
 import os
@@ -13,6 +24,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from flask_migrate import upgrade
+from werkzeug.security import generate_password_hash
 
 from app import create_app
 from models import User, db
@@ -28,14 +40,15 @@ SQLITE_ONLY = pytest.mark.skipif(bool(TEST_DATABASE_URL), reason="SQLite's own b
 # Instance folder -> its own PostgreSQL database; a folder not listed uses its SQLite file.
 DATABASE_URLS = {}
 
-
-# Tests that use these start gunicorn: the fast lane (`pytest -m "not slow"`) leaves them out.
-SLOW_FIXTURES = {"start_gunicorn", "start_instances"}
+# Tests that use these start gunicorn: they are marked `server` (and so `slow`) here.
+SERVER_FIXTURES = {"start_gunicorn", "start_instances"}
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+        if item.get_closest_marker("server"):
             item.add_marker(pytest.mark.slow)
 
 
@@ -60,15 +73,20 @@ def registry_environ(instance_path, **overrides):
     return environ
 
 
+# The users of the template database have a one-round hash: werkzeug reads the method from the
+# stored hash, so they log in as scrypt users do, without scrypt's 0.1 s per first login,
+# paid by nearly every test. Tests about the slow hash make their users with the CLI.
+CHEAP_HASH_METHOD = "pbkdf2:sha256:1"
+
+
 def migrate_and_add_users(instance_path):
     """Apply the migrations to the folder's database and add one user per role."""
     app = create_app(registry_environ(instance_path), environ={})
     with app.app_context():
         upgrade()
         for role, password in PASSWORDS.items():
-            user = User(username=role, role=role)
-            user.set_password(password)
-            db.session.add(user)
+            password_hash = generate_password_hash(password, method=CHEAP_HASH_METHOD)
+            db.session.add(User(username=role, role=role, password_hash=password_hash))
         db.session.commit()
         db.engine.dispose()
 

@@ -49,10 +49,15 @@ def patient_app(make_app):
 
 
 def test_unknown_user_costs_the_same_hash_as_a_wrong_password(patient_app):
-    login(patient_app, "admin", PASSWORDS["admin"])  # remembered from now on
-    wrong_password = slow_hashes_during(lambda: login(patient_app, "admin", "wrong"))
+    # The suite's users have a cheap hash: this one has the hash the CLI makes.
+    created = patient_app.test_cli_runner().invoke(
+        args=["users", "create", "operator", "--role", "admin", "--password-stdin"], input="operator-pass-1\n"
+    )
+    assert created.exit_code == 0, created.output
+    login(patient_app, "operator", "operator-pass-1")  # remembered from now on
+    wrong_password = slow_hashes_during(lambda: login(patient_app, "operator", "wrong"))
     unknown_user = slow_hashes_during(lambda: login(patient_app, "nobody", "wrong"))
-    remembered = slow_hashes_during(lambda: login(patient_app, "admin", PASSWORDS["admin"]))
+    remembered = slow_hashes_during(lambda: login(patient_app, "operator", "operator-pass-1"))
     assert len(wrong_password) == 1 and wrong_password[0].startswith("scrypt:")  # one slow hash, its cost
     assert unknown_user == wrong_password
     assert remembered == []
@@ -115,11 +120,18 @@ def random_names(count):
     return [f"guess-{secrets.token_hex(6)}" for _ in range(count)]
 
 
-def test_failures_across_names_are_limited_per_address(app):
-    """Four times REGISTRY_LOGIN_FAILURES (5): random names cannot buy unlimited slow hashes."""
+@pytest.fixture
+def strict_app(make_app):
+    """An app allowing 2 failed logins, so 8 across names per address: 8 slow hashes, not 20."""
+    return make_app(REGISTRY_LOGIN_FAILURES="2")
+
+
+def test_failures_across_names_are_limited_per_address(strict_app):
+    """Four times REGISTRY_LOGIN_FAILURES: random names cannot buy unlimited slow hashes."""
+    app = strict_app
     assert login(app, "reader", PASSWORDS["reader"]).status_code == 200  # verified before the flood
-    statuses = [login(app, name, "wrong").status_code for name in random_names(21)]
-    assert statuses == [401] * 20 + [429]
+    statuses = [login(app, name, "wrong").status_code for name in random_names(9)]
+    assert statuses == [401] * 8 + [429]
     refused = login(app, "guess-new", "wrong")
     assert refused.status_code == 429 and "your address" in refused.get_json()["detail"]
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
@@ -129,8 +141,9 @@ def test_failures_across_names_are_limited_per_address(app):
     assert login(app, "admin", PASSWORDS["admin"], address=ELSEWHERE).status_code == 200
 
 
-def test_a_success_does_not_clear_the_failures_across_names(app):
-    for name in random_names(19):
+def test_a_success_does_not_clear_the_failures_across_names(strict_app):
+    app = strict_app
+    for name in random_names(7):
         login(app, name, "wrong")
     assert login(app, "reader", PASSWORDS["reader"]).status_code == 200
     assert [login(app, name, "wrong").status_code for name in random_names(2)] == [401, 429]

@@ -58,7 +58,7 @@ def test_a_second_server_on_a_taken_address_exits_naming_it(start_gunicorn):
     assert serving_pids == set(first.worker_pids())
 
 
-@pytest.mark.slow  # starts gunicorn itself, on a folder of its own
+@pytest.mark.server  # starts gunicorn itself, on a folder of its own
 def test_make_run_on_an_empty_database_creates_one_admin_with_a_generated_password(make_instance):
     instance = make_instance("fresh", migrated=False)
     server = Gunicorn(instance, workers=2, migrate_first=True)

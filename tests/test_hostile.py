@@ -9,6 +9,8 @@ import pytest
 
 from tests.conftest import PASSWORDS, Gunicorn, basic_auth
 
+pytestmark = pytest.mark.server  # one gunicorn for the module
+
 PROVIDERS = "/api/v1/model_providers"
 ADMIN = basic_auth("admin", PASSWORDS["admin"])
 

@@ -2,6 +2,7 @@
 
 import glob
 import re
+import time
 
 import httpx
 import pytest
@@ -42,10 +43,12 @@ def test_counters_add_up_every_request_across_two_workers(start_gunicorn, tmp_pa
         provider_id = admin.post(PROVIDERS, json=provider_body()).json()["id"]
     sent = 40
     auth = ("reader", "reader-pass-1")
-    for _ in range(sent):  # a new connection each time, so the kernel spreads them over both workers
-        assert httpx.get(f"{server.base_url}{PROVIDERS}/{provider_id}", auth=auth).status_code == 200
-    for _ in range(3):
-        assert httpx.get(f"{server.base_url}{PROVIDERS}/not-an-id", auth=auth).status_code == 404
+    round_trips = []  # seconds of each GET of ONE_PROVIDER, as the client timed it
+    for path in [provider_id] * sent + ["not-an-id"] * 3:  # a new connection each: both workers serve
+        started = time.perf_counter()
+        response = httpx.get(f"{server.base_url}{PROVIDERS}/{path}", auth=auth)
+        round_trips.append(time.perf_counter() - started)
+        assert response.status_code == (404 if path == "not-an-id" else 200)
     assert httpx.get(f"{server.base_url}/no/such/{provider_id}").status_code == 404
     writers = {re.search(r"_(\d+)\.db$", path).group(1) for path in glob.glob(str(metrics_folder / "counter_*.db"))}
     assert len(writers) == 2, "both workers served requests"
@@ -63,13 +66,27 @@ def test_counters_add_up_every_request_across_two_workers(start_gunicorn, tmp_pa
     histogram = "registry_http_request_duration_seconds"
     assert value(first, f"{histogram}_count", method="GET", route=ONE_PROVIDER) == sent + 3
     assert value(first, f"{histogram}_bucket", method="GET", route=ONE_PROVIDER, le="+Inf") == sent + 3
-    assert 0 < value(first, f"{histogram}_sum", method="GET", route=ONE_PROVIDER) < sent * 30
+    assert_durations_fit_round_trips(first, histogram, round_trips, method="GET", route=ONE_PROVIDER)
     routes = {dict(labels).get("route") for name, labels in first if name.startswith("registry_http")}
     assert ONE_PROVIDER in routes and PROVIDERS in routes
     assert not any(provider_id in (route or "") or "not-an-id" in (route or "") for route in routes)
     assert value(first, "registry_providers", type="openai", state="online") == 1
     server.kill()
     assert not glob.glob(str(metrics_folder / "gauge_live*"))
+
+
+def assert_durations_fit_round_trips(samples, histogram, round_trips, **labels):
+    """The server times each request within the client's round trip: its sum of seconds is
+    at most the round trips' sum, and each bucket counts at least the round trips within it."""
+    assert 0 < value(samples, f"{histogram}_sum", **labels) <= sum(round_trips)
+    buckets = {
+        dict(sample_labels)["le"]: counted
+        for (name, sample_labels), counted in samples.items()
+        if name == f"{histogram}_bucket" and dict(sample_labels).items() >= labels.items()
+    }
+    assert len(buckets) > 5
+    for bound, counted in buckets.items():
+        assert counted >= sum(seconds <= float(bound) for seconds in round_trips), f"bucket le={bound}"
 
 
 def test_gunicorn_makes_and_removes_its_own_metrics_folder(start_gunicorn):

@@ -68,14 +68,12 @@ def test_catalog_answers_from_the_index_while_every_upstream_is_down_or_silent(a
     silent.delay = 30  # accepts, and answers only long after every call below
     hits = silent.hits
 
-    started = time.monotonic()
     assert openai_ids(service) == ["anthropic:claude-sonnet-4", "openai:gpt-4o"]
     assert matched_ids(service, ["gpt-4o"])[0] == "openai:gpt-4o"
     assert resolve(service, "anthropic:claude-sonnet-4").get_json()["provider_id"] == silent_provider["id"]
     assert model_ids(provider_models(service, down_provider)) == ["openai:gpt-4o"]
     assert model_ids(provider_models(service, silent_provider)) == ["anthropic:claude-sonnet-4"]
-    assert time.monotonic() - started < TIMEOUT  # asking either upstream would take a timeout
-    assert silent.hits == hits
+    assert silent.hits == hits  # the down one would have failed the answers above
 
 
 def test_a_failed_probe_keeps_the_last_list_and_an_offline_provider_leaves_the_catalog(
@@ -221,10 +219,11 @@ def test_no_connection_is_checked_out_while_probes_are_in_flight(make_app, black
     assert len(black_hole.accepted) == count  # every probe is waiting on the silent upstream
     with app.app_context():
         assert db.engine.pool.checkedout() == 0
+    black_hole.close()  # the probes fail now, not after the timeout
     prober.join()
     offline = admin.get(f"{PROVIDERS}?state=offline").get_json()
     assert offline["total_count"] == count
-    assert all("timeout" in provider["last_error"] for provider in offline["items"])
+    assert all(provider["last_error"] for provider in offline["items"])
 
 
 def test_check_holds_no_connection_while_it_waits_on_the_upstream(make_app, black_hole):
@@ -244,6 +243,7 @@ def test_check_holds_no_connection_while_it_waits_on_the_upstream(make_app, blac
     assert len(black_hole.accepted) == len(checks)
     with app.app_context():
         assert db.engine.pool.checkedout() == 0
+    black_hole.close()  # the checks fail now, not after the timeout
     for check in checks:
         check.join()
 

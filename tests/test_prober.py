@@ -106,12 +106,15 @@ def test_a_round_leaves_garbage_collection_as_it_found_it(prober_app, fake_upstr
 @SQLITE_ONLY
 def test_a_round_waiting_for_the_write_lock_leaves_garbage_collection_on(prober_app, fake_upstream, instance_path):
     provider = register(client_as(prober_app, "admin"), fake_upstream())
+    gc_on_at_each_try = record_gc_at_each_write_lock_try(prober_app)
     other_writer = sqlite3.connect(instance_path / "registry.db", isolation_level=None)
     other_writer.execute("BEGIN IMMEDIATE")
     with ThreadPoolExecutor(max_workers=1) as pool:
         try:
             waiting = pool.submit(probe_round, prober_app)
-            assert wait_for(lambda: gc_paused_or(waiting.done), timeout=0.5) is False
+            assert wait_for(lambda: len(gc_on_at_each_try) >= 3), "the round never waited for the write lock"
+            assert not waiting.done()
+            assert all(gc_on_at_each_try)
         finally:
             other_writer.rollback()
         waiting.result()
@@ -119,8 +122,21 @@ def test_a_round_waiting_for_the_write_lock_leaves_garbage_collection_on(prober_
     assert client_as(prober_app, "reader").get(f"{PROVIDERS}/{provider['id']}").get_json()["last_checked_at"]
 
 
-def gc_paused_or(done):
-    return not gc.isenabled() or done()
+def record_gc_at_each_write_lock_try(app):
+    """gc.isenabled() as each BEGIN IMMEDIATE of the app's connections starts, in the thread
+    that runs it: a second one or more means the write lock was busy and the writer waits."""
+    gc_on_at_each_try = []
+
+    def note_begin_immediate(statement):
+        if statement == "BEGIN IMMEDIATE":
+            gc_on_at_each_try.append(gc.isenabled())
+
+    def trace(dbapi_connection, connection_record, connection_proxy):
+        dbapi_connection.set_trace_callback(note_begin_immediate)
+
+    with app.app_context():
+        sa.event.listen(db.engine, "checkout", trace)
+    return gc_on_at_each_try
 
 
 def test_a_failed_write_turns_garbage_collection_back_on(prober_app, fake_upstream):
