@@ -1,7 +1,6 @@
 """gunicorn settings for the registry: `gunicorn -c gunicorn.conf.py wsgi:app`."""
 
 import glob
-import json
 import os
 import shutil
 import socket
@@ -9,17 +8,16 @@ import sys
 import tempfile
 from datetime import UTC, datetime
 
-from gunicorn import util
-
-from observability.logs import ACCESS_LOG_FORMAT, logging_config, request_id_for
+from observability.logs import ACCESS_LOG_FORMAT, logging_config
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 # gevent workers (README, "Serving model"): each connection is a greenlet, so a request
 # waiting on an upstream or a client sending its headers slowly costs a little memory, not
 # one of a handful of threads. CPU-heavy work (password hashes, match) runs off the hub
-# (serving.off_the_hub), so it cannot stall the worker's other connections.
+# (serving.off_the_hub), so it cannot stall the worker's other connections. The worker is
+# gevent's, answering gunicorn's own refusals as problem documents (serving/worker.py).
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "gevent"
+worker_class = "serving.worker.RegistryWorker"
 worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
 # Each worker listens on its own SO_REUSEPORT socket, so the kernel spreads connections over
 # the workers; on one shared socket, whichever worker woke first took them, and one worker
@@ -31,7 +29,7 @@ timeout = 60
 control_socket_disable = True
 graceful_timeout = 10
 keepalive = 5
-# gunicorn refuses these before the app sees the request (414 and 431), as problem documents below.
+# gunicorn refuses these before the app sees the request (414 and 431), as problem documents.
 limit_request_line = 4094
 limit_request_fields = 100
 limit_request_field_size = 8190
@@ -161,41 +159,6 @@ def worker_exit(server, worker):
     scheduler = scheduler_of(worker)
     if scheduler is not None:
         scheduler.stop()
-
-
-GUNICORN_REFUSALS = {
-    400: "The request is not valid HTTP/1.1.",
-    414: f"The request line (method, path and query) is over {limit_request_line} bytes.",
-    431: f"A request header is over {limit_request_field_size} bytes, or there are over {limit_request_fields}.",
-}
-
-
-def write_problem(sock, status, reason, message):
-    """gunicorn's own refusals as problem documents, like every other error of the registry.
-
-    gunicorn writes them as HTML through util.write_error; its message can quote the raw
-    request line or a header, so the detail is a fixed sentence per status instead.
-    """
-    problem = {
-        "type": "about:blank",
-        "title": reason,
-        "status": status,
-        "detail": GUNICORN_REFUSALS.get(status, f"{reason}."),
-    }
-    body = json.dumps(problem)
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/problem+json\r\n"
-        f"X-Request-ID: {request_id_for(None)}\r\n"  # the request was not read far enough for the client's
-    )
-    util.write_nonblock(sock, f"{head}Content-Length: {len(body)}\r\n\r\n{body}".encode("latin-1"))
-
-
-util.write_error = write_problem
-
-# gunicorn's gevent worker ends a connection with util.close, where gthread drains what the
-# client still sends first (util.close_graceful): closing with unread bytes (a refused body
-# over 64 KiB) sends a reset that can destroy the answer before the client reads it.
-util.close = util.close_graceful
 
 
 def post_request(worker, req, environ, resp):
