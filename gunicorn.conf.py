@@ -9,6 +9,7 @@ import tempfile
 from datetime import UTC, datetime
 
 from observability.logs import ACCESS_LOG_FORMAT, logging_config
+from serving.jobs_process import JobsProcess, jobs_command
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 # gevent workers (README, "Serving model"): each connection is a greenlet, so a request
@@ -41,7 +42,8 @@ access_log_format = ACCESS_LOG_FORMAT
 logger_class = "observability.logs.AccessLogger"
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
-logconfig_dict = logging_config(os.environ.get("LOG_FORMAT", "text").strip().lower() or "text")
+LOG_FORMAT = os.environ.get("LOG_FORMAT", "text").strip().lower() or "text"
+logconfig_dict = logging_config(LOG_FORMAT)
 
 
 def prepare_metrics_directory(server):
@@ -67,6 +69,9 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
+    jobs_process = getattr(server, "jobs_process", None)
+    if jobs_process is not None:
+        jobs_process.stop(timeout=graceful_timeout)
     made = getattr(server, "made_metrics_directory", None)
     if made:
         shutil.rmtree(made, ignore_errors=True)
@@ -111,9 +116,19 @@ def shown_address(address):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def start_jobs_process(server):
+    """The prober, the manifest sync and the audit pruning run in a process of their own,
+    never in a worker; the database lease picks one such process per database."""
+    server_started_at = datetime.now(UTC).replace(tzinfo=None)
+    command = jobs_command(server.app.app_uri, server_started_at, LOG_FORMAT, server.pid)
+    server.jobs_process = JobsProcess(command, server.log)
+    server.jobs_process.start()
+
+
 def when_ready(server):
-    """Say where the registry listens: with SO_REUSEPORT the workers bind, and gunicorn's own
-    "Listening at" line names no address."""
+    """Start the jobs process, and say where the registry listens: with SO_REUSEPORT the
+    workers bind, and gunicorn's own "Listening at" line names no address."""
+    start_jobs_process(server)
     for address in server.cfg.address:
         shown = f"http://{shown_address(address)}" if isinstance(address, tuple) else f"unix:{address}"
         server.log.info("the registry listens at %s", shown)
@@ -135,30 +150,6 @@ def claim_addresses(server):
                 error.strerror,
             )
             sys.exit(1)
-
-
-# Read by the master before it forks: the workers' schedulers share it, so the jobs that
-# run at start (the manifest sync) run once per server start, not once per worker.
-SERVER_STARTED_AT = datetime.now(UTC).replace(tzinfo=None)
-
-
-def scheduler_of(worker):
-    """The app's scheduler (scheduler.py); none when the worker failed to load the app, or
-    for an app without one (bench/bare_app.py)."""
-    return getattr(getattr(worker, "wsgi", None), "extensions", {}).get("scheduler")
-
-
-def post_worker_init(worker):
-    """Each worker runs a scheduler thread; the database lease lets only one do the work."""
-    scheduler = scheduler_of(worker)
-    if scheduler is not None:
-        scheduler.start(started_at=SERVER_STARTED_AT)
-
-
-def worker_exit(server, worker):
-    scheduler = scheduler_of(worker)
-    if scheduler is not None:
-        scheduler.stop()
 
 
 def post_request(worker, req, environ, resp):
