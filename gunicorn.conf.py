@@ -1,7 +1,6 @@
 """gunicorn settings for the registry: `gunicorn -c gunicorn.conf.py wsgi:app`."""
 
 import glob
-import json
 import os
 import shutil
 import socket
@@ -9,17 +8,17 @@ import sys
 import tempfile
 from datetime import UTC, datetime
 
-from gunicorn import util
-
-from observability.logs import ACCESS_LOG_FORMAT, logging_config, request_id_for
+from observability.logs import ACCESS_LOG_FORMAT, logging_config
+from serving.jobs_process import JobsProcess, jobs_command
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 # gevent workers (docs/production.md): each connection is a greenlet, so a request
 # waiting on an upstream or a client sending its headers slowly costs a little memory, not
 # one of a handful of threads. CPU-heavy work (password hashes, match) runs off the hub
-# (serving.off_the_hub), so it cannot stall the worker's other connections.
+# (serving.off_the_hub), so it cannot stall the worker's other connections. The worker is
+# gevent's, answering gunicorn's own refusals as problem documents (serving/worker.py).
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "gevent"
+worker_class = "serving.worker.RegistryWorker"
 worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
 # Each worker listens on its own SO_REUSEPORT socket, so the kernel spreads connections over
 # the workers; on one shared socket, whichever worker woke first took them, and one worker
@@ -31,7 +30,7 @@ timeout = 60
 control_socket_disable = True
 graceful_timeout = 10
 keepalive = 5
-# gunicorn refuses these before the app sees the request (414 and 431), as problem documents below.
+# gunicorn refuses these before the app sees the request (414 and 431), as problem documents.
 limit_request_line = 4094
 limit_request_fields = 100
 limit_request_field_size = 8190
@@ -43,7 +42,8 @@ access_log_format = ACCESS_LOG_FORMAT
 logger_class = "observability.logs.AccessLogger"
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
-logconfig_dict = logging_config(os.environ.get("LOG_FORMAT", "text").strip().lower() or "text")
+LOG_FORMAT = os.environ.get("LOG_FORMAT", "text").strip().lower() or "text"
+logconfig_dict = logging_config(LOG_FORMAT)
 
 
 def prepare_metrics_directory(server):
@@ -69,6 +69,9 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
+    jobs_process = getattr(server, "jobs_process", None)
+    if jobs_process is not None:
+        jobs_process.stop(timeout=graceful_timeout)
     made = getattr(server, "made_metrics_directory", None)
     if made:
         shutil.rmtree(made, ignore_errors=True)
@@ -113,9 +116,19 @@ def shown_address(address):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def start_jobs_process(server):
+    """The prober, the manifest sync and the audit pruning run in a process of their own,
+    never in a worker; the database lease picks one such process per database."""
+    server_started_at = datetime.now(UTC).replace(tzinfo=None)
+    command = jobs_command(server.app.app_uri, server_started_at, LOG_FORMAT, server.pid)
+    server.jobs_process = JobsProcess(command, server.log)
+    server.jobs_process.start()
+
+
 def when_ready(server):
-    """Say where the registry listens: with SO_REUSEPORT the workers bind, and gunicorn's own
-    "Listening at" line names no address."""
+    """Start the jobs process, and say where the registry listens: with SO_REUSEPORT the
+    workers bind, and gunicorn's own "Listening at" line names no address."""
+    start_jobs_process(server)
     for address in server.cfg.address:
         shown = f"http://{shown_address(address)}" if isinstance(address, tuple) else f"unix:{address}"
         server.log.info("the registry listens at %s", shown)
@@ -137,71 +150,6 @@ def claim_addresses(server):
                 error.strerror,
             )
             sys.exit(1)
-
-
-# Read by the master before it forks: the workers' schedulers share it, so the jobs that
-# run at start (the manifest sync) run once per server start, not once per worker.
-SERVER_STARTED_AT = datetime.now(UTC).replace(tzinfo=None)
-
-
-def scheduler_of(worker):
-    """The app's scheduler (scheduler.py); none when the worker failed to load the app, or
-    for an app without one (bench/bare_app.py)."""
-    return getattr(getattr(worker, "wsgi", None), "extensions", {}).get("scheduler")
-
-
-def post_worker_init(worker):
-    """Each worker runs a scheduler thread; the database lease lets only one do the work."""
-    scheduler = scheduler_of(worker)
-    if scheduler is not None:
-        scheduler.start(started_at=SERVER_STARTED_AT)
-
-
-def worker_exit(server, worker):
-    scheduler = scheduler_of(worker)
-    if scheduler is not None:
-        scheduler.stop()
-
-
-GUNICORN_REFUSALS = {
-    400: "The request is not valid HTTP/1.1.",
-    414: f"The request line (method, path and query) is over {limit_request_line} bytes.",
-    431: f"A request header is over {limit_request_field_size} bytes, or there are over {limit_request_fields}.",
-    404: "The path is not under SCRIPT_NAME, the path this registry is served under.",
-}
-# gunicorn answers a path outside SCRIPT_NAME (a reverse proxy's path) with 500, its reason
-# still "Bad Request": the one request error it counts so. For the client it is a 404.
-OUTSIDE_SCRIPT_NAME = (500, "Bad Request")
-
-
-def write_problem(sock, status, reason, message):
-    """gunicorn's own refusals as problem documents, like every other error of the registry.
-
-    gunicorn writes them as HTML through util.write_error; its message can quote the raw
-    request line or a header, so the detail is a fixed sentence per status instead.
-    """
-    if (status, reason) == OUTSIDE_SCRIPT_NAME:
-        status, reason = 404, "Not Found"
-    problem = {
-        "type": "about:blank",
-        "title": reason,
-        "status": status,
-        "detail": GUNICORN_REFUSALS.get(status, f"{reason}."),
-    }
-    body = json.dumps(problem)
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/problem+json\r\n"
-        f"X-Request-ID: {request_id_for(None)}\r\n"  # the request was not read far enough for the client's
-    )
-    util.write_nonblock(sock, f"{head}Content-Length: {len(body)}\r\n\r\n{body}".encode("latin-1"))
-
-
-util.write_error = write_problem
-
-# gunicorn's gevent worker ends a connection with util.close, where gthread drains what the
-# client still sends first (util.close_graceful): closing with unread bytes (a refused body
-# over 64 KiB) sends a reset that can destroy the answer before the client reads it.
-util.close = util.close_graceful
 
 
 def post_request(worker, req, environ, resp):

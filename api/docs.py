@@ -4,45 +4,12 @@ import swagger_ui_bundle
 from apifairy import APIFairy
 from flask import Blueprint, request, send_from_directory
 
-from api.errors import OPENAI_PATH_PREFIX
+from api.errors import OPENAI_ERROR_SCHEMA, OPENAI_PATH_PREFIX, PROBLEM_SCHEMA
 from schemas import WATSONX_RULE_OF_CREATE
 
 apifairy = APIFairy()
 docs_bp = Blueprint("docs", __name__)
 
-PROBLEM_SCHEMA = {
-    "type": "object",
-    "description": "RFC 9457 problem document",
-    "required": ["type", "title", "status", "detail"],
-    "properties": {
-        "type": {"type": "string"},
-        "title": {"type": "string"},
-        "status": {"type": "integer"},
-        "detail": {"type": "string"},
-        "errors": {
-            "type": "object",
-            "description": "Messages per field (dotted path; _schema for whole-body rules)",
-            "additionalProperties": {"type": "array", "items": {"type": "string"}},
-        },
-    },
-}
-OPENAI_ERROR_SCHEMA = {
-    "type": "object",
-    "description": "OpenAI's error shape, answered under /api/v1/openai/ so OpenAI clients raise their usual errors",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["message", "type", "param", "code"],
-            "properties": {
-                "message": {"type": "string"},
-                "type": {"type": "string"},
-                "param": {"type": "string", "nullable": True},
-                "code": {"type": "string", "nullable": True},
-            },
-        }
-    },
-}
 PROBLEM_RESPONSES_OF_AUTHENTICATED = {
     "401": "Missing or wrong credentials (challenges for Basic and Bearer)",
     "403": "Role not allowed",

@@ -1,4 +1,6 @@
-"""Every error the service answers, as an RFC 9457 problem document, in one place."""
+"""Every error envelope the service answers, built in one place: the RFC 9457 problem
+document, OpenAI's error body (the gateway's routes) and Anthropic's; and the handlers that
+map each exception the app raises to one of them."""
 
 import logging
 
@@ -11,6 +13,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
 from access.crypto import UnopenableApiKey
+from observability.logs import request_id_for
 from upstreams import UpstreamError
 
 errors_bp = Blueprint("errors", __name__)
@@ -26,8 +29,66 @@ OPENAI_ERROR_TYPES = {
     429: "rate_limit_error",
     504: "timeout",
 }
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "api_error",
+    529: "overloaded_error",
+}
 KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
 RFC_9110_TITLES = {413: "Content Too Large", 422: "Unprocessable Content"}
+# gunicorn refuses these before the app sees the request; its own message can quote the raw
+# request line or a header, so the detail is a fixed sentence per status instead.
+REFUSAL_DETAILS = {
+    400: "The request is not valid HTTP/1.1.",
+    414: "The request line (method, path and query) is over {limit_request_line} bytes.",
+    431: "A request header is over {limit_request_field_size} bytes, or there are over {limit_request_fields}.",
+    404: "The path is not under SCRIPT_NAME, the path this registry is served under.",
+}
+# gunicorn answers a path outside SCRIPT_NAME (a reverse proxy's path) with 500, its reason
+# still "Bad Request": the one request error it counts so. For the client it is a 404.
+OUTSIDE_SCRIPT_NAME = (500, "Bad Request")
+
+PROBLEM_SCHEMA = {
+    "type": "object",
+    "description": "RFC 9457 problem document",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "errors": {
+            "type": "object",
+            "description": "Messages per field (dotted path; _schema for whole-body rules)",
+            "additionalProperties": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+}
+OPENAI_ERROR_SCHEMA = {
+    "type": "object",
+    "description": "OpenAI's error shape, answered under /api/v1/openai/ so OpenAI clients raise their usual errors",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": "string", "nullable": True},
+                "code": {"type": "string", "nullable": True},
+            },
+        }
+    },
+}
 
 
 class GatewayError(Exception):
@@ -46,11 +107,34 @@ class SyncInProgress(Exception):
     """Another process holds the manifest sync lease and did not finish in time."""
 
 
-def openai_error(status, message, code=None, param=None, error_type=None, headers=None):
+def problem_document(status, detail, errors=None):
+    """RFC 9457: {"type", "title", "status", "detail"}, and "errors" per field when given."""
+    document = {
+        "type": "about:blank",
+        "title": RFC_9110_TITLES.get(status) or HTTP_STATUS_CODES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+    }
+    if errors is not None:
+        document["errors"] = errors
+    return document
+
+
+def openai_error_document(status, message, code=None, param=None, error_type=None):
     """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
     if error_type is None:
         error_type = OPENAI_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-    document = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def anthropic_error_document(status, message):
+    """Anthropic's error body: {"type": "error", "error": {"type", "message"}}."""
+    error_type = ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
+def openai_error(status, message, code=None, param=None, error_type=None, headers=None):
+    document = openai_error_document(status, message, code, param, error_type)
     return current_app.response_class(json.dumps(document), status=status, mimetype="application/json", headers=headers)
 
 
@@ -67,15 +151,27 @@ def openai_problem(status, detail, errors=None, headers=None):
 def problem(status, detail, errors=None, headers=None):
     if has_request_context() and request.path.startswith(OPENAI_PATH_PREFIX):
         return openai_problem(status, detail, errors, headers)
-    document = {
-        "type": "about:blank",
-        "title": RFC_9110_TITLES.get(status) or HTTP_STATUS_CODES.get(status, "Error"),
-        "status": status,
-        "detail": detail,
-    }
-    if errors is not None:
-        document["errors"] = errors
+    document = problem_document(status, detail, errors)
     return current_app.response_class(json.dumps(document), status=status, mimetype=PROBLEM_MEDIA_TYPE, headers=headers)
+
+
+def refusal_answer(status, reason, limits):
+    """The whole HTTP answer to a request gunicorn refused before the app saw it: a problem
+    document, the connection closed. `limits` is gunicorn's configuration (its request limits)."""
+    if (status, reason) == OUTSIDE_SCRIPT_NAME:
+        status, reason = 404, "Not Found"
+    detail = REFUSAL_DETAILS.get(status, "{reason}.").format(
+        reason=reason,
+        limit_request_line=limits.limit_request_line,
+        limit_request_field_size=limits.limit_request_field_size,
+        limit_request_fields=limits.limit_request_fields,
+    )
+    body = json.dumps(problem_document(status, detail))
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: {PROBLEM_MEDIA_TYPE}\r\n"
+        f"X-Request-ID: {request_id_for(None)}\r\n"  # the request was not read far enough for the client's
+    )
+    return f"{head}Content-Length: {len(body)}\r\n\r\n{body}".encode("latin-1")
 
 
 def flatten_messages(messages, prefix=""):

@@ -1,10 +1,11 @@
 """Background work with one owner per database: the prober and the manifest sync.
 
-Every gunicorn worker runs a scheduler thread (started by gunicorn.conf.py, never by a
-route; the jobs are registered by create_app). Each tick, the thread tries to take or
-renew the lease row "scheduler"; only the holder runs jobs, so one database gets one
-prober however many workers and instances serve it. Job start times are stored too, so a
-new holder keeps the same rhythm, and a job that runs at start runs once per server start.
+The scheduler's thread runs in the jobs process (`python -m jobs`, which gunicorn's master
+starts beside its workers), never in a worker nor from a route; the jobs are registered by
+create_app. Each tick, the thread tries to take or renew the lease row "scheduler"; only
+the holder runs jobs, so one database gets one prober however many instances serve it.
+Job start times are stored too, so a new holder keeps the same rhythm, and a job that runs
+at start runs once per server start.
 """
 
 import logging
@@ -35,8 +36,8 @@ def holder_name():
 def try_lease(name, holder, seconds):
     """Take or renew the lease `name` for `seconds`; True when `holder` has it.
 
-    Writes only to take a free or expired lease or to renew one past half its life, so
-    the ticks of every worker cost the database a read. The conditional UPDATE settles a
+    Writes only to take a free or expired lease or to renew one past half its life, so the
+    ticks of every jobs process cost the database a read. The conditional UPDATE settles a
     race for an existing row on every database (on PostgreSQL a waiting UPDATE re-checks
     its condition on the row its rival wrote); while no row exists one is inserted, and
     the primary key settles that race.
@@ -105,8 +106,8 @@ class Job:
 class Scheduler:
     """The background jobs of one app and the thread that runs them.
 
-    create_app() registers the jobs (app.extensions["scheduler"]); whoever serves the app
-    starts the thread: gunicorn.conf.py in every worker, an embedding application with
+    create_app() registers the jobs (app.extensions["scheduler"]); the jobs process starts
+    the thread (jobs/__main__.py), as may an embedding application, with
     `app.extensions["scheduler"].start()`.
     """
 
@@ -127,7 +128,8 @@ class Scheduler:
 
     def start(self, started_at=None):
         """Run the jobs in a thread of this process; `started_at` (naive UTC, default now) is
-        when the server started, so its workers run the jobs at start once between them."""
+        when the server started, so a jobs process started again runs the jobs at start
+        only when no process has run them since."""
         if not self.has_periodic_jobs() and not any(job.at_start for job in self.jobs):
             return
         self._stop.clear()

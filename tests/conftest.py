@@ -10,6 +10,7 @@ for running for seconds in-process.
 """
 
 import base64
+import glob
 import itertools
 import os
 import shlex
@@ -290,6 +291,14 @@ def wait_until_serving(base_url, process, timeout=30):
     raise RuntimeError("gunicorn did not become ready")
 
 
+def is_jobs_process(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().split(b"\0")[1:3] == [b"-m", b"jobs"]
+    except FileNotFoundError:  # it ended meanwhile
+        return False
+
+
 SERVER_NUMBERS = itertools.count()
 GUNICORN_COMMAND = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
 FLASK_COMMAND = f"{shlex.quote(sys.executable)} -m flask --app app"
@@ -336,9 +345,20 @@ class Gunicorn:
     def log(self):
         return self.log_path.read_text(errors="replace")
 
+    def child_pids(self):
+        """The master's children, whichever of its threads started them."""
+        pids = []
+        for children_path in glob.glob(f"/proc/{self.process.pid}/task/*/children"):
+            with open(children_path) as children:
+                pids.extend(int(pid) for pid in children.read().split())
+        return pids
+
     def worker_pids(self):
-        with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as children:
-            return [int(pid) for pid in children.read().split()]
+        return [pid for pid in self.child_pids() if not is_jobs_process(pid)]
+
+    def jobs_pids(self):
+        """The master's jobs processes (`python -m jobs`): one while it runs."""
+        return [pid for pid in self.child_pids() if is_jobs_process(pid)]
 
     def kill(self, sig=signal.SIGTERM):
         if self.process.poll() is None:

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from api.errors import anthropic_error_document
 from tests.conftest import basic_auth, provider_body
 
 PROVIDERS = "/api/v1/model_providers"
@@ -187,3 +188,26 @@ def test_database_gone_is_503_not_500(app, admin, databases, instance_path):
     databases.destroy(instance_path)
     assert_problem(admin.get(PROVIDERS), 503)
     assert_problem(app.test_client().get("/readyz"), 503)
+
+
+@pytest.mark.parametrize(
+    "status, error_type",
+    [
+        (400, "invalid_request_error"),
+        (401, "authentication_error"),
+        (403, "permission_error"),
+        (404, "not_found_error"),
+        (413, "request_too_large"),
+        (429, "rate_limit_error"),
+        (500, "api_error"),
+        (502, "api_error"),
+        (503, "overloaded_error"),
+        (504, "api_error"),
+        (529, "overloaded_error"),
+        (422, "invalid_request_error"),
+        (501, "api_error"),
+    ],
+)
+def test_anthropic_error_bodies_name_the_type_of_their_status(status, error_type):
+    document = anthropic_error_document(status, "Nothing answers.")
+    assert document == {"type": "error", "error": {"type": error_type, "message": "Nothing answers."}}

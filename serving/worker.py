@@ -1,0 +1,58 @@
+"""The registry's gunicorn worker: gevent's, with its refusals and its closes made the registry's.
+
+gunicorn.conf.py names it (`worker_class`); the gunicorn modules themselves stay untouched.
+"""
+
+from gunicorn import util
+from gunicorn.workers.ggevent import GeventWorker
+
+
+class RefusalRecorder:
+    """Stands in for the client's socket while gunicorn writes one of its refusals, keeping
+    the status line it chose, so that the registry answers it in its own words instead."""
+
+    def __init__(self):
+        self.written = b""
+
+    def gettimeout(self):
+        return 0.0  # non-blocking: gunicorn then writes with sendall alone
+
+    def sendall(self, data):
+        self.written += data
+
+    def status(self):
+        """(status, reason) of the recorded answer's status line, or a 500 when none was written."""
+        status_line = self.written.split(b"\r\n", 1)[0].decode("latin-1")
+        _version, status, reason = (status_line.split(" ", 2) + ["", ""])[:3]
+        return (int(status), reason) if status.isdigit() else (500, "Internal Server Error")
+
+
+class RegistryWorker(GeventWorker):
+    def handle_error(self, req, client, addr, exc):
+        """gunicorn's refusals (414, 431, a request line that is not HTTP) as problem documents.
+
+        gunicorn classifies the error, logs it and writes an HTML page; the page goes to a
+        recorder, since its message can quote the raw request line or a header.
+        """
+        recorder = RefusalRecorder()
+        super().handle_error(req, recorder, addr, exc)
+        # Imported here: the master loads this class before its workers patch the standard
+        # library for gevent, and the app's modules must be imported after that.
+        from api.errors import refusal_answer
+
+        status, reason = recorder.status()
+        try:
+            util.write_nonblock(client, refusal_answer(status, reason, self.cfg))
+        except OSError:
+            self.log.debug("Failed to send error message.")
+        util.close_graceful(client)
+
+    def handle_request(self, listener_name, req, sock, addr):
+        """Read what the client still sends before closing: closing with unread bytes (a
+        refused body over 64 KiB) sends a reset that can destroy the answer before the client
+        reads it. gevent's worker closes at once, where gunicorn's threaded worker drains."""
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        except StopIteration:  # the answer ends the connection
+            util.close_graceful(sock)
+            raise
