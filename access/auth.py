@@ -25,11 +25,8 @@ from api.errors import problem
 from models import (
     USERS,
     ApiToken,
-    DirectStatement,
     canonical_username,
-    close_read_connection,
     lower_role,
-    read_connection,
     roles_up_to,
     token_digest,
     utcnow,
@@ -37,6 +34,7 @@ from models import (
 from observability.logs import remember_user
 from observability.metrics import record_failed_login
 from serving.hub import off_the_hub
+from storage.connections import DirectStatement, no_connection, read_connection
 
 log = logging.getLogger(__name__)
 REALM = "model-provider-registry"
@@ -257,8 +255,7 @@ def slow_hash_turn():
     """One of the worker's slow-hash turns. The request's database connection goes back to
     the pool first: requests waiting for a turn hold none, so they cannot use up the pool
     that the requests done hashing need next."""
-    close_read_connection()
-    with slow_hashes:
+    with no_connection(), slow_hashes:
         yield
 
 

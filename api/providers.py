@@ -25,13 +25,11 @@ from models import (
     PROVIDER_COLUMNS,
     PROVIDER_ROWS,
     PROVIDERS,
-    DirectStatement,
     Provider,
     changed_field_names,
     db,
     is_canonical_id,
     provider_etag,
-    release_connections,
     types_with,
 )
 from observability import audit
@@ -54,6 +52,7 @@ from schemas import (
     collection,
     watsonx_id_errors,
 )
+from storage.connections import DirectStatement, no_connection
 from storage.paging import NewestFirstPages
 
 log = logging.getLogger(__name__)
@@ -157,9 +156,9 @@ def should_verify(query):
     return query["verify"] and current_app.config["VERIFY_ON_CREATE"]
 
 
+@no_connection()
 def verify_holding_no_connection(connection):
     """verify_upstream, with no transaction open and no pooled connection held while it waits."""
-    release_connections()
     return verify_upstream(connection)
 
 

@@ -21,13 +21,12 @@ from models import (
     db,
     is_indexable_model_id,
     providers_of,
-    read_connection,
-    release_connections,
     types_with,
     utcnow,
 )
 from observability import audit
 from serving.hub import off_the_hub
+from storage.connections import no_connection, read_connection
 from upstreams import Connection, UpstreamError, list_models
 
 
@@ -94,8 +93,8 @@ def refresh_models(provider):
     No database connection is held while the upstream is asked.
     """
     connection, read_version = provider_connection(provider), provider.version
-    release_connections()
-    upstream_models = list_models(connection)
+    with no_connection():
+        upstream_models = list_models(connection)
     if not replace_models(provider.id, upstream_models, read_version=read_version):
         db.session.rollback()
         raise Conflict(f"Model provider {provider.id} was changed or deleted while its upstream was listed.")
@@ -215,7 +214,7 @@ def providers_serving(model_ref):
 
     NotFound when no provider of the type lists the model; ServiceUnavailable when every
     one that lists it is offline. The providers are Provider rows (keys open with
-    `open_api_key()`); call models.release_connections() before calling an upstream.
+    `open_api_key()`); call an upstream within storage.connections.no_connection().
     """
     providers = providers_of(read_connection().execute(PROVIDERS_LISTING, model_ref.__dict__))
     if not providers:

@@ -35,13 +35,13 @@ from models import (
     new_id,
     provider_of,
     providers_of,
-    release_connections,
     utcnow,
 )
 from observability import audit
 from observability.metrics import record_manifest_sync
 from schemas import ManifestSchema
 from serving.hub import off_the_hub
+from storage.connections import no_connection
 from upstreams import http_client
 from upstreams.transport import deadline
 
@@ -392,9 +392,10 @@ def record_sync(result):
 
 
 def sync_location(location):
-    release_connections()  # none held while a manifest's server is waited on
     try:
-        result = apply_manifest(location.uri, load_manifest(location.source))
+        with no_connection():
+            manifest = load_manifest(location.source)
+        result = apply_manifest(location.uri, manifest)
     except ManifestError as error:
         db.session.rollback()
         result = SyncResult(location.uri, error=str(error))

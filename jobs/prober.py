@@ -28,12 +28,10 @@ from models import (
     PROVIDERS,
     db,
     providers_of,
-    read_connection,
-    release_connections,
-    session_writing,
     utcnow,
 )
 from observability.metrics import count_probe
+from storage.connections import no_connection, read_connection, session_writing
 from upstreams import Connection, UpstreamError, list_models
 
 log = logging.getLogger(__name__)
@@ -142,7 +140,6 @@ def write_batch(outcomes):
             db.session.execute(LISTED_MODELS, parameters)
         db.session.commit()
     recorded = set(db.session.scalars(RECORDED, parameters))
-    release_connections()
     log_state_changes(outcomes, records, recorded)
 
 
@@ -245,7 +242,8 @@ LISTED_MODELS = sa.insert(PROVIDER_MODELS).from_select(
 def write_outcomes(outcomes):
     for start in range(0, len(outcomes), WRITE_BATCH):
         if start:
-            time.sleep(PAUSE_BETWEEN_BATCHES)
+            with no_connection():
+                time.sleep(PAUSE_BETWEEN_BATCHES)
         write_batch(outcomes[start : start + WRITE_BATCH])
 
 
@@ -255,7 +253,8 @@ def arrivals(target_of_future, give_up_at, given_up):
     pending, arrived, written_at = set(target_of_future), [], time.monotonic()
     while pending and time.monotonic() < give_up_at:
         wait_for = max(min(WRITE_EVERY_SECONDS, give_up_at - time.monotonic()), 0)
-        done, pending = wait(pending, timeout=wait_for, return_when=FIRST_COMPLETED)
+        with no_connection():
+            done, pending = wait(pending, timeout=wait_for, return_when=FIRST_COMPLETED)
         arrived += [(target_of_future[future], *future.result()) for future in done]
         if len(arrived) >= WRITE_BATCH or time.monotonic() - written_at >= WRITE_EVERY_SECONDS:
             yield arrived
@@ -265,7 +264,6 @@ def arrivals(target_of_future, give_up_at, given_up):
 
 def probe(targets):
     """Probe every target at once, writing the outcomes in short batches as they arrive."""
-    release_connections()
     if not targets:
         return
     threads = min(len(targets), MAX_PROBES_AT_ONCE)
@@ -281,10 +279,8 @@ def probe(targets):
 
 
 def targets(query):
-    """Targets of the providers `query` (of PROVIDER_ROWS) selects; the read's transaction ends with it."""
-    found = [target_of(provider) for provider in providers_of(read_connection().execute(query))]
-    release_connections()
-    return found
+    """Targets of the providers `query` (of PROVIDER_ROWS) selects."""
+    return [target_of(provider) for provider in providers_of(read_connection().execute(query))]
 
 
 def probe_one(provider_id):

@@ -15,9 +15,10 @@ from apifairy import arguments, authenticate, response
 from flask import Blueprint, has_request_context, request
 
 from access.auth import auth
-from models import AUDIT_EVENTS, AuditEvent, DirectStatement, db, utcnow
+from models import AUDIT_EVENTS, AuditEvent, db, utcnow
 from observability.logs import REQUEST_ID_KEY, TOKEN_ID_KEY, USER_KEY
 from schemas import AuditEventSchema, AuditQuerySchema, collection
+from storage.connections import DirectStatement
 from storage.paging import NewestFirstPages
 
 audit_bp = Blueprint("audit", __name__)

@@ -23,7 +23,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from models import PROVIDER_TYPES, PROVIDERS, STATES, read_connection
+from models import PROVIDER_TYPES, PROVIDERS, STATES
+from storage.connections import read_connection
 
 log = logging.getLogger(__name__)
 metrics_bp = Blueprint("metrics", __name__)

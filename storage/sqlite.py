@@ -1,5 +1,5 @@
 """What the registry does for a SQLite database: its files' mode, its pragmas, a write lock
-taken without blocking the worker, and the connections models.DirectStatement reads on."""
+taken without blocking the worker, and the connections storage.connections.DirectStatement reads on."""
 
 import logging
 import os
@@ -24,7 +24,7 @@ WRITE_STATEMENTS = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 
 def prepare_sqlite(engine, synchronous):
     """Make the database file private, tune every connection, take write locks cooperatively,
-    and keep connections for models.DirectStatement reads."""
+    and keep connections for storage.connections.DirectStatement reads."""
     if database_path := sqlite_file_of(engine.url):
         make_sqlite_files_private(database_path)
     sa.event.listen(engine, "connect", partial(tune_sqlite, synchronous=synchronous))
@@ -34,7 +34,7 @@ def prepare_sqlite(engine, synchronous):
 
 
 class LookupConnections:
-    """Connections of models.DirectStatement's reads, outside SQLAlchemy's pool.
+    """Connections of storage.connections.DirectStatement's reads, outside SQLAlchemy's pool.
 
     A SQLite read waits on no socket, so it never lets another greenlet run: a gevent worker
     needs one such connection (a thread one each, while it reads), taken and given back
