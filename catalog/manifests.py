@@ -27,14 +27,10 @@ from access.crypto import UnopenableApiKey, cipher
 from api.errors import SyncInProgress, flatten_messages
 from jobs.scheduler import holder_name, release_lease, try_lease
 from models import (
-    PROVIDER_ROWS,
-    PROVIDERS,
     ManifestSync,
     changed_field_names,
     db,
     new_id,
-    provider_of,
-    providers_of,
     utcnow,
 )
 from observability import audit
@@ -42,6 +38,16 @@ from observability.metrics import record_manifest_sync
 from schemas import ManifestSchema
 from serving.hub import off_the_hub
 from storage.connections import no_connection
+from storage.providers import (
+    delete_providers,
+    delete_providers_of_location,
+    edit_provider,
+    first_clash,
+    insert_providers,
+    locations_other_than,
+    provider_counts_of_locations,
+    providers_of_location,
+)
 from upstreams import http_client
 from upstreams.transport import deadline
 
@@ -297,16 +303,7 @@ def record_change(provider_id, detail, changed_fields=()):
 
 
 def refuse_clashes(location, entries):
-    clash = provider_of(
-        db.session.execute(
-            PROVIDER_ROWS.where(
-                PROVIDERS.c.base_url.in_([entry["base_url"] for entry in entries]),
-                PROVIDERS.c.registry.is_distinct_from(location),
-            )
-            .order_by(PROVIDERS.c.base_url)
-            .limit(1)
-        )
-    )
+    clash = first_clash(location, [entry["base_url"] for entry in entries])
     if clash is not None:
         origin = f"of the manifest {clash.manifest}" if clash.manifest else "created through the API"
         raise ManifestError(f"base_url {clash.base_url} is already registered by model provider {clash.id} ({origin}).")
@@ -343,10 +340,7 @@ def values_of_entry(location, entry):
 def apply_manifest(location, entries):
     """Bring the location's stored providers in line with its entries, uncommitted."""
     refuse_clashes(location, entries)
-    stored = {
-        provider.base_url: provider
-        for provider in providers_of(db.session.execute(PROVIDER_ROWS.where(PROVIDERS.c.registry == location)))
-    }
+    stored = {provider.base_url: provider for provider in providers_of_location(location)}
     # An entry keeps its provider (and id) by base_url; a changed type makes it a new provider.
     kept = {
         entry["base_url"]: stored[entry["base_url"]]
@@ -355,23 +349,23 @@ def apply_manifest(location, entries):
     }
     gone = [provider.id for base_url, provider in stored.items() if base_url not in kept]
     if gone:  # first, freeing the base_url of a replaced provider for its successor
-        db.session.execute(sa.delete(PROVIDERS).where(PROVIDERS.c.id.in_(gone)))
+        delete_providers(gone)
     for provider_id in gone:
         record_change(provider_id, detail=f"deleted: gone from {location}")
     changes = [
-        (kept[entry["base_url"]].id, changes_from_entry(kept[entry["base_url"]], entry))
+        (kept[entry["base_url"]], changes_from_entry(kept[entry["base_url"]], entry))
         for entry in entries
         if entry["base_url"] in kept
     ]
-    for provider_id, values in changes:
+    for provider, values in changes:
         if values:
-            edit = sa.update(PROVIDERS).where(PROVIDERS.c.id == provider_id)
-            db.session.execute(edit.values(**values, version=PROVIDERS.c.version + 1))
-            record_change(provider_id, f"updated from {location}", changed_field_names(values))
+            if edit_provider(provider.id, provider.version, values) is None:
+                raise ManifestError(f"Model provider {provider.id} was changed meanwhile; sync again.")
+            record_change(provider.id, f"updated from {location}", changed_field_names(values))
     added = [values_of_entry(location, entry) for entry in entries if entry["base_url"] not in kept]
     if added:
         try:
-            db.session.execute(sa.insert(PROVIDERS), added)
+            insert_providers(added)
         except sa.exc.IntegrityError:
             raise ManifestError(
                 "A base_url of the manifest was registered meanwhile; sync again to see which."
@@ -404,11 +398,7 @@ def sync_location(location):
 
 
 def remove_providers_of(location):
-    removed = (
-        db.session.execute(sa.delete(PROVIDERS).where(PROVIDERS.c.registry == location).returning(PROVIDERS.c.id))
-        .scalars()
-        .all()
-    )
+    removed = delete_providers_of_location(location)
     for provider_id in removed:
         record_change(provider_id, detail=f"deleted: {location} is no longer configured")
     return len(removed)
@@ -416,11 +406,7 @@ def remove_providers_of(location):
 
 def remove_dropped_locations(locations):
     """Remove the providers (and sync state) of every location no longer configured."""
-    dropped = db.session.scalars(
-        sa.select(PROVIDERS.c.registry)
-        .distinct()
-        .where(PROVIDERS.c.registry.is_not(None), PROVIDERS.c.registry.not_in(locations))
-    ).all()
+    dropped = locations_other_than(locations)
     results = [SyncResult(location, removed=remove_providers_of(location)) for location in dropped]
     db.session.execute(sa.delete(ManifestSync).where(ManifestSync.location.not_in(locations)))
     db.session.commit()
@@ -466,13 +452,7 @@ def registry_status():
         last_sync.location: last_sync
         for last_sync in db.session.scalars(sa.select(ManifestSync).where(ManifestSync.location.in_(locations)))
     }
-    provider_counts = dict(
-        db.session.execute(
-            sa.select(PROVIDERS.c.registry, sa.func.count())
-            .where(PROVIDERS.c.registry.in_(locations))
-            .group_by(PROVIDERS.c.registry)
-        ).all()
-    )
+    provider_counts = provider_counts_of_locations(locations)
     return [
         location_status(location, last_syncs.get(location), provider_counts.get(location, 0)) for location in locations
     ]
