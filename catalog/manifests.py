@@ -25,19 +25,25 @@ from marshmallow import ValidationError
 
 from access.crypto import UnopenableApiKey, cipher
 from api.errors import SyncInProgress, flatten_messages
-from jobs.scheduler import holder_name, release_lease, try_lease
+from jobs.scheduler import holder_name
 from models import (
     ManifestSync,
     changed_field_names,
     db,
     new_id,
-    utcnow,
 )
 from observability import audit
 from observability.metrics import record_manifest_sync
 from schemas import ManifestSchema
 from serving.hub import off_the_hub
 from storage.connections import no_connection
+from storage.jobs import (
+    forget_manifest_syncs_except,
+    last_manifest_syncs,
+    release_lease,
+    store_manifest_sync,
+    try_lease,
+)
 from storage.providers import (
     delete_providers,
     delete_providers_of_location,
@@ -381,7 +387,7 @@ def record_sync(result):
     """Store how the location's sync went, committing its changes with it."""
     outcome = "error" if result.error else "ok"
     record_manifest_sync(failed=result.error is not None)
-    db.session.merge(ManifestSync(location=result.location, synced_at=utcnow(), outcome=outcome, error=result.error))
+    store_manifest_sync(result.location, outcome, result.error)
     db.session.commit()
 
 
@@ -408,7 +414,7 @@ def remove_dropped_locations(locations):
     """Remove the providers (and sync state) of every location no longer configured."""
     dropped = locations_other_than(locations)
     results = [SyncResult(location, removed=remove_providers_of(location)) for location in dropped]
-    db.session.execute(sa.delete(ManifestSync).where(ManifestSync.location.not_in(locations)))
+    forget_manifest_syncs_except(locations)
     db.session.commit()
     return results
 
@@ -448,10 +454,7 @@ def sync_on_schedule(app):
 
 def registry_status():
     locations = [location.uri for location in configured_locations()]
-    last_syncs = {
-        last_sync.location: last_sync
-        for last_sync in db.session.scalars(sa.select(ManifestSync).where(ManifestSync.location.in_(locations)))
-    }
+    last_syncs = last_manifest_syncs(locations)
     provider_counts = provider_counts_of_locations(locations)
     return [
         location_status(location, last_syncs.get(location), provider_counts.get(location, 0)) for location in locations
