@@ -99,6 +99,22 @@ def replace_model_list(provider_id, index_rows, listed, read_version=None):
     return True
 
 
+def sealed_api_keys():
+    """(id, sealed_api_key) of every stored provider, in the session's transaction."""
+    return db.session.execute(sa.select(PROVIDERS.c.id, PROVIDERS.c.sealed_api_key)).all()
+
+
+def replace_sealed_api_key(provider_id, sealed_api_key, resealed_api_key):
+    """Store the same key sealed anew, unless the provider's key changed since it was read
+    (`sealed_api_key`), in the session's transaction; True when stored. Not an edit."""
+    reseal = (
+        sa.update(PROVIDERS)
+        .where(PROVIDERS.c.id == provider_id, PROVIDERS.c.sealed_api_key == sealed_api_key)
+        .values(sealed_api_key=resealed_api_key, **UNEDITED)
+    )
+    return db.session.execute(reseal).rowcount == 1
+
+
 PROVIDER_PAGES = NewestFirstPages(
     PROVIDERS,
     PROVIDER_ROWS,
