@@ -9,6 +9,7 @@ import weakref
 from functools import partial
 
 import sqlalchemy as sa
+from sqlalchemy.sql.dml import UpdateBase
 
 log = logging.getLogger("registry")
 
@@ -18,8 +19,6 @@ BUSY_TIMEOUT_MS = 30000
 # patch: a worker waiting for another's write lock goes on serving its other connections.
 WRITE_LOCK_FIRST_WAIT = 0.0002
 WRITE_LOCK_LONGEST_WAIT = 0.002
-# The statements before which the sqlite3 module begins a transaction of its own.
-WRITE_STATEMENTS = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 
 
 def prepare_sqlite(engine, synchronous):
@@ -28,7 +27,7 @@ def prepare_sqlite(engine, synchronous):
     if database_path := sqlite_file_of(engine.url):
         make_sqlite_files_private(database_path)
     sa.event.listen(engine, "connect", partial(tune_sqlite, synchronous=synchronous))
-    sa.event.listen(engine, "before_cursor_execute", begin_before_writing)
+    sa.event.listen(engine, "before_execute", begin_before_writing)
     lookup_connections = LOOKUP_CONNECTIONS[engine] = LookupConnections(engine)
     sa.event.listen(engine, "engine_disposed", lambda engine: lookup_connections.close())
 
@@ -88,10 +87,11 @@ def tune_sqlite(dbapi_connection, connection_record, synchronous):
     cursor.close()
 
 
-def begin_before_writing(connection, cursor, statement, parameters, context, executemany):
-    """SQLAlchemy's hook for the statements it runs: begin_writing before a write."""
-    if statement.lstrip()[:7].upper().startswith(WRITE_STATEMENTS):
-        begin_writing(cursor.connection)
+def begin_before_writing(connection, statement, multiparams, params, execution_options):
+    """SQLAlchemy's hook for the statements it runs (the session's included): begin_writing
+    before an INSERT, UPDATE or DELETE, told by the statement's kind, not its text."""
+    if isinstance(statement, UpdateBase):
+        begin_writing(connection.connection.dbapi_connection)
 
 
 def begin_writing(dbapi_connection):
