@@ -21,12 +21,13 @@ from catalog.manifests import ManifestVariables, sync_on_schedule
 from gateway.openai import openai_bp
 from jobs.prober import probe_all
 from jobs.scheduler import Scheduler
-from models import USERNAME_MAX_LENGTH, canonical_username, close_read_connection, db
+from models import USERNAME_MAX_LENGTH, canonical_username, db
 from observability import audit
 from observability.logs import RequestIds
 from observability.metrics import init_metrics
 from schemas import ma
 from serving.cli import register_commands
+from storage.connections import close_read_connection
 from storage.sqlite import prepare_sqlite
 
 log = logging.getLogger("registry")

@@ -6,180 +6,19 @@ import secrets
 import socket
 import unicodedata
 import uuid
-from collections import namedtuple
 from dataclasses import dataclass, make_dataclass
 from datetime import UTC, datetime
-from functools import partial
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
-from flask import g, has_app_context
 from flask_sqlalchemy import SQLAlchemy
 from werkzeug.security import generate_password_hash
 
 from access.crypto import cipher
-from storage.sqlite import LOOKUP_CONNECTIONS, begin_writing
 
 # Objects keep their values after a commit: a response is built from what was just written,
 # without reading it back (nothing else writes to a session's objects meanwhile).
 db = SQLAlchemy(session_options={"expire_on_commit": False})
-
-
-def read_connection():
-    """The app context's connection for plain reads: credentials, and rows that are only shown.
-
-    The ORM session costs as much again as such a read, so these bypass it, and share one
-    connection per request; what a request changes goes through the session. Closed when
-    the app context ends (close_read_connection).
-    """
-    connection = g.get("read_connection")
-    if connection is None:
-        connection = g.read_connection = db.engine.connect()
-    return connection
-
-
-def close_read_connection(exception=None):
-    connection = g.pop("read_connection", None)
-    if connection is not None:
-        connection.close()
-
-
-@sa.event.listens_for(sa.orm.Session, "after_transaction_create")
-def one_pooled_connection_per_request(session, transaction):
-    """A request's session about to take a connection (to write) gives back the read
-    connection first: a burst of writers each holding a read connection (from checking
-    their credentials) and waiting for a session connection would wait on one another
-    until the pool's timeout."""
-    if transaction.parent is None and has_app_context():
-        close_read_connection()
-
-
-class DirectStatement:
-    """A fixed Core statement with named parameters, run on a DBAPI cursor: compiled once per
-    database (and set of parameter names), its parameters and values converted as SQLAlchemy
-    would convert them, column defaults filled in as SQLAlchemy would fill them, each row
-    made by `make_row` (a named tuple of the returned columns by default).
-
-    The hot path of every request is one or two reads (its credentials, the provider it
-    names) and, for a change, one or two writes (the row, its audit event). Through
-    SQLAlchemy's execution such a statement costs several times what the driver does with
-    it (bench/README.md); the rest of the statements go through SQLAlchemy.
-    """
-
-    def __init__(self, statement, make_row=None):
-        self.statement = statement
-        self.make_row = make_row or namedtuple("Row", statement.exported_columns.keys())
-        self._compiled = {}  # (dialect name, driver, parameter names) -> CompiledStatement
-
-    def first(self, **parameters):
-        """The first row a read finds, or None. On SQLite the read runs on a connection kept
-        for such reads (sqlite.LookupConnections), elsewhere on the request's read connection."""
-        engine = db.engine
-        lookup_connections = LOOKUP_CONNECTIONS.get(engine)
-        if lookup_connections is None:
-            return self._first(read_connection().connection, engine.dialect, parameters)
-        dbapi_connection = lookup_connections.take()
-        try:
-            return self._first(dbapi_connection, engine.dialect, parameters)
-        finally:
-            lookup_connections.give_back(dbapi_connection)
-
-    def write(self, **parameters):
-        """Run a write in the session's transaction (begun when none is): the first row it
-        returns, or None."""
-        return self._first(session_writing(), db.engine.dialect, parameters)
-
-    def _first(self, dbapi_connection, dialect, parameters):
-        compiled = self._compiled_for(dialect, parameters)
-        driver_parameters = compiled.driver_parameters(parameters)
-        dbapi_error = dialect.loaded_dbapi.Error
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(compiled.sql, driver_parameters)
-            row = cursor.fetchone() if compiled.result_processors else None
-        except dbapi_error as error:  # as SQLAlchemy raises it (errors.py maps OperationalError to 503)
-            raise sa.exc.DBAPIError.instance(compiled.sql, driver_parameters, error, dbapi_error) from error
-        finally:
-            cursor.close()
-        return None if row is None else self.make_row(*compiled.values_of(row))
-
-    def _compiled_for(self, dialect, parameters):
-        key = (dialect.name, dialect.driver, frozenset(parameters))
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            compiled = self._compiled[key] = CompiledStatement.of(self.statement, dialect, key[2])
-        return compiled
-
-
-@dataclass(frozen=True)
-class CompiledStatement:
-    sql: str
-    parameter_names: tuple  # in the order of a positional paramstyle's placeholders
-    positional: bool
-    fixed_values: dict  # parameter name -> the value the statement holds (a literal)
-    defaults: dict  # parameter name -> function giving the column default an INSERT or UPDATE fills in
-    bind_processors: dict  # parameter name -> function or None
-    result_processors: tuple  # per returned column: function or None
-
-    @classmethod
-    def of(cls, statement, dialect, parameter_names):
-        compiled = statement.compile(dialect=dialect, column_keys=list(parameter_names))
-        names = compiled.positiontup or list(dict.fromkeys(compiled.bind_names.values()))
-        binds = {name: compiled.binds[name] for name in names}
-        return cls(
-            compiled.string,
-            tuple(names),
-            compiled.positiontup is not None,
-            {name: bind.value for name, bind in binds.items() if not bind.required},
-            {column.key: default_of(column.default) for column in compiled.insert_prefetch}
-            | {column.key: default_of(column.onupdate) for column in compiled.update_prefetch},
-            {name: bind.type.dialect_impl(dialect).bind_processor(dialect) for name, bind in binds.items()},
-            tuple(
-                column.type.dialect_impl(dialect).result_processor(dialect, None)
-                for column in statement.exported_columns
-            ),
-        )
-
-    def driver_parameters(self, parameters):
-        values = self.fixed_values | {name: default() for name, default in self.defaults.items()} | parameters
-        converted = {
-            name: value if (process := self.bind_processors[name]) is None else process(value)
-            for name, value in ((name, values[name]) for name in self.parameter_names)
-        }
-        return list(converted.values()) if self.positional else converted
-
-    def values_of(self, row):
-        return [
-            value if process is None else process(value)
-            for process, value in zip(self.result_processors, row, strict=True)
-        ]
-
-
-def default_of(column_default):
-    """A column default (scalar or function) as a function of no arguments."""
-    if column_default.is_callable:
-        return partial(column_default.arg, None)  # SQLAlchemy's wrapper of a function takes a context
-    return lambda: column_default.arg
-
-
-def session_writing():
-    """The session's DBAPI connection, its transaction begun (when none is) for writing: on
-    SQLite with the write lock taken cooperatively (sqlite.begin_writing)."""
-    dbapi_connection = db.session.connection().connection.dbapi_connection
-    if db.engine.dialect.name == "sqlite":
-        begin_writing(dbapi_connection)
-    return dbapi_connection
-
-
-def release_connections():
-    """Give the request's connections back to the pool before it waits on an upstream.
-
-    Ends the session's transaction (a commit, as nothing is pending yet; objects keep their
-    values, expire_on_commit being off) and closes the read connection; the next statement
-    checks a connection out anew, in a short transaction of its own.
-    """
-    db.session.commit()
-    close_read_connection()
 
 
 CAPABILITIES_BY_TYPE = {

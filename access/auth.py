@@ -14,7 +14,6 @@ from datetime import timedelta
 from functools import cache
 from typing import NamedTuple
 
-import sqlalchemy as sa
 from flask import current_app, request
 from flask_httpauth import HTTPBasicAuth
 from werkzeug.datastructures import Authorization
@@ -23,13 +22,8 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from api.errors import problem
 from models import (
-    USERS,
-    ApiToken,
-    DirectStatement,
     canonical_username,
-    close_read_connection,
     lower_role,
-    read_connection,
     roles_up_to,
     token_digest,
     utcnow,
@@ -37,6 +31,9 @@ from models import (
 from observability.logs import remember_user
 from observability.metrics import record_failed_login
 from serving.hub import off_the_hub
+from storage.connections import no_connection
+from storage.tokens import record_token_use, valid_token
+from storage.users import credentials_of
 
 log = logging.getLogger(__name__)
 REALM = "model-provider-registry"
@@ -213,39 +210,6 @@ def init_auth(app):
     decoy_password_hash()  # made now, so the first unknown name costs no more than a wrong password
 
 
-# Every request runs one of these: Core statements built once, giving rows rather than objects.
-TOKENS = ApiToken.__table__
-CREDENTIALS_BY_USERNAME = DirectStatement(
-    sa.select(USERS.c.id, USERS.c.username, USERS.c.password_hash, USERS.c.role).where(
-        USERS.c.username == sa.bindparam("username")
-    )
-)
-# An unknown, revoked (deleted) and expired token all find no row, by the same indexed lookup.
-TOKEN_BY_DIGEST = DirectStatement(
-    sa.select(
-        TOKENS.c.id,
-        TOKENS.c.role,
-        TOKENS.c.last_used_at,
-        USERS.c.id.label("user_id"),
-        USERS.c.username,
-        USERS.c.role.label("user_role"),
-    )
-    .join_from(TOKENS, USERS, TOKENS.c.user_id == USERS.c.id)
-    .where(
-        TOKENS.c.digest == sa.bindparam("digest"),
-        sa.or_(TOKENS.c.expires_at.is_(None), TOKENS.c.expires_at > sa.bindparam("now")),
-    )
-)
-NOTE_TOKEN_USE = (
-    sa.update(TOKENS)
-    .where(
-        TOKENS.c.id == sa.bindparam("token_id"),
-        sa.or_(TOKENS.c.last_used_at.is_(None), TOKENS.c.last_used_at < sa.bindparam("stale_before")),
-    )
-    .values(last_used_at=sa.bindparam("now"))
-)
-
-
 # Slow hashes one worker runs at once, each in a thread off the gevent hub: requests that
 # arrive together with a password not yet verified wait for the first one's hash and then
 # find it verified, and wrong passwords keep at most this many cores busy per worker.
@@ -257,8 +221,7 @@ def slow_hash_turn():
     """One of the worker's slow-hash turns. The request's database connection goes back to
     the pool first: requests waiting for a turn hold none, so they cannot use up the pool
     that the requests done hashing need next."""
-    close_read_connection()
-    with slow_hashes:
+    with no_connection(), slow_hashes:
         yield
 
 
@@ -275,7 +238,7 @@ def check_credentials(key, username, password, name_key):
     this process has not verified for this user's current hash, and the limits only for such a
     password: one a worker has verified is never refused for the guesses of others."""
     state = auth_state()
-    user = CREDENTIALS_BY_USERNAME.first(username=username)
+    user = credentials_of(username)
     if user is not None and state.verified_passwords.matches(key, user):
         return caller_of(user)
     state.login_failures_by_name.refuse_if_limited(name_key, "logins as this user from your address")
@@ -314,16 +277,7 @@ def note_token_use(token, now):
     """Keep last_used_at within LAST_USED_RESOLUTION: a write at most about once a minute per token."""
     if token.last_used_at is not None and now - token.last_used_at < LAST_USED_RESOLUTION:
         return
-    connection = read_connection()
-    try:
-        connection.commit()  # the write takes a transaction of its own, not the read's
-        connection.execute(
-            NOTE_TOKEN_USE, {"token_id": token.id, "now": now, "stale_before": now - LAST_USED_RESOLUTION}
-        )
-        connection.commit()
-    except sa.exc.OperationalError as error:  # the request need not fail for a usage time
-        connection.rollback()
-        log.warning("could not record the use of token %s: %s", token.id, error.orig)
+    record_token_use(token.id, now, stale_before=now - LAST_USED_RESOLUTION)
 
 
 @auth.verify_token
@@ -333,7 +287,7 @@ def verify_token(token):
     if state.verified_tokens.get(digest) is None:
         state.token_failures.refuse_if_limited(request.remote_addr, "token attempts from your address")
     now = utcnow()
-    row = TOKEN_BY_DIGEST.first(digest=digest, now=now)
+    row = valid_token(digest, now)
     if row is None:
         state.verified_tokens.pop(digest)
         state.token_failures.record(request.remote_addr)

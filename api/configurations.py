@@ -8,6 +8,7 @@ from access.auth import auth
 from models import SystemConfiguration, db
 from observability import audit
 from schemas import SystemConfigurationChangesSchema, SystemConfigurationSchema
+from storage.configuration import store_configuration, stored_configuration
 
 configurations_bp = Blueprint("configurations", __name__)
 
@@ -17,7 +18,7 @@ SYSTEM_CONFIGURATION_ID = "00000000-0000-4000-8000-000000000000"
 
 def system_configuration():
     """The stored configuration, or the defaults (not stored) before the first PUT."""
-    configuration = db.session.scalar(sa.select(SystemConfiguration).limit(1))
+    configuration = stored_configuration()
     return configuration or SystemConfiguration(id=SYSTEM_CONFIGURATION_ID)
 
 
@@ -28,9 +29,8 @@ def replace_system_configuration(changes, username):
     for field, value in values.items():
         setattr(configuration, field, value)
     configuration.created_by = username
-    db.session.add(configuration)
     try:
-        db.session.flush()  # gives a first configuration its id
+        store_configuration(configuration)  # gives a first configuration its id
         audit.record("configuration.update", configuration.id, changed_fields)
         db.session.commit()
     except sa.exc.IntegrityError:  # another PUT created the row first: change that one

@@ -7,13 +7,14 @@ from werkzeug.exceptions import ServiceUnavailable
 
 from models import db
 from schemas import StatusSchema
+from storage.configuration import schema_revision
 
 health_bp = Blueprint("health", __name__)
 
 
-def schema_revision():
+def schema_revision_or_503():
     try:
-        return db.session.scalar(sa.text("SELECT version_num FROM alembic_version"))
+        return schema_revision()
     except sa.exc.SQLAlchemyError:
         db.session.rollback()
         raise ServiceUnavailable("The database does not answer, or its schema has not been created.") from None
@@ -31,7 +32,7 @@ def healthz():
 @other_responses({503: "The database does not answer or its schema is not current"})
 def readyz():
     """Readiness: the database answers and its schema is current"""
-    revision, head = schema_revision(), current_app.config["SCHEMA_HEAD"]
+    revision, head = schema_revision_or_503(), current_app.config["SCHEMA_HEAD"]
     if revision != head:
         raise ServiceUnavailable(f"The database schema is at {revision}, not {head}: run the migrations.")
     return {"status": "ready"}

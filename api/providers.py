@@ -1,6 +1,7 @@
 """The model provider resource: /api/v1/model_providers."""
 
 import logging
+from functools import partial
 
 import sqlalchemy as sa
 from apifairy import arguments, authenticate, body, other_responses, response
@@ -22,16 +23,10 @@ from catalog.index import (
 )
 from jobs.prober import probe_one
 from models import (
-    PROVIDER_COLUMNS,
-    PROVIDER_ROWS,
-    PROVIDERS,
-    DirectStatement,
-    Provider,
     changed_field_names,
     db,
     is_canonical_id,
     provider_etag,
-    release_connections,
     types_with,
 )
 from observability import audit
@@ -54,7 +49,15 @@ from schemas import (
     collection,
     watsonx_id_errors,
 )
-from storage.paging import NewestFirstPages
+from storage.connections import no_connection
+from storage.providers import (
+    edit_provider,
+    insert_provider,
+    owner_of_base_url,
+    provider_by_id,
+    providers_page,
+    remove_provider,
+)
 
 log = logging.getLogger(__name__)
 providers_bp = Blueprint("providers", __name__)
@@ -64,23 +67,17 @@ def no_such_provider(provider_id):
     return NotFound(f"No model provider has id {provider_id!r}.")
 
 
-PROVIDER_BY_ID = DirectStatement(PROVIDER_ROWS.where(PROVIDERS.c.id == sa.bindparam("provider_id")), Provider)
-PROVIDER_ID_BY_BASE_URL = DirectStatement(
-    sa.select(PROVIDERS.c.id).where(PROVIDERS.c.base_url == sa.bindparam("base_url"))
-)
-
-
 def provider_or_404(provider_id):
     provider = None
     if is_canonical_id(provider_id):
-        provider = PROVIDER_BY_ID.first(provider_id=provider_id)
+        provider = provider_by_id(provider_id)
     if provider is None:
         raise no_such_provider(provider_id)
     return provider
 
 
 def provider_exists(provider_id):
-    return PROVIDER_BY_ID.first(provider_id=provider_id) is not None
+    return provider_by_id(provider_id) is not None
 
 
 ETAG_FIELDS = ("id", "version", "last_checked_at")
@@ -105,9 +102,9 @@ def refuse_unless_matches(provider, preconditions):
 
 
 def refuse_if_base_url_taken(base_url, own_id=None):
-    owner = PROVIDER_ID_BY_BASE_URL.first(base_url=base_url)
-    if owner is not None and owner.id != own_id:
-        raise Conflict(f"base_url {base_url} is already registered by model provider {owner.id}.")
+    owner_id = owner_of_base_url(base_url)
+    if owner_id is not None and owner_id != own_id:
+        raise Conflict(f"base_url {base_url} is already registered by model provider {owner_id}.")
 
 
 def refuse_if_managed(provider):
@@ -122,25 +119,14 @@ KEEP_MODELS = object()
 PROBED_FIELDS = ("state", "last_checked_at", "last_error", "models")
 
 
-INSERT_PROVIDER = DirectStatement(sa.insert(PROVIDERS).returning(*PROVIDER_COLUMNS), Provider)
-# A patch: the columns given, only if the provider is still at the version read (store_changes).
-UPDATE_PROVIDER = DirectStatement(
-    sa.update(PROVIDERS)
-    .where(PROVIDERS.c.id == sa.bindparam("provider_id"), PROVIDERS.c.version == sa.bindparam("read_version"))
-    .values(version=PROVIDERS.c.version + 1)
-    .returning(*PROVIDER_COLUMNS),
-    Provider,
-)
-
-
-def write_provider(statement, values, base_url, action, changed_fields, own_id=None, upstream_models=KEEP_MODELS):
-    """Run INSERT_PROVIDER or UPDATE_PROVIDER with `values`, audit it as
+def write_provider(write, base_url, action, changed_fields, own_id=None, upstream_models=KEEP_MODELS):
+    """Run `write` (storage.providers' insert_provider or edit_provider, its values bound), audit it as
     `action` and commit; the provider as written (None when an UPDATE found none to change). A
     concurrent writer that took the same base_url first is a 409. `upstream_models`, unless
     KEEP_MODELS, is stored in the model index in the same transaction (None: no list, for a
     connection not verified)."""
     try:
-        provider = statement.write(**values)
+        provider = write()
         if provider is not None:
             audit.record(action, provider.id, changed_fields)
             if upstream_models is not KEEP_MODELS:
@@ -157,9 +143,9 @@ def should_verify(query):
     return query["verify"] and current_app.config["VERIFY_ON_CREATE"]
 
 
+@no_connection()
 def verify_holding_no_connection(connection):
     """verify_upstream, with no transaction open and no pooled connection held while it waits."""
-    release_connections()
     return verify_upstream(connection)
 
 
@@ -171,8 +157,7 @@ def create_provider(fields, verify):
         upstream_models = verify_holding_no_connection(connection_of(fields["type"], fields["base_url"], api_key))
     values = {**fields, "sealed_api_key": cipher.seal(api_key)}
     return write_provider(
-        INSERT_PROVIDER,
-        values,
+        partial(insert_provider, values),
         fields["base_url"],
         "provider.create",
         changed_field_names(values),
@@ -204,13 +189,11 @@ def stored_changes(provider, changes):
 
 
 def store_changes(provider, values, upstream_models):
-    """Write a patch WHERE version = the version read, so that it never stores a mix of its
-    fields and those of a change stored meanwhile: that is a 409 (or a 404 when deleted)."""
-    where = {"provider_id": provider.id, "read_version": provider.version}
+    """Write a patch of the provider as read: a change stored meanwhile makes it a 409 (or a
+    404 when deleted), never a mix of both."""
     base_url, changed_fields = values.get("base_url"), changed_field_names(values)
-    updated = write_provider(
-        UPDATE_PROVIDER, values | where, base_url, "provider.update", changed_fields, provider.id, upstream_models
-    )
+    edit = partial(edit_provider, provider.id, provider.version, values)
+    updated = write_provider(edit, base_url, "provider.update", changed_fields, provider.id, upstream_models)
     if updated is None:
         if not provider_exists(provider.id):
             raise no_such_provider(provider.id)
@@ -243,10 +226,8 @@ def update_provider(provider, changes, preconditions, verify):
 def delete_provider(provider, preconditions):
     refuse_if_managed(provider)
     refuse_unless_matches(provider, preconditions)
-    deletion = sa.delete(PROVIDERS).where(PROVIDERS.c.id == provider.id)
-    if preconditions.get("if_match") is not None:  # only the provider as matched
-        deletion = deletion.where(PROVIDERS.c.version == provider.version)
-    if db.session.execute(deletion).rowcount == 1:
+    matched_version = provider.version if preconditions.get("if_match") is not None else None
+    if remove_provider(provider.id, read_version=matched_version):  # only the provider as matched
         audit.record("provider.delete", provider.id)
         db.session.commit()
         return
@@ -254,19 +235,6 @@ def delete_provider(provider, preconditions):
     if provider_exists(provider.id):
         raise PreconditionFailed(f"Model provider {provider.id} was changed by another request meanwhile.")
     raise no_such_provider(provider.id)
-
-
-PROVIDER_PAGES = NewestFirstPages(
-    PROVIDERS,
-    PROVIDER_ROWS,
-    {
-        "type": PROVIDERS.c.type == sa.bindparam("type"),
-        "state": PROVIDERS.c.state == sa.bindparam("state"),
-        "registry": PROVIDERS.c.registry == sa.bindparam("registry"),
-        "capability": PROVIDERS.c.type.in_(sa.bindparam("capability", expanding=True)),
-    },
-    Provider.from_row,
-)
 
 
 def provider_filter_values(query):
@@ -299,7 +267,7 @@ def create(fields, query):
 @response(collection(ProviderSchema, paged=True))
 def list_all(query):
     """List model providers, newest first"""
-    return PROVIDER_PAGES.page(provider_filter_values(query), query["limit"], query.get("page_token"))
+    return providers_page(provider_filter_values(query), query["limit"], query.get("page_token"))
 
 
 @providers_bp.route("/model_providers/<provider_id>", methods=["GET"])

@@ -2,7 +2,6 @@
 
 from datetime import timedelta
 
-import sqlalchemy as sa
 from apifairy import arguments, authenticate, body, other_responses, response
 from flask import Blueprint
 from marshmallow import ValidationError
@@ -12,7 +11,6 @@ from access.auth import auth
 from models import (
     ROLES,
     ApiToken,
-    User,
     canonical_username,
     db,
     is_canonical_id,
@@ -24,34 +22,15 @@ from models import (
 )
 from observability import audit
 from schemas import NewTokenSchema, TokenCreateSchema, TokenSchema, TokensQuerySchema, collection
-from storage.paging import NewestFirstPages
+from storage.tokens import add_token, delete_token, token_by_id, tokens_page
+from storage.users import user_by_id, user_named
 
 tokens_bp = Blueprint("tokens", __name__)
-
-TOKENS = ApiToken.__table__
-USERS = User.__table__
-TOKEN_PAGES = NewestFirstPages(
-    TOKENS,
-    sa.select(
-        TOKENS.c.id,
-        TOKENS.c.name,
-        USERS.c.username.label("user"),
-        TOKENS.c.role,
-        TOKENS.c.created_at,
-        TOKENS.c.expires_at,
-        TOKENS.c.last_used_at,
-    ).join_from(TOKENS, USERS, TOKENS.c.user_id == USERS.c.id),
-    {
-        "user": TOKENS.c.user_id
-        == sa.select(USERS.c.id).where(USERS.c.username == sa.bindparam("user")).correlate(None).scalar_subquery()
-    },
-    lambda row: row,  # a Row: the schema and the page token read its attributes
-)
 
 
 def find_owner(username):
     """The user named `username` (in any Unicode form of the name), or None."""
-    return db.session.scalar(sa.select(User).where(User.username == canonical_username(username)))
+    return user_named(canonical_username(username))
 
 
 def create_token(owner, name, role=None, expires_in_days=None, made_with=None):
@@ -81,7 +60,7 @@ def create_token(owner, name, role=None, expires_in_days=None, made_with=None):
         created_at=created_at,
         expires_at=expires_at,
     )
-    db.session.add(token)
+    add_token(token)
     audit.record("token.create", token.id, ["name", "role", "expires_at"], detail=f"for {owner.username}, role {role}")
     db.session.commit()
     return {
@@ -100,10 +79,7 @@ def revoke_token(token_id, owner_id=None):
     """Delete a token (only of `owner_id`, when given); False when there was none."""
     if not is_canonical_id(token_id):
         return False
-    statement = sa.delete(ApiToken).where(ApiToken.id == token_id)
-    if owner_id is not None:
-        statement = statement.where(ApiToken.user_id == owner_id)
-    if db.session.execute(statement).rowcount == 0:
+    if not delete_token(token_id, owner_id):
         db.session.rollback()
         return False
     audit.record("token.revoke", token_id)
@@ -120,7 +96,7 @@ def owner_for(caller, username):
         if owner is None:
             raise ValidationError({"user": [f"No user named {username!r}."]})
         return owner
-    owner = db.session.get(User, caller.id)
+    owner = user_by_id(caller.id)
     if owner is None:  # deleted since its password was verified
         raise Forbidden("Your user no longer exists.")
     return owner
@@ -143,7 +119,7 @@ def create(request_fields):
     owner = owner_for(caller, request_fields.get("user"))
     made_with = None
     if caller.token_id is not None:
-        made_with = db.session.get(ApiToken, caller.token_id)
+        made_with = token_by_id(caller.token_id)
         if made_with is None:
             raise Forbidden("The token you sent was revoked meanwhile.")
     return create_token(
@@ -173,7 +149,7 @@ def list_all(query):
             raise Forbidden("Only an admin may list another user's tokens.")
         username = caller.username
     filter_values = {"user": username} if username else {}
-    return TOKEN_PAGES.page(filter_values, query["limit"], query.get("page_token"))
+    return tokens_page(filter_values, query["limit"], query.get("page_token"))
 
 
 @tokens_bp.route("/tokens/<token_id>", methods=["DELETE"])

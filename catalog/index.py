@@ -7,27 +7,27 @@ only read it, so none of them waits on an upstream however many are slow or dead
 
 from difflib import SequenceMatcher
 
-import sqlalchemy as sa
 from flask import current_app
 from werkzeug.exceptions import BadRequest, Conflict, NotFound, ServiceUnavailable
 
 from api.configurations import system_configuration
 from models import (
     CAPABILITIES_BY_TYPE,
-    PROVIDER_MODELS,
-    PROVIDER_ROWS,
-    PROVIDERS,
     ModelRef,
     db,
     is_indexable_model_id,
-    providers_of,
-    read_connection,
-    release_connections,
     types_with,
-    utcnow,
 )
 from observability import audit
 from serving.hub import off_the_hub
+from storage.connections import no_connection
+from storage.providers import (
+    models_of_provider,
+    online_model_refs,
+    online_models,
+    providers_listing,
+    replace_model_list,
+)
 from upstreams import Connection, UpstreamError, list_models
 
 
@@ -71,21 +71,8 @@ def replace_models(provider_id, upstream_models, read_version=None):
     is written only if the provider was neither edited nor deleted meanwhile, since it may
     list another upstream now. True when written.
     """
-    db.session.flush()  # the provider's own pending write first: its models refer to it
-    stamp = (
-        sa.update(PROVIDERS)
-        .where(PROVIDERS.c.id == provider_id)
-        .values(models_listed_at=None if upstream_models is None else utcnow(), updated_at=PROVIDERS.c.updated_at)
-    )
-    if read_version is not None:
-        stamp = stamp.where(PROVIDERS.c.version == read_version)
-    if db.session.execute(stamp).rowcount == 0:
-        return False
-    db.session.execute(sa.delete(PROVIDER_MODELS).where(PROVIDER_MODELS.c.provider_id == provider_id))
     rows = index_rows(provider_id, upstream_models or [])
-    if rows:
-        db.session.execute(sa.insert(PROVIDER_MODELS), rows)
-    return True
+    return replace_model_list(provider_id, rows, listed=upstream_models is not None, read_version=read_version)
 
 
 def refresh_models(provider):
@@ -94,38 +81,13 @@ def refresh_models(provider):
     No database connection is held while the upstream is asked.
     """
     connection, read_version = provider_connection(provider), provider.version
-    release_connections()
-    upstream_models = list_models(connection)
+    with no_connection():
+        upstream_models = list_models(connection)
     if not replace_models(provider.id, upstream_models, read_version=read_version):
         db.session.rollback()
         raise Conflict(f"Model provider {provider.id} was changed or deleted while its upstream was listed.")
     audit.record("provider.refresh", provider.id, ["models"], detail=f"{len(upstream_models)} models listed")
     db.session.commit()
-
-
-INDEXED_MODEL_COLUMNS = (
-    PROVIDER_MODELS.c.upstream_id,
-    PROVIDER_MODELS.c.created,
-    PROVIDER_MODELS.c.owned_by,
-    PROVIDER_MODELS.c.display_name,
-    PROVIDERS.c.id.label("provider_id"),
-    PROVIDERS.c.type,
-)
-INDEXED_MODELS = sa.select(*INDEXED_MODEL_COLUMNS).join_from(PROVIDER_MODELS, PROVIDERS)
-MODELS_OF_PROVIDER = INDEXED_MODELS.where(PROVIDER_MODELS.c.provider_id == sa.bindparam("provider_id")).order_by(
-    PROVIDER_MODELS.c.position
-)
-# Oldest provider first, so a model served by several is shown with the one routing tries first.
-ONLINE_MODELS = INDEXED_MODELS.where(PROVIDERS.c.state == "online").order_by(
-    PROVIDERS.c.created_at, PROVIDERS.c.id, PROVIDER_MODELS.c.position
-)
-ONLINE_MODELS_OF_TYPES = ONLINE_MODELS.where(PROVIDERS.c.type.in_(sa.bindparam("types", expanding=True)))
-ONLINE_MODEL_REFS_OF_TYPES = (
-    sa.select(PROVIDERS.c.type, PROVIDER_MODELS.c.upstream_id)
-    .join_from(PROVIDER_MODELS, PROVIDERS)
-    .where(PROVIDERS.c.state == "online", PROVIDERS.c.type.in_(sa.bindparam("types", expanding=True)))
-    .distinct()
-)
 
 
 def model_document(row):
@@ -145,19 +107,15 @@ def model_document(row):
 
 def indexed_models(provider):
     """A provider's models as last listed, whatever its state, and when they were listed."""
-    rows = read_connection().execute(MODELS_OF_PROVIDER, {"provider_id": provider.id}).mappings()
-    models = [model_document(row) for row in rows]
+    models = [model_document(row) for row in models_of_provider(provider.id)]
     return {"items": models, "total_count": len(models), "listed_at": provider.models_listed_at}
 
 
 def available_models(capability=None):
     """Models of every online provider (with the capability), each model id once."""
-    if capability is None:
-        rows = read_connection().execute(ONLINE_MODELS)
-    else:
-        rows = read_connection().execute(ONLINE_MODELS_OF_TYPES, {"types": types_with(capability)})
+    rows = online_models(None if capability is None else types_with(capability))
     documents = {}
-    for row in rows.mappings():
+    for row in rows:
         model_ref = (row["type"], row["upstream_id"])
         if model_ref not in documents:
             documents[model_ref] = model_document(row)
@@ -165,7 +123,7 @@ def available_models(capability=None):
 
 
 def available_model_refs(capability):
-    rows = read_connection().execute(ONLINE_MODEL_REFS_OF_TYPES, {"types": types_with(capability)})
+    rows = online_model_refs(types_with(capability))
     return [ModelRef(provider_type, upstream_id) for provider_type, upstream_id in rows]
 
 
@@ -202,22 +160,15 @@ def match_models(capability, suggested_models, score_cutoff):
     return {"items": [{"model_id": model_id, "score": score} for model_id, score in ranked], "total_count": len(ranked)}
 
 
-PROVIDERS_LISTING = (
-    PROVIDER_ROWS.join_from(PROVIDERS, PROVIDER_MODELS)
-    .where(PROVIDERS.c.type == sa.bindparam("type"), PROVIDER_MODELS.c.upstream_id == sa.bindparam("upstream_id"))
-    .order_by(PROVIDERS.c.created_at, PROVIDERS.c.id)
-)
-
-
 def providers_serving(model_ref):
     """The online providers of the model's type whose indexed list has its upstream id,
     oldest first: where resolve and the gateway send a call for `model_ref` (a ModelRef).
 
     NotFound when no provider of the type lists the model; ServiceUnavailable when every
     one that lists it is offline. The providers are Provider rows (keys open with
-    `open_api_key()`); call models.release_connections() before calling an upstream.
+    `open_api_key()`); call an upstream within storage.connections.no_connection().
     """
-    providers = providers_of(read_connection().execute(PROVIDERS_LISTING, model_ref.__dict__))
+    providers = providers_listing(model_ref.type, model_ref.upstream_id)
     if not providers:
         raise NotFound(f"No model provider serves the model {model_ref}.")
     online = [provider for provider in providers if provider.state == "online"]

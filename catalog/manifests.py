@@ -25,23 +25,35 @@ from marshmallow import ValidationError
 
 from access.crypto import UnopenableApiKey, cipher
 from api.errors import SyncInProgress, flatten_messages
-from jobs.scheduler import holder_name, release_lease, try_lease
+from jobs.scheduler import holder_name
 from models import (
-    PROVIDER_ROWS,
-    PROVIDERS,
     ManifestSync,
     changed_field_names,
     db,
     new_id,
-    provider_of,
-    providers_of,
-    release_connections,
-    utcnow,
 )
 from observability import audit
 from observability.metrics import record_manifest_sync
 from schemas import ManifestSchema
 from serving.hub import off_the_hub
+from storage.connections import no_connection
+from storage.jobs import (
+    forget_manifest_syncs_except,
+    last_manifest_syncs,
+    release_lease,
+    store_manifest_sync,
+    try_lease,
+)
+from storage.providers import (
+    delete_providers,
+    delete_providers_of_location,
+    edit_provider,
+    first_clash,
+    insert_providers,
+    locations_other_than,
+    provider_counts_of_locations,
+    providers_of_location,
+)
 from upstreams import http_client
 from upstreams.transport import deadline
 
@@ -297,16 +309,7 @@ def record_change(provider_id, detail, changed_fields=()):
 
 
 def refuse_clashes(location, entries):
-    clash = provider_of(
-        db.session.execute(
-            PROVIDER_ROWS.where(
-                PROVIDERS.c.base_url.in_([entry["base_url"] for entry in entries]),
-                PROVIDERS.c.registry.is_distinct_from(location),
-            )
-            .order_by(PROVIDERS.c.base_url)
-            .limit(1)
-        )
-    )
+    clash = first_clash(location, [entry["base_url"] for entry in entries])
     if clash is not None:
         origin = f"of the manifest {clash.manifest}" if clash.manifest else "created through the API"
         raise ManifestError(f"base_url {clash.base_url} is already registered by model provider {clash.id} ({origin}).")
@@ -343,10 +346,7 @@ def values_of_entry(location, entry):
 def apply_manifest(location, entries):
     """Bring the location's stored providers in line with its entries, uncommitted."""
     refuse_clashes(location, entries)
-    stored = {
-        provider.base_url: provider
-        for provider in providers_of(db.session.execute(PROVIDER_ROWS.where(PROVIDERS.c.registry == location)))
-    }
+    stored = {provider.base_url: provider for provider in providers_of_location(location)}
     # An entry keeps its provider (and id) by base_url; a changed type makes it a new provider.
     kept = {
         entry["base_url"]: stored[entry["base_url"]]
@@ -355,23 +355,23 @@ def apply_manifest(location, entries):
     }
     gone = [provider.id for base_url, provider in stored.items() if base_url not in kept]
     if gone:  # first, freeing the base_url of a replaced provider for its successor
-        db.session.execute(sa.delete(PROVIDERS).where(PROVIDERS.c.id.in_(gone)))
+        delete_providers(gone)
     for provider_id in gone:
         record_change(provider_id, detail=f"deleted: gone from {location}")
     changes = [
-        (kept[entry["base_url"]].id, changes_from_entry(kept[entry["base_url"]], entry))
+        (kept[entry["base_url"]], changes_from_entry(kept[entry["base_url"]], entry))
         for entry in entries
         if entry["base_url"] in kept
     ]
-    for provider_id, values in changes:
+    for provider, values in changes:
         if values:
-            edit = sa.update(PROVIDERS).where(PROVIDERS.c.id == provider_id)
-            db.session.execute(edit.values(**values, version=PROVIDERS.c.version + 1))
-            record_change(provider_id, f"updated from {location}", changed_field_names(values))
+            if edit_provider(provider.id, provider.version, values) is None:
+                raise ManifestError(f"Model provider {provider.id} was changed meanwhile; sync again.")
+            record_change(provider.id, f"updated from {location}", changed_field_names(values))
     added = [values_of_entry(location, entry) for entry in entries if entry["base_url"] not in kept]
     if added:
         try:
-            db.session.execute(sa.insert(PROVIDERS), added)
+            insert_providers(added)
         except sa.exc.IntegrityError:
             raise ManifestError(
                 "A base_url of the manifest was registered meanwhile; sync again to see which."
@@ -387,14 +387,15 @@ def record_sync(result):
     """Store how the location's sync went, committing its changes with it."""
     outcome = "error" if result.error else "ok"
     record_manifest_sync(failed=result.error is not None)
-    db.session.merge(ManifestSync(location=result.location, synced_at=utcnow(), outcome=outcome, error=result.error))
+    store_manifest_sync(result.location, outcome, result.error)
     db.session.commit()
 
 
 def sync_location(location):
-    release_connections()  # none held while a manifest's server is waited on
     try:
-        result = apply_manifest(location.uri, load_manifest(location.source))
+        with no_connection():
+            manifest = load_manifest(location.source)
+        result = apply_manifest(location.uri, manifest)
     except ManifestError as error:
         db.session.rollback()
         result = SyncResult(location.uri, error=str(error))
@@ -403,11 +404,7 @@ def sync_location(location):
 
 
 def remove_providers_of(location):
-    removed = (
-        db.session.execute(sa.delete(PROVIDERS).where(PROVIDERS.c.registry == location).returning(PROVIDERS.c.id))
-        .scalars()
-        .all()
-    )
+    removed = delete_providers_of_location(location)
     for provider_id in removed:
         record_change(provider_id, detail=f"deleted: {location} is no longer configured")
     return len(removed)
@@ -415,13 +412,9 @@ def remove_providers_of(location):
 
 def remove_dropped_locations(locations):
     """Remove the providers (and sync state) of every location no longer configured."""
-    dropped = db.session.scalars(
-        sa.select(PROVIDERS.c.registry)
-        .distinct()
-        .where(PROVIDERS.c.registry.is_not(None), PROVIDERS.c.registry.not_in(locations))
-    ).all()
+    dropped = locations_other_than(locations)
     results = [SyncResult(location, removed=remove_providers_of(location)) for location in dropped]
-    db.session.execute(sa.delete(ManifestSync).where(ManifestSync.location.not_in(locations)))
+    forget_manifest_syncs_except(locations)
     db.session.commit()
     return results
 
@@ -461,17 +454,8 @@ def sync_on_schedule(app):
 
 def registry_status():
     locations = [location.uri for location in configured_locations()]
-    last_syncs = {
-        last_sync.location: last_sync
-        for last_sync in db.session.scalars(sa.select(ManifestSync).where(ManifestSync.location.in_(locations)))
-    }
-    provider_counts = dict(
-        db.session.execute(
-            sa.select(PROVIDERS.c.registry, sa.func.count())
-            .where(PROVIDERS.c.registry.in_(locations))
-            .group_by(PROVIDERS.c.registry)
-        ).all()
-    )
+    last_syncs = last_manifest_syncs(locations)
+    provider_counts = provider_counts_of_locations(locations)
     return [
         location_status(location, last_syncs.get(location), provider_counts.get(location, 0)) for location in locations
     ]

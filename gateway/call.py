@@ -1,7 +1,7 @@
 """The gateway's calls: route a model to its providers, try them in turn, relay the answer.
 
 A call is routed while the request holds the database; then the database is let go
-(release_connections) and only then is an upstream called, so no connection or
+(storage.connections.no_connection) and only then is an upstream called, so no connection or
 transaction waits on a model. Each provider's key is opened when its attempt starts. What
 runs after the first chunk of a stream needs no app context: the rest of a stream is
 iterated by the server after the request's context has ended.
@@ -23,9 +23,10 @@ from werkzeug.exceptions import NotFound, ServiceUnavailable
 from access.crypto import UnopenableApiKey
 from api.errors import GatewayError
 from catalog.index import providers_serving
-from models import CAPABILITIES_BY_TYPE, ModelRef, release_connections
+from models import CAPABILITIES_BY_TYPE, ModelRef
 from observability.logs import REQUEST_ID_KEY, USER_KEY
 from observability.metrics import record_gateway_call
+from storage.connections import no_connection
 from upstreams import openai, watsonx
 from upstreams.calls import Target, UpstreamFailure, UpstreamRefusal, UpstreamTimeout
 from upstreams.transport import Deadline
@@ -167,7 +168,6 @@ def route(call, capability, settings):
         call.indexed = error.status == 503  # indexed, its providers offline
         raise
     call.indexed = True
-    release_connections()
     return [partial(target_of, provider, parsed.upstream_id, settings.watsonx_iam_url) for provider in providers]
 
 
@@ -209,7 +209,7 @@ def first_answer(targets, attempt, call, deadline):
     for target_of_turn in targets:
         try:
             target = target_of_turn()
-            with deadline.bounding():
+            with no_connection(), deadline.bounding():
                 answer = attempt(target)
         except UpstreamFailure as failure:
             log.warning("gateway: %s; trying the next provider", failure)

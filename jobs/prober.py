@@ -15,25 +15,17 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import sqlalchemy as sa
 from flask import current_app
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.functions import FunctionElement
 
 from access.crypto import UnopenableApiKey
 from catalog.index import index_rows, provider_connection
 from models import (
-    PROVIDER_MODELS,
-    PROVIDER_ROWS,
-    PROVIDERS,
     db,
-    providers_of,
-    read_connection,
-    release_connections,
-    session_writing,
     utcnow,
 )
 from observability.metrics import count_probe
+from storage.connections import no_connection, session_writing
+from storage.providers import all_providers, provider_by_id, record_probes
 from upstreams import Connection, UpstreamError, list_models
 
 log = logging.getLogger(__name__)
@@ -136,13 +128,8 @@ def write_batch(outcomes):
     }
     session_writing()  # any wait for SQLite's write lock first: garbage may be collected meanwhile
     with no_garbage_collection():
-        db.session.execute(RECORD_OUTCOMES, parameters)
-        if parameters["listed_ids"]:
-            db.session.execute(FORMER_MODELS, parameters)
-            db.session.execute(LISTED_MODELS, parameters)
+        recorded = record_probes(parameters)
         db.session.commit()
-    recorded = set(db.session.scalars(RECORDED, parameters))
-    release_connections()
     log_state_changes(outcomes, records, recorded)
 
 
@@ -172,80 +159,11 @@ def log_state_changes(outcomes, records, recorded):
             log.warning("provider %s (%s) is now %s%s", target.id, target.type, record["state"], last_error)
 
 
-class json_array_elements(FunctionElement):
-    """The elements of a JSON array parameter, as rows of one column, `value`."""
-
-    inherit_cache = True
-    name = "json_array_elements"
-
-
-@compiles(json_array_elements)
-def sqlite_json_each(element, compiler, **kw):
-    return f"json_each({compiler.process(element.clauses, **kw)})"
-
-
-@compiles(json_array_elements, "postgresql")
-def postgresql_json_array_elements(element, compiler, **kw):
-    return f"json_array_elements({compiler.process(element.clauses, **kw)})"
-
-
-def json_rows(name):
-    """The rows of the JSON array parameter `name`, as a table."""
-    return json_array_elements(sa.bindparam(name, type_=sa.JSON)).table_valued("value").alias(name)
-
-
-def field(rows, key):
-    return sa.type_coerce(rows.c.value, sa.JSON)[key]
-
-
-def recorded_now(target_ids):
-    """The ids among the parameter `target_ids` whose probe this batch recorded."""
-    return sa.select(PROVIDERS.c.id).where(
-        PROVIDERS.c.id.in_(sa.bindparam(target_ids, expanding=True)), PROVIDERS.c.last_checked_at == CHECKED_AT
-    )
-
-
-CHECKED_AT = sa.bindparam("checked_at", type_=PROVIDERS.c.last_checked_at.type)
-OUTCOMES = json_rows("outcomes")
-# UPDATE ... FROM: SQLite 3.33 or later.
-RECORD_OUTCOMES = (
-    sa.update(PROVIDERS)
-    .where(
-        PROVIDERS.c.id == field(OUTCOMES, "target_id").as_string(),
-        PROVIDERS.c.version == field(OUTCOMES, "read_version").as_integer(),
-    )
-    .values(
-        state=field(OUTCOMES, "state").as_string(),
-        consecutive_failures=field(OUTCOMES, "consecutive_failures").as_integer(),
-        last_error=field(OUTCOMES, "last_error").as_string(),
-        last_checked_at=CHECKED_AT,
-        models_listed_at=sa.case(
-            (field(OUTCOMES, "listed").as_boolean(), CHECKED_AT), else_=PROVIDERS.c.models_listed_at
-        ),
-        updated_at=PROVIDERS.c.updated_at,
-    )
-)
-RECORDED = recorded_now("target_ids")
-LISTINGS_RECORDED = recorded_now("listed_ids")
-FORMER_MODELS = sa.delete(PROVIDER_MODELS).where(PROVIDER_MODELS.c.provider_id.in_(LISTINGS_RECORDED))
-INDEX_ROWS = json_rows("index_rows")
-LISTED_MODELS = sa.insert(PROVIDER_MODELS).from_select(
-    ["provider_id", "upstream_id", "position", "created", "owned_by", "display_name"],
-    sa.select(
-        field(INDEX_ROWS, "provider_id").as_string(),
-        field(INDEX_ROWS, "upstream_id").as_string(),
-        field(INDEX_ROWS, "position").as_integer(),
-        sa.cast(field(INDEX_ROWS, "created").as_string(), sa.BigInteger),  # as_integer casts to a 32-bit INTEGER
-        field(INDEX_ROWS, "owned_by").as_string(),
-        field(INDEX_ROWS, "display_name").as_string(),
-    ).where(field(INDEX_ROWS, "provider_id").as_string().in_(LISTINGS_RECORDED)),
-)
-
-
 def write_outcomes(outcomes):
     for start in range(0, len(outcomes), WRITE_BATCH):
         if start:
-            time.sleep(PAUSE_BETWEEN_BATCHES)
+            with no_connection():
+                time.sleep(PAUSE_BETWEEN_BATCHES)
         write_batch(outcomes[start : start + WRITE_BATCH])
 
 
@@ -255,7 +173,8 @@ def arrivals(target_of_future, give_up_at, given_up):
     pending, arrived, written_at = set(target_of_future), [], time.monotonic()
     while pending and time.monotonic() < give_up_at:
         wait_for = max(min(WRITE_EVERY_SECONDS, give_up_at - time.monotonic()), 0)
-        done, pending = wait(pending, timeout=wait_for, return_when=FIRST_COMPLETED)
+        with no_connection():
+            done, pending = wait(pending, timeout=wait_for, return_when=FIRST_COMPLETED)
         arrived += [(target_of_future[future], *future.result()) for future in done]
         if len(arrived) >= WRITE_BATCH or time.monotonic() - written_at >= WRITE_EVERY_SECONDS:
             yield arrived
@@ -265,7 +184,6 @@ def arrivals(target_of_future, give_up_at, given_up):
 
 def probe(targets):
     """Probe every target at once, writing the outcomes in short batches as they arrive."""
-    release_connections()
     if not targets:
         return
     threads = min(len(targets), MAX_PROBES_AT_ONCE)
@@ -280,21 +198,15 @@ def probe(targets):
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def targets(query):
-    """Targets of the providers `query` (of PROVIDER_ROWS) selects; the read's transaction ends with it."""
-    found = [target_of(provider) for provider in providers_of(read_connection().execute(query))]
-    release_connections()
-    return found
-
-
 def probe_one(provider_id):
     """Probe one provider now (`check`)."""
-    probe(targets(PROVIDER_ROWS.where(PROVIDERS.c.id == provider_id)))
+    provider = provider_by_id(provider_id)
+    probe([] if provider is None else [target_of(provider)])
 
 
 def probe_all(app):
     started = time.monotonic()
-    all_targets = targets(PROVIDER_ROWS)
+    all_targets = [target_of(provider) for provider in all_providers()]
     probe(all_targets)
     if all_targets:
         log.info("probed %d providers in %.1f s", len(all_targets), time.monotonic() - started)

@@ -10,15 +10,14 @@ import os
 from datetime import timedelta
 
 import click
-import sqlalchemy as sa
 from apifairy import arguments, authenticate, response
 from flask import Blueprint, has_request_context, request
 
 from access.auth import auth
-from models import AUDIT_EVENTS, AuditEvent, DirectStatement, db, utcnow
+from models import db, utcnow
 from observability.logs import REQUEST_ID_KEY, TOKEN_ID_KEY, USER_KEY
 from schemas import AuditEventSchema, AuditQuerySchema, collection
-from storage.paging import NewestFirstPages
+from storage.audit import delete_events_before, events_page, insert_event
 
 audit_bp = Blueprint("audit", __name__)
 SYSTEM_ACTOR = "system"
@@ -54,10 +53,6 @@ def actor_fields(by_system=False):
     }
 
 
-# Not an ORM object: the unit of work's flush at commit cost more than the change itself.
-INSERT_EVENT = DirectStatement(sa.insert(AUDIT_EVENTS))
-
-
 def record(action, target_id=None, changed_fields=(), detail=None, by_system=False):
     """Write an event in the session's transaction: it commits with the change it records, or not at all.
 
@@ -65,20 +60,7 @@ def record(action, target_id=None, changed_fields=(), detail=None, by_system=Fal
     see actor_fields.
     """
     event = {"action": action, "target_id": target_id, "changed_fields": sorted(changed_fields), "detail": detail}
-    INSERT_EVENT.write(**event, **actor_fields(by_system))
-
-
-AUDIT_PAGES = NewestFirstPages(
-    AUDIT_EVENTS,
-    sa.select(AUDIT_EVENTS),
-    {
-        "action": AUDIT_EVENTS.c.action == sa.bindparam("action"),
-        "user": AUDIT_EVENTS.c.actor == sa.bindparam("user"),
-        "target_id": AUDIT_EVENTS.c.target_id == sa.bindparam("target_id"),
-        "since": AUDIT_EVENTS.c.created_at >= sa.bindparam("since", type_=AUDIT_EVENTS.c.created_at.type),
-    },
-    lambda row: row,  # a Row: the schema and the page token read its attributes
-)
+    insert_event(event | actor_fields(by_system))
 
 
 def audit_filter_values(query):
@@ -95,11 +77,11 @@ def list_events(query):
     Every change through the API, the CLI and the manifest sync, and every resolve (which
     hands out a key). `user` is a user name, `cli:<operating system user>` or `system`.
     """
-    return AUDIT_PAGES.page(audit_filter_values(query), query["limit"], query.get("page_token"))
+    return events_page(audit_filter_values(query), query["limit"], query.get("page_token"))
 
 
 def prune_old_events(app):
     """Delete the events older than REGISTRY_AUDIT_RETENTION_DAYS."""
     cutoff = utcnow() - timedelta(days=app.config["AUDIT_RETENTION_DAYS"])
-    db.session.execute(sa.delete(AuditEvent).where(AuditEvent.created_at < cutoff))
+    delete_events_before(cutoff)
     db.session.commit()

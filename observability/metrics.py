@@ -23,7 +23,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from models import PROVIDER_TYPES, PROVIDERS, STATES, read_connection
+from models import PROVIDER_TYPES, STATES
+from storage.providers import provider_counts
 
 log = logging.getLogger(__name__)
 metrics_bp = Blueprint("metrics", __name__)
@@ -193,10 +194,6 @@ def record_gateway_call(provider_type, model_id, outcome, seconds, time_to_first
 
 # The scrape
 
-PROVIDER_COUNTS = sa.select(PROVIDERS.c.type, PROVIDERS.c.state, sa.func.count()).group_by(
-    PROVIDERS.c.type, PROVIDERS.c.state
-)
-
 
 class ProviderCounts:
     """Providers by type and state, read from the database at each scrape (zeros included,
@@ -205,7 +202,7 @@ class ProviderCounts:
 
     def collect(self):
         try:
-            stored = read_connection().execute(PROVIDER_COUNTS).all()
+            stored = provider_counts()
         except sa.exc.SQLAlchemyError as error:
             log.warning(
                 "registry_providers left out of /metrics: the database does not answer (%s)", type(error).__name__

@@ -5,6 +5,7 @@ import logging.config
 import os
 import secrets
 import sys
+from functools import partial
 
 import click
 import sqlalchemy as sa
@@ -15,12 +16,23 @@ from werkzeug.security import generate_password_hash
 
 from access.crypto import UnopenableApiKey, cipher
 from api.errors import SyncInProgress
-from api.tokens import TOKEN_PAGES, create_token, find_owner, revoke_token
+from api.tokens import create_token, find_owner, revoke_token
 from catalog.manifests import sync_manifests
-from models import PROVIDERS, ROLES, USERNAME_MAX_LENGTH, USERS, User, canonical_username, db
+from models import ROLES, USERNAME_MAX_LENGTH, User, canonical_username, db
 from observability import audit
 from observability.logs import command_logging_config, escape
 from schemas import MAX_TOKEN_DAYS, TokenCreateSchema
+from storage.providers import replace_sealed_api_key, sealed_api_keys
+from storage.tokens import tokens_page
+from storage.users import (
+    add_user,
+    any_user_exists,
+    remove_user,
+    set_password_hash,
+    user_named,
+    usernames_and_roles,
+    users_table_exists,
+)
 
 log = logging.getLogger("registry")
 users_cli = AppGroup("users", help="Manage the users who may call the API.")
@@ -49,10 +61,11 @@ def check_username(username):
     return canonical
 
 
-def change_user(statement, username, action, changed_fields=()):
-    """Run an UPDATE or DELETE of the user named `username`, audit it and commit; an error when there is none."""
+def change_user(change, username, action, changed_fields=()):
+    """Run `change` (a storage.users function of the user's name, True when it found the
+    user) on the user named `username`, audit it and commit; an error when there is none."""
     canonical = canonical_username(username)
-    if canonical is None or db.session.execute(statement.where(USERS.c.username == canonical)).rowcount == 0:
+    if canonical is None or not change(canonical):
         raise click.ClickException(f"No user named {username!r}.")
     audit.record(action, canonical, changed_fields)
     db.session.commit()
@@ -74,13 +87,13 @@ def write_private_file(path, text):
 def create_first_admin(app):
     """Create the admin named by REGISTRY_ADMIN_USERNAME when the database has no user;
     without REGISTRY_ADMIN_PASSWORD its password is generated into <instance>/admin-password."""
-    if db.session.scalar(sa.select(USERS.c.id).limit(1)) is not None:
+    if any_user_exists():
         return
     generated = app.config["ADMIN_PASSWORD"] is None
     password = secrets.token_urlsafe(18) if generated else app.config["ADMIN_PASSWORD"]
     admin = User(username=app.config["ADMIN_USERNAME"], role="admin")
     admin.set_password(password)
-    db.session.add(admin)
+    add_user(admin)
     try:
         audit.record("user.create", admin.username, ["role", "password"], detail="the first admin")
         db.session.commit()
@@ -98,7 +111,7 @@ def create_first_admin(app):
 @users_cli.command("bootstrap")
 def bootstrap():
     """Create the first admin when there is no user yet (`make run` runs this after `db upgrade`)."""
-    if not sa.inspect(db.engine).has_table(User.__tablename__):
+    if not users_table_exists():
         raise click.ClickException("The database has no schema yet: run `flask --app app db upgrade` first.")
     create_first_admin(current_app)
 
@@ -110,11 +123,11 @@ def bootstrap():
 def create_user(username, role, password_stdin):
     """Create a user with a role."""
     username = check_username(username)
-    if db.session.scalar(sa.select(USERS.c.id).where(USERS.c.username == username)) is not None:
+    if user_named(username) is not None:
         raise click.ClickException(f"A user named {username!r} already exists.")
     user = User(username=username, role=role)
     user.set_password(read_password(password_stdin))
-    db.session.add(user)
+    add_user(user)
     audit.record("user.create", username, ["role", "password"], detail=f"role {role}")
     db.session.commit()
     click.echo(f"Created {role} {username}.")
@@ -123,7 +136,7 @@ def create_user(username, role, password_stdin):
 @users_cli.command("list")
 def list_users():
     """List users and their roles."""
-    for username, role in db.session.execute(sa.select(USERS.c.username, USERS.c.role).order_by(USERS.c.username)):
+    for username, role in usernames_and_roles():
         click.echo(f"{username}\t{role}")
 
 
@@ -134,7 +147,7 @@ def set_password(username, password_stdin):
     """Change a user's password."""
     find_user(username)  # before asking for a password
     password_hash = generate_password_hash(read_password(password_stdin))
-    change_user(sa.update(USERS).values(password_hash=password_hash), username, "user.update", ["password"])
+    change_user(partial(set_password_hash, password_hash=password_hash), username, "user.update", ["password"])
     click.echo(f"Changed the password of {username}.")
 
 
@@ -154,7 +167,7 @@ def set_role(username, role):
 @click.argument("username")
 def delete_user(username):
     """Delete a user, and the user's API tokens (the database cascades the deletion)."""
-    change_user(sa.delete(USERS), username, "user.delete")
+    change_user(remove_user, username, "user.delete")
     click.echo(f"Deleted {username}.")
 
 
@@ -183,7 +196,7 @@ def list_api_tokens(username):
     filters = {"user": find_user(username).username} if username else {}
     page_token = None
     while True:
-        page = TOKEN_PAGES.page(filters, 1000, page_token)
+        page = tokens_page(filters, 1000, page_token)
         for token in page["items"]:
             times = (token.created_at, token.expires_at, token.last_used_at)
             shown_times = [f"{time:%Y-%m-%dT%H:%M:%SZ}" if time else "-" for time in times]
@@ -225,12 +238,7 @@ def reseal_api_key(provider_id, sealed_api_key):
     except UnopenableApiKey:
         message = f"The API key of model provider {provider_id} opens with none of the configured keys"
         raise click.ClickException(f"{message}; nothing was changed.") from None
-    resealed = db.session.execute(
-        sa.update(PROVIDERS)
-        .where(PROVIDERS.c.id == provider_id, PROVIDERS.c.sealed_api_key == sealed_api_key)
-        .values(sealed_api_key=resealed_api_key, updated_at=PROVIDERS.c.updated_at)
-    )
-    return resealed.rowcount == 1
+    return replace_sealed_api_key(provider_id, sealed_api_key, resealed_api_key)
 
 
 @keys_cli.command("rotate")
@@ -239,7 +247,7 @@ def rotate_keys():
 
     Afterwards the keys after the first are no longer needed and can be dropped.
     """
-    stored = db.session.execute(sa.select(PROVIDERS.c.id, PROVIDERS.c.sealed_api_key)).all()
+    stored = sealed_api_keys()
     resealed = sum(reseal_api_key(provider_id, sealed_api_key) for provider_id, sealed_api_key in stored)
     if resealed:
         audit.record(

@@ -8,7 +8,8 @@ from datetime import datetime
 import sqlalchemy as sa
 from apifairy.exceptions import ValidationError as RequestValidationError
 
-from models import is_storable_text, read_connection
+from models import is_storable_text
+from storage.connections import read_connection
 
 
 def encode_page_token(item):

@@ -1,5 +1,5 @@
 """What the registry does for a SQLite database: its files' mode, its pragmas, a write lock
-taken without blocking the worker, and the connections models.DirectStatement reads on."""
+taken without blocking the worker, and the connections storage.connections.DirectStatement reads on."""
 
 import logging
 import os
@@ -9,6 +9,7 @@ import weakref
 from functools import partial
 
 import sqlalchemy as sa
+from sqlalchemy.sql.dml import UpdateBase
 
 log = logging.getLogger("registry")
 
@@ -18,23 +19,21 @@ BUSY_TIMEOUT_MS = 30000
 # patch: a worker waiting for another's write lock goes on serving its other connections.
 WRITE_LOCK_FIRST_WAIT = 0.0002
 WRITE_LOCK_LONGEST_WAIT = 0.002
-# The statements before which the sqlite3 module begins a transaction of its own.
-WRITE_STATEMENTS = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 
 
 def prepare_sqlite(engine, synchronous):
     """Make the database file private, tune every connection, take write locks cooperatively,
-    and keep connections for models.DirectStatement reads."""
+    and keep connections for storage.connections.DirectStatement reads."""
     if database_path := sqlite_file_of(engine.url):
         make_sqlite_files_private(database_path)
     sa.event.listen(engine, "connect", partial(tune_sqlite, synchronous=synchronous))
-    sa.event.listen(engine, "before_cursor_execute", begin_before_writing)
+    sa.event.listen(engine, "before_execute", begin_before_writing)
     lookup_connections = LOOKUP_CONNECTIONS[engine] = LookupConnections(engine)
     sa.event.listen(engine, "engine_disposed", lambda engine: lookup_connections.close())
 
 
 class LookupConnections:
-    """Connections of models.DirectStatement's reads, outside SQLAlchemy's pool.
+    """Connections of storage.connections.DirectStatement's reads, outside SQLAlchemy's pool.
 
     A SQLite read waits on no socket, so it never lets another greenlet run: a gevent worker
     needs one such connection (a thread one each, while it reads), taken and given back
@@ -88,10 +87,11 @@ def tune_sqlite(dbapi_connection, connection_record, synchronous):
     cursor.close()
 
 
-def begin_before_writing(connection, cursor, statement, parameters, context, executemany):
-    """SQLAlchemy's hook for the statements it runs: begin_writing before a write."""
-    if statement.lstrip()[:7].upper().startswith(WRITE_STATEMENTS):
-        begin_writing(cursor.connection)
+def begin_before_writing(connection, statement, multiparams, params, execution_options):
+    """SQLAlchemy's hook for the statements it runs (the session's included): begin_writing
+    before an INSERT, UPDATE or DELETE, told by the statement's kind, not its text."""
+    if isinstance(statement, UpdateBase):
+        begin_writing(connection.connection.dbapi_connection)
 
 
 def begin_writing(dbapi_connection):

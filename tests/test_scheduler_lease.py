@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import sqlalchemy as sa
 
-from jobs.scheduler import release_lease, try_lease
 from models import Lease, db
+from storage.jobs import release_lease, try_lease
 
 CONTENDERS = 8
 

@@ -297,7 +297,7 @@ class Statements:
 
     Seen by the driver (SQLite's trace, or psycopg's cursors), on connections opened for the
     purpose, so statements sent through SQLAlchemy and straight to the DBAPI cursor
-    (models.DirectStatement) are seen alike.
+    (storage.connections.DirectStatement) are seen alike.
     """
 
     def __init__(self, app):
