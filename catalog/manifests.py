@@ -42,7 +42,7 @@ from observability import audit
 from observability.metrics import record_manifest_sync
 from schemas import ManifestSchema
 from serving.hub import off_the_hub
-from upstreams import http_client
+from upstreams.http import http_client
 from upstreams.transport import deadline
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,9 @@ from flask import Blueprint, request
 
 from access.auth import auth
 from catalog.index import available_models
-from gateway.call import GatewayCall, Settings, complete, embeddings, open_stream
+from gateway.call import GatewayCall, Settings
+from gateway.chat import complete, open_stream
+from gateway.embeddings import embeddings
 from schemas import (
     ChatCompletionRequestSchema,
     ChatCompletionSchema,

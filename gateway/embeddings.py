@@ -1,0 +1,31 @@
+"""OpenAI embeddings in the gateway, base64-encoded here when the client asks so."""
+
+import base64
+import struct
+from functools import partial
+
+from gateway.call import call_finished
+from gateway.routing import served_answer
+
+
+def ask_embeddings(embeddings_request, adapter, target, model, deadline):
+    return adapter.embed(target, model, embeddings_request, deadline)
+
+
+def float32_base64(vector):
+    """An embedding as OpenAI's base64: little-endian float32 values."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+def embeddings(call, embeddings_request, settings):
+    """Embeddings in OpenAI's shape, base64-encoded when the client asked so (as OpenAI's
+    own client does by default), `model` the registry's id."""
+    target, answer, _ = served_answer(call, "embedding", partial(ask_embeddings, embeddings_request), settings)
+    call.usage = answer.get("usage")
+    answer["model"] = call.model
+    if embeddings_request.get("encoding_format") == "base64":
+        for item in answer.get("data") or []:
+            if isinstance(item.get("embedding"), list):
+                item["embedding"] = float32_base64(item["embedding"])
+    call_finished(call)
+    return target, answer

@@ -1,0 +1,29 @@
+"""The calls every wire format answers, and the one place a format that cannot make a call says so.
+
+A wire format's adapter subclasses WireFormat and overrides the calls its upstreams make:
+list_models(target, observe) -> [UpstreamModel]; chat(target, model, body, deadline) -> a
+completion; open_chat_stream(...) -> an iterator of chunks; embed(...) -> embeddings;
+auth_headers(target). Requests and answers are in OpenAI's chat completions and embeddings
+shapes; `model` is the upstream's own model id.
+"""
+
+from upstreams.errors import unsupported
+
+
+class WireFormat:
+    name = "these"
+
+    def auth_headers(self, target):
+        return {}
+
+    def list_models(self, target, observe):
+        raise unsupported(self.name, "model listings")
+
+    def chat(self, target, model, body, deadline):
+        raise unsupported(self.name, "chat")
+
+    def open_chat_stream(self, target, model, body, deadline):
+        raise unsupported(self.name, "chat")
+
+    def embed(self, target, model, body, deadline):
+        raise unsupported(self.name, "embeddings")
