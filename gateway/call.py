@@ -1,8 +1,12 @@
-"""What every gateway call shares, whatever protocol it came in by: the call as the metrics
-count it and the log tells it, its settings and deadline, and the wording of its errors.
+"""What every gateway call shares, whatever protocol it came in by: the canonical requests,
+the call as the metrics count it and the log tells it, its settings and deadline, and the
+wording of its errors.
 
-The inbound protocols (gateway/openai.py's routes, with chat.py and embeddings.py) route a
-call through gateway/routing.py to a provider's wire format adapter (upstreams/).
+Each inbound protocol (OpenAI's chat completions in chat.py, its embeddings in
+embeddings.py) translates its body to a canonical request, which gateway/routing.py hands
+to the wire format adapter (upstreams/) of each provider it tries; the adapter translates
+it to its upstream's request. Messages, tools and answers keep OpenAI's chat shapes, the
+gateway's common tongue, so a new protocol or wire format is one translation, not one per pair.
 """
 
 import logging
@@ -22,6 +26,29 @@ def request_log_fields():
     """The request's id and user, for the log lines written after its context ended (a stream's)."""
     environ = request.environ if has_request_context() else {}
     return {"request_id": environ.get(REQUEST_ID_KEY, "-"), "user": environ.get(USER_KEY, "-")}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A chat call: `options` holds every other field as the client sent it (sampling, limits,
+    response_format, tool_choice, fields the registry does not know), for the upstreams that
+    take them; `include_usage` asks a stream for a last chunk with the call's usage."""
+
+    model: str  # the registry's model id; each adapter is given its upstream's own
+    messages: list
+    tools: list | None = None
+    options: dict = field(default_factory=dict)
+    stream: bool = False
+    include_usage: bool = False
+
+
+@dataclass(frozen=True)
+class EmbeddingsRequest:
+    """An embeddings call: `input` as sent (text, texts or token ids); answers are floats."""
+
+    model: str
+    input: object
+    options: dict = field(default_factory=dict)
 
 
 @dataclass

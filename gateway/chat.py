@@ -1,4 +1,5 @@
-"""OpenAI chat completions in the gateway: a completion, or its stream relayed chunk by chunk.
+"""OpenAI's chat completions, inbound: the body as a ChatRequest; a completion, or its
+stream relayed chunk by chunk.
 
 What runs after the first chunk of a stream needs no app context: the rest of a stream is
 iterated by the server after the request's context has ended.
@@ -8,13 +9,29 @@ import json
 import logging
 from functools import partial
 
-from gateway.call import call_finished, sentence
+from gateway.call import ChatRequest, call_finished, sentence
 from gateway.routing import served_answer
 from upstreams import UpstreamFailure, UpstreamRefusal, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
 SSE_DONE = b"data: [DONE]\n\n"
+
+
+# Read into their own fields of the ChatRequest; `stream_options` stays among the options too.
+OWN_FIELDS = ("model", "messages", "tools", "stream")
+
+
+def chat_request_of(body):
+    """An OpenAI chat completions body (as the schema loaded it) as the gateway's ChatRequest."""
+    return ChatRequest(
+        model=body["model"],
+        messages=body["messages"],
+        tools=body.get("tools"),
+        options={name: value for name, value in body.items() if name not in OWN_FIELDS},
+        stream=body["stream"],
+        include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+    )
 
 
 def ask_chat(chat_request, adapter, target, model, deadline):
@@ -45,8 +62,7 @@ def stream_error(message, error_type="api_error", code=None):
 def open_stream(call, chat_request, settings):
     """(target, SSE event bytes): the stream of the first provider that accepts the call."""
     target, chunks, deadline = served_answer(call, "llm", partial(ask_chat_stream, chat_request), settings)
-    include_usage = bool((chat_request.get("stream_options") or {}).get("include_usage"))
-    return target, relay(chunks, call, include_usage, deadline)
+    return target, relay(chunks, call, chat_request.include_usage, deadline)
 
 
 def relay(chunks, call, include_usage, deadline):

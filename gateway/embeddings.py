@@ -1,11 +1,18 @@
-"""OpenAI embeddings in the gateway, base64-encoded here when the client asks so."""
+"""OpenAI's embeddings, inbound: the body as an EmbeddingsRequest; the answer's floats
+base64-encoded here when the client asks so (not every upstream can)."""
 
 import base64
 import struct
 from functools import partial
 
-from gateway.call import call_finished
+from gateway.call import EmbeddingsRequest, call_finished
 from gateway.routing import served_answer
+
+
+def embeddings_request_of(body):
+    """An OpenAI embeddings body as the gateway's EmbeddingsRequest; `encoding_format` is the gateway's to apply."""
+    options = {name: value for name, value in body.items() if name not in ("model", "input", "encoding_format")}
+    return EmbeddingsRequest(body["model"], body["input"], options)
 
 
 def ask_embeddings(embeddings_request, adapter, target, model, deadline):
@@ -17,13 +24,14 @@ def float32_base64(vector):
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
-def embeddings(call, embeddings_request, settings):
+def embeddings(call, body, settings):
     """Embeddings in OpenAI's shape, base64-encoded when the client asked so (as OpenAI's
     own client does by default), `model` the registry's id."""
-    target, answer, _ = served_answer(call, "embedding", partial(ask_embeddings, embeddings_request), settings)
+    request = embeddings_request_of(body)
+    target, answer, _ = served_answer(call, "embedding", partial(ask_embeddings, request), settings)
     call.usage = answer.get("usage")
     answer["model"] = call.model
-    if embeddings_request.get("encoding_format") == "base64":
+    if body["encoding_format"] == "base64":
         for item in answer.get("data") or []:
             if isinstance(item.get("embedding"), list):
                 item["embedding"] = float32_base64(item["embedding"])

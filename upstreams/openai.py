@@ -1,6 +1,7 @@
 """OpenAI-compatible upstreams (openai, ollama, rits and most other types): `GET {base_url}/models`;
-chat and embeddings, whose body goes through as the client sent it (fields the registry does
-not know included), with the upstream's model id, and whose chunks are relayed as they come."""
+chat and embeddings. The canonical request keeps every field the client sent among its
+options (fields the registry does not know included), so the body goes out as it came in,
+with the upstream's model id; the chunks of a stream are yielded as each arrives."""
 
 from contextlib import closing
 
@@ -11,6 +12,14 @@ from upstreams.wire import WireFormat
 
 def entry_model(entry):
     return upstream_model(entry.get("id"), entry.get("created"), entry.get("owned_by"), entry.get("display_name"))
+
+
+def chat_body(request):
+    """The canonical request as OpenAI's chat completions body (the model added when posted)."""
+    body = {**request.options, "messages": request.messages}
+    if request.tools is not None:
+        body["tools"] = request.tools
+    return body
 
 
 class OpenAICompatible(WireFormat):
@@ -34,20 +43,19 @@ class OpenAICompatible(WireFormat):
             json_body={**body, "model": model},
         )
 
-    def chat(self, target, model, body, deadline):
-        response = self.post(target, "/chat/completions", model, body, deadline)
+    def chat(self, target, model, request, deadline):
+        response = self.post(target, "/chat/completions", model, chat_body(request), deadline)
         return checked_completion(read_json(response, target), target)
 
-    def open_chat_stream(self, target, model, body, deadline):
+    def open_chat_stream(self, target, model, request, deadline):
         """The accepted stream's chunks, as a generator that closes the upstream call when closed.
 
         Usage is always asked for, so that every call's tokens are known; the gateway leaves the
         usage chunk out when the client did not ask for it.
         """
-        stream_options = {**(body.get("stream_options") or {}), "include_usage": True}
-        response = self.post(
-            target, "/chat/completions", model, {**body, "stream": True, "stream_options": stream_options}, deadline
-        )
+        stream_options = {**(request.options.get("stream_options") or {}), "include_usage": True}
+        body = {**chat_body(request), "stream": True, "stream_options": stream_options}
+        response = self.post(target, "/chat/completions", model, body, deadline)
 
         def chunks():
             with closing(response):
@@ -55,10 +63,9 @@ class OpenAICompatible(WireFormat):
 
         return started(chunks(), target)
 
-    def embed(self, target, model, body, deadline):
+    def embed(self, target, model, request, deadline):
         """Embeddings as floats: the gateway encodes base64 itself, which not every upstream can."""
-        body = {name: value for name, value in body.items() if name != "encoding_format"}
-        response = self.post(target, "/embeddings", model, body, deadline)
+        response = self.post(target, "/embeddings", model, {**request.options, "input": request.input}, deadline)
         return checked_embeddings(read_json(response, target), target)
 
 

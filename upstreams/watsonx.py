@@ -44,10 +44,8 @@ def spec_model(spec):
 IAM_GRANT_TYPE = "urn:ibm:params:oauth:grant-type:apikey"
 # A token is exchanged anew this long before it expires, so none expires during a call's start.
 TOKEN_RENEWAL_MARGIN = 300
-# OpenAI chat fields watsonx takes under the same name; others it does not know are left out.
-CHAT_FIELDS = (
-    "messages",
-    "tools",
+# OpenAI chat options watsonx takes under the same name; others it does not know are left out.
+CHAT_OPTIONS = (
     "frequency_penalty",
     "logit_bias",
     "logprobs",
@@ -167,12 +165,15 @@ def post(target, path, model, body, deadline):
     return response, token
 
 
-def chat_body(body):
-    """OpenAI's chat request in watsonx's words."""
-    translated = {name: body[name] for name in CHAT_FIELDS if name in body}
-    if "max_completion_tokens" in body:
-        translated["max_tokens"] = body["max_completion_tokens"]
-    tool_choice = body.get("tool_choice")
+def chat_body(request):
+    """The canonical chat request in watsonx's words."""
+    options = request.options
+    translated = {"messages": request.messages, **{name: options[name] for name in CHAT_OPTIONS if name in options}}
+    if request.tools is not None:
+        translated["tools"] = request.tools
+    if "max_completion_tokens" in options:
+        translated["max_tokens"] = options["max_completion_tokens"]
+    tool_choice = options.get("tool_choice")
     if isinstance(tool_choice, str):
         translated["tool_choice_option"] = tool_choice
     elif tool_choice is not None:
@@ -206,8 +207,8 @@ def openai_completion(answer, kind, part):
     return completion
 
 
-def embedding_inputs(body):
-    inputs = body["input"]
+def embedding_inputs(request):
+    inputs = request.input
     inputs = [inputs] if isinstance(inputs, str) else inputs
     if not isinstance(inputs, list) or not all(isinstance(text, str) for text in inputs):
         message = "watsonx models embed text: `input` must be a string or a list of strings."
@@ -233,13 +234,13 @@ class Watsonx(WireFormat):
         ]
         return usable_models(target, specs, spec_model)
 
-    def chat(self, target, model, body, deadline):
-        response, _ = post(target, "/ml/v1/text/chat", model, chat_body(body), deadline)
+    def chat(self, target, model, request, deadline):
+        response, _ = post(target, "/ml/v1/text/chat", model, chat_body(request), deadline)
         answer = checked_completion(read_json(response, target), target)
         return openai_completion(answer, "chat.completion", "message")
 
-    def open_chat_stream(self, target, model, body, deadline):
-        response, token = post(target, "/ml/v1/text/chat_stream", model, chat_body(body), deadline)
+    def open_chat_stream(self, target, model, request, deadline):
+        response, token = post(target, "/ml/v1/text/chat_stream", model, chat_body(request), deadline)
 
         def chunks():
             with closing(response):
@@ -248,9 +249,8 @@ class Watsonx(WireFormat):
 
         return started(chunks(), target)
 
-    def embed(self, target, model, body, deadline):
-        request_body = {"inputs": embedding_inputs(body)}
-        response, _ = post(target, "/ml/v1/text/embeddings", model, request_body, deadline)
+    def embed(self, target, model, request, deadline):
+        response, _ = post(target, "/ml/v1/text/embeddings", model, {"inputs": embedding_inputs(request)}, deadline)
         answer = read_json(response, target)
         results = answer.get("results") if isinstance(answer, dict) else None
         if not is_list_of_objects(results) or not is_count(answer.get("input_token_count") or 0):
