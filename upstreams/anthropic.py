@@ -7,6 +7,7 @@ adapter replaces the inherited calls here.
 from upstreams.errors import UpstreamFailure
 from upstreams.listing import get_json, model_entries, upstream_model, usable_models
 from upstreams.openai import OpenAICompatible
+from upstreams.wire import WireFormat
 
 ANTHROPIC_VERSION = "2023-06-01"
 MAX_PAGES = 20
@@ -18,6 +19,7 @@ def entry_model(entry):
 
 class Anthropic(OpenAICompatible):
     name = "Anthropic"
+    embed = WireFormat.embed  # Anthropic has no embeddings
 
     def list_models(self, target, observe):
         headers = {"x-api-key": target.api_key, "anthropic-version": ANTHROPIC_VERSION}
