@@ -13,12 +13,12 @@ from werkzeug.http import parse_etags, quote_etag
 from access.auth import auth, user_roles
 from access.crypto import cipher
 from catalog.index import (
-    connection_of,
     indexed_models,
     match_models,
     providers_serving,
     refresh_models,
     replace_models,
+    upstream_target,
     verify_upstream,
 )
 from jobs.prober import probe_one
@@ -154,7 +154,7 @@ def create_provider(fields, verify):
     upstream_models = KEEP_MODELS  # unverified, a new provider has no model list until it is probed
     if verify:
         refuse_if_base_url_taken(fields["base_url"])  # before calling the upstream; the insert checks anyway
-        upstream_models = verify_holding_no_connection(connection_of(fields["type"], fields["base_url"], api_key))
+        upstream_models = verify_holding_no_connection(upstream_target(fields["type"], fields["base_url"], api_key))
     values = {**fields, "sealed_api_key": cipher.seal(api_key)}
     return write_provider(
         partial(insert_provider, values),
@@ -174,7 +174,7 @@ def verify_changed_connection(provider, changes):
     """The models the changed connection lists, or a 400 when it fails."""
     api_key = changes["api_key"] if "api_key" in changes else provider.open_api_key()
     return verify_holding_no_connection(
-        connection_of(provider.type, changes.get("base_url", provider.base_url), api_key)
+        upstream_target(provider.type, changes.get("base_url", provider.base_url), api_key)
     )
 
 

@@ -19,6 +19,7 @@ from models import (
     types_with,
 )
 from observability import audit
+from observability.metrics import observe_upstream_call
 from serving.hub import off_the_hub
 from storage.connections import no_connection
 from storage.providers import (
@@ -28,21 +29,39 @@ from storage.providers import (
     providers_listing,
     replace_model_list,
 )
-from upstreams import Connection, UpstreamError, list_models
+from upstreams import Target, UpstreamError, list_models
 
 
-def connection_of(provider_type, base_url, api_key):
-    return Connection(provider_type, base_url, api_key, current_app.config["UPSTREAM_TIMEOUT"])
+def upstream_target(provider_type, base_url, api_key, provider=None):
+    """What an upstream call needs: the given connection, and the stored provider's id and
+    watsonx ids when there is one (a new provider is verified before it is stored)."""
+    config = current_app.config
+    return Target(
+        provider_type,
+        base_url,
+        api_key,
+        config["UPSTREAM_TIMEOUT"],
+        provider_id=provider and provider.id,
+        watsonx_project_id=provider and provider.watsonx_project_id,
+        watsonx_space_id=provider and provider.watsonx_space_id,
+        watsonx_iam_url=config["WATSONX_IAM_URL"],
+    )
 
 
-def provider_connection(provider):
-    return connection_of(provider.type, provider.base_url, provider.open_api_key())
+def provider_target(provider):
+    """The stored provider as an upstream target, its key opened (UnopenableApiKey when it cannot be)."""
+    return upstream_target(provider.type, provider.base_url, provider.open_api_key(), provider)
 
 
-def verify_upstream(connection):
+def list_upstream_models(target):
+    """The target's models, each of its HTTP calls timed in the metrics."""
+    return list_models(target, observe_upstream_call)
+
+
+def verify_upstream(target):
     """List the upstream's models with the given key, or refuse the request with a 400."""
     try:
-        return list_models(connection)
+        return list_upstream_models(target)
     except UpstreamError as error:
         raise BadRequest(f"Upstream verification failed: {error}.") from None
 
@@ -80,9 +99,9 @@ def refresh_models(provider):
 
     No database connection is held while the upstream is asked.
     """
-    connection, read_version = provider_connection(provider), provider.version
+    target, read_version = provider_target(provider), provider.version
     with no_connection():
-        upstream_models = list_models(connection)
+        upstream_models = list_upstream_models(target)
     if not replace_models(provider.id, upstream_models, read_version=read_version):
         db.session.rollback()
         raise Conflict(f"Model provider {provider.id} was changed or deleted while its upstream was listed.")

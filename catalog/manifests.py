@@ -54,7 +54,7 @@ from storage.providers import (
     provider_counts_of_locations,
     providers_of_location,
 )
-from upstreams import http_client
+from upstreams.http import http_client
 from upstreams.transport import deadline
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,9 @@ from flask import Blueprint, request
 
 from access.auth import auth
 from catalog.index import available_models
-from gateway.call import GatewayCall, Settings, complete, embeddings, open_stream
+from gateway.call import GatewayCall, Settings
+from gateway.chat import chat_request_of, complete, open_stream
+from gateway.embeddings import embeddings
 from schemas import (
     ChatCompletionRequestSchema,
     ChatCompletionSchema,
@@ -56,7 +58,7 @@ def served_by(target):
 @authenticate(auth, role="caller")
 @body(ChatCompletionRequestSchema)
 @other_responses({200: (ChatCompletionSchema, "The completion, or with `stream` its SSE chunks"), **GATEWAY_ERRORS})
-def chat_completions(chat_request):
+def chat_completions(chat_body):
     """Call a model's chat completion, OpenAI style
 
     Routed to the oldest online provider of the model's type that serves it, and to the
@@ -64,8 +66,9 @@ def chat_completions(chat_request):
     sent. With `"stream": true` the answer is `text/event-stream`: each upstream chunk as
     it arrives, ending with `data: [DONE]`. `X-Registry-Provider-Id` names the provider.
     """
-    call = GatewayCall(chat_request["model"], "chat", stream=chat_request["stream"])
-    if chat_request["stream"]:
+    chat_request = chat_request_of(chat_body)
+    call = GatewayCall(chat_request.model, "chat", stream=chat_request.stream)
+    if chat_request.stream:
         target, events = open_stream(call, chat_request, Settings.of_app())
         return events, 200, {"Content-Type": "text/event-stream", **STREAM_HEADERS, **served_by(target)}
     target, completion = complete(call, chat_request, Settings.of_app())

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from flask import current_app
 
 from access.crypto import UnopenableApiKey
-from catalog.index import index_rows, provider_connection
+from catalog.index import index_rows, list_upstream_models, provider_target
 from models import (
     db,
     utcnow,
@@ -26,7 +26,7 @@ from models import (
 from observability.metrics import count_probe
 from storage.connections import no_connection, session_writing
 from storage.providers import all_providers, provider_by_id, record_probes
-from upstreams import Connection, UpstreamError, list_models
+from upstreams import Target, UpstreamError, UpstreamFailure, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ collection_switch = threading.Lock()  # one no_garbage_collection at a time
 
 
 @dataclass(frozen=True)
-class Target:
+class Probe:
     """What a probe needs of a provider, read before the probe so no connection waits on it."""
 
     id: str
@@ -53,37 +53,37 @@ class Target:
     state: str
     consecutive_failures: int
     version: int  # as read: a provider edited since then is not written
-    connection: Connection | None
+    upstream: Target | None
     unusable: Exception | None  # why it cannot be probed (a key no configured key opens)
 
 
-def target_of(provider):
+def probe_of(provider):
     try:
-        connection, unusable = provider_connection(provider), None
+        upstream, unusable = provider_target(provider), None
     except UnopenableApiKey as error:  # unusable until the operator restores the key
-        connection, unusable = None, error
-    return Target(
+        upstream, unusable = None, error
+    return Probe(
         provider.id,
         provider.type,
         provider.state,
         provider.consecutive_failures,
         provider.version,
-        connection,
+        upstream,
         unusable,
     )
 
 
-def listing_or_error(target):
+def listing_or_error(probe):
     """(upstream models, None) or (None, the error); never raises, so one probe cannot end a round."""
-    if target.unusable is not None:
-        return None, target.unusable
+    if probe.unusable is not None:
+        return None, probe.unusable
     try:
-        return list_models(target.connection), None
+        return list_upstream_models(probe.upstream), None
     except UpstreamError as error:
         return None, error
     except Exception:
-        log.exception("listing the models of provider %s failed unexpectedly", target.id)
-        return None, UpstreamError("listing the models failed unexpectedly")
+        log.exception("listing the models of provider %s failed unexpectedly", probe.id)
+        return None, UpstreamFailure("listing the models failed unexpectedly")
 
 
 def probe_record(target, error):
@@ -188,7 +188,7 @@ def probe(targets):
         return
     threads = min(len(targets), MAX_PROBES_AT_ONCE)
     deadline = ROUND_DEADLINE_TIMEOUTS * current_app.config["UPSTREAM_TIMEOUT"] * math.ceil(len(targets) / threads)
-    given_up = UpstreamError(f"no answer within {deadline:g} s (timeout)")
+    given_up = UpstreamTimeout(f"no answer within {deadline:g} s (timeout)")
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="probe")
     try:
         target_of_future = {pool.submit(listing_or_error, target): target for target in targets}
@@ -201,12 +201,12 @@ def probe(targets):
 def probe_one(provider_id):
     """Probe one provider now (`check`)."""
     provider = provider_by_id(provider_id)
-    probe([] if provider is None else [target_of(provider)])
+    probe([] if provider is None else [probe_of(provider)])
 
 
 def probe_all(app):
     started = time.monotonic()
-    all_targets = [target_of(provider) for provider in all_providers()]
+    all_targets = [probe_of(provider) for provider in all_providers()]
     probe(all_targets)
     if all_targets:
         log.info("probed %d providers in %.1f s", len(all_targets), time.monotonic() - started)

@@ -14,7 +14,7 @@ anything else a client typed.
 import logging
 import os
 import time
-from functools import cache, wraps
+from functools import cache
 
 import sqlalchemy as sa
 from flask import Blueprint, current_app, g, request
@@ -155,19 +155,9 @@ def record_failed_login(credential="password"):
     FAILED_LOGINS.labels(credential).inc()
 
 
-def timed_upstream_call(send):
-    """Decorates the upstream client's send(connection, ...) to time each call by provider type."""
-
-    @wraps(send)
-    def timed_send(connection, *args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return send(connection, *args, **kwargs)
-        finally:
-            provider_type = known_or_unknown(connection.type, PROVIDER_TYPES)
-            UPSTREAM_SECONDS.labels(provider_type).observe(time.perf_counter() - started)
-
-    return timed_send
+def observe_upstream_call(provider_type, seconds):
+    """Time one HTTP call to an upstream (the listings' observer: upstreams/ is given it)."""
+    UPSTREAM_SECONDS.labels(known_or_unknown(provider_type, PROVIDER_TYPES)).observe(seconds)
 
 
 def record_gateway_call(provider_type, model_id, outcome, seconds, time_to_first_chunk=None, usage=None):

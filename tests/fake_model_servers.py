@@ -4,23 +4,19 @@ watsonx.ai's text/chat, text/chat_stream (SSE) and text/embeddings; and IBM's IA
 endpoint. Each lists its models too, so the registry can route to it."""
 
 import json
-import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
+
+from tests.fake_upstreams import QuietServer
 
 BASE_PATHS = {"openai": "/v1", "anthropic": "/v1", "rits": "/v1", "watsonx": ""}
 IAM_PATH = "/identity/token"
 
 
-class ModelHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
+class ModelHTTPServer(QuietServer):
     request_queue_size = 1024  # a benchmark opens hundreds of streams at once
-
-    def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], ConnectionError):  # a caller that gave up is expected
-            super().handle_error(request, client_address)
 
 
 class FakeModelServer:

@@ -1,17 +1,20 @@
-"""GitHub Models: the catalog at `{scheme}://{host}/catalog/models`."""
+"""GitHub Models: the catalog at `{scheme}://{host}/catalog/models`; chat is OpenAI-compatible."""
 
 from urllib.parse import urlsplit
 
-from upstreams import bearer, get_json, model_entries, upstream_model, usable_models
+from upstreams.listing import get_json, model_entries, upstream_model, usable_models
+from upstreams.openai import OpenAICompatible
 
 
 def entry_model(entry):
     return upstream_model(entry.get("id"), None, entry.get("publisher"), entry.get("name"))
 
 
-def list_models(connection):
-    parts = urlsplit(connection.base_url)
-    catalog = get_json(
-        connection, f"{parts.scheme}://{parts.netloc}/catalog/models", headers=bearer(connection.api_key)
-    )
-    return usable_models(connection, model_entries(catalog, None), entry_model)
+class GitHub(OpenAICompatible):
+    name = "GitHub Models"
+
+    def list_models(self, target, observe):
+        parts = urlsplit(target.base_url)
+        url = f"{parts.scheme}://{parts.netloc}/catalog/models"
+        catalog = get_json(target, url, observe, headers=self.auth_headers(target))
+        return usable_models(target, model_entries(catalog, None), entry_model)

@@ -1,6 +1,8 @@
-"""Voyage AI: no model listing, a fixed catalogue; any answer from the host is the check."""
+"""Voyage AI: no model listing, a fixed catalogue (any answer from the host is the check);
+embeddings are OpenAI-compatible."""
 
-from upstreams import UpstreamModel, send
+from upstreams.listing import UpstreamModel, send
+from upstreams.openai import OpenAICompatible
 
 VOYAGE_MODELS = (
     "voyage-3.5",
@@ -14,6 +16,9 @@ VOYAGE_MODELS = (
 )
 
 
-def list_models(connection):
-    send(connection, connection.base_url)  # any answer is the check
-    return [UpstreamModel(id=model_id, owned_by="voyage") for model_id in VOYAGE_MODELS]
+class Voyage(OpenAICompatible):
+    name = "Voyage"
+
+    def list_models(self, target, observe):
+        send(target, target.base_url, observe)  # any answer is the check
+        return [UpstreamModel(id=model_id, owned_by="voyage") for model_id in VOYAGE_MODELS]

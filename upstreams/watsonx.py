@@ -8,11 +8,8 @@ import time
 from contextlib import closing
 from datetime import date
 
-from upstreams import UpstreamError, get_json, model_entries, upstream_model, usable_models
-from upstreams.calls import (
-    UpstreamFailure,
-    UpstreamRefusal,
-    UpstreamTimeout,
+from upstreams.errors import UpstreamFailure, UpstreamRefusal, UpstreamTimeout
+from upstreams.http import (
     checked_completion,
     checked_embeddings,
     is_count,
@@ -22,6 +19,8 @@ from upstreams.calls import (
     read_json,
     started,
 )
+from upstreams.listing import get_json, model_entries, upstream_model, usable_models
+from upstreams.wire import WireFormat
 
 WATSONX_API_VERSION = "2024-05-01"
 
@@ -30,7 +29,7 @@ def is_withdrawn(spec, today):
     """Whether a lifecycle stage "withdrawn" has begun; a lifecycle that is not a list fails the listing."""
     lifecycle = spec.get("lifecycle") or []
     if not isinstance(lifecycle, list):
-        raise UpstreamError("unexpected response from the upstream: a model lifecycle that is not a list")
+        raise UpstreamFailure("unexpected response from the upstream: a model lifecycle that is not a list")
     return any(
         stage.get("id") == "withdrawn" and str(stage.get("start_date") or "0000") <= today.isoformat()
         for stage in lifecycle
@@ -42,25 +41,11 @@ def spec_model(spec):
     return upstream_model(spec.get("model_id"), None, spec.get("provider") or "ibm", spec.get("label"))
 
 
-def list_models(connection):
-    params = {"version": WATSONX_API_VERSION, "limit": 200}
-    document = get_json(connection, f"{connection.base_url}/ml/v1/foundation_model_specs", params=params)
-    today = date.today()
-    specs = [
-        spec
-        for spec in model_entries(document, "resources")
-        if not (isinstance(spec, dict) and is_withdrawn(spec, today))
-    ]
-    return usable_models(connection, specs, spec_model)
-
-
 IAM_GRANT_TYPE = "urn:ibm:params:oauth:grant-type:apikey"
 # A token is exchanged anew this long before it expires, so none expires during a call's start.
 TOKEN_RENEWAL_MARGIN = 300
-# OpenAI chat fields watsonx takes under the same name; others it does not know are left out.
-CHAT_FIELDS = (
-    "messages",
-    "tools",
+# OpenAI chat options watsonx takes under the same name; others it does not know are left out.
+CHAT_OPTIONS = (
     "frequency_penalty",
     "logit_bias",
     "logprobs",
@@ -154,7 +139,7 @@ def exchange_key(target, deadline):
     raise UpstreamFailure(f"watsonx IAM answered provider {target.provider_id} without a usable expiry")
 
 
-def post(target, path, body, deadline):
+def post(target, path, model, body, deadline):
     """(the accepted response, the IAM token it was asked with: a secret like the key)."""
     token = iam_tokens.token(target, deadline)
     scope = (
@@ -170,7 +155,7 @@ def post(target, path, body, deadline):
             deadline,
             headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
             params={"version": WATSONX_API_VERSION},
-            json_body={**body, "model_id": target.upstream_model, **scope},
+            json_body={**body, "model_id": model, **scope},
             secrets=(token,),
         )
     except UpstreamFailure as failure:
@@ -180,12 +165,15 @@ def post(target, path, body, deadline):
     return response, token
 
 
-def chat_body(body):
-    """OpenAI's chat request in watsonx's words."""
-    translated = {name: body[name] for name in CHAT_FIELDS if name in body}
-    if "max_completion_tokens" in body:
-        translated["max_tokens"] = body["max_completion_tokens"]
-    tool_choice = body.get("tool_choice")
+def chat_body(request):
+    """The canonical chat request in watsonx's words."""
+    options = request.options
+    translated = {"messages": request.messages, **{name: options[name] for name in CHAT_OPTIONS if name in options}}
+    if request.tools is not None:
+        translated["tools"] = request.tools
+    if "max_completion_tokens" in options:
+        translated["max_tokens"] = options["max_completion_tokens"]
+    tool_choice = options.get("tool_choice")
     if isinstance(tool_choice, str):
         translated["tool_choice_option"] = tool_choice
     elif tool_choice is not None:
@@ -219,25 +207,8 @@ def openai_completion(answer, kind, part):
     return completion
 
 
-def chat(target, body, deadline):
-    response, _ = post(target, "/ml/v1/text/chat", chat_body(body), deadline)
-    answer = checked_completion(read_json(response, target), target)
-    return openai_completion(answer, "chat.completion", "message")
-
-
-def open_chat_stream(target, body, deadline):
-    response, token = post(target, "/ml/v1/text/chat_stream", chat_body(body), deadline)
-
-    def chunks():
-        with closing(response):
-            for answer in json_events(response, target, token):
-                yield openai_completion(answer, "chat.completion.chunk", "delta")
-
-    return started(chunks(), target)
-
-
-def embedding_inputs(body):
-    inputs = body["input"]
+def embedding_inputs(request):
+    inputs = request.input
     inputs = [inputs] if isinstance(inputs, str) else inputs
     if not isinstance(inputs, list) or not all(isinstance(text, str) for text in inputs):
         message = "watsonx models embed text: `input` must be a string or a list of strings."
@@ -247,21 +218,51 @@ def embedding_inputs(body):
     return inputs
 
 
-def embed(target, body, deadline):
-    request_body = {"inputs": embedding_inputs(body)}
-    response, _ = post(target, "/ml/v1/text/embeddings", request_body, deadline)
-    answer = read_json(response, target)
-    results = answer.get("results") if isinstance(answer, dict) else None
-    if not is_list_of_objects(results) or not is_count(answer.get("input_token_count") or 0):
-        raise UpstreamFailure(f"provider {target.provider_id} answered embeddings of an unexpected shape")
-    tokens = answer.get("input_token_count") or 0
-    embeddings = {
-        "object": "list",
-        "data": [
-            {"object": "embedding", "index": index, "embedding": result.get("embedding")}
-            for index, result in enumerate(results)
-        ],
-        "model": answer.get("model_id", ""),
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }
-    return checked_embeddings(embeddings, target)
+class Watsonx(WireFormat):
+    """watsonx.ai's own API: its listing needs no key; its calls exchange the key for IAM tokens."""
+
+    name = "watsonx"
+
+    def list_models(self, target, observe):
+        params = {"version": WATSONX_API_VERSION, "limit": 200}
+        document = get_json(target, f"{target.base_url}/ml/v1/foundation_model_specs", observe, params=params)
+        today = date.today()
+        specs = [
+            spec
+            for spec in model_entries(document, "resources")
+            if not (isinstance(spec, dict) and is_withdrawn(spec, today))
+        ]
+        return usable_models(target, specs, spec_model)
+
+    def chat(self, target, model, request, deadline):
+        response, _ = post(target, "/ml/v1/text/chat", model, chat_body(request), deadline)
+        answer = checked_completion(read_json(response, target), target)
+        return openai_completion(answer, "chat.completion", "message")
+
+    def open_chat_stream(self, target, model, request, deadline):
+        response, token = post(target, "/ml/v1/text/chat_stream", model, chat_body(request), deadline)
+
+        def chunks():
+            with closing(response):
+                for answer in json_events(response, target, token):
+                    yield openai_completion(answer, "chat.completion.chunk", "delta")
+
+        return started(chunks(), target)
+
+    def embed(self, target, model, request, deadline):
+        response, _ = post(target, "/ml/v1/text/embeddings", model, {"inputs": embedding_inputs(request)}, deadline)
+        answer = read_json(response, target)
+        results = answer.get("results") if isinstance(answer, dict) else None
+        if not is_list_of_objects(results) or not is_count(answer.get("input_token_count") or 0):
+            raise UpstreamFailure(f"provider {target.provider_id} answered embeddings of an unexpected shape")
+        tokens = answer.get("input_token_count") or 0
+        embeddings = {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": index, "embedding": result.get("embedding")}
+                for index, result in enumerate(results)
+            ],
+            "model": answer.get("model_id", ""),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return checked_embeddings(embeddings, target)

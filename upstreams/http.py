@@ -1,21 +1,22 @@
-"""What every gateway call to an upstream shares: the request, the failures it can meet, the
-answer read within its size cap and checked for shape, the SSE events of a stream, and
-removing the provider's key (and any token) from upstream text.
+"""What every upstream call shares: the one pooled HTTP client, the request and the failures
+it can meet, the answer read within its size cap and checked for shape, the SSE events of
+a stream, and removing the provider's key (and any token) from upstream text.
 
 The caller bounds the socket work by the call's deadline (upstreams/transport.py).
-Each wire format's chat and embeddings live beside its listing (openai.py, watsonx.py).
 """
 
 import base64
 import binascii
 import json
 import re
+import threading
 from contextlib import closing
-from dataclasses import dataclass
 
 import httpx
 
-from upstreams import UpstreamError, http_client, json_of, parse_json, read_capped
+from serving.hub import off_the_hub
+from upstreams.errors import UpstreamError, UpstreamFailure, UpstreamRefusal, UpstreamTimeout
+from upstreams.transport import DeadlineTransport
 
 UPSTREAM_TEXT_LIMIT = 2000  # an upstream error's message, as passed on
 UPSTREAM_FIELD_LIMIT = 200  # its type, param and code
@@ -25,41 +26,57 @@ FLOAT32_MAX = 3.4028234663852886e38
 REDACTED = "[redacted]"
 
 
-@dataclass(frozen=True)
-class Target:
-    """One provider a call may go to, its key opened: no database or app context needed."""
+MAX_LISTING_BYTES = 4 * 1024 * 1024
 
-    provider_id: str
-    type: str
-    base_url: str
-    api_key: str
-    upstream_model: str
-    watsonx_project_id: str | None = None
-    watsonx_space_id: str | None = None
-    watsonx_iam_url: str | None = None  # where a watsonx key is exchanged for tokens
+_client = None
+_client_lock = threading.Lock()
 
 
-class UpstreamFailure(Exception):
-    """This provider could not serve the call; the next provider of the model may."""
+def http_client():
+    global _client
+    with _client_lock:
+        if _client is None:
+            # No cap on connections: the prober's threads bound them, and a probe waiting for a
+            # pooled connection behind black-holed upstreams would fail for their delay.
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=20)
+            # Uncompressed answers: the size cap then counts what the upstream really sent.
+            _client = httpx.Client(
+                transport=DeadlineTransport(limits),
+                headers={"Accept-Encoding": "identity"},
+                follow_redirects=False,
+                trust_env=False,
+            )
+        return _client
 
-    def __init__(self, message, status=502, retry_after=None):
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
+
+def read_capped(response, limit=MAX_LISTING_BYTES):
+    """The answer's body, refused once it is over `limit` bytes (read in chunks, never whole)."""
+    too_large = UpstreamFailure(f"the upstream's answer is over {limit // (1024 * 1024)} MiB (refused)")
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-class UpstreamTimeout(Exception):
-    """The call's deadline passed: no provider is tried after it."""
+def json_of(text, parse_constant=None):
+    """The JSON document in `text` (str or bytes); `parse_constant` as json.loads takes it
+    (listings take NaN, whose entries are then left out; the gateway refuses it)."""
+    try:
+        return json.loads(text, parse_constant=parse_constant)
+    except RecursionError:
+        raise UpstreamFailure("unexpected response from the upstream: JSON nested too deep") from None
+    except ValueError:  # UnicodeDecodeError included
+        raise UpstreamFailure("unexpected response from the upstream: not JSON") from None
 
 
-class UpstreamRefusal(Exception):
-    """The upstream's own 4xx about the request (a bad parameter, context too long): passed
-    on to the client with its status and the upstream's words, the key removed."""
-
-    def __init__(self, status, error):
-        super().__init__(error["message"])
-        self.status = status
-        self.error = error
+def parse_json(body, parse_constant=None):
+    return off_the_hub(json_of, body, parse_constant)  # a few MiB of JSON is milliseconds of CPU
 
 
 def refuse_constant(name):
