@@ -10,6 +10,7 @@ from flask_migrate import Migrate
 
 from access.auth import init_auth
 from access.crypto import KEY_FILE_NAME, cipher
+from api.audit import audit_bp
 from api.configurations import configurations_bp
 from api.docs import apifairy, docs_bp
 from api.errors import errors_bp
@@ -224,7 +225,7 @@ def create_app(settings=None, environ=None):
     app.register_blueprint(openai_bp, url_prefix="/api/v1")
     app.register_blueprint(registry_bp, url_prefix="/api/v1")
     app.register_blueprint(tokens_bp, url_prefix="/api/v1")
-    app.register_blueprint(audit.audit_bp, url_prefix="/api/v1")
+    app.register_blueprint(audit_bp, url_prefix="/api/v1")
     register_commands(app)
     app.extensions["manifest_variables"] = ManifestVariables(environ, is_registry_setting)
     app.extensions["scheduler"] = Scheduler(app)

@@ -73,7 +73,7 @@ def prepare_registry(instance_path, seeded=SEEDED_PROVIDERS):
     from flask_migrate import upgrade
 
     from access.crypto import cipher
-    from api.tokens import create_token
+    from access.tokens import create_token
     from app import create_app
     from models import PROVIDERS, User, db
 

@@ -10,7 +10,7 @@ from difflib import SequenceMatcher
 from flask import current_app
 from werkzeug.exceptions import BadRequest, Conflict, NotFound, ServiceUnavailable
 
-from api.configurations import system_configuration
+from catalog.configuration import system_configuration
 from models import (
     CAPABILITIES_BY_TYPE,
     ModelRef,

@@ -9,6 +9,7 @@ import json
 import logging
 from functools import partial
 
+from api.errors import openai_error_document
 from gateway.call import ChatRequest, call_finished, sentence
 from gateway.routing import served_answer
 from upstreams import UpstreamFailure, UpstreamRefusal, UpstreamTimeout
@@ -56,7 +57,7 @@ def sse(document):
 
 
 def stream_error(message, error_type="api_error", code=None):
-    return sse({"error": {"message": message, "type": error_type, "param": None, "code": code}})
+    return sse(openai_error_document(502, message, code=code, error_type=error_type))
 
 
 def open_stream(call, chat_request, settings):

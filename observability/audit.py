@@ -1,4 +1,4 @@
-"""The audit log: who changed what, and who read a key; GET /api/v1/audit for admins.
+"""The audit log: who changed what, and who read a key (read at GET /api/v1/audit, api/audit.py).
 
 An event is stored with the change it records, or not at all. Its actor is the request's
 user (and token), `cli:<operating system user>` for a command, or `system` for the
@@ -10,16 +10,12 @@ import os
 from datetime import timedelta
 
 import click
-from apifairy import arguments, authenticate, response
-from flask import Blueprint, has_request_context, request
+from flask import has_request_context, request
 
-from access.auth import auth
 from models import db, utcnow
 from observability.logs import REQUEST_ID_KEY, TOKEN_ID_KEY, USER_KEY
-from schemas import AuditEventSchema, AuditQuerySchema, collection
-from storage.audit import delete_events_before, events_page, insert_event
+from storage.audit import delete_events_before, insert_event
 
-audit_bp = Blueprint("audit", __name__)
 SYSTEM_ACTOR = "system"
 
 
@@ -61,23 +57,6 @@ def record(action, target_id=None, changed_fields=(), detail=None, by_system=Fal
     """
     event = {"action": action, "target_id": target_id, "changed_fields": sorted(changed_fields), "detail": detail}
     insert_event(event | actor_fields(by_system))
-
-
-def audit_filter_values(query):
-    return {name: query[name] for name in ("action", "user", "target_id", "since") if name in query}
-
-
-@audit_bp.route("/audit", methods=["GET"])
-@authenticate(auth, role="admin")
-@arguments(AuditQuerySchema)
-@response(collection(AuditEventSchema, paged=True))
-def list_events(query):
-    """List audit events, newest first
-
-    Every change through the API, the CLI and the manifest sync, and every resolve (which
-    hands out a key). `user` is a user name, `cli:<operating system user>` or `system`.
-    """
-    return events_page(audit_filter_values(query), query["limit"], query.get("page_token"))
 
 
 def prune_old_events(app):

@@ -15,8 +15,8 @@ from werkzeug.exceptions import Forbidden
 from werkzeug.security import generate_password_hash
 
 from access.crypto import UnopenableApiKey, cipher
+from access.tokens import create_token, find_owner, revoke_token
 from api.errors import SyncInProgress
-from api.tokens import create_token, find_owner, revoke_token
 from catalog.manifests import sync_manifests
 from models import ROLES, USERNAME_MAX_LENGTH, User, canonical_username, db
 from observability import audit
