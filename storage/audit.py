@@ -3,11 +3,11 @@
 import sqlalchemy as sa
 
 from models import AUDIT_EVENTS, db
-from storage.connections import DirectStatement
+from storage.connections import session_connection
 from storage.paging import NewestFirstPages
 
 # Not an ORM object: the unit of work's flush at commit cost more than the change itself.
-INSERT_EVENT = DirectStatement(sa.insert(AUDIT_EVENTS))
+INSERT_EVENT = sa.insert(AUDIT_EVENTS)
 
 AUDIT_PAGES = NewestFirstPages(
     AUDIT_EVENTS,
@@ -24,7 +24,7 @@ AUDIT_PAGES = NewestFirstPages(
 
 def insert_event(event):
     """Insert an event (a dict of its columns) in the session's transaction."""
-    INSERT_EVENT.write(**event)
+    session_connection().execute(INSERT_EVENT, event)
 
 
 def events_page(filter_values, limit, page_token):

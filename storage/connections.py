@@ -8,7 +8,6 @@ single-row reads, a private compiled fast path); every write goes through the se
 from collections import namedtuple
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 
 import sqlalchemy as sa
 from flask import g, has_app_context
@@ -47,15 +46,15 @@ def one_pooled_connection_per_request(session, transaction):
 
 
 class DirectStatement:
-    """A fixed Core statement with named parameters, run on a DBAPI cursor: compiled once per
+    """A fixed Core read with named parameters, run on a DBAPI cursor: compiled once per
     database (and set of parameter names), its parameters and values converted as SQLAlchemy
-    would convert them, column defaults filled in as SQLAlchemy would fill them, each row
-    made by `make_row` (a named tuple of the returned columns by default).
+    would convert them, each row made by `make_row` (a named tuple of the returned columns by
+    default).
 
     The hot path of every request is one or two reads (its credentials, the provider it
-    names) and, for a change, one or two writes (the row, its audit event). Through
-    SQLAlchemy's execution such a statement costs several times what the driver does with
-    it (bench/README.md); the rest of the statements go through SQLAlchemy.
+    names). Through SQLAlchemy's execution such a read costs several times what the driver
+    does with it (bench/README.md); every other statement, and every write, goes through
+    SQLAlchemy.
     """
 
     def __init__(self, statement, make_row=None):
@@ -75,11 +74,6 @@ class DirectStatement:
             return self._first(dbapi_connection, engine.dialect, parameters)
         finally:
             lookup_connections.give_back(dbapi_connection)
-
-    def write(self, **parameters):
-        """Run a write in the session's transaction (begun when none is): the first row it
-        returns, or None."""
-        return self._first(session_writing(), db.engine.dialect, parameters)
 
     def _first(self, dbapi_connection, dialect, parameters):
         compiled = self._compiled_for(dialect, parameters)
@@ -109,7 +103,6 @@ class CompiledStatement:
     parameter_names: tuple  # in the order of a positional paramstyle's placeholders
     positional: bool
     fixed_values: dict  # parameter name -> the value the statement holds (a literal)
-    defaults: dict  # parameter name -> function giving the column default an INSERT or UPDATE fills in
     bind_processors: dict  # parameter name -> function or None
     result_processors: tuple  # per returned column: function or None
 
@@ -123,8 +116,6 @@ class CompiledStatement:
             tuple(names),
             compiled.positiontup is not None,
             {name: bind.value for name, bind in binds.items() if not bind.required},
-            {column.key: default_of(column.default) for column in compiled.insert_prefetch}
-            | {column.key: default_of(column.onupdate) for column in compiled.update_prefetch},
             {name: bind.type.dialect_impl(dialect).bind_processor(dialect) for name, bind in binds.items()},
             tuple(
                 column.type.dialect_impl(dialect).result_processor(dialect, None)
@@ -133,7 +124,7 @@ class CompiledStatement:
         )
 
     def driver_parameters(self, parameters):
-        values = self.fixed_values | {name: default() for name, default in self.defaults.items()} | parameters
+        values = self.fixed_values | parameters
         converted = {
             name: value if (process := self.bind_processors[name]) is None else process(value)
             for name, value in ((name, values[name]) for name in self.parameter_names)
@@ -147,11 +138,10 @@ class CompiledStatement:
         ]
 
 
-def default_of(column_default):
-    """A column default (scalar or function) as a function of no arguments."""
-    if column_default.is_callable:
-        return partial(column_default.arg, None)  # SQLAlchemy's wrapper of a function takes a context
-    return lambda: column_default.arg
+def session_connection():
+    """The session's connection, its transaction begun when none is: Core writes run on it, in
+    the transaction of the session's other changes, without the ORM's unit of work."""
+    return db.session.connection()
 
 
 def session_writing():

@@ -21,20 +21,19 @@ from models import (
     providers_of,
     utcnow,
 )
-from storage.connections import DirectStatement, read_connection
+from storage.connections import DirectStatement, read_connection, session_connection
 from storage.paging import NewestFirstPages
 
 PROVIDER_BY_ID = DirectStatement(PROVIDER_ROWS.where(PROVIDERS.c.id == sa.bindparam("provider_id")), Provider)
 PROVIDER_ID_BY_BASE_URL = DirectStatement(
     sa.select(PROVIDERS.c.id).where(PROVIDERS.c.base_url == sa.bindparam("base_url"))
 )
-INSERT_PROVIDER = DirectStatement(sa.insert(PROVIDERS).returning(*PROVIDER_COLUMNS), Provider)
-EDIT_PROVIDER = DirectStatement(
+INSERT_PROVIDER = sa.insert(PROVIDERS).returning(*PROVIDER_COLUMNS)
+EDIT_PROVIDER = (
     sa.update(PROVIDERS)
     .where(PROVIDERS.c.id == sa.bindparam("provider_id"), PROVIDERS.c.version == sa.bindparam("read_version"))
     .values(version=PROVIDERS.c.version + 1)
-    .returning(*PROVIDER_COLUMNS),
-    Provider,
+    .returning(*PROVIDER_COLUMNS)
 )
 # Written without an edit: version and updated_at keep their values.
 UNEDITED = {"updated_at": PROVIDERS.c.updated_at}
@@ -53,7 +52,7 @@ def owner_of_base_url(base_url):
 
 def insert_provider(values):
     """Insert a provider in the session's transaction; the provider as written."""
-    return INSERT_PROVIDER.write(**values)
+    return provider_of(session_connection().execute(INSERT_PROVIDER, values))
 
 
 def insert_providers(values_of_providers):
@@ -63,7 +62,8 @@ def insert_providers(values_of_providers):
 def edit_provider(provider_id, read_version, values):
     """Store an edit of the provider in the session's transaction, if it is still at
     `read_version`: the provider as written, or None when it was changed or deleted meanwhile."""
-    return EDIT_PROVIDER.write(**values, provider_id=provider_id, read_version=read_version)
+    parameters = {**values, "provider_id": provider_id, "read_version": read_version}
+    return provider_of(session_connection().execute(EDIT_PROVIDER, parameters))
 
 
 def remove_provider(provider_id, read_version=None):
