@@ -2,14 +2,17 @@
 what they serve, and whether they answer."""
 
 import logging
+import math
 import os
 
 from alembic.script import ScriptDirectory
 from flask import Flask
 from flask_migrate import Migrate
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from access.auth import init_auth
 from access.crypto import KEY_FILE_NAME, cipher
+from access.limits import init_limits
 from api.audit import audit_bp
 from api.configurations import configurations_bp
 from api.docs import apifairy, docs_bp
@@ -30,6 +33,7 @@ from schemas import ma
 from serving.cli import register_commands
 from storage.connections import close_read_connection
 from storage.sqlite import prepare_sqlite
+from upstreams.http import cap_gateway_connections
 
 log = logging.getLogger("registry")
 migrate = Migrate()
@@ -40,6 +44,7 @@ MAX_BODY_BYTES = 64 * 1024
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
 ENSURE_SYNC_MEMORY = 1024  # far more hooks, views and callbacks than the registry has
+DEFAULT_WORKER_CONNECTIONS = 1000  # gunicorn.conf.py's default too
 
 
 # The registry's own settings besides REGISTRY_*: read here, in gunicorn.conf.py (and by gunicorn
@@ -123,11 +128,17 @@ def settings_over(environ, settings):
     return merged
 
 
+def gateway_share(worker_connections):
+    """Gateway calls one worker takes at once: its connections but a fifth, kept for the other routes."""
+    return max(1, worker_connections - math.ceil(worker_connections / 5))
+
+
 def load_config(environ):
     """Configuration from the environment (or the settings given to create_app), read once."""
     instance_path = os.path.abspath(environ.get("REGISTRY_INSTANCE_PATH") or os.path.join(HERE, "instance"))
     database_url = environ.get("DATABASE_URL") or f"sqlite:///{instance_path}/registry.db"
     audit_retention_days = read_number(environ, "REGISTRY_AUDIT_RETENTION_DAYS", 90.0, float)
+    worker_connections = max(1, read_number(environ, "GUNICORN_WORKER_CONNECTIONS", DEFAULT_WORKER_CONNECTIONS))
     return {
         "INSTANCE_PATH": instance_path,
         "SQLALCHEMY_DATABASE_URI": database_url,
@@ -137,6 +148,9 @@ def load_config(environ):
         "VERIFY_ON_CREATE": read_bool(environ, "REGISTRY_VERIFY_ON_CREATE", True),
         "UPSTREAM_TIMEOUT": read_number(environ, "REGISTRY_UPSTREAM_TIMEOUT", 10.0, float),
         "GATEWAY_TIMEOUT": read_number(environ, "REGISTRY_GATEWAY_TIMEOUT", 600.0, float),
+        "DEFAULT_MAX_PARALLEL": max(1, read_number(environ, "REGISTRY_DEFAULT_MAX_PARALLEL", 32)),
+        "GATEWAY_CALLS_PER_WORKER": gateway_share(worker_connections),
+        "PROXY_HOPS": read_number(environ, "REGISTRY_PROXY_HOPS", 0),
         "WATSONX_IAM_URL": environ.get("REGISTRY_WATSONX_IAM_URL") or "https://iam.cloud.ibm.com/identity/token",
         "PROBE_INTERVAL": read_number(environ, "REGISTRY_PROBE_INTERVAL", 60.0, float),
         "PROBE_FAILURES": max(1, read_number(environ, "REGISTRY_PROBE_FAILURES", 2)),
@@ -205,6 +219,9 @@ def create_app(settings=None, environ=None):
     app = Registry(__name__, instance_path=config.pop("INSTANCE_PATH"))
     app.config.update(config, SCHEMA_HEAD=schema_head())
     app.json.sort_keys = False
+    if app.config["PROXY_HOPS"]:
+        # The client's address (login limits, audit, logs) from X-Forwarded-For, that many proxies back.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=app.config["PROXY_HOPS"], x_proto=0, x_host=0, x_prefix=0)
     app.wsgi_app = RequestIds(app.wsgi_app)
     os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
 
@@ -215,7 +232,9 @@ def create_app(settings=None, environ=None):
     apifairy.init_app(app)
     cipher.init_app(app)
     init_auth(app)
+    init_limits(app)
     init_metrics(app)
+    cap_gateway_connections(app.config["GATEWAY_CALLS_PER_WORKER"])
 
     app.register_blueprint(errors_bp)
     app.register_blueprint(health_bp)

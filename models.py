@@ -385,6 +385,89 @@ class ApiToken(db.Model):
     created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
     expires_at = sa.Column(sa.DateTime)
     last_used_at = sa.Column(sa.DateTime)
+    # Its limits (access/limits.py), each null for none.
+    requests_per_minute = sa.Column(sa.Integer)
+    tokens_per_minute = sa.Column(sa.Integer)
+    tokens_per_day = sa.Column(sa.Integer)
+    max_parallel = sa.Column(sa.Integer)
+
+
+TOKENS = ApiToken.__table__
+LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "max_parallel")
+LIMIT_COLUMNS = tuple(TOKENS.c[name] for name in LIMIT_NAMES)
+
+
+@dataclass(frozen=True)
+class TokenLimits:
+    """A token's limits, each an int or None (no limit)."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    max_parallel: int | None = None
+
+    @classmethod
+    def of(cls, values):
+        """The limits in `values` (a mapping or a row with the limit names), None for those absent."""
+        read = values.get if isinstance(values, dict) else lambda name: getattr(values, name, None)
+        return cls(*(read(name) for name in LIMIT_NAMES))
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in LIMIT_NAMES}
+
+    def __bool__(self):
+        return any(getattr(self, name) is not None for name in LIMIT_NAMES)
+
+    @property
+    def counts_tokens(self):
+        return self.tokens_per_minute is not None or self.tokens_per_day is not None
+
+    def looser_than(self, ceiling):
+        """The names of the limits set here above the ceiling's (nothing is above no limit)."""
+        pairs = ((name, getattr(self, name), getattr(ceiling, name)) for name in LIMIT_NAMES)
+        return [name for name, value, bound in pairs if None not in (value, bound) and value > bound]
+
+    def within(self, ceiling):
+        """These limits with each one left unset taken from the ceiling."""
+        return TokenLimits.of(
+            {name: getattr(ceiling if getattr(self, name) is None else self, name) for name in LIMIT_NAMES}
+        )
+
+
+class LimitAdmission(db.Model):
+    """A call of a token with requests_per_minute or max_parallel, admitted within them: the
+    requests of the last minute are these rows, the calls in flight those whose slot has
+    not expired (its call ended: null; its process died: it expires)."""
+
+    __tablename__ = "limit_admissions"
+    __table_args__ = (
+        sa.Index("ix_limit_admissions_token_admitted", "token_id", "admitted_at"),
+        sa.Index("ix_limit_admissions_token_slot", "token_id", "slot_expires_at"),
+    )
+
+    id = sa.Column(sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True)
+    token_id = sa.Column(sa.String(36), sa.ForeignKey("api_tokens.id", ondelete="CASCADE"), nullable=False)
+    admitted_at = sa.Column(sa.DateTime, nullable=False)
+    slot_expires_at = sa.Column(sa.DateTime)
+
+
+LIMIT_ADMISSIONS = LimitAdmission.__table__
+
+
+class LimitTokens(db.Model):
+    """Tokens (input + output) the calls of a limited token used, by the second (`span` 1)
+    and by the minute (`span` 60) in which each call ended: a window's tokens are the sum of
+    at most 61 or 1441 rows, however many calls there were."""
+
+    __tablename__ = "limit_tokens"
+
+    token_id = sa.Column(sa.String(36), sa.ForeignKey("api_tokens.id", ondelete="CASCADE"), primary_key=True)
+    span = sa.Column(sa.Integer, primary_key=True)
+    starts_at = sa.Column(sa.DateTime, primary_key=True)
+    tokens = sa.Column(sa.BigInteger, nullable=False)
+
+
+LIMIT_TOKENS = LimitTokens.__table__
 
 
 class AuditEvent(db.Model):

@@ -30,6 +30,7 @@ BASE_URL_MAX_LENGTH = 2083
 API_KEY_MAX_LENGTH = 8192
 WATSONX_ID_FIELDS = ("watsonx_project_id", "watsonx_space_id")
 MAX_TOKEN_DAYS = 3650
+MAX_LIMIT = 2**31 - 1  # the columns are 32-bit integers
 
 
 def read_body():
@@ -568,6 +569,29 @@ def printable(text):
         raise ValidationError("Must not hold control or format characters, or line breaks.")
 
 
+LIMIT_DESCRIPTIONS = {
+    "requests_per_minute": "Calls admitted in any 60 seconds",
+    "tokens_per_minute": "Calls admitted while the tokens (input + output) of the last 60 seconds are below this",
+    "tokens_per_day": "Calls admitted while the tokens (input + output) of the last 24 hours are below this",
+    "max_parallel": "Calls in flight at once (none: REGISTRY_DEFAULT_MAX_PARALLEL per worker)",
+}
+
+
+def limit_field(name):
+    return fields.Integer(
+        allow_none=True, validate=Range(1, MAX_LIMIT), strict=True, metadata={"description": LIMIT_DESCRIPTIONS[name]}
+    )
+
+
+class TokenLimitsSchema(ma.Schema):
+    """A token's gateway limits, each null (or absent) for none."""
+
+    requests_per_minute = limit_field("requests_per_minute")
+    tokens_per_minute = limit_field("tokens_per_minute")
+    tokens_per_day = limit_field("tokens_per_day")
+    max_parallel = limit_field("max_parallel")
+
+
 class TokenCreateSchema(ma.Schema):
     name = Text(required=True, validate=[Length(1, 255), printable], metadata={"description": "What the token is for"})
     role = fields.String(
@@ -578,6 +602,18 @@ class TokenCreateSchema(ma.Schema):
     )
     user = Text(
         validate=Length(1, 255), metadata={"description": "Owner's user name (admin only); default: the caller"}
+    )
+    limits = fields.Nested(
+        TokenLimitsSchema,
+        metadata={"description": "Its gateway limits; made with a token: none looser than that token's (default: its)"},
+    )
+
+
+class TokenChangesSchema(ma.Schema):
+    limits = fields.Nested(
+        TokenLimitsSchema,
+        required=True,
+        metadata={"description": "The limits to change: a limit given is set (null: none), one left out is kept"},
     )
 
 
@@ -591,6 +627,7 @@ class TokenSchema(DirectDumpSchema):
     last_used_at = Timestamp(
         allow_none=True, required=True, metadata={"description": "Last use, to within a minute; null before the first"}
     )
+    limits = fields.Nested(TokenLimitsSchema, required=True)
 
 
 class NewTokenSchema(TokenSchema):

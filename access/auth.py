@@ -22,6 +22,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from api.errors import problem
 from models import (
+    TokenLimits,
     canonical_username,
     lower_role,
     roles_up_to,
@@ -51,6 +52,7 @@ class Caller(NamedTuple):
     username: str
     role: str  # what this request may do: the user's role, or the token's (at most its owner's)
     token_id: str | None = None
+    limits: TokenLimits | None = None  # the token's gateway limits, when it has any
 
 
 class BasicOrBearerAuth(HTTPBasicAuth):
@@ -296,7 +298,7 @@ def verify_token(token):
     state.verified_tokens.put(digest, True)
     note_token_use(row, now)
     remember_user(row.username, row.id)
-    return Caller(row.user_id, row.username, lower_role(row.role, row.user_role), row.id)
+    return Caller(row.user_id, row.username, lower_role(row.role, row.user_role), row.id, TokenLimits.of(row) or None)
 
 
 @auth.get_user_roles

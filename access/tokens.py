@@ -7,6 +7,7 @@ from werkzeug.exceptions import Forbidden
 from models import (
     ROLES,
     ApiToken,
+    TokenLimits,
     canonical_username,
     db,
     is_canonical_id,
@@ -17,7 +18,7 @@ from models import (
     utcnow,
 )
 from observability import audit
-from storage.tokens import add_token, delete_token
+from storage.tokens import add_token, delete_token, set_token_limits, shown_token_by_id
 from storage.users import user_named
 
 
@@ -26,11 +27,28 @@ def find_owner(username):
     return user_named(canonical_username(username))
 
 
-def create_token(owner, name, role=None, expires_in_days=None, made_with=None):
+def limits_within_maker(limits, made_with):
+    """The new token's limits: those asked for, each one not asked for taken from the token
+    it is made with; one above that token's is refused."""
+    if made_with is None:
+        return limits
+    ceiling = TokenLimits.of(made_with)
+    looser = limits.looser_than(ceiling)
+    if looser:
+        bounds = ", ".join(f"{name} at most {getattr(ceiling, name)}" for name in looser)
+        raise Forbidden(f"A token made with a token has limits no looser than it: {bounds}.")
+    return limits.within(ceiling)
+
+
+def limit_field_names(limits):
+    return [f"limits.{name}" for name, value in limits.as_dict().items() if value is not None]
+
+
+def create_token(owner, name, role=None, expires_in_days=None, made_with=None, limits=None):
     """A new token of `owner` (a User) as its answer, secret included; its role at most the
-    owner's. One `made_with` another token (an ApiToken) has at most that token's role and
-    expires no later than it (by default when it does), so a token cannot outlast or
-    outrank the token that made it."""
+    owner's. One `made_with` another token (an ApiToken) has at most that token's role,
+    expires no later than it (by default when it does) and has limits no looser than its
+    (by default its), so a token cannot outlast, outrank or outspend the token that made it."""
     ceiling = owner.role if made_with is None else lower_role(owner.role, made_with.role)
     role = role or ceiling
     if ROLES.index(role) > ROLES.index(owner.role):
@@ -43,6 +61,7 @@ def create_token(owner, name, role=None, expires_in_days=None, made_with=None):
         if expires_at is not None and expires_at > made_with.expires_at:
             raise Forbidden(f"A token made with a token expires no later than it: {made_with.expires_at.isoformat()}Z.")
         expires_at = expires_at or made_with.expires_at
+    limits = limits_within_maker(limits or TokenLimits(), made_with)
     secret = new_token_secret()
     token = ApiToken(
         id=new_id(),
@@ -52,9 +71,11 @@ def create_token(owner, name, role=None, expires_in_days=None, made_with=None):
         digest=token_digest(secret),
         created_at=created_at,
         expires_at=expires_at,
+        **limits.as_dict(),
     )
     add_token(token)
-    audit.record("token.create", token.id, ["name", "role", "expires_at"], detail=f"for {owner.username}, role {role}")
+    changed = ["name", "role", "expires_at", *limit_field_names(limits)]
+    audit.record("token.create", token.id, changed, detail=f"for {owner.username}, role {role}")
     db.session.commit()
     return {
         "id": token.id,
@@ -64,8 +85,23 @@ def create_token(owner, name, role=None, expires_in_days=None, made_with=None):
         "created_at": token.created_at,
         "expires_at": token.expires_at,
         "last_used_at": None,
+        "limits": limits,
         "token": secret,
     }
+
+
+def change_token_limits(token_id, changes):
+    """Set the limits named in `changes` (a mapping; None: no limit), keep the others; the token
+    as listed, or None when there is no such token."""
+    token = shown_token_by_id(token_id) if is_canonical_id(token_id) else None
+    if token is None:
+        return None
+    limits = TokenLimits.of(token.limits.as_dict() | changes)
+    set_token_limits(token_id, limits)
+    changed = [f"limits.{name}" for name in changes if changes[name] != getattr(token.limits, name)]
+    audit.record("token.update", token_id, changed)
+    db.session.commit()
+    return token._replace(limits=limits)
 
 
 def revoke_token(token_id, owner_id=None):

@@ -103,6 +103,16 @@ class GatewayError(Exception):
         self.headers = headers or {}
 
 
+class LimitExceeded(GatewayError):
+    """A gateway call refused by a limit before any provider was called: 429 for the caller's
+    own limits, 503 when the worker has no room for another call; `limit` names the limit."""
+
+    def __init__(self, status, message, limit, retry_after, error_type=None):
+        code = "rate_limit_exceeded" if status == 429 else None
+        super().__init__(status, message, code=code, error_type=error_type, headers={"Retry-After": str(retry_after)})
+        self.limit = limit
+
+
 class SyncInProgress(Exception):
     """Another process holds the manifest sync lease and did not finish in time."""
 

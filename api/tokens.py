@@ -6,9 +6,16 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import Forbidden, NotFound
 
 from access.auth import auth
-from access.tokens import create_token, find_owner, revoke_token
-from models import canonical_username
-from schemas import NewTokenSchema, TokenCreateSchema, TokenSchema, TokensQuerySchema, collection
+from access.tokens import change_token_limits, create_token, find_owner, revoke_token
+from models import TokenLimits, canonical_username
+from schemas import (
+    NewTokenSchema,
+    TokenChangesSchema,
+    TokenCreateSchema,
+    TokenSchema,
+    TokensQuerySchema,
+    collection,
+)
 from storage.tokens import token_by_id, tokens_page
 from storage.users import user_by_id
 
@@ -40,8 +47,11 @@ def create(request_fields):
     The answer holds the secret (`token`, sent as `Authorization: Bearer <token>`); it is
     shown this once, since the registry keeps only a digest of it. The token acts with its
     role, never more than its owner's current role. A token made with another token (sent
-    as the Bearer credential) has at most that token's role and expires no later than it
-    (by default, when it does).
+    as the Bearer credential) has at most that token's role, expires no later than it (by
+    default, when it does) and has limits no looser than its (by default, its limits).
+
+    `limits` bounds its gateway calls: a call over one is refused with 429 and Retry-After
+    before any provider is called.
     """
     caller = auth.current_user()
     owner = owner_for(caller, request_fields.get("user"))
@@ -56,6 +66,7 @@ def create(request_fields):
         request_fields.get("role"),
         request_fields.get("expires_in_days"),
         made_with=made_with,
+        limits=TokenLimits.of(request_fields.get("limits") or {}),
     )
 
 
@@ -78,6 +89,23 @@ def list_all(query):
         username = caller.username
     filter_values = {"user": username} if username else {}
     return tokens_page(filter_values, query["limit"], query.get("page_token"))
+
+
+@tokens_bp.route("/tokens/<token_id>", methods=["PATCH"])
+@authenticate(auth, role="admin")
+@body(TokenChangesSchema)
+@response(TokenSchema)
+@other_responses({404: "No such token"})
+def update(changes, token_id):
+    """Change an API token's limits (admin)
+
+    Each limit given is set (null: no limit), each one left out is kept. The calls already
+    admitted count against the new limits.
+    """
+    token = change_token_limits(token_id, changes["limits"])
+    if token is None:
+        raise NotFound(f"No token has id {token_id!r}.")
+    return token._asdict()  # a tuple would be taken for (body, status, headers)
 
 
 @tokens_bp.route("/tokens/<token_id>", methods=["DELETE"])

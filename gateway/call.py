@@ -60,12 +60,13 @@ class GatewayCall:
     stream: bool = False
     provider_type: str = ""
     provider_id: str | None = None
-    outcome: str = "ok"  # ok, client_error, not_found, unavailable, upstream_error, timeout or cancelled
+    outcome: str = "ok"  # ok, client_error, not_found, unavailable, upstream_error, timeout, cancelled or limited
     indexed: bool = False  # the model is one the registry knows (else `model` is whatever was sent)
     started: float = field(default_factory=time.monotonic)
     first_chunk_after: float | None = None
     usage: dict | None = None
     log_fields: dict = field(default_factory=request_log_fields)
+    admission: object = None  # its place within the caller's limits (access/limits.py), given back at its end
 
     def served_by(self, target):
         self.provider_id = target.provider_id
@@ -77,7 +78,10 @@ class GatewayCall:
 
 def call_finished(call):
     """The one place where a call's outcome, latency, time to first chunk and usage are all
-    known: counted in the metrics (the model as the index knows it, else unknown) and logged."""
+    known: counted in the metrics (the model as the index knows it, else unknown) and logged,
+    and its place within its caller's limits given back."""
+    if call.admission is not None:
+        call.admission.end(call.usage)
     latency = time.monotonic() - call.started
     model_id = call.model if call.indexed else None
     record_gateway_call(call.provider_type, model_id, call.outcome, latency, call.first_chunk_after, call.usage)

@@ -14,7 +14,8 @@ from functools import partial
 from werkzeug.exceptions import NotFound, ServiceUnavailable
 
 from access.crypto import UnopenableApiKey
-from api.errors import GatewayError
+from access.limits import admit
+from api.errors import GatewayError, LimitExceeded
 from catalog.index import provider_target, providers_serving
 from gateway.call import call_finished, sentence
 from models import CAPABILITIES_BY_TYPE, ModelRef
@@ -68,6 +69,7 @@ def route(call, capability):
     target made (its key opened) when its turn comes; the database let go."""
     parsed = parse_model_ref(call.model, capability)
     call.provider_type = parsed.type
+    admit(call)
     try:
         providers = serving_providers(parsed)
     except GatewayError as error:
@@ -128,8 +130,11 @@ def first_answer(targets, attempt, call, deadline):
     raise every_provider_failed(failures)
 
 
-def outcome_of_refusal(status):
-    """How the metrics name a call answered with this error status."""
+def outcome_of_refusal(error):
+    """How the metrics name a call answered with this error."""
+    if isinstance(error, LimitExceeded):
+        return "limited"
+    status = error.status
     named = {404: "not_found", 503: "unavailable", 504: "timeout", 502: "upstream_error", 429: "upstream_error"}
     return named.get(status, "client_error" if status < 500 else "upstream_error")
 
@@ -140,7 +145,7 @@ def counted_if_refused(call):
     try:
         yield
     except GatewayError as error:
-        call.outcome = outcome_of_refusal(error.status)
+        call.outcome = outcome_of_refusal(error)
         call_finished(call)
         raise
 

@@ -33,7 +33,24 @@ own_metrics = CollectorRegistry(auto_describe=True)
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 UNMATCHED_ROUTE = "unmatched"
 UNKNOWN = "unknown"
-GATEWAY_OUTCOMES = ("ok", "client_error", "not_found", "unavailable", "upstream_error", "timeout", "cancelled")
+GATEWAY_OUTCOMES = (
+    "ok",
+    "client_error",
+    "not_found",
+    "unavailable",
+    "upstream_error",
+    "timeout",
+    "cancelled",
+    "limited",
+)
+REFUSAL_LIMITS = (
+    "requests_per_minute",
+    "tokens_per_minute",
+    "tokens_per_day",
+    "max_parallel",
+    "default_max_parallel",
+    "worker_capacity",
+)
 TOKEN_KINDS = ("prompt", "completion")
 LONG_CALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -94,6 +111,12 @@ GATEWAY_TOKENS = Counter(
     "registry_gateway_tokens",
     "Tokens the upstreams reported for gateway calls, by provider type, model and kind (prompt or completion).",
     ("type", "model", "kind"),
+    registry=own_metrics,
+)
+GATEWAY_REFUSALS = Counter(
+    "registry_gateway_refusals",
+    "Gateway calls refused before any provider was called, by the limit that refused them.",
+    ("limit",),
     registry=own_metrics,
 )
 
@@ -180,6 +203,11 @@ def record_gateway_call(provider_type, model_id, outcome, seconds, time_to_first
         tokens = (usage or {}).get(f"{kind}_tokens")
         if isinstance(tokens, int) and tokens > 0:
             GATEWAY_TOKENS.labels(*labels, kind).inc(tokens)
+
+
+def record_gateway_refusal(limit):
+    """Count a gateway call refused by a limit (one of REFUSAL_LIMITS)."""
+    GATEWAY_REFUSALS.labels(known_or_unknown(limit, REFUSAL_LIMITS)).inc()
 
 
 # The scrape

@@ -27,7 +27,27 @@ class RefusalRecorder:
         return (int(status), reason) if status.isdigit() else (500, "Internal Server Error")
 
 
+def closing_when_asked(wsgi_app, close_connection_key):
+    """The app, with the connection closed after an answer whose environ asks so: gunicorn
+    drops a Connection header the app sets, and keeps the connection unless its own
+    response (start_response's object) is made to close."""
+
+    def app(environ, start_response):
+        body = wsgi_app(environ, start_response)
+        if environ.get(close_connection_key):
+            start_response.__self__.force_close()
+        return body
+
+    return app
+
+
 class RegistryWorker(GeventWorker):
+    def load_wsgi(self):
+        super().load_wsgi()
+        from access.limits import CLOSE_CONNECTION_KEY  # an app module: imported once gevent has patched
+
+        self.wsgi = closing_when_asked(self.wsgi, CLOSE_CONNECTION_KEY)
+
     def handle_error(self, req, client, addr, exc):
         """gunicorn's refusals (414, 431, a request line that is not HTTP) as problem documents.
 

@@ -1,16 +1,16 @@
 """API tokens: the lookup every Bearer request makes, its usage time, and the tokens' list."""
 
 import logging
+from collections import namedtuple
 
 import sqlalchemy as sa
 
-from models import USERS, ApiToken, db
-from storage.connections import DirectStatement
+from models import LIMIT_COLUMNS, TOKENS, USERS, ApiToken, TokenLimits, db
+from storage.connections import DirectStatement, read_connection, session_connection
 from storage.paging import NewestFirstPages
 
 log = logging.getLogger(__name__)
 
-TOKENS = ApiToken.__table__
 # An unknown, revoked (deleted) and expired token all find no row, by the same indexed lookup.
 TOKEN_BY_DIGEST = DirectStatement(
     sa.select(
@@ -20,6 +20,7 @@ TOKEN_BY_DIGEST = DirectStatement(
         USERS.c.id.label("user_id"),
         USERS.c.username,
         USERS.c.role.label("user_role"),
+        *LIMIT_COLUMNS,
     )
     .join_from(TOKENS, USERS, TOKENS.c.user_id == USERS.c.id)
     .where(
@@ -35,28 +36,37 @@ NOTE_TOKEN_USE = (
     )
     .values(last_used_at=sa.bindparam("now"))
 )
+SHOWN_COLUMNS = (
+    TOKENS.c.id,
+    TOKENS.c.name,
+    USERS.c.username.label("user"),
+    TOKENS.c.role,
+    TOKENS.c.created_at,
+    TOKENS.c.expires_at,
+    TOKENS.c.last_used_at,
+)
+ShownToken = namedtuple("ShownToken", [column.name for column in SHOWN_COLUMNS] + ["limits"])
+
+
+def shown_token(row):
+    """A token as listed: its columns, and its limits as one TokenLimits."""
+    return ShownToken(*row[: len(SHOWN_COLUMNS)], TokenLimits.of(row))
+
+
 TOKEN_PAGES = NewestFirstPages(
     TOKENS,
-    sa.select(
-        TOKENS.c.id,
-        TOKENS.c.name,
-        USERS.c.username.label("user"),
-        TOKENS.c.role,
-        TOKENS.c.created_at,
-        TOKENS.c.expires_at,
-        TOKENS.c.last_used_at,
-    ).join_from(TOKENS, USERS, TOKENS.c.user_id == USERS.c.id),
+    sa.select(*SHOWN_COLUMNS, *LIMIT_COLUMNS).join_from(TOKENS, USERS, TOKENS.c.user_id == USERS.c.id),
     {
         "user": TOKENS.c.user_id
         == sa.select(USERS.c.id).where(USERS.c.username == sa.bindparam("user")).correlate(None).scalar_subquery()
     },
-    lambda row: row,  # a Row: the schema and the page token read its attributes
+    shown_token,  # the schema and the page token read its attributes
 )
 
 
 def valid_token(digest, now):
-    """(id, role, last_used_at, user_id, username, user_role) of the unexpired token with
-    this digest, or None."""
+    """(id, role, last_used_at, user_id, username, user_role, and its limits) of the unexpired
+    token with this digest, or None."""
     return TOKEN_BY_DIGEST.first(digest=digest, now=now)
 
 
@@ -74,6 +84,17 @@ def record_token_use(token_id, now, stale_before):
 
 def tokens_page(filter_values, limit, page_token):
     return TOKEN_PAGES.page(filter_values, limit, page_token)
+
+
+def shown_token_by_id(token_id):
+    """The token with this id as listed, or None."""
+    row = read_connection().execute(TOKEN_PAGES.rows.where(TOKENS.c.id == token_id)).first()
+    return None if row is None else shown_token(row)
+
+
+def set_token_limits(token_id, limits):
+    """Store the token's limits (a TokenLimits) in the session's transaction."""
+    session_connection().execute(sa.update(TOKENS).where(TOKENS.c.id == token_id).values(limits.as_dict()))
 
 
 def token_by_id(token_id):

@@ -49,7 +49,7 @@ def change_token(app, token_id, **values):
 
 def test_a_new_token_is_shown_once_and_works_as_bearer(app, reader):
     created = new_token(reader, expires_in_days=30)
-    assert set(created) == {"id", "name", "user", "role", "created_at", "expires_at", "last_used_at", "token"}
+    assert set(created) == {"id", "name", "user", "role", "created_at", "expires_at", "last_used_at", "limits", "token"}
     assert created["user"] == "reader" and created["role"] == "reader" and created["last_used_at"] is None
     assert created["token"].startswith("mpr_") and len(created["token"]) >= 4 + 43  # 256 bits in base64url
     assert created["expires_at"].endswith("Z") and created["created_at"] < created["expires_at"]

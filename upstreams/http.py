@@ -27,26 +27,56 @@ REDACTED = "[redacted]"
 
 
 MAX_LISTING_BYTES = 4 * 1024 * 1024
+# Listings, probes and manifest fetches at once: a probe round's threads (jobs/prober.py) each
+# need a connection, so that none waits for one behind black-holed upstreams.
+LISTING_CONNECTIONS = 1000
+DEFAULT_GATEWAY_CONNECTIONS = 800
 
-_client = None
-_client_lock = threading.Lock()
+
+class Clients:
+    """The process's two pools: the gateway's, capped at the calls a worker lets in at once
+    (access/limits.py), and the listings' own, so that model calls never starve a probe."""
+
+    def __init__(self):
+        self.gateway_connections = DEFAULT_GATEWAY_CONNECTIONS
+        self._clients = {}
+        self._lock = threading.Lock()
+
+    def get(self, purpose):
+        with self._lock:
+            if purpose not in self._clients:
+                cap = self.gateway_connections if purpose == "gateway" else LISTING_CONNECTIONS
+                self._clients[purpose] = new_client(cap)
+            return self._clients[purpose]
+
+
+def new_client(max_connections):
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=20)
+    # Uncompressed answers: the size cap then counts what the upstream really sent.
+    return httpx.Client(
+        transport=DeadlineTransport(limits),
+        headers={"Accept-Encoding": "identity"},
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+clients = Clients()
+
+
+def cap_gateway_connections(max_connections):
+    """The gateway pool's cap in this process (create_app gives a worker's gateway share)."""
+    clients.gateway_connections = max_connections
 
 
 def http_client():
-    global _client
-    with _client_lock:
-        if _client is None:
-            # No cap on connections: the prober's threads bound them, and a probe waiting for a
-            # pooled connection behind black-holed upstreams would fail for their delay.
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=20)
-            # Uncompressed answers: the size cap then counts what the upstream really sent.
-            _client = httpx.Client(
-                transport=DeadlineTransport(limits),
-                headers={"Accept-Encoding": "identity"},
-                follow_redirects=False,
-                trust_env=False,
-            )
-        return _client
+    """The client of listings, probes and manifest fetches."""
+    return clients.get("listing")
+
+
+def gateway_client():
+    """The client of model calls."""
+    return clients.get("gateway")
 
 
 def read_capped(response, limit=MAX_LISTING_BYTES):
@@ -203,7 +233,7 @@ def open_response(target, method, url, deadline, *, headers=None, json_body=None
 
     Retries are ours (the failover to the next provider), never the HTTP client's.
     """
-    client = http_client()
+    client = gateway_client()
     request = client.build_request(
         method, url, headers=headers, json=json_body, params=params, data=data, timeout=deadline.timeout
     )
