@@ -24,6 +24,7 @@ import time
 import httpx
 import pytest
 import sqlalchemy as sa
+from cryptography.fernet import Fernet
 from flask_migrate import upgrade
 from werkzeug.security import generate_password_hash
 
@@ -40,6 +41,9 @@ TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
 SQLITE_ONLY = pytest.mark.skipif(bool(TEST_DATABASE_URL), reason="SQLite's own behaviour; PostgreSQL has none of it")
 # Instance folder -> its own PostgreSQL database; a folder not listed uses its SQLite file.
 DATABASE_URLS = {}
+
+# Instances on one database share their encryption key, as docs/storage.md says they must.
+SHARED_ENCRYPTION_KEY = Fernet.generate_key().decode()
 
 # Tests that use these start gunicorn: they are marked `server` (and so `slow`) here.
 SERVER_FIXTURES = {"start_gunicorn", "start_instances"}
@@ -364,6 +368,31 @@ class Gunicorn:
         if self.process.poll() is None:
             os.killpg(self.process.pid, sig)
             self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def start_instances(tmp_path):
+    """Start `count` instances at the same moment on one database, each in its own
+    folder, sharing REGISTRY_ENCRYPTION_KEYS as docs/storage.md says they must."""
+    servers = []
+
+    def start(count, on_database, **options):
+        started = []
+        for _ in range(count):
+            folder = tmp_path / f"machine-{len(servers)}"
+            folder.mkdir()
+            server = Gunicorn(
+                folder, wait=False, DATABASE_URL=on_database, REGISTRY_ENCRYPTION_KEYS=SHARED_ENCRYPTION_KEY, **options
+            )
+            servers.append(server)
+            started.append(server)
+        for server in started:
+            server.wait_until_ready()
+        return started
+
+    yield start
+    for server in servers:
+        server.kill()
 
 
 @pytest.fixture

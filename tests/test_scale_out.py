@@ -8,10 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import sqlalchemy as sa
-from cryptography.fernet import Fernet
 
 from app import schema_head
-from tests.conftest import PASSWORDS, TEST_DATABASE_URL, Gunicorn, database_url, provider_body
+from tests.conftest import PASSWORDS, SHARED_ENCRYPTION_KEY, TEST_DATABASE_URL, database_url, provider_body
 
 pytestmark = pytest.mark.skipif(
     not TEST_DATABASE_URL,
@@ -19,32 +18,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 PROVIDERS = "/api/v1/model_providers"
-SHARED_ENCRYPTION_KEY = Fernet.generate_key().decode()
-
-
-@pytest.fixture
-def start_instances(tmp_path):
-    """Start `count` instances at the same moment on one database, each in its own
-    folder, sharing REGISTRY_ENCRYPTION_KEYS as docs/storage.md says they must."""
-    servers = []
-
-    def start(count, on_database, **options):
-        started = []
-        for _ in range(count):
-            folder = tmp_path / f"machine-{len(servers)}"
-            folder.mkdir()
-            server = Gunicorn(
-                folder, wait=False, DATABASE_URL=on_database, REGISTRY_ENCRYPTION_KEYS=SHARED_ENCRYPTION_KEY, **options
-            )
-            servers.append(server)
-            started.append(server)
-        for server in started:
-            server.wait_until_ready()
-        return started
-
-    yield start
-    for server in servers:
-        server.kill()
 
 
 def test_provider_created_on_one_instance_is_read_patched_and_deleted_on_the_other(instance_path, start_instances):
