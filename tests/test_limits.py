@@ -44,8 +44,8 @@ def new_token(client, **fields):
 
 
 def caller_token(app, **limits):
-    """A caller token of the service user, with these limits: its secret."""
-    return new_token(client_as(app, "service"), role="caller", limits=limits)["token"]
+    """A caller token of the service user, with these limits (if any): its secret."""
+    return new_token(client_as(app, "service"), role="caller", **({"limits": limits} if limits else {}))["token"]
 
 
 def chat(app, secret, **fields):

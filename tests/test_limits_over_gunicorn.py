@@ -126,12 +126,13 @@ def test_the_openai_clients_retry_waits_for_retry_after(start_gunicorn, registry
 # A flood of streams from one token ------------------------------------------------------------
 
 FLOOD_STREAMS = 2300
+STREAM_SECONDS = 40  # each admitted stream is held this long: every measurement falls within it
 
 
 def flood(port, secret, count, sent, statuses):
     """Open `count` streams at once, as a client process of its own; tell `sent` when every
     request is out, then read each answer to its end; put the statuses in `statuses`."""
-    body = json.dumps(chat_body(stream=True, fake_pieces=20, fake_interval=1.0)).encode()
+    body = json.dumps(chat_body(stream=True, fake_pieces=STREAM_SECONDS, fake_interval=1.0)).encode()
     head = (
         f"POST {CHAT} HTTP/1.1\r\nHost: registry\r\nAuthorization: Bearer {secret}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -191,9 +192,10 @@ def test_a_flood_of_streams_from_one_token_leaves_health_and_admin_reads_answeri
         # The first answers wait for the workers to refuse the burst ahead of them (a few seconds
         # on a busy machine); then the streams are held, and the service answers as if idle.
         with httpx.Client(base_url=server.base_url, limits=httpx.Limits(max_keepalive_connections=0)) as fresh:
-            health, health_timings = median_seconds(lambda: fresh.get("/healthz", timeout=60), rounds=15)
-        admin_read, admin_timings = median_seconds(lambda: admin.get("/api/v1/model_providers", timeout=60), rounds=15)
+            health, health_timings = median_seconds(lambda: fresh.get("/healthz", timeout=30), rounds=15)
+        admin_read, admin_timings = median_seconds(lambda: admin.get("/api/v1/model_providers", timeout=30), rounds=15)
         held = len(upstream.model_calls("/chat/completions"))
+        assert flooding.is_alive(), "the flood was over before the measurements were"
     finally:
         outcomes = statuses.get(timeout=120)
         flooding.join(timeout=30)
