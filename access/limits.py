@@ -13,21 +13,26 @@ A call admitted is ended exactly once: by gateway.call.call_finished, which ever
 reaches, or else when its answer is closed.
 """
 
+import atexit
 import logging
 import math
 import threading
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-from datetime import timedelta
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from functools import partial
+from itertools import groupby
+from operator import attrgetter
 
 import sqlalchemy as sa
-from flask import Flask, current_app, g, has_app_context, request
+from flask import Flask, current_app, g, request
 
 from access.auth import auth
 from api.errors import LimitExceeded
-from models import db, utcnow
+from models import utcnow
 from observability.metrics import record_gateway_refusal
 from storage import limits as ledger
+from storage.connections import direct_transaction
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,11 @@ log = logging.getLogger(__name__)
 CLOSE_CONNECTION_KEY = "registry.close_connection"
 # A slot whose process died comes back this long after its call's deadline.
 SLOT_MARGIN = timedelta(seconds=60)
+# Seconds between two deletions of a token's rows that no window counts any more, per process.
+PRUNE_INTERVAL = 10
+# Seconds an end waits to be written with an admission of this process before its own write.
+WRITE_DELAY = 0.05
+PRUNED_MEMORY = 10000
 
 
 class InFlight:
@@ -81,6 +91,102 @@ def tokens_of(usage):
     return total if isinstance(total, int) else 0
 
 
+@dataclass(frozen=True, eq=False)  # each end is itself: two alike are two calls
+class CallEnd:
+    app: Flask
+    token_id: str
+    admission_id: int | None  # its slot or request, if it had one
+    tokens: int
+    ended_at: datetime
+
+
+class CallEnds:
+    """The ends of limited tokens' calls, written off the calls' path (none waits for them, no
+    transaction runs while a call streams): by the next admission of a locked token in this
+    process, in its transaction, or else by a thread of this process WRITE_DELAY later, in
+    batches. Until an end is written, this process's admissions count it (`pending`);
+    another process may see its slot held that much longer."""
+
+    def __init__(self):
+        self._waiting = []
+        self._writing = []
+        self._condition = threading.Condition()
+        self._writer = None
+        self._pruned_at = {}  # token id -> when this process last deleted its old rows
+
+    def add(self, end):
+        with self._condition:
+            self._waiting.append(end)
+            if self._writer is None or not self._writer.is_alive():
+                self._writer = threading.Thread(target=self._write_forever, name="limit-ends", daemon=True)
+                self._writer.start()
+            self._condition.notify()
+
+    def pending(self, token_id):
+        """(slots, tokens) of the token's calls ended in this process and not yet written."""
+        with self._condition:
+            ends = [end for end in self._waiting + self._writing if end.token_id == token_id]
+        return sum(end.admission_id is not None for end in ends), sum(end.tokens for end in ends)
+
+    def take(self, app=None):
+        """The ends waiting (of `app`'s calls, or of all), now being written."""
+        with self._condition:
+            taken = [end for end in self._waiting if app is None or end.app is app]
+            self._waiting = [end for end in self._waiting if end not in taken]
+            self._writing += taken
+        return taken
+
+    def write_in(self, transaction, ends):
+        """Write taken ends in a transaction that its caller commits. They stop counting as
+        pending before the commit: on SQLite an admission, which holds the write lock, then
+        finds them in the database."""
+        try:
+            if ends:
+                ledger.write_ends(transaction, ends, self._due_for_pruning(ends))
+        finally:
+            with self._condition:
+                self._writing = [end for end in self._writing if end not in ends]
+
+    def flush(self):
+        """Write what is waiting now, in this thread (at the process's exit)."""
+        self._write(self.take())
+
+    def _write_forever(self):
+        while True:
+            with self._condition:
+                while not self._waiting:
+                    self._condition.wait()
+            time.sleep(WRITE_DELAY)  # the admissions made meanwhile take the ends with them
+            self._write(self.take())
+
+    def _write(self, ends):
+        """Write ends in transactions of their own, one per app. One that fails is logged: its
+        slots then expire by themselves."""
+        for app, batch in groupby(ends, key=attrgetter("app")):
+            batch = list(batch)
+            with app.app_context():
+                try:
+                    with direct_transaction() as transaction:
+                        self.write_in(transaction, batch)
+                except sa.exc.SQLAlchemyError as error:
+                    log.warning("could not write the ends of %d calls (their slots expire): %s", len(batch), error)
+                except Exception:
+                    log.exception("could not write the ends of %d calls (their slots expire)", len(batch))
+
+    def _due_for_pruning(self, ends):
+        """The tokens of the ends whose old rows this process has not deleted for a while."""
+        now = time.monotonic()
+        due = {end.token_id for end in ends if self._pruned_at.get(end.token_id, 0) < now - PRUNE_INTERVAL}
+        self._pruned_at.update(dict.fromkeys(due, now))
+        if len(self._pruned_at) > PRUNED_MEMORY:
+            self._pruned_at.clear()
+        return due
+
+
+call_ends = CallEnds()
+atexit.register(call_ends.flush)
+
+
 @dataclass
 class Admission:
     """A call let in: its place among this worker's calls, and for a limited token its
@@ -99,18 +205,7 @@ class Admission:
         self.ended = True
         self.in_flight.leave(self.caller_key)
         if self.token_id is not None:
-            self.write_end(tokens_of(usage))
-
-    def write_end(self, tokens):
-        """Free the slot and count the tokens: after the call, never while it streams. A
-        database that refuses is logged; the slot then expires by itself."""
-        with nullcontext() if has_app_context() else self.app.app_context():
-            try:
-                ledger.end_call(self.token_id, self.admission_id, tokens, utcnow())
-                db.session.commit()
-            except sa.exc.SQLAlchemyError as error:
-                db.session.rollback()
-                log.warning("could not end call %s of token %s: %s", self.admission_id, self.token_id, error)
+            call_ends.add(CallEnd(self.app, self.token_id, self.admission_id, tokens_of(usage), utcnow()))
 
 
 def init_limits(app):
@@ -123,7 +218,7 @@ def with_rate_limit_headers(response):
     running when its answer closes (never iterated, or an error on the way) is ended then."""
     headers = g.get("rate_limit_headers")
     if headers:
-        response.headers.update(headers)
+        response.headers.extend(headers)
     admission = g.get("admission")
     if admission is not None and not admission.ended:
         response.call_on_close(admission.end)
@@ -155,9 +250,6 @@ def admit(call):
     except LimitExceeded:
         request.environ[CLOSE_CONNECTION_KEY] = True
         raise
-    except BaseException:
-        db.session.rollback()  # the token's lock, if it was taken
-        raise
 
 
 def refused_in_worker(refusal, in_flight):
@@ -175,63 +267,102 @@ def refused_in_worker(refusal, in_flight):
 def admit_within_token_limits(admission, token_id, limits):
     """Count the token's call in the database, or refuse it. A token with requests_per_minute
     or max_parallel is locked (its admissions one at a time, everywhere) and gets a row; one
-    with only token limits is read: its limits admit a call while the tokens are below them."""
+    with only token limits is read: its limits admit a call while the tokens are below them.
+    A change of its limits since the request's credentials were read applies."""
     now = utcnow()
-    needs_row = limits.requests_per_minute is not None or limits.max_parallel is not None
-    if needs_row:
-        limits = ledger.lock_token_limits(token_id)  # what the token has now, under its lock
-        if not limits:
-            db.session.commit()
-            return
-    window = ledger.window_of(token_id, limits, now, locked=needs_row)
-    exceeded = exceeded_limits(token_id, limits, window, now)
+    names = ledger.limit_names_of(limits)
+    if limits.requests_per_minute is None and limits.max_parallel is None:
+        limits, window, exceeded = judged(ledger.window_of, token_id, names, now)
+    else:
+        with ledger.locked_token(token_id) as transaction:
+            call_ends.write_in(transaction, call_ends.take(admission.app))
+            limits, window, exceeded = judged(partial(ledger.window_of, transaction=transaction), token_id, names, now)
+            if limits and not exceeded:
+                admission.admission_id = ledger.admit(transaction, token_id, now, slot_expiry(limits, now))
+    if not limits:  # gone, or its limits lifted meanwhile
+        return
     g.rate_limit_headers = rate_limit_headers(limits, window, now, admitted=not exceeded)
     if exceeded:
-        db.session.commit()
-        raise over_limits(exceeded, limits, window)
-    if limits.requests_per_minute is not None or limits.max_parallel is not None:
-        slot_expires_at = None
-        if limits.max_parallel is not None:
-            slot_expires_at = now + timedelta(seconds=current_app.config["GATEWAY_TIMEOUT"]) + SLOT_MARGIN
-        admission.admission_id = ledger.admit(token_id, now, slot_expires_at)
-    db.session.commit()
+        raise over_limits(token_id, exceeded, limits, window, now)
     admission.token_id = token_id
+
+
+def slot_expiry(limits, now):
+    """When a slot is given back if its process dies before its call ends (None: no slot)."""
+    if limits.max_parallel is None:
+        return None
+    return now + timedelta(seconds=current_app.config["GATEWAY_TIMEOUT"]) + SLOT_MARGIN
+
+
+def judged(window_of, token_id, limit_names, now):
+    """(limits, window, the names of the limits the call is over) of the token now, this
+    process's ends not yet written included; (None, None, None) when the token is gone."""
+    read = window_of(token_id, limit_names, now)
+    if read is not None and ledger.limit_names_of(read[0]) - limit_names:  # limits added meanwhile
+        read = window_of(token_id, ledger.limit_names_of(read[0]), now)
+    if read is None:
+        return None, None, None
+    limits, window = read
+    slots, tokens = call_ends.pending(token_id)
+    if slots or tokens:
+        window = replace(
+            window,
+            in_flight=window.in_flight - slots,
+            minute_tokens=window.minute_tokens + tokens,
+            day_tokens=window.day_tokens + tokens,
+        )
+    return limits, window, exceeded_limits(limits, window)
+
+
+def exceeded_limits(limits, window):
+    """The names of the limits the window has reached."""
+    used = {
+        "requests_per_minute": window.requests,
+        "max_parallel": window.in_flight,
+        "tokens_per_minute": window.minute_tokens,
+        "tokens_per_day": window.day_tokens,
+    }
+    return [
+        name for name, count in used.items() if getattr(limits, name) is not None and count >= getattr(limits, name)
+    ]
 
 
 def seconds_until(moment, now):
     return max(1, math.ceil((moment - now).total_seconds()))
 
 
-def exceeded_limits(token_id, limits, window, now):
+def waits(token_id, exceeded, limits, window, now):
     """{limit name: seconds until it would admit a call} of each limit the call is over."""
-    exceeded = {}
-    if limits.requests_per_minute is not None and window.requests >= limits.requests_per_minute:
-        leaving = ledger.nth_oldest_request(token_id, now, window.requests - limits.requests_per_minute)
-        exceeded["requests_per_minute"] = seconds_until(leaving + ledger.MINUTE, now)
-    if limits.max_parallel is not None and window.in_flight >= limits.max_parallel:
-        exceeded["max_parallel"] = 1  # a slot comes free when a call ends
-    for name, tokens, window_length in (
-        ("tokens_per_minute", window.minute_tokens, ledger.MINUTE),
-        ("tokens_per_day", window.day_tokens, ledger.DAY),
-    ):
-        limit = getattr(limits, name)
-        if limit is not None and tokens >= limit:
-            exceeded[name] = seconds_until(below_limit_at(token_id, window_length, tokens, limit, now), now)
-    return exceeded
+    seconds = {}
+    for name in exceeded:
+        if name == "requests_per_minute":
+            leaving = ledger.nth_oldest_request(token_id, now, window.requests - limits.requests_per_minute)
+            seconds[name] = seconds_until(leaving + ledger.MINUTE, now) if leaving else 1
+        elif name == "max_parallel":
+            seconds[name] = 1  # a slot comes free when a call ends
+        else:
+            by_minute = name == "tokens_per_minute"
+            tokens = window.minute_tokens if by_minute else window.day_tokens
+            window_length = ledger.MINUTE if by_minute else ledger.DAY
+            below_at = below_limit_at(token_id, window_length, tokens, getattr(limits, name), now)
+            seconds[name] = seconds_until(below_at, now)
+    return seconds
 
 
 def below_limit_at(token_id, window_length, tokens, limit, now):
-    """When the window's tokens will have fallen below the limit, its oldest buckets gone."""
+    """When the window's tokens will have fallen below the limit, its oldest buckets gone
+    (the tokens of this process's ends not yet written last: they are in the current bucket)."""
     span = timedelta(seconds=ledger.SPANS[window_length])
     for starts_at, bucket_tokens in ledger.token_buckets(token_id, window_length, now):
         tokens -= bucket_tokens
         if tokens < limit:
             return starts_at + span + window_length
-    return now
+    return ledger.bucket_start(now, span.seconds) + span + window_length
 
 
-def over_limits(exceeded, limits, window):
+def over_limits(token_id, exceeded, limits, window, now):
     """The refusal of a call over the token's limits: Retry-After when every one admits it."""
+    exceeded = waits(token_id, exceeded, limits, window, now)
     longest = max(exceeded, key=exceeded.get)
     record_gateway_refusal(longest)
     reasons = "; ".join(limit_reason(name, limits, window) for name in exceeded)

@@ -3,20 +3,27 @@ side by side with calling the same fake directly, and with a floor: a bare Flask
 (bench/relay_app.py) forwarding the same calls under the same gunicorn settings.
 
     .venv/bin/python bench/gateway.py [--rounds 5] [--calls 200] [--streams 500] [--stream-seconds 10]
-                                      [--relay-streams 100] [--relay-seconds 5] [--only latency ...]
+                                      [--relay-streams 100] [--relay-seconds 5] [--flood-clients 32]
+                                      [--creates 200] [--only latency ...]
 
 Starts the fake (tests/fake_model_servers.py, in its own process), the registry and the
-relay under `make run`'s defaults (gunicorn.conf.py), registers the fake as an openai
-provider, then:
+relay under `make run`'s defaults (gunicorn.conf.py; REGISTRY_DEFAULT_MAX_PARALLEL raised,
+since the held and relay scenarios open hundreds of streams with one token), registers the
+fake as an openai provider, makes a token without limits and a limited one (every limit set,
+none reached), then:
 
-- latency: non-streaming calls one after another; what the registry and the relay each add
-  (median and p99), and the ratio of the registry's added median to the relay's;
+- latency: non-streaming calls one after another; what the registry (the token without
+  limits), the limited token and the relay each add (median and p99), the ratio of the
+  registry's added median to the relay's, and of the limited token's to the registry's;
 - first-chunk: streaming calls one after another; the same for the time to the first chunk;
 - held: N streams at once through the registry, a chunk every 0.5 s (opened over the first
   2 s, as clients arrive, not in one instant), with /healthz asked every 0.2 s meanwhile (from another process);
   streams refused or cut, and /healthz's slowest answer;
 - relay: N streams at once of 50 chunks a second, direct and through the registry; the
-  chunks a second the client gets, and the registry's ratio to direct.
+  chunks a second the client gets, and the registry's ratio to direct;
+- creates: provider creates one after another, alone and while N clients call models as
+  fast as they can with the limited token (and, for comparison, with the other): on SQLite
+  every admission and every call's end takes the write lock a create needs.
 
 The runs of the endpoints interleave (which goes first rotates too) and the figures are
 medians over the rounds. Targets are printed beside each figure.
@@ -41,7 +48,14 @@ sys.path.insert(0, ROOT)
 
 MODEL_KEY = "sk-bench"
 MESSAGES = [{"role": "user", "content": "Hi"}]
-SCENARIOS = ("latency", "first-chunk", "held", "relay")
+SCENARIOS = ("latency", "first-chunk", "held", "relay", "creates")
+# Every limit set, none reached in a run: each call pays for all of the bookkeeping.
+BENCH_LIMITS = {
+    "requests_per_minute": 1_000_000,
+    "tokens_per_minute": 2_000_000_000,
+    "tokens_per_day": 2_000_000_000,
+    "max_parallel": 1000,
+}
 
 
 def start_fake():
@@ -60,7 +74,7 @@ class Endpoint:
         return {"model": self.model, "messages": MESSAGES, **fields}
 
 
-def endpoints(fake_port, registry_port, relay_port, token_authorization):
+def endpoints(fake_port, registry_port, relay_port, token_authorization, limited_authorization):
     direct = Endpoint(
         "direct",
         f"http://127.0.0.1:{fake_port}/v1/chat/completions",
@@ -73,8 +87,9 @@ def endpoints(fake_port, registry_port, relay_port, token_authorization):
         {"Authorization": token_authorization},
         "openai:gpt-4o",
     )
+    limited = Endpoint("limited", registry.url, {"Authorization": limited_authorization}, registry.model)
     relay = Endpoint("relay", f"http://127.0.0.1:{relay_port}/v1/chat/completions", direct.headers, direct.model)
-    return direct, registry, relay
+    return direct, registry, limited, relay
 
 
 def register_fake(registry_port, fake_port):
@@ -83,6 +98,17 @@ def register_fake(registry_port, fake_port):
         f"http://127.0.0.1:{registry_port}/api/v1/model_providers", json=provider, auth=(USERNAME, PASSWORD)
     )
     response.raise_for_status()
+
+
+def limited_token(registry_port):
+    """The Authorization header of an admin token with BENCH_LIMITS."""
+    response = httpx.post(
+        f"http://127.0.0.1:{registry_port}/api/v1/tokens",
+        json={"name": "bench-limited", "limits": BENCH_LIMITS},
+        auth=(USERNAME, PASSWORD),
+    )
+    response.raise_for_status()
+    return f"Bearer {response.json()['token']}"
 
 
 def percentile(values, fraction):
@@ -146,6 +172,8 @@ def added_time(options, direct, *relaying, stream):
         figures[f"{endpoint.name} adds p99 ms"] = p99_added * 1000
     first, last = relaying[0].name, relaying[-1].name
     figures[f"{first}/{last} added"] = figures[f"{first} adds median ms"] / figures[f"{last} adds median ms"]
+    if "limited" in names:
+        figures["limited/registry added"] = figures["limited adds median ms"] / figures["registry adds median ms"]
     return figures
 
 
@@ -229,6 +257,70 @@ def relay_rate(options, direct, registry):
     }
 
 
+def call_as_fast_as_possible(endpoint, clients, stop, counts):
+    """`clients` connections calling the endpoint one call after another until `stop`, in a
+    process of its own; the statuses they got go to `counts`."""
+
+    async def calling(client, statuses):
+        while not stop.is_set():
+            response = await client.post(endpoint.url, json=endpoint.body(), headers=endpoint.headers)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+    async def all_clients():
+        statuses = {}
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            await asyncio.gather(*(calling(client, statuses) for _ in range(clients)))
+        return statuses
+
+    counts.put(asyncio.run(all_clients()))
+
+
+def timed_creates(registry_port, count, label):
+    """Seconds of each of `count` provider creates (verification off: the database's part)."""
+    timings = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{registry_port}", auth=(USERNAME, PASSWORD), timeout=60) as admin:
+        for number in range(count):
+            provider = {"type": "openai", "base_url": f"https://{label}-{number}.example.com/v1", "api_key": "sk-x"}
+            started = time.perf_counter()
+            admin.post("/api/v1/model_providers", json=provider, params={"verify": "false"}).raise_for_status()
+            timings.append(time.perf_counter() - started)
+    return timings
+
+
+def creates_during(options, registry_port, endpoint, label):
+    """Create timings while `endpoint` is called by the flood clients, and the calls they made."""
+    stop, counts = multiprocessing.Event(), multiprocessing.Queue()
+    flooding = (endpoint, options.flood_clients, stop, counts)
+    flood = multiprocessing.Process(target=call_as_fast_as_possible, args=flooding)
+    flood.start()
+    time.sleep(1)  # the flood under way
+    started = time.perf_counter()
+    timings = timed_creates(registry_port, options.creates, label)
+    elapsed = time.perf_counter() - started
+    stop.set()
+    statuses = counts.get()
+    flood.join()
+    return timings, sum(statuses.values()) / (elapsed + 1), statuses
+
+
+def creates_under_flood(options, registry_port, registry, limited):
+    """Creates alone, during a flood of unlimited calls and during one of limited calls."""
+    figures = {}
+    alone = timed_creates(registry_port, options.creates, "alone")
+    figures["alone median ms"] = statistics.median(alone) * 1000
+    for endpoint in (registry, limited):
+        timings, calls_per_second, statuses = creates_during(options, registry_port, endpoint, endpoint.name)
+        if set(statuses) != {200}:
+            raise RuntimeError(f"the {endpoint.name} flood was answered {statuses}")
+        figures[f"{endpoint.name} flood calls/s"] = calls_per_second
+        figures[f"{endpoint.name} flood median ms"] = statistics.median(timings) * 1000
+        figures[f"{endpoint.name} flood p99 ms"] = percentile(timings, 0.99) * 1000
+        figures[f"{endpoint.name} flood max ms"] = max(timings) * 1000
+    figures["limited/unlimited median"] = figures["limited flood median ms"] / figures["registry flood median ms"]
+    return figures
+
+
 def report(name, figures, target):
     shown = ", ".join(
         f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}" for key, value in figures.items()
@@ -245,6 +337,8 @@ def main():
     parser.add_argument("--ramp-seconds", type=float, default=2, help="the held streams open evenly over this time")
     parser.add_argument("--relay-streams", type=int, default=100)
     parser.add_argument("--relay-seconds", type=float, default=5)
+    parser.add_argument("--flood-clients", type=int, default=32, help="clients calling models during the creates")
+    parser.add_argument("--creates", type=int, default=200, help="creates timed alone and during each flood")
     parser.add_argument("--only", nargs="+", choices=SCENARIOS, default=SCENARIOS)
     options = parser.parse_args()
 
@@ -254,27 +348,37 @@ def main():
     fake, fake_port = start_fake()
     # Verified on create, so the fake's models are in the index the gateway routes by.
     log_path = os.path.join(instance_path, "gunicorn.log")
-    server = Server("wsgi:app", instance_path, log_path, REGISTRY_VERIFY_ON_CREATE="true")
+    server = Server(
+        "wsgi:app", instance_path, log_path, REGISTRY_VERIFY_ON_CREATE="true", REGISTRY_DEFAULT_MAX_PARALLEL="1000"
+    )
     relay_log_path = os.path.join(instance_path, "relay.log")
     relay_server = Server(
         "bench.relay_app:app", instance_path, relay_log_path, RELAY_UPSTREAM=f"http://127.0.0.1:{fake_port}"
     )
     try:
         register_fake(server.port, fake_port)
-        direct, registry, relay = endpoints(fake_port, server.port, relay_server.port, authorizations["bearer"])
+        direct, registry, limited, relay = endpoints(
+            fake_port, server.port, relay_server.port, authorizations["bearer"], limited_token(server.port)
+        )
         warm_up(registry)
         warm_up(relay)
+        limit_target = "limited/registry added <= 1.1"
         if "latency" in options.only:
-            figures = added_time(options, direct, registry, relay, stream=False)
-            report("latency", figures, "registry adds <= 3 ms median, <= 10 ms p99; registry/relay added <= 1.82")
+            figures = added_time(options, direct, registry, limited, relay, stream=False)
+            target = "registry adds <= 3 ms median, <= 10 ms p99; registry/relay added <= 1.82"
+            report("latency", figures, f"{target}; {limit_target}")
         if "first-chunk" in options.only:
-            figures = added_time(options, direct, registry, relay, stream=True)
-            report("first chunk", figures, "registry adds <= 5 ms median; registry/relay added <= 1.82")
+            figures = added_time(options, direct, registry, limited, relay, stream=True)
+            target = "registry adds <= 5 ms median; registry/relay added <= 1.82"
+            report("first chunk", figures, f"{target}; {limit_target}")
         if "held" in options.only:
             figures = asyncio.run(held_streams(options, registry, server.port))
             report("held", figures, "none refused or cut, /healthz within 100 ms")
         if "relay" in options.only:
             report("relay", relay_rate(options, direct, registry), "ratio >= 0.9")
+        if "creates" in options.only:
+            figures = creates_under_flood(options, server.port, registry, limited)
+            report("creates", figures, "limited/unlimited median <= 1.5, none over 1 s")
     finally:
         server.stop()
         relay_server.stop()

@@ -6,14 +6,14 @@ single-row reads, a private compiled fast path); every write goes through the se
 """
 
 from collections import namedtuple
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 from flask import g, has_app_context
 
 from models import db
-from storage.sqlite import LOOKUP_CONNECTIONS, begin_writing
+from storage.sqlite import LOOKUP_CONNECTIONS, begin_writing, take_write_lock
 
 
 def read_connection():
@@ -75,6 +75,10 @@ class DirectStatement:
         finally:
             lookup_connections.give_back(dbapi_connection)
 
+    def first_on(self, dbapi_connection, **parameters):
+        """The first row on this DBAPI connection, in its transaction (direct_transaction's)."""
+        return self._first(dbapi_connection, db.engine.dialect, parameters)
+
     def _first(self, dbapi_connection, dialect, parameters):
         compiled = self._compiled_for(dialect, parameters)
         driver_parameters = compiled.driver_parameters(parameters)
@@ -125,17 +129,65 @@ class CompiledStatement:
 
     def driver_parameters(self, parameters):
         values = self.fixed_values | parameters
-        converted = {
-            name: value if (process := self.bind_processors[name]) is None else process(value)
+        # A parameter used twice stands twice among positional placeholders.
+        converted = [
+            value if (process := self.bind_processors[name]) is None else process(value)
             for name, value in ((name, values[name]) for name in self.parameter_names)
-        }
-        return list(converted.values()) if self.positional else converted
+        ]
+        return converted if self.positional else dict(zip(self.parameter_names, converted, strict=True))
 
     def values_of(self, row):
         return [
             value if process is None else process(value)
             for process, value in zip(self.result_processors, row, strict=True)
         ]
+
+
+@contextmanager
+def dbapi_connection_of(engine):
+    """A DBAPI connection for a while: on SQLite one kept for direct statements, else a pooled one."""
+    lookup_connections = LOOKUP_CONNECTIONS.get(engine)
+    if lookup_connections is None:
+        dbapi_error = engine.dialect.loaded_dbapi.Error
+        try:
+            pooled = engine.raw_connection()
+        except dbapi_error as error:  # as SQLAlchemy raises it (errors.py maps OperationalError to 503)
+            raise sa.exc.DBAPIError.instance(None, None, error, dbapi_error) from error
+        try:
+            yield pooled.dbapi_connection
+        finally:
+            pooled.close()
+        return
+    dbapi_connection = lookup_connections.take()
+    try:
+        yield dbapi_connection
+    finally:
+        lookup_connections.give_back(dbapi_connection)
+
+
+@contextmanager
+def direct_transaction():
+    """One short transaction on a DBAPI connection of its own, outside the session, for
+    DirectStatements (`first_on`): committed when the block ends, rolled back if it raises.
+    On SQLite the write lock is taken first (cooperatively).
+
+    The write every call of a limited token makes (storage/limits.py) runs so: through the
+    session it cost several times as much (bench/README.md).
+    """
+    engine = db.engine
+    dbapi_error = engine.dialect.loaded_dbapi.Error
+    with dbapi_connection_of(engine) as dbapi_connection:
+        try:
+            if engine.dialect.name == "sqlite":
+                take_write_lock(dbapi_connection)
+            yield dbapi_connection
+            dbapi_connection.commit()
+        except BaseException as error:
+            with suppress(dbapi_error):
+                dbapi_connection.rollback()
+            if isinstance(error, dbapi_error):  # the commit's, or the write lock's
+                raise sa.exc.DBAPIError.instance(None, None, error, dbapi_error) from error
+            raise
 
 
 def session_connection():

@@ -4,9 +4,13 @@ requests_per_minute or max_parallel, and the tokens its calls used, per second a
 A token's admissions are made one at a time, in every worker and instance: on SQLite under
 the database's write lock (taken cooperatively, storage/sqlite.py), elsewhere under a lock
 of the token's row (SELECT ... FOR NO KEY UPDATE, which the foreign keys of these rows,
-written meanwhile by calls that end, do not wait for).
+written meanwhile by calls that end, do not wait for). An admission is one short transaction
+of DirectStatements on a connection of its own (storage.connections.direct_transaction), the
+one write of the registry made so: it is on the path of every call of a limited token. The
+ends of calls are written in batches through the session, off the calls' path.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
@@ -15,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from models import LIMIT_ADMISSIONS, LIMIT_COLUMNS, LIMIT_TOKENS, TOKENS, TokenLimits, db
-from storage.connections import read_connection, session_connection, session_writing
+from storage.connections import DirectStatement, direct_transaction, read_connection
 
 MINUTE = timedelta(minutes=1)
 DAY = timedelta(days=1)
@@ -25,22 +29,30 @@ SECOND_SPAN, MINUTE_SPAN = 1, 60
 SPANS = {MINUTE: SECOND_SPAN, DAY: MINUTE_SPAN}
 
 TOKEN_ID = sa.bindparam("token_id")
-LOCKED_LIMITS = sa.select(*LIMIT_COLUMNS).where(TOKENS.c.id == TOKEN_ID).with_for_update(key_share=True)
+LOCK_TOKEN = DirectStatement(sa.select(TOKENS.c.id).where(TOKENS.c.id == TOKEN_ID).with_for_update(key_share=True))
 IN_LAST_MINUTE = (LIMIT_ADMISSIONS.c.token_id == TOKEN_ID, LIMIT_ADMISSIONS.c.admitted_at > sa.bindparam("minute_ago"))
-ADMIT = sa.insert(LIMIT_ADMISSIONS)
+ADMIT = DirectStatement(sa.insert(LIMIT_ADMISSIONS).returning(LIMIT_ADMISSIONS.c.id))
 ADMISSION_ID = sa.bindparam("admission_id")
-RELEASE = sa.update(LIMIT_ADMISSIONS).where(LIMIT_ADMISSIONS.c.id == ADMISSION_ID).values(slot_expires_at=None)
-PRUNE_ADMISSIONS = sa.delete(LIMIT_ADMISSIONS).where(
-    LIMIT_ADMISSIONS.c.token_id == TOKEN_ID,
-    LIMIT_ADMISSIONS.c.admitted_at <= sa.bindparam("minute_ago"),
-    sa.or_(LIMIT_ADMISSIONS.c.slot_expires_at.is_(None), LIMIT_ADMISSIONS.c.slot_expires_at <= sa.bindparam("now")),
+RELEASE = DirectStatement(
+    sa.update(LIMIT_ADMISSIONS).where(LIMIT_ADMISSIONS.c.id == ADMISSION_ID).values(slot_expires_at=None)
 )
-PRUNE_TOKENS = sa.delete(LIMIT_TOKENS).where(
-    LIMIT_TOKENS.c.token_id == TOKEN_ID,
-    sa.or_(
-        sa.and_(LIMIT_TOKENS.c.span == SECOND_SPAN, LIMIT_TOKENS.c.starts_at < sa.bindparam("seconds_before")),
-        sa.and_(LIMIT_TOKENS.c.span == MINUTE_SPAN, LIMIT_TOKENS.c.starts_at < sa.bindparam("minutes_before")),
-    ),
+PRUNE_ADMISSIONS = DirectStatement(
+    sa.delete(LIMIT_ADMISSIONS).where(
+        LIMIT_ADMISSIONS.c.token_id == TOKEN_ID,
+        LIMIT_ADMISSIONS.c.admitted_at <= sa.bindparam("minute_ago"),
+        sa.or_(LIMIT_ADMISSIONS.c.slot_expires_at.is_(None), LIMIT_ADMISSIONS.c.slot_expires_at <= sa.bindparam("now")),
+    )
+)
+PRUNE_TOKENS = DirectStatement(
+    sa.delete(LIMIT_TOKENS).where(
+        LIMIT_TOKENS.c.token_id == TOKEN_ID,
+        sa.or_(
+            *(
+                sa.and_(LIMIT_TOKENS.c.span == span, LIMIT_TOKENS.c.starts_at <= sa.bindparam(f"buckets_after_{span}"))
+                for span in (SECOND_SPAN, MINUTE_SPAN)
+            )
+        ),
+    )
 )
 
 
@@ -81,13 +93,17 @@ class Window:
     oldest_day_bucket: datetime | None = None
 
 
+WINDOW_FIELDS = frozenset(Window.__dataclass_fields__)
+
+
 def scalar(query):
     return query.scalar_subquery()
 
 
 @cache
 def window_statement(limit_names):
-    """One SELECT of every count the named limits need (built once per set of names)."""
+    """One SELECT of the token's limits and of every count the named limits need (a
+    DirectStatement, built once per set of names); no row when the token is gone."""
     columns = []
     if "requests_per_minute" in limit_names:
         oldest = sa.select(sa.func.min(LIMIT_ADMISSIONS.c.admitted_at)).where(*IN_LAST_MINUTE)
@@ -103,27 +119,33 @@ def window_statement(limit_names):
             columns.append(scalar(sa.select(total).where(*counted)).label(f"{label}_tokens"))
             oldest = sa.select(sa.func.min(LIMIT_TOKENS.c.starts_at)).where(*counted)
             columns.append(scalar(oldest).label(f"oldest_{label}_bucket"))
-    return sa.select(*columns)
+    return DirectStatement(sa.select(*LIMIT_COLUMNS, *columns).where(TOKENS.c.id == TOKEN_ID))
 
 
 def limit_names_of(limits):
     return frozenset(name for name, value in limits.as_dict().items() if value is not None)
 
 
-def lock_token_limits(token_id):
-    """The token's limits, read with the token locked until the session's transaction ends
-    (so that its admissions are made one at a time); None when the token is gone."""
-    session_writing()
-    row = session_connection().execute(LOCKED_LIMITS, {"token_id": token_id}).first()
-    return None if row is None else TokenLimits.of(row)
+@contextmanager
+def locked_token(token_id):
+    """A transaction of its own (the DBAPI connection it runs on) in which the token's
+    admissions are made one at a time: on SQLite the write lock does, elsewhere a lock of
+    the token's row. Committed when the block ends."""
+    with direct_transaction() as transaction:
+        if db.engine.dialect.name != "sqlite":
+            LOCK_TOKEN.first_on(transaction, token_id=token_id)
+        yield transaction
 
 
-def window_of(token_id, limits, now, locked):
-    """What the token's limits count now: in the locked transaction, or as a plain read."""
-    statement = window_statement(limit_names_of(limits))
-    connection = session_connection() if locked else read_connection()
-    row = connection.execute(statement, window_parameters(token_id, now)).first()
-    return Window(**row._asdict())
+def window_of(token_id, limit_names, now, transaction=None):
+    """(the token's limits, what the named limits count now), read in the token's locked
+    transaction or as a plain read; None when the token is gone."""
+    statement, parameters = window_statement(limit_names), window_parameters(token_id, now)
+    row = statement.first(**parameters) if transaction is None else statement.first_on(transaction, **parameters)
+    if row is None:
+        return None
+    counts = row._asdict()
+    return TokenLimits.of(row), Window(**{name: counts[name] for name in counts if name in WINDOW_FIELDS})
 
 
 def nth_oldest_request(token_id, now, position):
@@ -135,7 +157,7 @@ def nth_oldest_request(token_id, now, position):
         .offset(position)
         .limit(1)
     )
-    return session_connection().scalar(query, window_parameters(token_id, now))
+    return read_connection().scalar(query, window_parameters(token_id, now))
 
 
 def token_buckets(token_id, window, now):
@@ -145,13 +167,12 @@ def token_buckets(token_id, window, now):
         .where(*buckets_in(window))
         .order_by(LIMIT_TOKENS.c.starts_at)
     )
-    return list(session_connection().execute(query, window_parameters(token_id, now)))
+    return list(read_connection().execute(query, window_parameters(token_id, now)))
 
 
-def admit(token_id, now, slot_expires_at):
+def admit(transaction, token_id, now, slot_expires_at):
     """Add an admission (holding a slot until `slot_expires_at`, or none: None); its id."""
-    values = {"token_id": token_id, "admitted_at": now, "slot_expires_at": slot_expires_at}
-    return session_connection().execute(ADMIT, values).inserted_primary_key[0]
+    return ADMIT.first_on(transaction, token_id=token_id, admitted_at=now, slot_expires_at=slot_expires_at).id
 
 
 @cache
@@ -159,28 +180,31 @@ def add_tokens_statement(dialect_name):
     """INSERT a bucket, or add to the one there (the two dialects spell it alike)."""
     insert = postgresql.insert if dialect_name == "postgresql" else sqlite.insert
     statement = insert(LIMIT_TOKENS)
-    return statement.on_conflict_do_update(
-        index_elements=[LIMIT_TOKENS.c.token_id, LIMIT_TOKENS.c.span, LIMIT_TOKENS.c.starts_at],
-        set_={"tokens": LIMIT_TOKENS.c.tokens + statement.excluded.tokens},
+    return DirectStatement(
+        statement.on_conflict_do_update(
+            index_elements=[LIMIT_TOKENS.c.token_id, LIMIT_TOKENS.c.span, LIMIT_TOKENS.c.starts_at],
+            set_={"tokens": LIMIT_TOKENS.c.tokens + statement.excluded.tokens},
+        )
     )
 
 
-def end_call(token_id, admission_id, tokens, now):
-    """A call of the token ended: its slot freed, its tokens counted, and the token's rows
-    that no window counts any more deleted, in the session's transaction."""
-    connection = session_connection()
-    if admission_id is not None:
-        connection.execute(RELEASE, {"admission_id": admission_id})
-    if tokens:
-        buckets = [
-            {"token_id": token_id, "span": span, "starts_at": bucket_start(now, span), "tokens": tokens}
-            for span in (SECOND_SPAN, MINUTE_SPAN)
-        ]
-        connection.execute(add_tokens_statement(db.engine.dialect.name), buckets)
-    parameters = window_parameters(token_id, now)
-    connection.execute(PRUNE_ADMISSIONS, parameters)
-    seconds_before = parameters[f"buckets_after_{SECOND_SPAN}"]
-    minutes_before = parameters[f"buckets_after_{MINUTE_SPAN}"]
-    connection.execute(
-        PRUNE_TOKENS, {"token_id": token_id, "seconds_before": seconds_before, "minutes_before": minutes_before}
-    )
+def write_ends(transaction, ends, pruned_token_ids):
+    """Write calls of limited tokens that ended (each with token_id, admission_id, tokens and
+    ended_at) in the transaction: their slots freed, their tokens added to their buckets; and
+    delete the rows of `pruned_token_ids` that no window counts any more."""
+    buckets = {}
+    for end in ends:
+        for span in (SECOND_SPAN, MINUTE_SPAN) if end.tokens else ():
+            key = (end.token_id, span, bucket_start(end.ended_at, span))
+            buckets[key] = buckets.get(key, 0) + end.tokens
+    for end in ends:
+        if end.admission_id is not None:
+            RELEASE.first_on(transaction, admission_id=end.admission_id)
+    add_tokens = add_tokens_statement(db.engine.dialect.name)
+    for (token_id, span, starts_at), tokens in buckets.items():
+        add_tokens.first_on(transaction, token_id=token_id, span=span, starts_at=starts_at, tokens=tokens)
+    now = max(end.ended_at for end in ends)
+    for token_id in pruned_token_ids:
+        parameters = window_parameters(token_id, now)
+        PRUNE_ADMISSIONS.first_on(transaction, **parameters)
+        PRUNE_TOKENS.first_on(transaction, **parameters)
