@@ -26,9 +26,11 @@ GATEWAY_ERRORS = {
     400: "Bad body or no model; an upstream's own 4xx about the request comes with its status and "
     "message (without the provider's key)",
     404: "No provider of the type has the model (code model_not_found)",
-    429: "Every provider of the model is rate-limiting (Retry-After)",
+    429: "Over one of the token's limits, or the calls in flight of REGISTRY_DEFAULT_MAX_PARALLEL (code "
+    "rate_limit_exceeded, before any provider is called); or every provider of the model is rate-limiting "
+    "(Retry-After in both)",
     502: "Every provider tried failed",
-    503: "Every provider of the model is offline",
+    503: "Every provider of the model is offline; or this worker takes no more gateway calls now (Retry-After)",
     504: "The call took longer than REGISTRY_GATEWAY_TIMEOUT",
 }
 
