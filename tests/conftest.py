@@ -231,6 +231,13 @@ def client_as(app, role):
 
 
 @pytest.fixture
+def registry(make_app):
+    """The app on this test's database, verifying providers (which fills the model index the
+    gateway routes by), to register fake model servers and make tokens beside a gunicorn."""
+    return make_app(REGISTRY_VERIFY_ON_CREATE="true")
+
+
+@pytest.fixture
 def admin(app):
     return client_as(app, "admin")
 

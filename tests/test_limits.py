@@ -22,11 +22,6 @@ CALL_TOKENS = USAGE["prompt_tokens"] + USAGE["completion_tokens"]
 
 
 @pytest.fixture
-def registry(make_app):
-    return make_app(REGISTRY_VERIFY_ON_CREATE="true")
-
-
-@pytest.fixture
 def upstream(registry, model_server):
     server = model_server(api_key=MODEL_KEY)
     register(registry, server)

@@ -25,13 +25,6 @@ RESPONSIVE_SECONDS = 0.1
 
 
 @pytest.fixture
-def registry(make_app):
-    """The app on the test's database, to register the fake model server (verified, which
-    fills the model index) and make tokens."""
-    return make_app(REGISTRY_VERIFY_ON_CREATE="true")
-
-
-@pytest.fixture
 def upstream(registry, model_server):
     server = model_server(api_key=MODEL_KEY)
     register(registry, server)
