@@ -162,7 +162,7 @@ def test_calls_over_requests_per_minute_are_refused_before_any_upstream_call(reg
     assert len(upstream.model_calls("/chat/completions")) == 2
     error = refused.get_json()["error"]
     assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
-    assert "requests_per_minute 2" in error["message"]
+    assert "requests_per_minute 2" in error["message"] and secret not in refused.get_data(as_text=True)
     assert 55 <= int(refused.headers["Retry-After"]) <= 60
     assert [answer.headers["x-ratelimit-remaining-requests"] for answer in (first, second, refused)] == ["1", "0", "0"]
     assert first.headers["x-ratelimit-limit-requests"] == "2"
