@@ -1,12 +1,21 @@
-"""What every gateway call shares, whatever protocol it came in by: the canonical requests,
-the call as the metrics count it and the log tells it, its settings and deadline, and the
-wording of its errors.
+"""The canonical call, what every gateway call shares whatever protocol it came in by: the
+canonical requests, the call as the metrics count it and the log tells it, its settings and
+deadline, and the wording of its errors.
 
-Each inbound protocol (OpenAI's chat completions in chat.py, its embeddings in
-embeddings.py) translates its body to a canonical request, which gateway/routing.py hands
-to the wire format adapter (upstreams/) of each provider it tries; the adapter translates
-it to its upstream's request. Messages, tools and answers keep OpenAI's chat shapes, the
-gateway's common tongue, so a new protocol or wire format is one translation, not one per pair.
+The gateway's middle is one call between N inbound protocols and M wire formats:
+
+    inbound protocol            canonical call                    wire format adapter
+    (gateway/completions.py,    ChatRequest / EmbeddingsRequest   (upstreams/: OpenAI-
+     embeddings.py, ...)   ->   routed by gateway/routing.py  ->  compatible, watsonx, ...)
+                           <-   completion, or a stream of    <-
+                                canonical chunks (stream.py)
+
+The canonical shapes are OpenAI's chat shapes, the gateway's common tongue: messages and
+tools as in a chat completions body, a completion as its answer, a stream as its chunks
+(text and tool call deltas, finish reasons, and the usage). An inbound protocol translates
+its body to a ChatRequest and the completion or chunks back to its own answer or events; a
+wire format translates the ChatRequest to its upstream's request and its answer or events
+to the canonical ones. A new protocol or wire format is one translation, not one per pair.
 """
 
 import logging

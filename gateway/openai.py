@@ -7,7 +7,8 @@ from flask import Blueprint, request
 from access.auth import auth
 from catalog.index import available_models
 from gateway.call import GatewayCall, Settings
-from gateway.chat import chat_request_of, complete, open_stream
+from gateway.chat import complete, open_stream
+from gateway.completions import ChatChunks, chat_request_of
 from gateway.embeddings import embeddings
 from schemas import (
     ChatCompletionRequestSchema,
@@ -69,7 +70,7 @@ def chat_completions(chat_body):
     chat_request = chat_request_of(chat_body)
     call = GatewayCall(chat_request.model, "chat", stream=chat_request.stream)
     if chat_request.stream:
-        target, events = open_stream(call, chat_request, Settings.of_app())
+        target, events = open_stream(call, chat_request, Settings.of_app(), ChatChunks(chat_request.include_usage))
         return events, 200, {"Content-Type": "text/event-stream", **STREAM_HEADERS, **served_by(target)}
     target, completion = complete(call, chat_request, Settings.of_app())
     return completion, 200, served_by(target)
