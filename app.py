@@ -28,7 +28,7 @@ from observability.logs import RequestIds
 from observability.metrics import init_metrics
 from schemas import ma
 from serving.cli import register_commands
-from storage.connections import close_read_connection
+from storage.connections import end_connections
 from storage.sqlite import prepare_sqlite
 
 log = logging.getLogger("registry")
@@ -209,7 +209,10 @@ def create_app(settings=None, environ=None):
     os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
 
     db.init_app(app)
-    app.teardown_appcontext(close_read_connection)
+    # At a request's end while its id is there for the log; at the end of other app contexts
+    # (commands, jobs) too. Either runs before Flask-SQLAlchemy's own, which finds nothing left.
+    app.teardown_request(end_connections)
+    app.teardown_appcontext(end_connections)
     migrate.init_app(app, db, directory=MIGRATIONS_DIRECTORY, render_as_batch=True)
     ma.init_app(app)
     apifairy.init_app(app)
