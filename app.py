@@ -137,6 +137,8 @@ def load_config(environ):
         "VERIFY_ON_CREATE": read_bool(environ, "REGISTRY_VERIFY_ON_CREATE", True),
         "UPSTREAM_TIMEOUT": read_number(environ, "REGISTRY_UPSTREAM_TIMEOUT", 10.0, float),
         "GATEWAY_TIMEOUT": read_number(environ, "REGISTRY_GATEWAY_TIMEOUT", 600.0, float),
+        "GATEWAY_ATTEMPT_TIMEOUT": read_number(environ, "REGISTRY_GATEWAY_ATTEMPT_TIMEOUT", 120.0, float),
+        "GATEWAY_COOLDOWN": read_number(environ, "REGISTRY_GATEWAY_COOLDOWN", 30.0, float),
         "WATSONX_IAM_URL": environ.get("REGISTRY_WATSONX_IAM_URL") or "https://iam.cloud.ibm.com/identity/token",
         "PROBE_INTERVAL": read_number(environ, "REGISTRY_PROBE_INTERVAL", 60.0, float),
         "PROBE_FAILURES": max(1, read_number(environ, "REGISTRY_PROBE_FAILURES", 2)),

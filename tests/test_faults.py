@@ -8,14 +8,21 @@ under the registry), and a disk fills the way a test can make it without root (S
 own page limit; on PostgreSQL, a trigger answering the disk_full error a full disk gives).
 """
 
+import contextlib
+import json
 import logging
+import os
+import signal
+import time
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
 from models import db
 from observability.logs import RequestFields
-from tests.conftest import TEST_DATABASE_URL, database_url, provider_body
+from tests.conftest import TEST_DATABASE_URL, client_as, database_url, provider_body, wait_for
+from tests.test_metrics import parse
 
 PROVIDERS = "/api/v1/model_providers"
 DATABASE_RETRY_AFTER = "5"
@@ -196,3 +203,179 @@ def test_a_full_disk_is_a_507_while_reads_go_on_and_writes_resume_once_space_is_
     full_disk.free()
     again = admin.post(PROVIDERS, json=provider_body(base_url=f"https://full-{len(created)}.example/v1"))
     assert again.status_code == 201, again.get_data(as_text=True)
+
+
+# A provider that hangs ---------------------------------------------------------------------
+
+MODEL_KEY = "sk-model-key-faults"
+CHAT_PATH = "/api/v1/openai/chat/completions"
+CHAT = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+@pytest.fixture
+def registry(make_app):
+    """The app that registers providers, verified, which fills the model index."""
+    return make_app(REGISTRY_VERIFY_ON_CREATE="true")
+
+
+def register(registry, upstream):
+    body = provider_body(type="openai", base_url=upstream.base_url, api_key=upstream.api_key)
+    created = client_as(registry, "admin").post(PROVIDERS, json=body)
+    assert created.status_code == 201, created.get_data(as_text=True)
+    return created.get_json()["id"]
+
+
+def two_providers(registry, model_server):
+    """(first, second, {provider: id}): two providers of the same model, the first older."""
+    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+    return first, second, {first: register(registry, first), second: register(registry, second)}
+
+
+def call_model(app, **fields):
+    return client_as(app, "service").post(CHAT_PATH, json={**CHAT, **fields})
+
+
+def served_by(answer):
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    return answer.headers["X-Registry-Provider-Id"]
+
+
+def hang(seconds):
+    """A script that takes the call and answers nothing for `seconds`."""
+    return lambda handler, body: time.sleep(seconds)
+
+
+def stream_after(seconds):
+    """A script that sends a stream's status and headers at once and its events `seconds` later."""
+
+    def script(handler, body):
+        handler.start_stream()
+        time.sleep(seconds)
+        identity = {"id": "chatcmpl-late", "created": 1, "model": body["model"]}
+        handler.send_events(handler.openai_events(handler.server_state, body, identity), 0)
+
+    return script
+
+
+HANGING_APP = {"REGISTRY_GATEWAY_TIMEOUT": "4", "REGISTRY_GATEWAY_ATTEMPT_TIMEOUT": "0.3"}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_provider_that_does_not_start_its_answer_in_time_hands_the_call_to_the_next(
+    registry, make_app, model_server, stream
+):
+    first, second, ids = two_providers(registry, model_server)
+    first.script = hang(4) if not stream else stream_after(4)
+    app = make_app(**HANGING_APP)
+    answer = call_model(app, stream=stream)
+    assert served_by(answer) == ids[second]
+    assert len(first.calls) == 1 and len(second.calls) == 1
+
+
+def test_an_answer_whose_headers_came_in_time_may_take_the_rest_of_the_deadline(registry, make_app, model_server):
+    first, second, ids = two_providers(registry, model_server)
+    completion = {"id": "c", "object": "chat.completion", "created": 1, "choices": [{"index": 0, "message": {}}]}
+    first.script = lambda handler, body: handler.trickle(json.dumps(completion).encode(), 20, 0.1)  # about 0.5 s
+    app = make_app(**HANGING_APP)
+    assert served_by(call_model(app)) == ids[first]
+    assert second.calls == []
+
+
+def test_no_provider_starting_its_answer_in_time_is_a_504_naming_the_attempt_timeout(registry, make_app, model_server):
+    first, second, ids = two_providers(registry, model_server)
+    first.script = second.script = hang(4)
+    answer = call_model(make_app(**HANGING_APP))
+    assert answer.status_code == 504
+    message = answer.get_json()["error"]["message"]
+    assert message.startswith("No provider of the model started its answer in time")
+    assert f"provider {ids[second]} did not start its answer within 0.3 s" in message
+
+
+# A provider that flaps ----------------------------------------------------------------------
+
+
+def test_a_provider_that_failed_a_call_is_tried_after_the_others_during_its_cooldown(registry, make_app, model_server):
+    first, second, ids = two_providers(registry, model_server)
+    app = make_app(REGISTRY_GATEWAY_COOLDOWN="30")
+    first.fail_with(503)
+    assert served_by(call_model(app)) == ids[second]
+    first.forced = None  # up again, but within its cooldown
+    assert [served_by(call_model(app)) for _ in range(3)] == [ids[second]] * 3
+    assert len(first.calls) == 1
+
+    second.fail_with(500)  # a provider in its cooldown is still tried, after the others
+    assert served_by(call_model(app)) == ids[first]
+    second.forced = None
+    assert served_by(call_model(app)) == ids[first]  # now the second cools
+    assert len(second.calls) == 5
+
+
+def test_a_cooldown_ends_after_its_seconds(registry, make_app, model_server):
+    first, second, ids = two_providers(registry, model_server)
+    app = make_app(REGISTRY_GATEWAY_COOLDOWN="0.2")
+    first.fail_with(500)
+    assert served_by(call_model(app)) == ids[second]
+    first.forced = None
+    time.sleep(0.3)
+    assert served_by(call_model(app)) == ids[first]
+
+
+def test_a_retry_after_longer_than_the_cooldown_wins(registry, make_app, model_server):
+    first, second, ids = two_providers(registry, model_server)
+    app = make_app(REGISTRY_GATEWAY_COOLDOWN="0.1")
+    first.fail_with(429, "slow down", headers={"Retry-After": "30"})
+    assert served_by(call_model(app)) == ids[second]
+    first.forced = None
+    time.sleep(0.2)
+    assert served_by(call_model(app)) == ids[second]
+    assert len(first.calls) == 1
+
+
+# Calls cut off by a worker's death ------------------------------------------------------------
+
+STARTED = "registry_gateway_requests_started_total"
+FINISHED = "registry_gateway_requests_total"
+GPT_4O = {"type": "openai", "model": "openai:gpt-4o"}
+
+
+def counted(samples, name, **labels):
+    """The sum of the samples of `name` with these labels (and any others)."""
+    wanted = set(labels.items())
+    return sum(
+        value for (sample, sample_labels), value in samples.items() if sample == name and wanted <= sample_labels
+    )
+
+
+def started_and_finished(metrics_text):
+    samples = parse(metrics_text)
+    return counted(samples, STARTED, **GPT_4O), counted(samples, FINISHED, **GPT_4O)
+
+
+def test_a_call_is_counted_as_it_starts_and_again_as_it_finishes(registry, model_server):
+    register(registry, model_server(api_key=MODEL_KEY))
+    metrics = registry.test_client()
+    started, finished = started_and_finished(metrics.get("/metrics").text)
+    stream = client_as(registry, "service").post(CHAT_PATH, json={**CHAT, "stream": True}, buffered=False)
+    assert next(iter(stream.response)).startswith(b"data: ")
+    assert started_and_finished(metrics.get("/metrics").text) == (started + 1, finished)
+    stream.close()
+    assert started_and_finished(metrics.get("/metrics").text) == (started + 1, finished + 1)
+
+
+def test_streams_cut_off_by_a_killed_worker_show_as_started_and_never_finished(registry, model_server, start_gunicorn):
+    upstream = model_server(api_key=MODEL_KEY)
+    upstream.chunk_interval = 0.5
+    register(registry, upstream)
+    server = start_gunicorn(workers=1)
+    [worker] = server.worker_pids()
+    with server.client("service") as caller, contextlib.ExitStack() as streams:
+        for _ in range(3):
+            stream = streams.enter_context(
+                caller.stream("POST", CHAT_PATH, json={**CHAT, "stream": True, "fake_pieces": 100})
+            )
+            assert next(stream.iter_lines()).startswith("data: ")
+        os.kill(worker, signal.SIGKILL)
+        assert wait_for(lambda: server.worker_pids() not in ([], [worker]))
+    server.wait_until_ready()
+    started, finished = started_and_finished(httpx.get(f"{server.base_url}/metrics").text)
+    assert (started, finished) == (3, 0)
