@@ -126,6 +126,15 @@ def delay_in_seconds(retry_after):
     return int(retry_after) if is_delay_in_seconds(retry_after) else 0
 
 
+class AnswerNotStarted(UpstreamFailure):
+    """A provider that did not start its answer within the attempt timeout."""
+
+    status = 504
+
+    def __init__(self, provider, deadline):
+        super().__init__(f"provider {provider.id} did not start its answer within {deadline.answer_seconds:g} s")
+
+
 def every_provider_failed(failures):
     """429 when every provider said so (with the soonest Retry-After), 504 when none started
     its answer in time, else 502."""
@@ -137,15 +146,6 @@ def every_provider_failed(failures):
     if all(isinstance(failure, AnswerNotStarted) for failure in failures):
         return GatewayError(504, sentence(f"No provider of the model started its answer in time: {reasons}"))
     return GatewayError(502, sentence(f"Every provider of the model failed: {reasons}"))
-
-
-class AnswerNotStarted(UpstreamFailure):
-    """A provider that did not start its answer within the attempt timeout."""
-
-    status = 504
-
-    def __init__(self, provider, deadline):
-        super().__init__(f"provider {provider.id} did not start its answer within {deadline.answer_seconds:g} s")
 
 
 def first_answer(providers, attempt, call, deadline, cooldown):
@@ -162,7 +162,7 @@ def first_answer(providers, attempt, call, deadline, cooldown):
         except UpstreamFailure as failure:
             failures.append(failure)
         except UpstreamTimeout as timeout:
-            if deadline.remaining() > 0:  # the attempt's own limit passed, not the call's
+            if deadline.answer_seconds and deadline.remaining() > 0:  # the attempt's own limit passed, not the call's
                 failures.append(AnswerNotStarted(provider, deadline))
             else:
                 COOLDOWNS.start(provider.id, cooldown)
