@@ -205,6 +205,16 @@ def test_a_full_disk_is_a_507_while_reads_go_on_and_writes_resume_once_space_is_
     assert again.status_code == 201, again.get_data(as_text=True)
 
 
+def test_the_openapi_document_names_the_databases_503_on_every_route_and_507_on_changes(anonymous):
+    paths = anonymous.get("/openapi.json").get_json()["paths"]
+    listing, create = paths[PROVIDERS]["get"]["responses"], paths[PROVIDERS]["post"]["responses"]
+    for responses in (listing, create):
+        assert "the database is not available" in responses["503"]["description"]
+        assert "Retry-After" in responses["503"]["headers"]
+    assert "507" in create and "507" not in listing
+    assert "507" not in paths[CHAT_PATH]["post"]["responses"]
+
+
 # A provider that hangs ---------------------------------------------------------------------
 
 MODEL_KEY = "sk-model-key-faults"
