@@ -8,12 +8,15 @@ under the registry), and a disk fills the way a test can make it without root (S
 own page limit; on PostgreSQL, a trigger answering the disk_full error a full disk gives).
 """
 
+import collections
 import contextlib
 import json
 import logging
 import os
 import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -21,7 +24,7 @@ import sqlalchemy as sa
 
 from models import db
 from observability.logs import RequestFields
-from tests.conftest import TEST_DATABASE_URL, client_as, database_url, provider_body, wait_for
+from tests.conftest import POSTGRES_ONLY, TEST_DATABASE_URL, client_as, database_url, provider_body, wait_for
 from tests.test_metrics import parse
 
 PROVIDERS = "/api/v1/model_providers"
@@ -93,6 +96,44 @@ def test_a_connection_lost_before_a_write_is_a_503_with_retry_after_and_nothing_
     assert refused.headers["Retry-After"] == DATABASE_RETRY_AFTER
     assert admin.get(PROVIDERS).get_json()["total_count"] == 0
     assert admin.post(PROVIDERS, json=provider_body()).status_code == 201
+
+
+@POSTGRES_ONLY
+def test_backends_terminated_under_load_give_no_500_and_every_access_line_its_request_id(instance_path, start_gunicorn):
+    server = start_gunicorn(workers=2)
+    database = sa.make_url(database_url(instance_path)).database
+    postgres = sa.create_engine(TEST_DATABASE_URL, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+    terminate_all = sa.text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = :name")
+    loading, terminated, statuses = threading.Event(), [], collections.Counter()
+
+    def terminate_every_50_ms():
+        with postgres.connect() as connection:
+            while loading.is_set():
+                terminated.append(connection.execute(terminate_all, {"name": database}).scalar())
+                time.sleep(0.05)
+
+    def mixed_load(number):
+        with server.client("admin") as admin:
+            for round_number in range(30):
+                body = provider_body(base_url=f"https://load-{number}-{round_number}.example/v1")
+                for answer in (
+                    admin.post(PROVIDERS, params={"verify": "false"}, json=body),
+                    admin.get(PROVIDERS, params={"limit": 5}),
+                    admin.get("/api/v1/configurations/system"),
+                ):
+                    statuses[answer.status_code] += 1
+
+    loading.set()
+    terminator = threading.Thread(target=terminate_every_50_ms)
+    terminator.start()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(mixed_load, range(8)))
+    loading.clear()
+    terminator.join()
+    postgres.dispose()
+    assert sum(terminated) > 100 and statuses[503] > 0, (sum(terminated), statuses)
+    assert set(statuses) <= {200, 201, 503}, statuses
+    assert "request_id=-" not in server.log()
 
 
 def test_the_database_gone_is_a_503_with_retry_after_on_the_api_the_gateway_and_readyz(
