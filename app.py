@@ -28,7 +28,7 @@ from observability.logs import RequestIds
 from observability.metrics import init_metrics
 from schemas import ma
 from serving.cli import register_commands
-from storage.connections import close_read_connection
+from storage.connections import end_connections
 from storage.sqlite import prepare_sqlite
 
 log = logging.getLogger("registry")
@@ -137,6 +137,8 @@ def load_config(environ):
         "VERIFY_ON_CREATE": read_bool(environ, "REGISTRY_VERIFY_ON_CREATE", True),
         "UPSTREAM_TIMEOUT": read_number(environ, "REGISTRY_UPSTREAM_TIMEOUT", 10.0, float),
         "GATEWAY_TIMEOUT": read_number(environ, "REGISTRY_GATEWAY_TIMEOUT", 600.0, float),
+        "GATEWAY_ATTEMPT_TIMEOUT": read_number(environ, "REGISTRY_GATEWAY_ATTEMPT_TIMEOUT", 120.0, float),
+        "GATEWAY_COOLDOWN": read_number(environ, "REGISTRY_GATEWAY_COOLDOWN", 30.0, float),
         "WATSONX_IAM_URL": environ.get("REGISTRY_WATSONX_IAM_URL") or "https://iam.cloud.ibm.com/identity/token",
         "PROBE_INTERVAL": read_number(environ, "REGISTRY_PROBE_INTERVAL", 60.0, float),
         "PROBE_FAILURES": max(1, read_number(environ, "REGISTRY_PROBE_FAILURES", 2)),
@@ -209,7 +211,10 @@ def create_app(settings=None, environ=None):
     os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
 
     db.init_app(app)
-    app.teardown_appcontext(close_read_connection)
+    # At a request's end while its id is there for the log; at the end of other app contexts
+    # (commands, jobs) too. Either runs before Flask-SQLAlchemy's own, which finds nothing left.
+    app.teardown_request(end_connections)
+    app.teardown_appcontext(end_connections)
     migrate.init_app(app, db, directory=MIGRATIONS_DIRECTORY, render_as_batch=True)
     ma.init_app(app)
     apifairy.init_app(app)

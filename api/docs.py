@@ -38,6 +38,11 @@ GATEWAY_RESPONSES_OF_BODIES = {
     "413": "Body over 16 MiB",
     "415": "Body is not application/json",
 }
+# Every authenticated route reads the database (credentials at least); those of the methods
+# that change things may find its disk full. The gateway's calls change nothing stored.
+DATABASE_UNAVAILABLE = "the database is not available (Retry-After says when to try again)"
+DATABASE_DISK_FULL = "The database's disk is full: the change was refused, nothing written"
+CHANGING_METHODS = {"post", "put", "patch", "delete"}
 SSE_CONTENT = {
     "text/event-stream": {"schema": {"type": "string", "description": "`data: {chunk}` events, then `data: [DONE]`"}}
 }
@@ -77,10 +82,21 @@ def as_header_objects(responses):
             header.pop("name", None)
 
 
+def document_database_faults(responses, changes, error_response):
+    """The database's 503 (beside a route's own, when it has one) and, where the route changes
+    things, its 507."""
+    own = responses.get("503")
+    when = f"{own['description']}; also when" if own else "When"
+    responses["503"] = error_response(f"{when} {DATABASE_UNAVAILABLE}")
+    if changes:
+        responses.setdefault("507", error_response(DATABASE_DISK_FULL))
+
+
 def document_retry_after(responses):
-    if "429" in responses:
-        retry_after = {"description": "Seconds to wait", "schema": {"type": "integer", "minimum": 1}}
-        responses["429"]["headers"] = {"Retry-After": retry_after}
+    retry_after = {"description": "Seconds to wait", "schema": {"type": "integer", "minimum": 1}}
+    for status in ("429", "503"):
+        if status in responses:
+            responses[status]["headers"] = {"Retry-After": retry_after}
 
 
 # APIFairy names a tag after its blueprint, title-cased; these are spelled otherwise.
@@ -124,7 +140,7 @@ def document_problems(spec):
     for path_name, path in spec["paths"].items():
         gateway = path_name.startswith(OPENAI_PATH_PREFIX)
         error_response = openai_error_response if gateway else problem_response
-        for operation in path.values():
+        for method, operation in path.items():
             responses = operation["responses"]
             if "200" in responses:
                 responses.pop("204", None)  # APIFairy's default when the view dumps no schema itself
@@ -135,6 +151,7 @@ def document_problems(spec):
             extra = {}
             if "security" in operation:
                 extra.update(PROBLEM_RESPONSES_OF_AUTHENTICATED)
+                document_database_faults(responses, method in CHANGING_METHODS and not gateway, error_response)
             if "requestBody" in operation:
                 extra.update(GATEWAY_RESPONSES_OF_BODIES if gateway else PROBLEM_RESPONSES_OF_BODIES)
             if operation.get("parameters"):

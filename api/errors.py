@@ -7,13 +7,14 @@ import logging
 from apifairy.exceptions import ValidationError as RequestValidationError
 from flask import Blueprint, current_app, has_request_context, json, request
 from marshmallow import ValidationError
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
 from access.crypto import UnopenableApiKey
 from observability.logs import request_id_for
+from storage.connections import cause_of, is_disk_full, is_unavailable
 from upstreams import UpstreamError
 
 errors_bp = Blueprint("errors", __name__)
@@ -43,6 +44,9 @@ ANTHROPIC_ERROR_TYPES = {
     529: "overloaded_error",
 }
 KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
+# How soon a client may try again when the database does not answer: a restarting PostgreSQL
+# or a failover takes seconds.
+DATABASE_RETRY_SECONDS = 5
 RFC_9110_TITLES = {413: "Content Too Large", 422: "Unprocessable Content"}
 # gunicorn refuses these before the app sees the request; its own message can quote the raw
 # request line or a header, so the detail is a fixed sentence per status instead.
@@ -227,10 +231,21 @@ def conflicting_write(error):
     return problem(409, "The change conflicts with another request's change; read the resource again and retry.")
 
 
-@errors_bp.app_errorhandler(OperationalError)
-def database_unavailable(error):
-    log.error("database error on %s %s: %s", request.method, request.path, error.orig)
-    return problem(503, "The database is not available; try again shortly.")
+@errors_bp.app_errorhandler(DBAPIError)
+def database_error(error):
+    """A full disk is a 507 (the write was refused, reads go on); a database that cannot be
+    reached or used now, a 503 with Retry-After; any other database error is unexpected."""
+    if is_disk_full(error):
+        log.error("the database's disk is full: %s %s wrote nothing", request.method, request.path)
+        return problem(507, "The database's disk is full; nothing was written.")
+    if not is_unavailable(error):
+        return unexpected_error(error)
+    log.error("database error on %s %s: %s", request.method, request.path, cause_of(error))
+    return problem(
+        503,
+        "The database is not available; try again shortly.",
+        headers={"Retry-After": str(DATABASE_RETRY_SECONDS)},
+    )
 
 
 @errors_bp.app_errorhandler(PoolTimeout)

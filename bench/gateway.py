@@ -3,7 +3,8 @@ side by side with calling the same fake directly, and with a floor: a bare Flask
 (bench/relay_app.py) forwarding the same calls under the same gunicorn settings.
 
     .venv/bin/python bench/gateway.py [--rounds 5] [--calls 200] [--streams 500] [--stream-seconds 10]
-                                      [--relay-streams 100] [--relay-seconds 5] [--only latency ...]
+                                      [--relay-streams 100] [--relay-seconds 5] [--flap-calls 1000]
+                                      [--only latency ...]
 
 Starts the fake (tests/fake_model_servers.py, in its own process), the registry and the
 relay under `make run`'s defaults (gunicorn.conf.py), registers the fake as an openai
@@ -16,7 +17,12 @@ provider, then:
   2 s, as clients arrive, not in one instant), with /healthz asked every 0.2 s meanwhile (from another process);
   streams refused or cut, and /healthz's slowest answer;
 - relay: N streams at once of 50 chunks a second, direct and through the registry; the
-  chunks a second the client gets, and the registry's ratio to direct.
+  chunks a second the client gets, and the registry's ratio to direct;
+- flapping: a model with two providers, the older answering 503 every other second, called
+  one call after another through two registries on one database, one with cooldowns off
+  (every call tries the flapping provider first) and one with the default 30 s; the mean
+  and p99 latency each adds over the same calls while both providers answer, and the
+  calls that met a failed attempt.
 
 The runs of the endpoints interleave (which goes first rotates too) and the figures are
 medians over the rounds. Targets are printed beside each figure.
@@ -41,7 +47,9 @@ sys.path.insert(0, ROOT)
 
 MODEL_KEY = "sk-bench"
 MESSAGES = [{"role": "user", "content": "Hi"}]
-SCENARIOS = ("latency", "first-chunk", "held", "relay")
+SCENARIOS = ("latency", "first-chunk", "held", "relay", "flapping")
+FLAP_SECONDS = 1.0
+COOLDOWNS = {"cooldown off": "0", "cooldown 30 s": "30"}  # registry name: REGISTRY_GATEWAY_COOLDOWN
 
 
 def start_fake():
@@ -229,6 +237,85 @@ def relay_rate(options, direct, registry):
     }
 
 
+def serve_flapping(ports, flapping):
+    """A fake model server in a process of its own, answering every model call with 503 in
+    every other FLAP_SECONDS while `flapping` is set."""
+    from tests.fake_model_servers import FakeModelServer
+
+    fake = FakeModelServer("openai", api_key=MODEL_KEY, models=["gpt-4o"])
+    ports.put(fake.port)
+    while True:
+        if flapping.is_set() and int(time.monotonic() / FLAP_SECONDS) % 2:
+            fake.fail_with(503, "flapping")
+        else:
+            fake.forced = None
+        time.sleep(0.01)
+
+
+def start_flapping_fake():
+    ports, flapping = multiprocessing.Queue(), multiprocessing.Event()
+    process = multiprocessing.Process(target=serve_flapping, args=(ports, flapping), daemon=True)
+    process.start()
+    return process, ports.get(timeout=30), flapping
+
+
+def failed_attempts(log_path):
+    with open(log_path, errors="replace") as log:
+        return sum(1 for line in log if "trying the next provider" in line)
+
+
+def flapping_latency(options):
+    """What a flapping provider adds to each call, with cooldowns off and on."""
+    instance_path = tempfile.mkdtemp(prefix="bench-flapping-")
+    authorizations, _ = prepare_registry(instance_path, seeded=0)
+    steady, steady_port = start_fake()
+    flapper, flapper_port, flapping = start_flapping_fake()
+    logs = {name: os.path.join(instance_path, f"{name.replace(' ', '-')}.log") for name in COOLDOWNS}
+    servers = {
+        name: Server(
+            "wsgi:app", instance_path, logs[name], REGISTRY_VERIFY_ON_CREATE="true", REGISTRY_GATEWAY_COOLDOWN=cooldown
+        )
+        for name, cooldown in COOLDOWNS.items()
+    }
+    try:
+        first_server = next(iter(servers.values()))
+        for fake_port in (flapper_port, steady_port):  # the flapping provider is the older: tried first
+            register_fake(first_server.port, fake_port)
+        registries = [
+            Endpoint(
+                name,
+                f"http://127.0.0.1:{server.port}/api/v1/openai/chat/completions",
+                {"Authorization": authorizations["bearer"]},
+                "openai:gpt-4o",
+            )
+            for name, server in servers.items()
+        ]
+        for registry in registries:
+            warm_up(registry)
+        timings = {(registry.name, flaps): [] for registry in registries for flaps in (False, True)}
+        with httpx.Client(timeout=60) as client:
+            for _, registry in interleaved(options.rounds, *registries):
+                for flaps in (False, True):
+                    flapping.set() if flaps else flapping.clear()
+                    timings[registry.name, flaps] += timed_calls(client, registry, options.flap_calls, stream=False)
+        flapping.clear()
+        for registry in registries:
+            steady_calls, flapping_calls = timings[registry.name, False], timings[registry.name, True]
+            figures = {
+                "mean adds ms": (statistics.mean(flapping_calls) - statistics.mean(steady_calls)) * 1000,
+                "p99 adds ms": (percentile(flapping_calls, 0.99) - percentile(steady_calls, 0.99)) * 1000,
+                "failed attempts": failed_attempts(logs[registry.name]),
+                "calls": len(flapping_calls),
+            }
+            report(registry.name, figures, "with the cooldown, a failed attempt once per 30 s and worker")
+    finally:
+        for server in servers.values():
+            server.stop()
+        os.killpg(steady.pid, 15)
+        steady.wait(timeout=10)
+        flapper.terminate()
+
+
 def report(name, figures, target):
     shown = ", ".join(
         f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}" for key, value in figures.items()
@@ -245,8 +332,14 @@ def main():
     parser.add_argument("--ramp-seconds", type=float, default=2, help="the held streams open evenly over this time")
     parser.add_argument("--relay-streams", type=int, default=100)
     parser.add_argument("--relay-seconds", type=float, default=5)
+    parser.add_argument("--flap-calls", type=int, default=1000, help="calls per round of flapping, each state")
     parser.add_argument("--only", nargs="+", choices=SCENARIOS, default=SCENARIOS)
     options = parser.parse_args()
+    if "flapping" in options.only:  # two registries and two fakes of its own
+        flapping_latency(options)
+        options.only = [scenario for scenario in options.only if scenario != "flapping"]
+        if not options.only:
+            return
 
     instance_path = tempfile.mkdtemp(prefix="bench-gateway-")
     # No provider but the fake, so no traffic leaves the machine; calls carry an API token, as agents' do.

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from flask import current_app, has_request_context, request
 
 from observability.logs import REQUEST_ID_KEY, USER_KEY
-from observability.metrics import record_gateway_call
+from observability.metrics import record_gateway_call, record_gateway_call_started
 from upstreams.transport import Deadline
 
 log = logging.getLogger(__name__)
@@ -79,16 +79,27 @@ class GatewayCall:
     def served_by(self, target):
         self.provider_id = target.provider_id
 
+    @property
+    def counted_model(self):
+        """The model as the metrics count it: its id when the index knows it, else None (unknown)."""
+        return self.model if self.indexed else None
+
     def first_chunk_sent(self):
         if self.first_chunk_after is None:
             self.first_chunk_after = time.monotonic() - self.started
+
+
+def call_started(call):
+    """Counted once routing knows its provider type and model, as call_finished counts it:
+    the calls started and not finished are those in flight, or cut off by a worker's death."""
+    record_gateway_call_started(call.provider_type, call.counted_model)
 
 
 def call_finished(call):
     """The one place where a call's outcome, latency, time to first chunk and usage are all
     known: counted in the metrics (the model as the index knows it, else unknown) and logged."""
     latency = time.monotonic() - call.started
-    model_id = call.model if call.indexed else None
+    model_id = call.counted_model
     record_gateway_call(call.provider_type, model_id, call.outcome, latency, call.first_chunk_after, call.usage)
     first_chunk = f"{call.first_chunk_after * 1000:.1f}" if call.first_chunk_after is not None else "-"
     tokens = (call.usage or {}).get("total_tokens", "-")
@@ -110,14 +121,23 @@ def call_finished(call):
 class Settings:
     total_timeout: float
     connect_timeout: float
+    attempt_timeout: float  # for one provider to start its answer; 0: only the total bounds it
+    cooldown: float  # seconds a provider that failed a call is tried after the others
 
     @classmethod
     def of_app(cls):
         config = current_app.config
-        return cls(config["GATEWAY_TIMEOUT"], config["UPSTREAM_TIMEOUT"])
+        return cls(
+            config["GATEWAY_TIMEOUT"],
+            config["UPSTREAM_TIMEOUT"],
+            config["GATEWAY_ATTEMPT_TIMEOUT"],
+            config["GATEWAY_COOLDOWN"],
+        )
 
     def deadline(self):
-        return Deadline(self.total_timeout, connect_seconds=self.connect_timeout)
+        return Deadline(
+            self.total_timeout, connect_seconds=self.connect_timeout, answer_seconds=self.attempt_timeout or None
+        )
 
 
 def sentence(text):

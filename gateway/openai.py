@@ -30,7 +30,8 @@ GATEWAY_ERRORS = {
     429: "Every provider of the model is rate-limiting (Retry-After)",
     502: "Every provider tried failed",
     503: "Every provider of the model is offline",
-    504: "The call took longer than REGISTRY_GATEWAY_TIMEOUT",
+    504: "The call took longer than REGISTRY_GATEWAY_TIMEOUT, or no provider started its answer within "
+    "REGISTRY_GATEWAY_ATTEMPT_TIMEOUT",
 }
 
 
@@ -63,9 +64,11 @@ def chat_completions(chat_body):
     """Call a model's chat completion, OpenAI style
 
     Routed to the oldest online provider of the model's type that serves it, and to the
-    next one when a provider cannot be reached or answers 429 or 5xx before anything was
-    sent. With `"stream": true` the answer is `text/event-stream`: each upstream chunk as
-    it arrives, ending with `data: [DONE]`. `X-Registry-Provider-Id` names the provider.
+    next one when a provider cannot be reached, answers 429 or 5xx, or has not started its
+    answer within REGISTRY_GATEWAY_ATTEMPT_TIMEOUT, before anything was sent; a provider
+    that failed a call within REGISTRY_GATEWAY_COOLDOWN is tried after the others. With
+    `"stream": true` the answer is `text/event-stream`: each upstream chunk as it arrives,
+    ending with `data: [DONE]`. `X-Registry-Provider-Id` names the provider.
     """
     chat_request = chat_request_of(chat_body)
     call = GatewayCall(chat_request.model, "chat", stream=chat_request.stream)

@@ -76,6 +76,13 @@ GATEWAY_CALLS = Counter(
     ("type", "model", "outcome"),
     registry=own_metrics,
 )
+GATEWAY_CALLS_STARTED = Counter(
+    "registry_gateway_requests_started",
+    "Model calls through the gateway as they start, by provider type and model: less "
+    "registry_gateway_requests_total, the calls in flight or cut off by a worker's death.",
+    ("type", "model"),
+    registry=own_metrics,
+)
 GATEWAY_SECONDS = Histogram(
     "registry_gateway_request_duration_seconds",
     "Time of a gateway call to its end (the whole stream when streaming), by provider type and model.",
@@ -160,6 +167,15 @@ def observe_upstream_call(provider_type, seconds):
     UPSTREAM_SECONDS.labels(known_or_unknown(provider_type, PROVIDER_TYPES)).observe(seconds)
 
 
+def gateway_labels(provider_type, model_id):
+    return known_or_unknown(provider_type, PROVIDER_TYPES), model_id or UNKNOWN
+
+
+def record_gateway_call_started(provider_type, model_id):
+    """Count a gateway call as it starts, with the labels record_gateway_call will count it by."""
+    GATEWAY_CALLS_STARTED.labels(*gateway_labels(provider_type, model_id)).inc()
+
+
 def record_gateway_call(provider_type, model_id, outcome, seconds, time_to_first_chunk=None, usage=None):
     """Count one gateway call (for the gateway's routes).
 
@@ -171,7 +187,7 @@ def record_gateway_call(provider_type, model_id, outcome, seconds, time_to_first
     """
     if outcome not in GATEWAY_OUTCOMES:
         raise ValueError(f"outcome must be one of {GATEWAY_OUTCOMES}, not {outcome!r}")
-    labels = (known_or_unknown(provider_type, PROVIDER_TYPES), model_id or UNKNOWN)
+    labels = gateway_labels(provider_type, model_id)
     GATEWAY_CALLS.labels(*labels, outcome).inc()
     GATEWAY_SECONDS.labels(*labels).observe(seconds)
     if time_to_first_chunk is not None:

@@ -42,6 +42,7 @@ PASSWORDS = {"admin": "admin-pass-1", "service": "service-pass-1", "reader": "re
 # whole suite then runs on PostgreSQL, with a fresh database per test. Unset: SQLite.
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
 SQLITE_ONLY = pytest.mark.skipif(bool(TEST_DATABASE_URL), reason="SQLite's own behaviour; PostgreSQL has none of it")
+POSTGRES_ONLY = pytest.mark.skipif(not TEST_DATABASE_URL, reason="PostgreSQL's own behaviour; SQLite has none of it")
 # Instance folder -> its own PostgreSQL database; a folder not listed uses its SQLite file.
 DATABASE_URLS = {}
 

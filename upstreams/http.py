@@ -16,7 +16,7 @@ import httpx
 
 from serving.hub import off_the_hub
 from upstreams.errors import UpstreamError, UpstreamFailure, UpstreamRefusal, UpstreamTimeout
-from upstreams.transport import DeadlineTransport
+from upstreams.transport import DeadlineTransport, answer_begun
 
 UPSTREAM_TEXT_LIMIT = 2000  # an upstream error's message, as passed on
 UPSTREAM_FIELD_LIMIT = 200  # its type, param and code
@@ -232,9 +232,11 @@ def open_response(target, method, url, deadline, *, headers=None, json_body=None
 
 
 def read_body(response, target):
-    """The response's body, up to MAX_ANSWER_BYTES."""
+    """The response's body, up to MAX_ANSWER_BYTES: its answer has begun (its headers came),
+    so it is read within the call's deadline alone."""
     try:
-        return read_capped(response, MAX_ANSWER_BYTES)
+        with answer_begun():
+            return read_capped(response, MAX_ANSWER_BYTES)
     except httpx.TimeoutException:
         raise UpstreamTimeout(f"provider {target.provider_id} did not answer in time") from None
     except httpx.HTTPError:
