@@ -5,7 +5,7 @@ side by side with calling the same fake directly, and with a floor: a bare Flask
     .venv/bin/python bench/gateway.py [--rounds 5] [--calls 200] [--streams 500] [--stream-seconds 10]
                                       [--relay-streams 100] [--relay-seconds 5] [--only latency ...]
 
-Starts the fake (tests/fake_model_servers.py, in its own process), the registry and the
+Starts the fake (tests/fakes/, in its own process), the registry and the
 relay under `make run`'s defaults (gunicorn.conf.py), registers the fake as an openai
 provider, then:
 
@@ -45,7 +45,7 @@ SCENARIOS = ("latency", "first-chunk", "held", "relay")
 
 
 def start_fake():
-    command = [sys.executable, "-m", "tests.fake_model_servers"]
+    command = [sys.executable, "-m", "tests.fakes"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
     return process, int(process.stdout.readline())
 

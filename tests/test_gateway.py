@@ -1,6 +1,6 @@
 """The gateway: the real `openai` client, sync and async, calling models through gunicorn.
 
-Model servers are faked by tests/fake_model_servers.py, which speak the real wire formats.
+Upstreams are faked by tests/fakes/, which speak the real wire formats.
 """
 
 import asyncio
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from models import ModelProvider, db
 from tests.conftest import PASSWORDS, basic_auth, client_as, provider_body
-from tests.fake_model_servers import USAGE
+from tests.fakes.model import USAGE
 from tests.test_metrics import parse, value
 
 PROVIDERS = "/api/v1/model_providers"
@@ -115,11 +115,18 @@ def streamed_text(chunks):
     return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
 
 
+def streamed_tool_call(chunks):
+    """(name, arguments) of the tool call a stream carries, its arguments joined from their parts."""
+    calls = [call for chunk in chunks if chunk.choices for call in chunk.choices[0].delta.tool_calls or []]
+    name = next(call.function.name for call in calls if call.function.name)
+    return name, json.loads("".join(call.function.arguments or "" for call in calls))
+
+
 # Each type's chat ------------------------------------------------------------------------
 
 
-def test_openai_chat_answers_with_the_registry_model_id_and_the_serving_provider(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_openai_chat_answers_with_the_registry_model_id_and_the_serving_provider(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     provider_id = register(registry, upstream)
     raw = raw_chat(openai_client(gateway()))
     completion = raw.parse()
@@ -133,16 +140,16 @@ def test_openai_chat_answers_with_the_registry_model_id_and_the_serving_provider
     assert body["model"] == "gpt-4o"
 
 
-def test_fields_the_registry_does_not_know_reach_an_openai_compatible_upstream(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_fields_the_registry_does_not_know_reach_an_openai_compatible_upstream(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     chat(openai_client(gateway()), temperature=0.2, extra_body={"top_k": 5, "vendor_option": {"a": [1]}})
     body = upstream.calls[-1][2]
     assert body["top_k"] == 5 and body["vendor_option"] == {"a": [1]} and body["temperature"] == 0.2
 
 
-def test_openai_stream_relays_chunks_with_the_registry_model_id_and_ends_with_done(registry, gateway, model_server):
-    provider_id = register(registry, model_server(api_key=MODEL_KEY))
+def test_openai_stream_relays_chunks_with_the_registry_model_id_and_ends_with_done(registry, gateway, fake_upstream):
+    provider_id = register(registry, fake_upstream(api_key=MODEL_KEY))
     server = gateway()
     chunks = streamed(openai_client(server))
     assert streamed_text(chunks) == "Hello!"
@@ -159,16 +166,16 @@ def test_openai_stream_relays_chunks_with_the_registry_model_id_and_ends_with_do
     assert response.text.endswith("data: [DONE]\n\n")
 
 
-def test_include_usage_gives_a_last_chunk_without_choices(registry, gateway, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_include_usage_gives_a_last_chunk_without_choices(registry, gateway, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     chunks = streamed(openai_client(gateway()), stream_options={"include_usage": True})
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == USAGE["total_tokens"]
     assert chunks[-1].model == "openai:gpt-4o"
     assert streamed_text(chunks) == "Hello!"
 
 
-def test_rits_is_called_with_its_header_besides_bearer(registry, gateway, model_server):
-    upstream = model_server("rits", api_key=MODEL_KEY, models=["ibm/granite-3-8b"])
+def test_rits_is_called_with_its_header_besides_bearer(registry, gateway, fake_upstream):
+    upstream = fake_upstream("rits", api_key=MODEL_KEY, models=["ibm/granite-3-8b"])
     register(registry, upstream)
     client = openai_client(gateway())
     assert chat(client, "rits:ibm/granite-3-8b").choices[0].message.content == "Hello!"
@@ -177,8 +184,8 @@ def test_rits_is_called_with_its_header_besides_bearer(registry, gateway, model_
     assert headers["RITS_API_KEY"] == MODEL_KEY and headers["Authorization"] == f"Bearer {MODEL_KEY}"
 
 
-def test_anthropic_is_called_through_its_openai_compatible_endpoint(registry, gateway, model_server):
-    upstream = model_server("anthropic", api_key=MODEL_KEY, models=["claude-sonnet-4"])
+def test_anthropic_is_called_through_its_openai_compatible_endpoint(registry, gateway, fake_upstream):
+    upstream = fake_upstream("anthropic", api_key=MODEL_KEY, models=["claude-sonnet-4"])
     register(registry, upstream)
     client = openai_client(gateway())
     assert chat(client, "anthropic:claude-sonnet-4").model == "anthropic:claude-sonnet-4"
@@ -188,8 +195,8 @@ def test_anthropic_is_called_through_its_openai_compatible_endpoint(registry, ga
     assert path == "/v1/chat/completions" and headers["Authorization"] == f"Bearer {MODEL_KEY}"
 
 
-def test_watsonx_chat_is_translated_both_ways(registry, gateway, model_server):
-    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+def test_watsonx_chat_is_translated_both_ways(registry, gateway, fake_upstream):
+    upstream = fake_upstream("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
     register_watsonx(registry, upstream)
     completion = chat(openai_client(gateway(iam=upstream)), "watsonx:ibm/granite-3-8b-instruct", max_tokens=20)
     assert completion.object == "chat.completion"
@@ -203,8 +210,8 @@ def test_watsonx_chat_is_translated_both_ways(registry, gateway, model_server):
     assert headers["Authorization"] == "Bearer iam-token-1"
 
 
-def test_watsonx_stream_is_translated_with_usage(registry, gateway, model_server):
-    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+def test_watsonx_stream_is_translated_with_usage(registry, gateway, fake_upstream):
+    upstream = fake_upstream("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
     register_watsonx(registry, upstream)
     client = openai_client(gateway(iam=upstream))
     chunks = streamed(client, "watsonx:ibm/granite-3-8b-instruct", stream_options={"include_usage": True})
@@ -218,8 +225,8 @@ def test_watsonx_stream_is_translated_with_usage(registry, gateway, model_server
     assert all(chunk.choices for chunk in plain)  # no usage chunk unless asked for
 
 
-def test_watsonx_token_is_exchanged_once_and_reused(registry, gateway, model_server):
-    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+def test_watsonx_token_is_exchanged_once_and_reused(registry, gateway, fake_upstream):
+    upstream = fake_upstream("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
     register_watsonx(registry, upstream)
     client = openai_client(gateway(iam=upstream), client_class=openai.AsyncOpenAI)
 
@@ -233,8 +240,8 @@ def test_watsonx_token_is_exchanged_once_and_reused(registry, gateway, model_ser
     assert upstream.iam_exchanges == 1
 
 
-def test_watsonx_token_is_exchanged_anew_before_it_expires(registry, gateway, model_server):
-    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+def test_watsonx_token_is_exchanged_anew_before_it_expires(registry, gateway, fake_upstream):
+    upstream = fake_upstream("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
     upstream.token_lifetime = 60  # within the renewal margin: every call exchanges anew
     register_watsonx(registry, upstream)
     client = openai_client(gateway(iam=upstream))
@@ -246,8 +253,8 @@ def test_watsonx_token_is_exchanged_anew_before_it_expires(registry, gateway, mo
 # Embeddings --------------------------------------------------------------------------------
 
 
-def test_embeddings_in_the_clients_default_base64_come_back_as_the_upstreams_floats(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_embeddings_in_the_clients_default_base64_come_back_as_the_upstreams_floats(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     client = openai_client(gateway())
     answer = client.embeddings.create(model="openai:text-embedding-3-small", input=["a", "bcd"])
@@ -257,8 +264,8 @@ def test_embeddings_in_the_clients_default_base64_come_back_as_the_upstreams_flo
     assert answer.usage.total_tokens == 2
 
 
-def test_embeddings_answer_base64_of_little_endian_float32_when_asked(registry, gateway, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_embeddings_answer_base64_of_little_endian_float32_when_asked(registry, gateway, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     server = gateway()
     body = {"model": "openai:text-embedding-3-small", "input": "abcd", "encoding_format": "base64"}
     with server.client(CALLER) as client:
@@ -270,8 +277,8 @@ def test_embeddings_answer_base64_of_little_endian_float32_when_asked(registry, 
     assert floats["data"][0]["embedding"] == [0.5, -0.25, 4.0]
 
 
-def test_watsonx_embeddings_are_translated(registry, gateway, model_server):
-    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/slate-125m-english-rtrvr"])
+def test_watsonx_embeddings_are_translated(registry, gateway, fake_upstream):
+    upstream = fake_upstream("watsonx", api_key=WATSONX_KEY, models=["ibm/slate-125m-english-rtrvr"])
     register_watsonx(registry, upstream)
     client = openai_client(gateway(iam=upstream))
     answer = client.embeddings.create(model="watsonx:ibm/slate-125m-english-rtrvr", input=["a", "bc"])
@@ -294,8 +301,8 @@ WEATHER_TOOL = {
 
 
 @pytest.mark.parametrize("flavor, model", [("openai", "gpt-4o"), ("watsonx", "ibm/granite-3-8b-instruct")])
-def test_tools_are_passed_through_and_tool_calls_come_back(registry, gateway, model_server, flavor, model):
-    upstream = model_server(flavor, api_key=WATSONX_KEY if flavor == "watsonx" else MODEL_KEY, models=[model])
+def test_tools_are_passed_through_and_tool_calls_come_back(registry, gateway, fake_upstream, flavor, model):
+    upstream = fake_upstream(flavor, api_key=WATSONX_KEY if flavor == "watsonx" else MODEL_KEY, models=[model])
     register(registry, upstream, watsonx_project_id="project-1" if flavor == "watsonx" else None)
     client = openai_client(gateway(iam=upstream))
     completion = chat(client, f"{flavor}:{model}", tools=[WEATHER_TOOL], tool_choice="auto")
@@ -304,13 +311,15 @@ def test_tools_are_passed_through_and_tool_calls_come_back(registry, gateway, mo
     body = upstream.calls[-1][2]
     assert body["tools"] == [WEATHER_TOOL]
     assert body.get("tool_choice", body.get("tool_choice_option")) == "auto"
-    chunks = streamed(client, f"{flavor}:{model}", tools=[WEATHER_TOOL]) if flavor == "openai" else []
+    chunks = streamed(client, f"{flavor}:{model}", tools=[WEATHER_TOOL])
     assert all(chunk.model == f"{flavor}:{model}" for chunk in chunks)
+    assert streamed_tool_call(chunks) == ("get_weather", {"city": "Paris"})
+    assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == "tool_calls"
 
 
 @pytest.mark.parametrize("flavor, model", [("openai", "gpt-4o"), ("watsonx", "ibm/granite-3-8b-instruct")])
-def test_json_mode_is_passed_through(registry, gateway, model_server, flavor, model):
-    upstream = model_server(flavor, api_key=WATSONX_KEY if flavor == "watsonx" else MODEL_KEY, models=[model])
+def test_json_mode_is_passed_through(registry, gateway, fake_upstream, flavor, model):
+    upstream = fake_upstream(flavor, api_key=WATSONX_KEY if flavor == "watsonx" else MODEL_KEY, models=[model])
     register(registry, upstream, watsonx_project_id="project-1" if flavor == "watsonx" else None)
     completion = chat(
         openai_client(gateway(iam=upstream)), f"{flavor}:{model}", response_format={"type": "json_object"}
@@ -322,8 +331,8 @@ def test_json_mode_is_passed_through(registry, gateway, model_server, flavor, mo
 # Routing and failover ----------------------------------------------------------------------
 
 
-def test_oldest_online_provider_serves_first(registry, gateway, model_server):
-    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+def test_oldest_online_provider_serves_first(registry, gateway, fake_upstream):
+    first, second = fake_upstream(api_key=MODEL_KEY), fake_upstream(api_key=MODEL_KEY)
     first_id = register(registry, first)
     register(registry, second)
     raw = raw_chat(openai_client(gateway()))
@@ -332,8 +341,8 @@ def test_oldest_online_provider_serves_first(registry, gateway, model_server):
 
 
 @pytest.mark.parametrize("failure", ["500", "503", "429", "unreachable"])
-def test_a_failing_provider_hands_the_call_to_the_next(registry, gateway, model_server, failure):
-    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+def test_a_failing_provider_hands_the_call_to_the_next(registry, gateway, fake_upstream, failure):
+    first, second = fake_upstream(api_key=MODEL_KEY), fake_upstream(api_key=MODEL_KEY)
     register(registry, first)
     second_id = register(registry, second)
     client = openai_client(gateway())
@@ -348,8 +357,8 @@ def test_a_failing_provider_hands_the_call_to_the_next(registry, gateway, model_
     assert streamed_text(streamed(client)) == "Hello!"
 
 
-def test_every_provider_failing_is_502(registry, gateway, model_server):
-    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+def test_every_provider_failing_is_502(registry, gateway, fake_upstream):
+    first, second = fake_upstream(api_key=MODEL_KEY), fake_upstream(api_key=MODEL_KEY)
     register(registry, first)
     register(registry, second)
     client = openai_client(gateway())
@@ -362,8 +371,8 @@ def test_every_provider_failing_is_502(registry, gateway, model_server):
     assert "Every provider of the model failed" in raised.value.message
 
 
-def test_every_provider_rate_limiting_is_429_with_retry_after(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_every_provider_rate_limiting_is_429_with_retry_after(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     client = openai_client(gateway())
     upstream.fail_with(429, "slow down", headers={"Retry-After": "7"})
@@ -372,8 +381,8 @@ def test_every_provider_rate_limiting_is_429_with_retry_after(registry, gateway,
     assert raised.value.response.headers["Retry-After"] == "7"
 
 
-def test_every_provider_offline_is_503(registry, gateway, model_server):
-    provider_id = register(registry, model_server(api_key=MODEL_KEY))
+def test_every_provider_offline_is_503(registry, gateway, fake_upstream):
+    provider_id = register(registry, fake_upstream(api_key=MODEL_KEY))
     client = openai_client(gateway())
     chat(client)
     set_state(registry, provider_id, "offline")
@@ -382,8 +391,8 @@ def test_every_provider_offline_is_503(registry, gateway, model_server):
     assert raised.value.status_code == 503
 
 
-def test_unknown_model_is_404_model_not_found(registry, gateway, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_unknown_model_is_404_model_not_found(registry, gateway, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     client = openai_client(gateway())
     for model in ("openai:gpt-5-unknown", "nosuchtype:gpt-4o", "gpt-4o"):
         with pytest.raises(openai.NotFoundError) as raised:
@@ -418,8 +427,8 @@ def test_a_chat_with_an_embedding_only_type_is_400(gateway):
 # Who may call ------------------------------------------------------------------------------
 
 
-def test_roles_below_the_gateways_are_refused_403(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_roles_below_the_gateways_are_refused_403(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     client = openai_client(gateway(), api_key=token_of(registry, "reader"))
     with pytest.raises(openai.PermissionDeniedError):
@@ -444,8 +453,8 @@ def test_unknown_or_revoked_tokens_and_wrong_passwords_are_401(registry, gateway
     assert httpx.post(f"{server.base_url}/api/v1/openai/embeddings", json={}).status_code == 401
 
 
-def test_basic_credentials_of_a_caller_or_above_may_call_too(registry, gateway, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_basic_credentials_of_a_caller_or_above_may_call_too(registry, gateway, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     server = gateway()
     body = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
     headers = {"Authorization": basic_auth(CALLER, PASSWORDS[CALLER])}
@@ -456,13 +465,13 @@ def test_basic_credentials_of_a_caller_or_above_may_call_too(registry, gateway, 
 # Upstream errors ---------------------------------------------------------------------------
 
 
-def test_an_upstream_400_quoting_the_key_reaches_the_client_without_it(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_an_upstream_400_quoting_the_key_reaches_the_client_without_it(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     server = gateway()
     client = openai_client(server)
     chat(client)
-    upstream.forced = (
+    upstream.answer_with(
         400,
         {
             "error": {
@@ -472,7 +481,6 @@ def test_an_upstream_400_quoting_the_key_reaches_the_client_without_it(registry,
                 "param": "messages",
             }
         },
-        {},
     )
     with pytest.raises(openai.BadRequestError) as raised:
         chat(client)
@@ -485,14 +493,14 @@ def test_an_upstream_400_quoting_the_key_reaches_the_client_without_it(registry,
     assert MODEL_KEY not in server.log()
 
 
-def test_a_watsonx_error_quoting_its_token_reaches_the_client_without_it(registry, gateway, model_server):
-    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+def test_a_watsonx_error_quoting_its_token_reaches_the_client_without_it(registry, gateway, fake_upstream):
+    upstream = fake_upstream("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
     register_watsonx(registry, upstream)
     server = gateway(iam=upstream)
     client = openai_client(server)
     chat(client, "watsonx:ibm/granite-3-8b-instruct")  # the token is iam-token-1 from here on
     message = f"token iam-token-1 for key {WATSONX_KEY} may not use this model"
-    upstream.forced = (400, {"errors": [{"code": "model_not_supported", "message": message}]}, {})
+    upstream.answer_with(400, {"errors": [{"code": "model_not_supported", "message": message}]})
     with pytest.raises(openai.BadRequestError) as raised:
         chat(client, "watsonx:ibm/granite-3-8b-instruct")
     assert raised.value.code == "model_not_supported" and "may not use this model" in raised.value.message
@@ -500,8 +508,8 @@ def test_a_watsonx_error_quoting_its_token_reaches_the_client_without_it(registr
     assert WATSONX_KEY not in server.log()
 
 
-def test_a_rejected_provider_key_is_a_502_not_the_clients_401(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_rejected_provider_key_is_a_502_not_the_clients_401(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     provider_id = register(registry, upstream)
     client = openai_client(gateway())
     chat(client)
@@ -512,8 +520,8 @@ def test_a_rejected_provider_key_is_a_502_not_the_clients_401(registry, gateway,
     assert MODEL_KEY not in raised.value.response.text
 
 
-def test_a_failure_after_the_first_chunk_is_an_error_event_before_done(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_failure_after_the_first_chunk_is_an_error_event_before_done(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     server = gateway()
     upstream.break_after_chunks = 2
@@ -528,8 +536,8 @@ def test_a_failure_after_the_first_chunk_is_an_error_event_before_done(registry,
         streamed(openai_client(server))
 
 
-def test_a_call_over_the_gateway_timeout_is_504(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_call_over_the_gateway_timeout_is_504(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     client = openai_client(gateway(REGISTRY_GATEWAY_TIMEOUT="1"))
     chat(client)
@@ -544,8 +552,8 @@ def test_a_call_over_the_gateway_timeout_is_504(registry, gateway, model_server)
 # Streams and clients ------------------------------------------------------------------------
 
 
-def test_a_client_that_goes_away_ends_the_upstream_stream(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_client_that_goes_away_ends_the_upstream_stream(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     upstream.pieces = ["tick "] * 200
     upstream.chunk_interval = 0.05
     register(registry, upstream)
@@ -558,8 +566,8 @@ def test_a_client_that_goes_away_ends_the_upstream_stream(registry, gateway, mod
     assert upstream.streams_cut_by_client == 1
 
 
-def test_chunks_are_relayed_as_they_arrive(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_chunks_are_relayed_as_they_arrive(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     upstream.pieces = ["a", "b", "c"]
     upstream.chunk_interval = 0.5
     register(registry, upstream)
@@ -568,8 +576,8 @@ def test_chunks_are_relayed_as_they_arrive(registry, gateway, model_server):
     assert arrivals[-1] - arrivals[0] >= 1.0
 
 
-def test_the_async_client_chats_and_streams(registry, gateway, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_the_async_client_chats_and_streams(registry, gateway, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     client = openai_client(gateway(), client_class=openai.AsyncOpenAI)
 
     async def chat_and_stream():
@@ -583,8 +591,8 @@ def test_the_async_client_chats_and_streams(registry, gateway, model_server):
 
 
 @pytest.mark.slow
-def test_no_database_connection_is_held_while_waiting_on_the_model(registry, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_no_database_connection_is_held_while_waiting_on_the_model(registry, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     client = client_as(registry, CALLER)
     body = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
@@ -603,8 +611,8 @@ def test_no_database_connection_is_held_while_waiting_on_the_model(registry, mod
     assert held == 0
 
 
-def test_prompts_may_outgrow_the_registrys_own_64_kib_bodies(registry, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_prompts_may_outgrow_the_registrys_own_64_kib_bodies(registry, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     long_prompt = "word " * 40_000  # 200 KB
     body = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": long_prompt}]}
@@ -613,8 +621,8 @@ def test_prompts_may_outgrow_the_registrys_own_64_kib_bodies(registry, model_ser
     assert upstream.calls[-1][2]["messages"][0]["content"] == long_prompt
 
 
-def test_each_call_is_counted_in_the_metrics(registry, gateway, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_each_call_is_counted_in_the_metrics(registry, gateway, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     server = gateway()
     client = openai_client(server)
     streamed(client, stream_options={"include_usage": True})
@@ -673,21 +681,16 @@ def stream_of(*events, interval=0.0):
     return script
 
 
-def answering(status, payload, headers=None):
-    """A script answering every model call with this status and raw body."""
-    return lambda handler, body: handler.answer_bytes(status, payload, headers)
-
-
-def two_providers(registry, model_server):
+def two_providers(registry, fake_upstream):
     """(first, second, second's id): two providers of the same models, the first tried first."""
-    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+    first, second = fake_upstream(api_key=MODEL_KEY), fake_upstream(api_key=MODEL_KEY)
     register(registry, first)
     return first, second, register(registry, second)
 
 
-def watsonx_server(registry, model_server):
+def watsonx_server(registry, fake_upstream):
     """A watsonx provider with a key of its own (the IAM tokens of this process are cached per key)."""
-    upstream = model_server(
+    upstream = fake_upstream(
         "watsonx", api_key=f"{WATSONX_KEY}-{uuid.uuid4().hex}", models=["ibm/granite-3-8b-instruct"]
     )
     register_watsonx(registry, upstream)
@@ -698,8 +701,8 @@ WATSONX_MODEL = "watsonx:ibm/granite-3-8b-instruct"
 
 
 @pytest.mark.slow
-def test_an_answer_trickled_past_the_gateway_timeout_is_504(registry, make_app, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_an_answer_trickled_past_the_gateway_timeout_is_504(registry, make_app, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     completion = {"id": "c", "object": "chat.completion", "created": 1, "choices": [{"index": 0, "message": {}}]}
     upstream.script = lambda handler, body: handler.trickle(json.dumps(completion).encode(), 10, 0.3)
@@ -711,8 +714,8 @@ def test_an_answer_trickled_past_the_gateway_timeout_is_504(registry, make_app, 
 
 
 @pytest.mark.slow
-def test_a_stream_kept_alive_by_comments_ends_at_the_gateway_timeout(registry, make_app, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_stream_kept_alive_by_comments_ends_at_the_gateway_timeout(registry, make_app, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     upstream.script = stream_of(openai_chunk({"content": "a"}), *[b": ping\n\n"] * 50, interval=0.2)
     app = make_app(REGISTRY_GATEWAY_TIMEOUT="1")
@@ -725,8 +728,8 @@ def test_a_stream_kept_alive_by_comments_ends_at_the_gateway_timeout(registry, m
 
 
 @pytest.mark.slow
-def test_a_trickling_iam_exchange_is_bounded_by_the_gateway_timeout(registry, make_app, model_server):
-    upstream = watsonx_server(registry, model_server)
+def test_a_trickling_iam_exchange_is_bounded_by_the_gateway_timeout(registry, make_app, fake_upstream):
+    upstream = watsonx_server(registry, fake_upstream)
     token = json.dumps({"access_token": "iam-token-x", "expires_in": 3600}).encode()
     upstream.iam_script = lambda handler: handler.trickle(token, 2, 0.3)  # 8 s in all
     app = make_app(REGISTRY_GATEWAY_TIMEOUT="1", REGISTRY_WATSONX_IAM_URL=upstream.iam_url)
@@ -736,22 +739,26 @@ def test_a_trickling_iam_exchange_is_bounded_by_the_gateway_timeout(registry, ma
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "until-closed"])
-def test_an_answer_over_16_mib_fails_the_provider_for_the_next(registry, model_server, declared):
-    first, second, second_id = two_providers(registry, model_server)
+def test_an_answer_over_16_mib_fails_the_provider_for_the_next(registry, fake_upstream, declared):
+    first, second, second_id = two_providers(registry, fake_upstream)
     big = b'{"object": "chat.completion", "choices": [], "pad": "' + b"z" * (17 * 1024 * 1024) + b'"}'
-    if declared:
-        first.script = answering(200, big)
-    else:
-        first.script = lambda handler, body: handler.trickle(big, 1024 * 1024, 0)
+
+    def answer_too_much(upstream):
+        if declared:
+            upstream.answer_with(200, big)
+        else:
+            upstream.script = lambda handler, body: handler.trickle(big, 1024 * 1024, 0)
+
+    answer_too_much(first)
     response = call_model(registry, chat_body())
     assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
-    second.script = first.script
+    answer_too_much(second)
     response = call_model(registry, chat_body())
     assert response.status_code == 502 and "over 16 MiB" in response.get_json()["error"]["message"]
 
 
-def test_a_stream_line_without_end_fails_the_provider_for_the_next(registry, model_server):
-    first, second, second_id = two_providers(registry, model_server)
+def test_a_stream_line_without_end_fails_the_provider_for_the_next(registry, fake_upstream):
+    first, second, second_id = two_providers(registry, fake_upstream)
     first.script = stream_of(b"data: ", *[b"x" * 65536] * 40)  # 2.5 MiB and no line end
     response = call_model(registry, chat_body(stream=True))
     assert response.headers["X-Registry-Provider-Id"] == second_id
@@ -761,8 +768,8 @@ def test_a_stream_line_without_end_fails_the_provider_for_the_next(registry, mod
     )
 
 
-def test_a_stream_line_without_end_after_the_first_chunk_is_an_error_event(registry, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_stream_line_without_end_after_the_first_chunk_is_an_error_event(registry, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     upstream.script = stream_of(openai_chunk({"content": "a"}), b"data: ", *[b"x" * 65536] * 40)
     events = events_of(call_model(registry, chat_body(stream=True)))
@@ -796,10 +803,10 @@ KEY_AS_BASE64 = base64.b64encode(f"Bearer {MODEL_KEY}".encode()).decode()
         "objects",
     ],
 )
-def test_an_upstream_4xx_reaches_the_client_without_the_key_in_any_form(registry, model_server, error_body):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_an_upstream_4xx_reaches_the_client_without_the_key_in_any_form(registry, fake_upstream, error_body):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
-    upstream.script = answering(400, error_body)
+    upstream.answer_with(400, error_body)
     response = call_model(registry, chat_body())
     error = response.get_json()["error"]
     assert response.status_code == 400
@@ -809,8 +816,8 @@ def test_an_upstream_4xx_reaches_the_client_without_the_key_in_any_form(registry
     assert all(isinstance(error[name], str | None) for name in ("type", "param", "code"))
 
 
-def test_a_watsonx_stream_error_quoting_its_token_is_relayed_without_it(registry, make_app, model_server):
-    upstream = watsonx_server(registry, model_server)
+def test_a_watsonx_stream_error_quoting_its_token_is_relayed_without_it(registry, make_app, fake_upstream):
+    upstream = watsonx_server(registry, fake_upstream)
     chunk = {"id": "c", "model_id": "ibm/granite-3-8b-instruct", "choices": [{"index": 0, "delta": {"content": "a"}}]}
     upstream.script = stream_of(
         b"event: message\ndata: " + json.dumps(chunk).encode() + b"\n\n",
@@ -840,29 +847,29 @@ def test_a_watsonx_stream_error_quoting_its_token_is_relayed_without_it(registry
         ("embeddings", embeddings_body(), b'{"data": [{"embedding": [0.5]}], "usage": {"total_tokens": "x"}}'),
     ],
 )
-def test_an_answer_of_the_wrong_shape_fails_the_provider_for_the_next(registry, model_server, path, body, answer):
-    first, second, second_id = two_providers(registry, model_server)
-    first.script = answering(200, answer)
+def test_an_answer_of_the_wrong_shape_fails_the_provider_for_the_next(registry, fake_upstream, path, body, answer):
+    first, second, second_id = two_providers(registry, fake_upstream)
+    first.answer_with(200, answer)
     response = call_model(registry, body, path)
     assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
-    second.script = first.script
+    second.answer_with(200, answer)
     response = call_model(registry, body, path)
     assert response.status_code == 502 and "SECRET" not in response.get_data(as_text=True)
 
 
 @pytest.mark.parametrize("retry_after", ["9" * 5000, "\u00b2", "Wed, 21 Oct 2015 07:28:00 GMT"])
-def test_a_retry_after_the_registry_cannot_pass_on_is_left_out(registry, model_server, retry_after):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_retry_after_the_registry_cannot_pass_on_is_left_out(registry, fake_upstream, retry_after):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
-    upstream.script = answering(429, b"{}", {"Retry-After": retry_after})
+    upstream.answer_with(429, b"{}", {"Retry-After": retry_after})
     response = call_model(registry, chat_body())
     assert response.status_code == 429 and "Retry-After" not in response.headers
 
 
-def test_an_upstream_400_nested_too_deep_is_passed_on_as_its_text(registry, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_an_upstream_400_nested_too_deep_is_passed_on_as_its_text(registry, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
-    upstream.script = answering(400, DEEP_JSON)
+    upstream.answer_with(400, DEEP_JSON)
     response = call_model(registry, chat_body())
     assert response.status_code == 400 and response.get_json()["error"]["message"] == "[" * 2000
 
@@ -877,30 +884,30 @@ def test_an_upstream_400_nested_too_deep_is_passed_on_as_its_text(registry, mode
         ("embeddings", embeddings_body("watsonx:ibm/granite-3-8b-instruct"), 200, {"results": [{}]}, 502),
     ],
 )
-def test_watsonx_answers_of_the_wrong_shape(registry, make_app, model_server, path, body, status, answer, expected):
-    upstream = watsonx_server(registry, model_server)
-    upstream.script = answering(status, json.dumps(answer).encode(), {"Location": "http://127.0.0.1:1/"})
+def test_watsonx_answers_of_the_wrong_shape(registry, make_app, fake_upstream, path, body, status, answer, expected):
+    upstream = watsonx_server(registry, fake_upstream)
+    upstream.answer_with(status, json.dumps(answer).encode(), {"Location": "http://127.0.0.1:1/"})
     response = call_model(make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url), body, path)
     assert response.status_code == expected and "iam-token-1" not in response.get_data(as_text=True)
 
 
 @pytest.mark.parametrize("token_answer", [{"access_token": "t", "expires_in": "soon"}, {"access_token": ["t"]}, []])
-def test_an_iam_answer_without_a_usable_token_is_502(registry, make_app, model_server, token_answer):
-    upstream = watsonx_server(registry, model_server)
+def test_an_iam_answer_without_a_usable_token_is_502(registry, make_app, fake_upstream, token_answer):
+    upstream = watsonx_server(registry, fake_upstream)
     upstream.iam_script = lambda handler: handler.answer(200, token_answer)
     response = call_model(make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url), chat_body(WATSONX_MODEL))
     assert response.status_code == 502
 
 
-def test_iam_refusing_the_key_is_a_502_not_the_clients_400(registry, make_app, model_server):
-    upstream = watsonx_server(registry, model_server)
+def test_iam_refusing_the_key_is_a_502_not_the_clients_400(registry, make_app, fake_upstream):
+    upstream = watsonx_server(registry, fake_upstream)
     upstream.api_key = "another-key"  # IAM answers 400: "Provided API key could not be found."
     response = call_model(make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url), chat_body(WATSONX_MODEL))
     assert response.status_code == 502 and "IAM refused the key" in response.get_json()["error"]["message"]
 
 
-def test_a_watsonx_token_refused_is_exchanged_anew_on_the_next_call(registry, make_app, model_server):
-    upstream = watsonx_server(registry, model_server)
+def test_a_watsonx_token_refused_is_exchanged_anew_on_the_next_call(registry, make_app, fake_upstream):
+    upstream = watsonx_server(registry, fake_upstream)
     app = make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url)
     assert call_model(app, chat_body(WATSONX_MODEL)).status_code == 200
     upstream.tokens.clear()  # watsonx no longer takes the token (revoked): 401
@@ -909,8 +916,8 @@ def test_a_watsonx_token_refused_is_exchanged_anew_on_the_next_call(registry, ma
     assert upstream.iam_exchanges == 2
 
 
-def test_iam_expires_in_is_preferred_to_its_expiration(registry, make_app, model_server):
-    upstream = watsonx_server(registry, model_server)
+def test_iam_expires_in_is_preferred_to_its_expiration(registry, make_app, fake_upstream):
+    upstream = watsonx_server(registry, fake_upstream)
 
     def token_with_a_clock_behind(handler):
         upstream.iam_exchanges += 1
@@ -924,8 +931,8 @@ def test_iam_expires_in_is_preferred_to_its_expiration(registry, make_app, model
     assert upstream.iam_exchanges == 1
 
 
-def test_a_stream_failing_before_its_first_chunk_goes_to_the_next_provider(registry, model_server):
-    first, second, second_id = two_providers(registry, model_server)
+def test_a_stream_failing_before_its_first_chunk_goes_to_the_next_provider(registry, fake_upstream):
+    first, second, second_id = two_providers(registry, fake_upstream)
     first.script = stream_of(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
     response = call_model(registry, chat_body(stream=True))
     assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
@@ -933,9 +940,9 @@ def test_a_stream_failing_before_its_first_chunk_goes_to_the_next_provider(regis
 
 
 @pytest.mark.parametrize("chunks_first", [0, 1])
-def test_an_upstream_error_ending_a_sentence_gets_no_second_full_stop(registry, model_server, chunks_first):
+def test_an_upstream_error_ending_a_sentence_gets_no_second_full_stop(registry, fake_upstream, chunks_first):
     """Before the first chunk every provider failed (a 502); after it, an error event."""
-    upstream = model_server(api_key=MODEL_KEY)
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     error_event = b'data: {"error": "Overloaded, try again."}\n\n'
     upstream.script = stream_of(*[openai_chunk({"content": "a"})] * chunks_first, error_event)
@@ -948,31 +955,32 @@ def test_an_upstream_error_ending_a_sentence_gets_no_second_full_stop(registry, 
     assert message.endswith(": Overloaded, try again.")
 
 
-def test_an_upstream_redirect_fails_the_provider_for_the_next(registry, model_server):
-    first, second, second_id = two_providers(registry, model_server)
-    first.script = answering(302, b"{}", {"Location": f"{second.base_url}/chat/completions"})
+def test_an_upstream_redirect_fails_the_provider_for_the_next(registry, fake_upstream):
+    first, second, second_id = two_providers(registry, fake_upstream)
+    redirect = {"Location": f"{second.base_url}/chat/completions"}
+    first.answer_with(302, b"{}", redirect)
     response = call_model(registry, chat_body())
     assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
-    second.script = first.script
+    second.answer_with(302, b"{}", redirect)
     assert call_model(registry, chat_body()).status_code == 502
 
 
-def test_the_log_line_of_a_stream_carries_its_request_id_and_user(registry, model_server, caplog):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_the_log_line_of_a_stream_carries_its_request_id_and_user(registry, fake_upstream, caplog):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     with caplog.at_level(logging.INFO, logger="gateway"):
         call_model(registry, chat_body(stream=True), headers={"X-Request-ID": "stream-request-1"}).get_data()
     [line] = [record for record in caplog.records if record.getMessage().startswith("gateway chat stream")]
     assert (line.request_id, line.user) == ("stream-request-1", CALLER)
 
 
-def test_a_model_id_not_found_is_said_in_one_sentence(registry, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_a_model_id_not_found_is_said_in_one_sentence(registry, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     response = call_model(registry, chat_body("gpt-4o"))
     assert response.status_code == 404 and not response.get_json()["error"]["message"].endswith("..")
 
 
-def test_a_provider_key_that_cannot_be_opened_fails_only_that_provider(registry, model_server):
-    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+def test_a_provider_key_that_cannot_be_opened_fails_only_that_provider(registry, fake_upstream):
+    first, second = fake_upstream(api_key=MODEL_KEY), fake_upstream(api_key=MODEL_KEY)
     first_id = register(registry, first)
     second_id = register(registry, second)
     with registry.app_context():
