@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import logging
+import re
 import struct
 import threading
 import time
@@ -21,7 +22,7 @@ import sqlalchemy as sa
 from models import ModelProvider, db
 from tests.conftest import PASSWORDS, basic_auth, client_as, provider_body
 from tests.fakes.model import USAGE
-from tests.test_metrics import parse, value
+from tests.test_metrics import delta, parse, scrape, value
 
 PROVIDERS = "/api/v1/model_providers"
 MODEL_KEY = "sk-model-key-SECRET-4242"
@@ -778,6 +779,28 @@ def test_a_stream_line_without_end_after_the_first_chunk_is_an_error_event(regis
 
 
 KEY_AS_BASE64 = base64.b64encode(f"Bearer {MODEL_KEY}".encode()).decode()
+KEY_RUN = 12  # this many characters of the key in a row must never reach a client
+# The key after 40 bytes, in base64 wrapped at 76 characters as MIME wraps it: the key straddles a line break.
+KEY_IN_WRAPPED_BASE64 = base64.encodebytes(b"Authorization: Basic x" * 2 + f"Bearer {MODEL_KEY}".encode()).decode()
+
+
+def base64_texts(text):
+    """What each long run of base64 characters in `text` decodes to, at each of its 4 alignments."""
+    decoded = []
+    for run in re.findall(r"[A-Za-z0-9+/_-]{16,}", re.sub(r"\s|\\+[nrt]", "", text)):
+        for offset in range(4):
+            piece = run[offset:][: (len(run) - offset) // 4 * 4].replace("-", "+").replace("_", "/")
+            decoded.append(base64.b64decode(piece).decode("latin-1"))
+    return decoded
+
+
+def key_shows_in(text):
+    """Whether KEY_RUN characters of the key in a row show in the text: as sent, JSON-escaped,
+    URL-encoded or in base64 (line breaks ignored), case ignored."""
+    unescaped = re.sub(r"\\+u([0-9a-fA-F]{4})", lambda escape: chr(int(escape[1], 16)), text)
+    forms = [text, unquote(text), unquote(unescaped), *base64_texts(text)]
+    runs = [MODEL_KEY[start : start + KEY_RUN].lower() for start in range(len(MODEL_KEY) - KEY_RUN + 1)]
+    return any(run in form.lower() for form in forms for run in runs)
 
 
 @pytest.mark.parametrize(
@@ -792,6 +815,10 @@ KEY_AS_BASE64 = base64.b64encode(f"Bearer {MODEL_KEY}".encode()).decode()
         json.dumps({"error": {"message": f"Authorization: Basic {KEY_AS_BASE64}"}}).encode(),
         json.dumps({"error": {"message": "y" * 5_000_000 + MODEL_KEY}}).encode(),
         json.dumps({"error": {"message": {"echo": MODEL_KEY}, "type": f"t {MODEL_KEY}"}}).encode(),
+        ('{"detail": "invalid key ' + "".join(f"\\u{ord(character):04x}" for character in MODEL_KEY) + '"}').encode(),
+        json.dumps({"detail": f"request headers: {KEY_IN_WRAPPED_BASE64}"}).encode(),
+        json.dumps({"error": {"message": f"Incorrect API key provided: {MODEL_KEY[:-4]}****"}}).encode(),
+        json.dumps({"error": {"message": f"bad key {MODEL_KEY[:12]}", "type": MODEL_KEY[12:]}}).encode(),
     ],
     ids=[
         "text-cut-at-the-key",
@@ -801,6 +828,10 @@ KEY_AS_BASE64 = base64.b64encode(f"Bearer {MODEL_KEY}".encode()).decode()
         "base64",
         "5-mb",
         "objects",
+        "json-escaped-detail",
+        "base64-wrapped-at-76",
+        "last-4-masked",
+        "split-across-message-and-type",
     ],
 )
 def test_an_upstream_4xx_reaches_the_client_without_the_key_in_any_form(registry, fake_upstream, error_body):
@@ -811,9 +842,34 @@ def test_an_upstream_4xx_reaches_the_client_without_the_key_in_any_form(registry
     error = response.get_json()["error"]
     assert response.status_code == 400
     text = response.get_data(as_text=True)
-    assert MODEL_KEY[:8] not in text and "SECRET" not in unquote(text) and KEY_AS_BASE64 not in text
+    assert not key_shows_in(text)
     assert len(error["message"]) <= 2000
     assert all(isinstance(error[name], str | None) for name in ("type", "param", "code"))
+
+
+REFLECTED = f"You sent Authorization: Bearer {MODEL_KEY}."
+
+
+@pytest.mark.parametrize("padding", [0, 15 * 1024 * 1024], ids=["short", "15-mib"])
+def test_an_answer_reflecting_the_key_reaches_the_client_without_it(registry, fake_upstream, padding):
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    register(registry, upstream)
+    upstream.pieces = ["y" * padding, REFLECTED]
+    response = call_model(registry, chat_body())
+    assert response.status_code == 200
+    content = response.get_json()["choices"][0]["message"]["content"]
+    assert content.endswith("You sent Authorization: Bearer [redacted].") and not key_shows_in(content[-1000:])
+
+
+def test_a_stream_chunk_reflecting_the_key_is_relayed_without_it(registry, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    register(registry, upstream)
+    upstream.pieces = ["Hel", REFLECTED, f"and as JSON: {json.dumps({'key': MODEL_KEY})}"]
+    response = call_model(registry, chat_body(stream=True))
+    text = "".join(json.loads(event)["choices"][0]["delta"].get("content", "") for event in events_of(response)[:-1])
+    assert text.startswith("HelYou sent Authorization: Bearer [redacted].") and not key_shows_in(
+        response.get_data(as_text=True)
+    )
 
 
 def test_a_watsonx_stream_error_quoting_its_token_is_relayed_without_it(registry, make_app, fake_upstream):
@@ -845,6 +901,9 @@ def test_a_watsonx_stream_error_quoting_its_token_is_relayed_without_it(registry
         ("embeddings", embeddings_body(encoding_format="base64"), b'{"data": [{"embedding": [1e300]}]}'),
         ("embeddings", embeddings_body(), b'{"data": [{"embedding": "not base64!"}]}'),
         ("embeddings", embeddings_body(), b'{"data": [{"embedding": [0.5]}], "usage": {"total_tokens": "x"}}'),
+        ("chat/completions", chat_body(), b'{"choices": [], "usage": {"prompt_tokens": 1' + b"0" * 400 + b"}}"),
+        ("chat/completions", chat_body(), b'{"choices": [], "usage": {"completion_tokens": 9007199254740993}}'),
+        ("embeddings", embeddings_body(), b'{"data": [], "usage": {"prompt_tokens": 1' + b"0" * 308 + b"}}"),
     ],
 )
 def test_an_answer_of_the_wrong_shape_fails_the_provider_for_the_next(registry, fake_upstream, path, body, answer):
@@ -882,6 +941,13 @@ def test_an_upstream_400_nested_too_deep_is_passed_on_as_its_text(registry, fake
         ("chat/completions", chat_body(WATSONX_MODEL), 302, {}, 502),
         ("embeddings", embeddings_body("watsonx:ibm/granite-3-8b-instruct"), 200, {"results": ["x"]}, 502),
         ("embeddings", embeddings_body("watsonx:ibm/granite-3-8b-instruct"), 200, {"results": [{}]}, 502),
+        (
+            "embeddings",
+            embeddings_body("watsonx:ibm/granite-3-8b-instruct"),
+            200,
+            {"results": [{"embedding": [0.5]}], "input_token_count": 2**53 + 1},
+            502,
+        ),
     ],
 )
 def test_watsonx_answers_of_the_wrong_shape(registry, make_app, fake_upstream, path, body, status, answer, expected):
@@ -971,6 +1037,56 @@ def test_the_log_line_of_a_stream_carries_its_request_id_and_user(registry, fake
         call_model(registry, chat_body(stream=True), headers={"X-Request-ID": "stream-request-1"}).get_data()
     [line] = [record for record in caplog.records if record.getMessage().startswith("gateway chat stream")]
     assert (line.request_id, line.user) == ("stream-request-1", CALLER)
+
+
+@pytest.mark.parametrize("number", ["1e999", "-1e999", "NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        (
+            "chat/completions",
+            '{"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "temperature": %s}',
+        ),
+        (
+            "chat/completions",
+            '{"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi", "weight": [%s]}]}',
+        ),
+        ("embeddings", '{"model": "openai:text-embedding-3-small", "input": ["a"], "dimensions": %s}'),
+    ],
+    ids=["temperature", "nested", "embeddings"],
+)
+def test_a_number_json_cannot_carry_is_a_400_before_any_upstream(registry, fake_upstream, path, body, number):
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    register(registry, upstream)
+    response = client_as(registry, CALLER).post(
+        f"/api/v1/openai/{path}", data=body % number, content_type="application/json"
+    )
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and number.lstrip("-") in error["message"]
+    assert upstream.calls == []
+
+
+def test_a_stream_whose_usage_is_out_of_range_ends_in_an_error_yet_is_logged_and_counted(
+    registry, fake_upstream, caplog
+):
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    register(registry, upstream)
+    huge = b'{"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o", "choices": [], '
+    huge += b'"usage": {"prompt_tokens": 1' + b"0" * 400 + b', "completion_tokens": 3, "total_tokens": 3}}'
+    done = openai_chunk({}, "stop")
+    upstream.script = stream_of(openai_chunk({"content": "a"}), done, b"data: " + huge + b"\n\n", b"data: [DONE]\n\n")
+    before = parse(scrape(client_as(registry, "reader")))
+    with caplog.at_level(logging.INFO, logger="gateway"):
+        response = call_model(registry, chat_body(stream=True, stream_options={"include_usage": True}))
+        events = events_of(response)
+    assert events[-1] == "[DONE]" and "usage" in json.loads(events[-2])["error"]["message"]
+    [line] = [record.getMessage() for record in caplog.records if record.getMessage().startswith("gateway chat stream")]
+    assert "outcome=upstream_error" in line
+    after = parse(scrape(client_as(registry, "reader")))
+    labels = {"type": "openai", "model": "openai:gpt-4o"}
+    assert delta(before, after, "registry_gateway_requests_total", **labels, outcome="upstream_error") == 1
+    assert delta(before, after, "registry_gateway_tokens_total", **labels, kind="prompt") == 0
 
 
 def test_a_model_id_not_found_is_said_in_one_sentence(registry, fake_upstream):
