@@ -872,6 +872,14 @@ def test_a_stream_chunk_reflecting_the_key_is_relayed_without_it(registry, fake_
     )
 
 
+def test_a_watsonx_answer_reflecting_its_token_reaches_the_client_without_it(registry, make_app, fake_upstream):
+    upstream = watsonx_server(registry, fake_upstream)
+    upstream.pieces = ["Your token: ", "iam-token-1"]
+    response = call_model(make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url), chat_body(WATSONX_MODEL))
+    assert response.status_code == 200
+    assert response.get_json()["choices"][0]["message"]["content"] == "Your token: [redacted]"
+
+
 def test_a_watsonx_stream_error_quoting_its_token_is_relayed_without_it(registry, make_app, fake_upstream):
     upstream = watsonx_server(registry, fake_upstream)
     chunk = {"id": "c", "model_id": "ibm/granite-3-8b-instruct", "choices": [{"index": 0, "delta": {"content": "a"}}]}
