@@ -1,6 +1,7 @@
 """What crosses HTTP (and manifests): marshmallow schemas for loading and dumping."""
 
 import json
+import math
 import operator
 from collections.abc import Mapping
 from datetime import UTC
@@ -40,12 +41,28 @@ def read_body():
     return body
 
 
+class NotAFiniteNumber(ValueError):
+    """NaN, Infinity, -Infinity or a number past a double's range (1e999): Python's json reads
+    them, but no JSON encoder writes them back (an upstream call would fail on them)."""
+
+
+def refuse_number(text):
+    raise NotAFiniteNumber(f"The body is not valid JSON: {text} is not a finite number.")
+
+
+def finite_float(text):
+    number = float(text)
+    return number if math.isfinite(number) else refuse_number(text)
+
+
 def read_json_object():
     """The request body as a JSON object, or the 415 or 400 that says why it is not."""
     if request.mimetype != "application/json":
         raise UnsupportedMediaType("Send the body as application/json.")
     try:
-        document = json.loads(read_body())
+        document = json.loads(read_body(), parse_constant=refuse_number, parse_float=finite_float)
+    except NotAFiniteNumber as error:
+        raise BadRequest(str(error)) from None
     except (ValueError, RecursionError):
         raise BadRequest("The body is not valid JSON.") from None
     if not isinstance(document, dict):

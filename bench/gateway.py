@@ -6,7 +6,7 @@ side by side with calling the same fake directly, and with a floor: a bare Flask
                                       [--relay-streams 100] [--relay-seconds 5] [--flap-calls 1000]
                                       [--only latency ...]
 
-Starts the fake (tests/fake_model_servers.py, in its own process), the registry and the
+Starts the fake (tests/fakes/, in its own process), the registry and the
 relay under `make run`'s defaults (gunicorn.conf.py), registers the fake as an openai
 provider, then:
 
@@ -53,7 +53,7 @@ COOLDOWNS = {"cooldown off": "0", "cooldown 30 s": "30"}  # registry name: REGIS
 
 
 def start_fake():
-    command = [sys.executable, "-m", "tests.fake_model_servers"]
+    command = [sys.executable, "-m", "tests.fakes"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
     return process, int(process.stdout.readline())
 

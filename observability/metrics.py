@@ -35,6 +35,9 @@ UNMATCHED_ROUTE = "unmatched"
 UNKNOWN = "unknown"
 GATEWAY_OUTCOMES = ("ok", "client_error", "not_found", "unavailable", "upstream_error", "timeout", "cancelled")
 TOKEN_KINDS = ("prompt", "completion")
+# Counters are doubles: a larger count would lose units, or overflow (a 400-digit one raises,
+# a 308-digit one sticks the counter at +Inf). The gateway refuses such usage from upstreams.
+MAX_TOKENS = 2**53
 LONG_CALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 REQUESTS = Counter(
@@ -194,7 +197,7 @@ def record_gateway_call(provider_type, model_id, outcome, seconds, time_to_first
         GATEWAY_FIRST_CHUNK_SECONDS.labels(*labels).observe(time_to_first_chunk)
     for kind in TOKEN_KINDS:
         tokens = (usage or {}).get(f"{kind}_tokens")
-        if isinstance(tokens, int) and tokens > 0:
+        if isinstance(tokens, int) and 0 < tokens <= MAX_TOKENS:
             GATEWAY_TOKENS.labels(*labels, kind).inc(tokens)
 
 

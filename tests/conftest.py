@@ -33,8 +33,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 
 from app import create_app
 from models import User, db
-from tests.fake_model_servers import FakeModelServer
-from tests.fake_upstreams import BlackHole, FakeUpstream
+from tests.fakes import BlackHole, FakeUpstream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASSWORDS = {"admin": "admin-pass-1", "service": "service-pass-1", "reader": "reader-pass-1"}
@@ -432,30 +431,20 @@ def start_gunicorn(instance_path):
         server.kill()
 
 
-def started_servers(server_class):
-    """A fixture's start function for fake servers; every one it started goes down afterwards."""
-    servers = []
-
-    def start(*args, **options):
-        server = server_class(*args, **options)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.down()
-
-
 @pytest.fixture
 def fake_upstream():
-    """Start fake upstreams: fake_upstream(flavor="openai", api_key=..., models=[...], delay=0)."""
-    yield from started_servers(FakeUpstream)
+    """Start fake upstreams, every one stopped after the test:
+    fake_upstream(flavor="openai", api_key=..., models=[...], delay=0) (tests/fakes/)."""
+    upstreams = []
 
+    def start(*args, **options):
+        upstream = FakeUpstream(*args, **options)
+        upstreams.append(upstream)
+        return upstream
 
-@pytest.fixture
-def model_server():
-    """Start fake model servers: model_server("watsonx", api_key=..., models=[...])."""
-    yield from started_servers(FakeModelServer)
+    yield start
+    for upstream in upstreams:
+        upstream.down()
 
 
 @pytest.fixture

@@ -276,9 +276,9 @@ def register(registry, upstream):
     return created.get_json()["id"]
 
 
-def two_providers(registry, model_server):
+def two_providers(registry, fake_upstream):
     """(first, second, {provider: id}): two providers of the same model, the first older."""
-    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+    first, second = fake_upstream(api_key=MODEL_KEY), fake_upstream(api_key=MODEL_KEY)
     return first, second, {first: register(registry, first), second: register(registry, second)}
 
 
@@ -313,9 +313,9 @@ HANGING_APP = {"REGISTRY_GATEWAY_TIMEOUT": "4", "REGISTRY_GATEWAY_ATTEMPT_TIMEOU
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_a_provider_that_does_not_start_its_answer_in_time_hands_the_call_to_the_next(
-    registry, make_app, model_server, stream
+    registry, make_app, fake_upstream, stream
 ):
-    first, second, ids = two_providers(registry, model_server)
+    first, second, ids = two_providers(registry, fake_upstream)
     first.script = hang(4) if not stream else stream_after(4)
     app = make_app(**HANGING_APP)
     answer = call_model(app, stream=stream)
@@ -323,8 +323,8 @@ def test_a_provider_that_does_not_start_its_answer_in_time_hands_the_call_to_the
     assert len(first.calls) == 1 and len(second.calls) == 1
 
 
-def test_an_answer_whose_headers_came_in_time_may_take_the_rest_of_the_deadline(registry, make_app, model_server):
-    first, second, ids = two_providers(registry, model_server)
+def test_an_answer_whose_headers_came_in_time_may_take_the_rest_of_the_deadline(registry, make_app, fake_upstream):
+    first, second, ids = two_providers(registry, fake_upstream)
     completion = {"id": "c", "object": "chat.completion", "created": 1, "choices": [{"index": 0, "message": {}}]}
     first.script = lambda handler, body: handler.trickle(json.dumps(completion).encode(), 20, 0.1)  # about 0.5 s
     app = make_app(**HANGING_APP)
@@ -332,8 +332,8 @@ def test_an_answer_whose_headers_came_in_time_may_take_the_rest_of_the_deadline(
     assert second.calls == []
 
 
-def test_no_provider_starting_its_answer_in_time_is_a_504_naming_the_attempt_timeout(registry, make_app, model_server):
-    first, second, ids = two_providers(registry, model_server)
+def test_no_provider_starting_its_answer_in_time_is_a_504_naming_the_attempt_timeout(registry, make_app, fake_upstream):
+    first, second, ids = two_providers(registry, fake_upstream)
     first.script = second.script = hang(4)
     answer = call_model(make_app(**HANGING_APP))
     assert answer.status_code == 504
@@ -345,38 +345,38 @@ def test_no_provider_starting_its_answer_in_time_is_a_504_naming_the_attempt_tim
 # A provider that flaps ----------------------------------------------------------------------
 
 
-def test_a_provider_that_failed_a_call_is_tried_after_the_others_during_its_cooldown(registry, make_app, model_server):
-    first, second, ids = two_providers(registry, model_server)
+def test_a_provider_that_failed_a_call_is_tried_after_the_others_during_its_cooldown(registry, make_app, fake_upstream):
+    first, second, ids = two_providers(registry, fake_upstream)
     app = make_app(REGISTRY_GATEWAY_COOLDOWN="30")
     first.fail_with(503)
     assert served_by(call_model(app)) == ids[second]
-    first.forced = None  # up again, but within its cooldown
+    first.failure = None  # up again, but within its cooldown
     assert [served_by(call_model(app)) for _ in range(3)] == [ids[second]] * 3
     assert len(first.calls) == 1
 
     second.fail_with(500)  # a provider in its cooldown is still tried, after the others
     assert served_by(call_model(app)) == ids[first]
-    second.forced = None
+    second.failure = None
     assert served_by(call_model(app)) == ids[first]  # now the second cools
     assert len(second.calls) == 5
 
 
-def test_a_cooldown_ends_after_its_seconds(registry, make_app, model_server):
-    first, second, ids = two_providers(registry, model_server)
+def test_a_cooldown_ends_after_its_seconds(registry, make_app, fake_upstream):
+    first, second, ids = two_providers(registry, fake_upstream)
     app = make_app(REGISTRY_GATEWAY_COOLDOWN="0.2")
     first.fail_with(500)
     assert served_by(call_model(app)) == ids[second]
-    first.forced = None
+    first.failure = None
     time.sleep(0.3)
     assert served_by(call_model(app)) == ids[first]
 
 
-def test_a_retry_after_longer_than_the_cooldown_wins(registry, make_app, model_server):
-    first, second, ids = two_providers(registry, model_server)
+def test_a_retry_after_longer_than_the_cooldown_wins(registry, make_app, fake_upstream):
+    first, second, ids = two_providers(registry, fake_upstream)
     app = make_app(REGISTRY_GATEWAY_COOLDOWN="0.1")
     first.fail_with(429, "slow down", headers={"Retry-After": "30"})
     assert served_by(call_model(app)) == ids[second]
-    first.forced = None
+    first.failure = None
     time.sleep(0.2)
     assert served_by(call_model(app)) == ids[second]
     assert len(first.calls) == 1
@@ -402,8 +402,8 @@ def started_and_finished(metrics_text):
     return counted(samples, STARTED, **GPT_4O), counted(samples, FINISHED, **GPT_4O)
 
 
-def test_a_call_is_counted_as_it_starts_and_again_as_it_finishes(registry, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_a_call_is_counted_as_it_starts_and_again_as_it_finishes(registry, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     metrics = registry.test_client()
     started, finished = started_and_finished(metrics.get("/metrics").text)
     stream = client_as(registry, "service").post(CHAT_PATH, json={**CHAT, "stream": True}, buffered=False)
@@ -413,8 +413,8 @@ def test_a_call_is_counted_as_it_starts_and_again_as_it_finishes(registry, model
     assert started_and_finished(metrics.get("/metrics").text) == (started + 1, finished + 1)
 
 
-def test_streams_cut_off_by_a_killed_worker_show_as_started_and_never_finished(registry, model_server, start_gunicorn):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_streams_cut_off_by_a_killed_worker_show_as_started_and_never_finished(registry, fake_upstream, start_gunicorn):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     upstream.chunk_interval = 0.5
     register(registry, upstream)
     server = start_gunicorn(workers=1)

@@ -1,12 +1,13 @@
 """The gateway: the real `openai` client, sync and async, calling models through gunicorn.
 
-Model servers are faked by tests/fake_model_servers.py, which speak the real wire formats.
+Upstreams are faked by tests/fakes/, which speak the real wire formats.
 """
 
 import asyncio
 import base64
 import json
 import logging
+import re
 import struct
 import threading
 import time
@@ -20,8 +21,8 @@ import sqlalchemy as sa
 
 from models import ModelProvider, db
 from tests.conftest import PASSWORDS, basic_auth, client_as, provider_body
-from tests.fake_model_servers import USAGE
-from tests.test_metrics import delta, parse
+from tests.fakes.model import USAGE
+from tests.test_metrics import delta, parse, scrape
 
 PROVIDERS = "/api/v1/model_providers"
 MODEL_KEY = "sk-model-key-SECRET-4242"
@@ -106,11 +107,18 @@ def streamed_text(chunks):
     return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
 
 
+def streamed_tool_call(chunks):
+    """(name, arguments) of the tool call a stream carries, its arguments joined from their parts."""
+    calls = [call for chunk in chunks if chunk.choices for call in chunk.choices[0].delta.tool_calls or []]
+    name = next(call.function.name for call in calls if call.function.name)
+    return name, json.loads("".join(call.function.arguments or "" for call in calls))
+
+
 # Each type's chat ------------------------------------------------------------------------
 
 
-def test_openai_chat_answers_with_the_registry_model_id_and_the_serving_provider(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_openai_chat_answers_with_the_registry_model_id_and_the_serving_provider(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     provider_id = register(registry, upstream)
     raw = raw_chat(openai_client(gateway()))
     completion = raw.parse()
@@ -124,16 +132,16 @@ def test_openai_chat_answers_with_the_registry_model_id_and_the_serving_provider
     assert body["model"] == "gpt-4o"
 
 
-def test_fields_the_registry_does_not_know_reach_an_openai_compatible_upstream(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_fields_the_registry_does_not_know_reach_an_openai_compatible_upstream(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     chat(openai_client(gateway()), temperature=0.2, extra_body={"top_k": 5, "vendor_option": {"a": [1]}})
     body = upstream.calls[-1][2]
     assert body["top_k"] == 5 and body["vendor_option"] == {"a": [1]} and body["temperature"] == 0.2
 
 
-def test_openai_stream_relays_chunks_with_the_registry_model_id_and_ends_with_done(registry, gateway, model_server):
-    provider_id = register(registry, model_server(api_key=MODEL_KEY))
+def test_openai_stream_relays_chunks_with_the_registry_model_id_and_ends_with_done(registry, gateway, fake_upstream):
+    provider_id = register(registry, fake_upstream(api_key=MODEL_KEY))
     server = gateway()
     chunks = streamed(openai_client(server))
     assert streamed_text(chunks) == "Hello!"
@@ -150,16 +158,16 @@ def test_openai_stream_relays_chunks_with_the_registry_model_id_and_ends_with_do
     assert response.text.endswith("data: [DONE]\n\n")
 
 
-def test_include_usage_gives_a_last_chunk_without_choices(registry, gateway, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_include_usage_gives_a_last_chunk_without_choices(registry, gateway, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     chunks = streamed(openai_client(gateway()), stream_options={"include_usage": True})
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == USAGE["total_tokens"]
     assert chunks[-1].model == "openai:gpt-4o"
     assert streamed_text(chunks) == "Hello!"
 
 
-def test_rits_is_called_with_its_header_besides_bearer(registry, gateway, model_server):
-    upstream = model_server("rits", api_key=MODEL_KEY, models=["ibm/granite-3-8b"])
+def test_rits_is_called_with_its_header_besides_bearer(registry, gateway, fake_upstream):
+    upstream = fake_upstream("rits", api_key=MODEL_KEY, models=["ibm/granite-3-8b"])
     register(registry, upstream)
     client = openai_client(gateway())
     assert chat(client, "rits:ibm/granite-3-8b").choices[0].message.content == "Hello!"
@@ -168,8 +176,8 @@ def test_rits_is_called_with_its_header_besides_bearer(registry, gateway, model_
     assert headers["RITS_API_KEY"] == MODEL_KEY and headers["Authorization"] == f"Bearer {MODEL_KEY}"
 
 
-def test_anthropic_is_called_through_its_openai_compatible_endpoint(registry, gateway, model_server):
-    upstream = model_server("anthropic", api_key=MODEL_KEY, models=["claude-sonnet-4"])
+def test_anthropic_is_called_through_its_openai_compatible_endpoint(registry, gateway, fake_upstream):
+    upstream = fake_upstream("anthropic", api_key=MODEL_KEY, models=["claude-sonnet-4"])
     register(registry, upstream)
     client = openai_client(gateway())
     assert chat(client, "anthropic:claude-sonnet-4").model == "anthropic:claude-sonnet-4"
@@ -179,8 +187,8 @@ def test_anthropic_is_called_through_its_openai_compatible_endpoint(registry, ga
     assert path == "/v1/chat/completions" and headers["Authorization"] == f"Bearer {MODEL_KEY}"
 
 
-def test_watsonx_chat_is_translated_both_ways(registry, gateway, model_server):
-    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+def test_watsonx_chat_is_translated_both_ways(registry, gateway, fake_upstream):
+    upstream = fake_upstream("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
     register_watsonx(registry, upstream)
     completion = chat(openai_client(gateway(iam=upstream)), "watsonx:ibm/granite-3-8b-instruct", max_tokens=20)
     assert completion.object == "chat.completion"
@@ -194,8 +202,8 @@ def test_watsonx_chat_is_translated_both_ways(registry, gateway, model_server):
     assert headers["Authorization"] == "Bearer iam-token-1"
 
 
-def test_watsonx_stream_is_translated_with_usage(registry, gateway, model_server):
-    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+def test_watsonx_stream_is_translated_with_usage(registry, gateway, fake_upstream):
+    upstream = fake_upstream("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
     register_watsonx(registry, upstream)
     client = openai_client(gateway(iam=upstream))
     chunks = streamed(client, "watsonx:ibm/granite-3-8b-instruct", stream_options={"include_usage": True})
@@ -209,8 +217,8 @@ def test_watsonx_stream_is_translated_with_usage(registry, gateway, model_server
     assert all(chunk.choices for chunk in plain)  # no usage chunk unless asked for
 
 
-def test_watsonx_token_is_exchanged_once_and_reused(registry, gateway, model_server):
-    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+def test_watsonx_token_is_exchanged_once_and_reused(registry, gateway, fake_upstream):
+    upstream = fake_upstream("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
     register_watsonx(registry, upstream)
     client = openai_client(gateway(iam=upstream), client_class=openai.AsyncOpenAI)
 
@@ -224,8 +232,8 @@ def test_watsonx_token_is_exchanged_once_and_reused(registry, gateway, model_ser
     assert upstream.iam_exchanges == 1
 
 
-def test_watsonx_token_is_exchanged_anew_before_it_expires(registry, gateway, model_server):
-    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+def test_watsonx_token_is_exchanged_anew_before_it_expires(registry, gateway, fake_upstream):
+    upstream = fake_upstream("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
     upstream.token_lifetime = 60  # within the renewal margin: every call exchanges anew
     register_watsonx(registry, upstream)
     client = openai_client(gateway(iam=upstream))
@@ -237,8 +245,8 @@ def test_watsonx_token_is_exchanged_anew_before_it_expires(registry, gateway, mo
 # Embeddings --------------------------------------------------------------------------------
 
 
-def test_embeddings_in_the_clients_default_base64_come_back_as_the_upstreams_floats(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_embeddings_in_the_clients_default_base64_come_back_as_the_upstreams_floats(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     client = openai_client(gateway())
     answer = client.embeddings.create(model="openai:text-embedding-3-small", input=["a", "bcd"])
@@ -248,8 +256,8 @@ def test_embeddings_in_the_clients_default_base64_come_back_as_the_upstreams_flo
     assert answer.usage.total_tokens == 2
 
 
-def test_embeddings_answer_base64_of_little_endian_float32_when_asked(registry, gateway, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_embeddings_answer_base64_of_little_endian_float32_when_asked(registry, gateway, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     server = gateway()
     body = {"model": "openai:text-embedding-3-small", "input": "abcd", "encoding_format": "base64"}
     with server.client(CALLER) as client:
@@ -261,8 +269,8 @@ def test_embeddings_answer_base64_of_little_endian_float32_when_asked(registry, 
     assert floats["data"][0]["embedding"] == [0.5, -0.25, 4.0]
 
 
-def test_watsonx_embeddings_are_translated(registry, gateway, model_server):
-    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/slate-125m-english-rtrvr"])
+def test_watsonx_embeddings_are_translated(registry, gateway, fake_upstream):
+    upstream = fake_upstream("watsonx", api_key=WATSONX_KEY, models=["ibm/slate-125m-english-rtrvr"])
     register_watsonx(registry, upstream)
     client = openai_client(gateway(iam=upstream))
     answer = client.embeddings.create(model="watsonx:ibm/slate-125m-english-rtrvr", input=["a", "bc"])
@@ -285,8 +293,8 @@ WEATHER_TOOL = {
 
 
 @pytest.mark.parametrize("flavor, model", [("openai", "gpt-4o"), ("watsonx", "ibm/granite-3-8b-instruct")])
-def test_tools_are_passed_through_and_tool_calls_come_back(registry, gateway, model_server, flavor, model):
-    upstream = model_server(flavor, api_key=WATSONX_KEY if flavor == "watsonx" else MODEL_KEY, models=[model])
+def test_tools_are_passed_through_and_tool_calls_come_back(registry, gateway, fake_upstream, flavor, model):
+    upstream = fake_upstream(flavor, api_key=WATSONX_KEY if flavor == "watsonx" else MODEL_KEY, models=[model])
     register(registry, upstream, watsonx_project_id="project-1" if flavor == "watsonx" else None)
     client = openai_client(gateway(iam=upstream))
     completion = chat(client, f"{flavor}:{model}", tools=[WEATHER_TOOL], tool_choice="auto")
@@ -295,13 +303,15 @@ def test_tools_are_passed_through_and_tool_calls_come_back(registry, gateway, mo
     body = upstream.calls[-1][2]
     assert body["tools"] == [WEATHER_TOOL]
     assert body.get("tool_choice", body.get("tool_choice_option")) == "auto"
-    chunks = streamed(client, f"{flavor}:{model}", tools=[WEATHER_TOOL]) if flavor == "openai" else []
+    chunks = streamed(client, f"{flavor}:{model}", tools=[WEATHER_TOOL])
     assert all(chunk.model == f"{flavor}:{model}" for chunk in chunks)
+    assert streamed_tool_call(chunks) == ("get_weather", {"city": "Paris"})
+    assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == "tool_calls"
 
 
 @pytest.mark.parametrize("flavor, model", [("openai", "gpt-4o"), ("watsonx", "ibm/granite-3-8b-instruct")])
-def test_json_mode_is_passed_through(registry, gateway, model_server, flavor, model):
-    upstream = model_server(flavor, api_key=WATSONX_KEY if flavor == "watsonx" else MODEL_KEY, models=[model])
+def test_json_mode_is_passed_through(registry, gateway, fake_upstream, flavor, model):
+    upstream = fake_upstream(flavor, api_key=WATSONX_KEY if flavor == "watsonx" else MODEL_KEY, models=[model])
     register(registry, upstream, watsonx_project_id="project-1" if flavor == "watsonx" else None)
     completion = chat(
         openai_client(gateway(iam=upstream)), f"{flavor}:{model}", response_format={"type": "json_object"}
@@ -313,8 +323,8 @@ def test_json_mode_is_passed_through(registry, gateway, model_server, flavor, mo
 # Routing and failover ----------------------------------------------------------------------
 
 
-def test_oldest_online_provider_serves_first(registry, gateway, model_server):
-    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+def test_oldest_online_provider_serves_first(registry, gateway, fake_upstream):
+    first, second = fake_upstream(api_key=MODEL_KEY), fake_upstream(api_key=MODEL_KEY)
     first_id = register(registry, first)
     register(registry, second)
     raw = raw_chat(openai_client(gateway()))
@@ -323,8 +333,8 @@ def test_oldest_online_provider_serves_first(registry, gateway, model_server):
 
 
 @pytest.mark.parametrize("failure", ["500", "503", "429", "unreachable"])
-def test_a_failing_provider_hands_the_call_to_the_next(registry, gateway, model_server, failure):
-    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+def test_a_failing_provider_hands_the_call_to_the_next(registry, gateway, fake_upstream, failure):
+    first, second = fake_upstream(api_key=MODEL_KEY), fake_upstream(api_key=MODEL_KEY)
     register(registry, first)
     second_id = register(registry, second)
     client = openai_client(gateway())
@@ -339,8 +349,8 @@ def test_a_failing_provider_hands_the_call_to_the_next(registry, gateway, model_
     assert streamed_text(streamed(client)) == "Hello!"
 
 
-def test_every_provider_failing_is_502(registry, gateway, model_server):
-    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+def test_every_provider_failing_is_502(registry, gateway, fake_upstream):
+    first, second = fake_upstream(api_key=MODEL_KEY), fake_upstream(api_key=MODEL_KEY)
     register(registry, first)
     register(registry, second)
     client = openai_client(gateway())
@@ -353,8 +363,8 @@ def test_every_provider_failing_is_502(registry, gateway, model_server):
     assert "Every provider of the model failed" in raised.value.message
 
 
-def test_every_provider_rate_limiting_is_429_with_retry_after(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_every_provider_rate_limiting_is_429_with_retry_after(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     client = openai_client(gateway())
     upstream.fail_with(429, "slow down", headers={"Retry-After": "7"})
@@ -363,8 +373,8 @@ def test_every_provider_rate_limiting_is_429_with_retry_after(registry, gateway,
     assert raised.value.response.headers["Retry-After"] == "7"
 
 
-def test_every_provider_offline_is_503(registry, gateway, model_server):
-    provider_id = register(registry, model_server(api_key=MODEL_KEY))
+def test_every_provider_offline_is_503(registry, gateway, fake_upstream):
+    provider_id = register(registry, fake_upstream(api_key=MODEL_KEY))
     client = openai_client(gateway())
     chat(client)
     set_state(registry, provider_id, "offline")
@@ -373,8 +383,8 @@ def test_every_provider_offline_is_503(registry, gateway, model_server):
     assert raised.value.status_code == 503
 
 
-def test_unknown_model_is_404_model_not_found(registry, gateway, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_unknown_model_is_404_model_not_found(registry, gateway, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     client = openai_client(gateway())
     for model in ("openai:gpt-5-unknown", "nosuchtype:gpt-4o", "gpt-4o"):
         with pytest.raises(openai.NotFoundError) as raised:
@@ -409,8 +419,8 @@ def test_a_chat_with_an_embedding_only_type_is_400(gateway):
 # Who may call ------------------------------------------------------------------------------
 
 
-def test_roles_below_the_gateways_are_refused_403(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_roles_below_the_gateways_are_refused_403(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     client = openai_client(gateway(), api_key=token_of(registry, "reader"))
     with pytest.raises(openai.PermissionDeniedError):
@@ -435,8 +445,8 @@ def test_unknown_or_revoked_tokens_and_wrong_passwords_are_401(registry, gateway
     assert httpx.post(f"{server.base_url}/api/v1/openai/embeddings", json={}).status_code == 401
 
 
-def test_basic_credentials_of_a_caller_or_above_may_call_too(registry, gateway, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_basic_credentials_of_a_caller_or_above_may_call_too(registry, gateway, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     server = gateway()
     body = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
     headers = {"Authorization": basic_auth(CALLER, PASSWORDS[CALLER])}
@@ -447,13 +457,13 @@ def test_basic_credentials_of_a_caller_or_above_may_call_too(registry, gateway, 
 # Upstream errors ---------------------------------------------------------------------------
 
 
-def test_an_upstream_400_quoting_the_key_reaches_the_client_without_it(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_an_upstream_400_quoting_the_key_reaches_the_client_without_it(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     server = gateway()
     client = openai_client(server)
     chat(client)
-    upstream.forced = (
+    upstream.answer_with(
         400,
         {
             "error": {
@@ -463,7 +473,6 @@ def test_an_upstream_400_quoting_the_key_reaches_the_client_without_it(registry,
                 "param": "messages",
             }
         },
-        {},
     )
     with pytest.raises(openai.BadRequestError) as raised:
         chat(client)
@@ -476,14 +485,14 @@ def test_an_upstream_400_quoting_the_key_reaches_the_client_without_it(registry,
     assert MODEL_KEY not in server.log()
 
 
-def test_a_watsonx_error_quoting_its_token_reaches_the_client_without_it(registry, gateway, model_server):
-    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+def test_a_watsonx_error_quoting_its_token_reaches_the_client_without_it(registry, gateway, fake_upstream):
+    upstream = fake_upstream("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
     register_watsonx(registry, upstream)
     server = gateway(iam=upstream)
     client = openai_client(server)
     chat(client, "watsonx:ibm/granite-3-8b-instruct")  # the token is iam-token-1 from here on
     message = f"token iam-token-1 for key {WATSONX_KEY} may not use this model"
-    upstream.forced = (400, {"errors": [{"code": "model_not_supported", "message": message}]}, {})
+    upstream.answer_with(400, {"errors": [{"code": "model_not_supported", "message": message}]})
     with pytest.raises(openai.BadRequestError) as raised:
         chat(client, "watsonx:ibm/granite-3-8b-instruct")
     assert raised.value.code == "model_not_supported" and "may not use this model" in raised.value.message
@@ -491,8 +500,8 @@ def test_a_watsonx_error_quoting_its_token_reaches_the_client_without_it(registr
     assert WATSONX_KEY not in server.log()
 
 
-def test_a_rejected_provider_key_is_a_502_not_the_clients_401(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_rejected_provider_key_is_a_502_not_the_clients_401(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     provider_id = register(registry, upstream)
     client = openai_client(gateway())
     chat(client)
@@ -503,8 +512,8 @@ def test_a_rejected_provider_key_is_a_502_not_the_clients_401(registry, gateway,
     assert MODEL_KEY not in raised.value.response.text
 
 
-def test_a_failure_after_the_first_chunk_is_an_error_event_before_done(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_failure_after_the_first_chunk_is_an_error_event_before_done(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     server = gateway()
     upstream.break_after_chunks = 2
@@ -519,8 +528,8 @@ def test_a_failure_after_the_first_chunk_is_an_error_event_before_done(registry,
         streamed(openai_client(server))
 
 
-def test_a_call_over_the_gateway_timeout_is_504(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_call_over_the_gateway_timeout_is_504(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     client = openai_client(gateway(REGISTRY_GATEWAY_TIMEOUT="1"))
     chat(client)
@@ -535,8 +544,8 @@ def test_a_call_over_the_gateway_timeout_is_504(registry, gateway, model_server)
 # Streams and clients ------------------------------------------------------------------------
 
 
-def test_a_client_that_goes_away_ends_the_upstream_stream(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_client_that_goes_away_ends_the_upstream_stream(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     upstream.pieces = ["tick "] * 200
     upstream.chunk_interval = 0.05
     register(registry, upstream)
@@ -550,8 +559,8 @@ def test_a_client_that_goes_away_ends_the_upstream_stream(registry, gateway, mod
 
 
 @pytest.mark.slow
-def test_chunks_are_relayed_as_they_arrive(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_chunks_are_relayed_as_they_arrive(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     upstream.pieces = ["a", "b", "c"]
     upstream.chunk_interval = 0.5
     register(registry, upstream)
@@ -560,8 +569,8 @@ def test_chunks_are_relayed_as_they_arrive(registry, gateway, model_server):
     assert arrivals[-1] - arrivals[0] >= 1.0
 
 
-def test_the_async_client_chats_and_streams(registry, gateway, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_the_async_client_chats_and_streams(registry, gateway, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     client = openai_client(gateway(), client_class=openai.AsyncOpenAI)
 
     async def chat_and_stream():
@@ -575,8 +584,8 @@ def test_the_async_client_chats_and_streams(registry, gateway, model_server):
 
 
 @pytest.mark.slow
-def test_no_database_connection_is_held_while_waiting_on_the_model(registry, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_no_database_connection_is_held_while_waiting_on_the_model(registry, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     client = client_as(registry, CALLER)
     body = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
@@ -595,8 +604,8 @@ def test_no_database_connection_is_held_while_waiting_on_the_model(registry, mod
     assert held == 0
 
 
-def test_prompts_may_outgrow_the_registrys_own_64_kib_bodies(registry, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_prompts_may_outgrow_the_registrys_own_64_kib_bodies(registry, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     long_prompt = "word " * 40_000  # 200 KB
     body = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": long_prompt}]}
@@ -605,8 +614,8 @@ def test_prompts_may_outgrow_the_registrys_own_64_kib_bodies(registry, model_ser
     assert upstream.calls[-1][2]["messages"][0]["content"] == long_prompt
 
 
-def test_each_call_is_counted_in_the_metrics(registry, gateway, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_each_call_is_counted_in_the_metrics(registry, gateway, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     server = gateway()
     client = openai_client(server)
     before = parse(httpx.get(f"{server.base_url}/metrics").text)
@@ -667,21 +676,16 @@ def stream_of(*events, interval=0.0):
     return script
 
 
-def answering(status, payload, headers=None):
-    """A script answering every model call with this status and raw body."""
-    return lambda handler, body: handler.answer_bytes(status, payload, headers)
-
-
-def two_providers(registry, model_server):
+def two_providers(registry, fake_upstream):
     """(first, second, second's id): two providers of the same models, the first tried first."""
-    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+    first, second = fake_upstream(api_key=MODEL_KEY), fake_upstream(api_key=MODEL_KEY)
     register(registry, first)
     return first, second, register(registry, second)
 
 
-def watsonx_server(registry, model_server):
+def watsonx_server(registry, fake_upstream):
     """A watsonx provider with a key of its own (the IAM tokens of this process are cached per key)."""
-    upstream = model_server(
+    upstream = fake_upstream(
         "watsonx", api_key=f"{WATSONX_KEY}-{uuid.uuid4().hex}", models=["ibm/granite-3-8b-instruct"]
     )
     register_watsonx(registry, upstream)
@@ -692,8 +696,8 @@ WATSONX_MODEL = "watsonx:ibm/granite-3-8b-instruct"
 
 
 @pytest.mark.slow
-def test_an_answer_trickled_past_the_gateway_timeout_is_504(registry, make_app, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_an_answer_trickled_past_the_gateway_timeout_is_504(registry, make_app, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     completion = {"id": "c", "object": "chat.completion", "created": 1, "choices": [{"index": 0, "message": {}}]}
     upstream.script = lambda handler, body: handler.trickle(json.dumps(completion).encode(), 10, 0.3)
@@ -705,8 +709,8 @@ def test_an_answer_trickled_past_the_gateway_timeout_is_504(registry, make_app, 
 
 
 @pytest.mark.slow
-def test_a_stream_kept_alive_by_comments_ends_at_the_gateway_timeout(registry, make_app, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_stream_kept_alive_by_comments_ends_at_the_gateway_timeout(registry, make_app, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     upstream.script = stream_of(openai_chunk({"content": "a"}), *[b": ping\n\n"] * 50, interval=0.2)
     app = make_app(REGISTRY_GATEWAY_TIMEOUT="1")
@@ -719,8 +723,8 @@ def test_a_stream_kept_alive_by_comments_ends_at_the_gateway_timeout(registry, m
 
 
 @pytest.mark.slow
-def test_a_trickling_iam_exchange_is_bounded_by_the_gateway_timeout(registry, make_app, model_server):
-    upstream = watsonx_server(registry, model_server)
+def test_a_trickling_iam_exchange_is_bounded_by_the_gateway_timeout(registry, make_app, fake_upstream):
+    upstream = watsonx_server(registry, fake_upstream)
     token = json.dumps({"access_token": "iam-token-x", "expires_in": 3600}).encode()
     upstream.iam_script = lambda handler: handler.trickle(token, 2, 0.3)  # 8 s in all
     app = make_app(REGISTRY_GATEWAY_TIMEOUT="1", REGISTRY_WATSONX_IAM_URL=upstream.iam_url)
@@ -730,22 +734,26 @@ def test_a_trickling_iam_exchange_is_bounded_by_the_gateway_timeout(registry, ma
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "until-closed"])
-def test_an_answer_over_16_mib_fails_the_provider_for_the_next(registry, model_server, declared):
-    first, second, second_id = two_providers(registry, model_server)
+def test_an_answer_over_16_mib_fails_the_provider_for_the_next(registry, fake_upstream, declared):
+    first, second, second_id = two_providers(registry, fake_upstream)
     big = b'{"object": "chat.completion", "choices": [], "pad": "' + b"z" * (17 * 1024 * 1024) + b'"}'
-    if declared:
-        first.script = answering(200, big)
-    else:
-        first.script = lambda handler, body: handler.trickle(big, 1024 * 1024, 0)
+
+    def answer_too_much(upstream):
+        if declared:
+            upstream.answer_with(200, big)
+        else:
+            upstream.script = lambda handler, body: handler.trickle(big, 1024 * 1024, 0)
+
+    answer_too_much(first)
     response = call_model(registry, chat_body())
     assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
-    second.script = first.script
+    answer_too_much(second)
     response = call_model(registry, chat_body())
     assert response.status_code == 502 and "over 16 MiB" in response.get_json()["error"]["message"]
 
 
-def test_a_stream_line_without_end_fails_the_provider_for_the_next(registry, model_server):
-    first, second, second_id = two_providers(registry, model_server)
+def test_a_stream_line_without_end_fails_the_provider_for_the_next(registry, fake_upstream):
+    first, second, second_id = two_providers(registry, fake_upstream)
     first.script = stream_of(b"data: ", *[b"x" * 65536] * 40)  # 2.5 MiB and no line end
     response = call_model(registry, chat_body(stream=True))
     assert response.headers["X-Registry-Provider-Id"] == second_id
@@ -755,8 +763,8 @@ def test_a_stream_line_without_end_fails_the_provider_for_the_next(registry, mod
     )
 
 
-def test_a_stream_line_without_end_after_the_first_chunk_is_an_error_event(registry, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_stream_line_without_end_after_the_first_chunk_is_an_error_event(registry, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     upstream.script = stream_of(openai_chunk({"content": "a"}), b"data: ", *[b"x" * 65536] * 40)
     events = events_of(call_model(registry, chat_body(stream=True)))
@@ -765,6 +773,28 @@ def test_a_stream_line_without_end_after_the_first_chunk_is_an_error_event(regis
 
 
 KEY_AS_BASE64 = base64.b64encode(f"Bearer {MODEL_KEY}".encode()).decode()
+KEY_RUN = 12  # this many characters of the key in a row must never reach a client
+# The key after 40 bytes, in base64 wrapped at 76 characters as MIME wraps it: the key straddles a line break.
+KEY_IN_WRAPPED_BASE64 = base64.encodebytes(b"Authorization: Basic x" * 2 + f"Bearer {MODEL_KEY}".encode()).decode()
+
+
+def base64_texts(text):
+    """What each long run of base64 characters in `text` decodes to, at each of its 4 alignments."""
+    decoded = []
+    for run in re.findall(r"[A-Za-z0-9+/_-]{16,}", re.sub(r"\s|\\+[nrt]", "", text)):
+        for offset in range(4):
+            piece = run[offset:][: (len(run) - offset) // 4 * 4].replace("-", "+").replace("_", "/")
+            decoded.append(base64.b64decode(piece).decode("latin-1"))
+    return decoded
+
+
+def key_shows_in(text):
+    """Whether KEY_RUN characters of the key in a row show in the text: as sent, JSON-escaped,
+    URL-encoded or in base64 (line breaks ignored), case ignored."""
+    unescaped = re.sub(r"\\+u([0-9a-fA-F]{4})", lambda escape: chr(int(escape[1], 16)), text)
+    forms = [text, unquote(text), unquote(unescaped), *base64_texts(text)]
+    runs = [MODEL_KEY[start : start + KEY_RUN].lower() for start in range(len(MODEL_KEY) - KEY_RUN + 1)]
+    return any(run in form.lower() for form in forms for run in runs)
 
 
 @pytest.mark.parametrize(
@@ -779,6 +809,10 @@ KEY_AS_BASE64 = base64.b64encode(f"Bearer {MODEL_KEY}".encode()).decode()
         json.dumps({"error": {"message": f"Authorization: Basic {KEY_AS_BASE64}"}}).encode(),
         json.dumps({"error": {"message": "y" * 5_000_000 + MODEL_KEY}}).encode(),
         json.dumps({"error": {"message": {"echo": MODEL_KEY}, "type": f"t {MODEL_KEY}"}}).encode(),
+        ('{"detail": "invalid key ' + "".join(f"\\u{ord(character):04x}" for character in MODEL_KEY) + '"}').encode(),
+        json.dumps({"detail": f"request headers: {KEY_IN_WRAPPED_BASE64}"}).encode(),
+        json.dumps({"error": {"message": f"Incorrect API key provided: {MODEL_KEY[:-4]}****"}}).encode(),
+        json.dumps({"error": {"message": f"bad key {MODEL_KEY[:12]}", "type": MODEL_KEY[12:]}}).encode(),
     ],
     ids=[
         "text-cut-at-the-key",
@@ -788,23 +822,60 @@ KEY_AS_BASE64 = base64.b64encode(f"Bearer {MODEL_KEY}".encode()).decode()
         "base64",
         "5-mb",
         "objects",
+        "json-escaped-detail",
+        "base64-wrapped-at-76",
+        "last-4-masked",
+        "split-across-message-and-type",
     ],
 )
-def test_an_upstream_4xx_reaches_the_client_without_the_key_in_any_form(registry, model_server, error_body):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_an_upstream_4xx_reaches_the_client_without_the_key_in_any_form(registry, fake_upstream, error_body):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
-    upstream.script = answering(400, error_body)
+    upstream.answer_with(400, error_body)
     response = call_model(registry, chat_body())
     error = response.get_json()["error"]
     assert response.status_code == 400
     text = response.get_data(as_text=True)
-    assert MODEL_KEY[:8] not in text and "SECRET" not in unquote(text) and KEY_AS_BASE64 not in text
+    assert not key_shows_in(text)
     assert len(error["message"]) <= 2000
     assert all(isinstance(error[name], str | None) for name in ("type", "param", "code"))
 
 
-def test_a_watsonx_stream_error_quoting_its_token_is_relayed_without_it(registry, make_app, model_server):
-    upstream = watsonx_server(registry, model_server)
+REFLECTED = f"You sent Authorization: Bearer {MODEL_KEY}."
+
+
+@pytest.mark.parametrize("padding", [0, 15 * 1024 * 1024], ids=["short", "15-mib"])
+def test_an_answer_reflecting_the_key_reaches_the_client_without_it(registry, fake_upstream, padding):
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    register(registry, upstream)
+    upstream.pieces = ["y" * padding, REFLECTED]
+    response = call_model(registry, chat_body())
+    assert response.status_code == 200
+    content = response.get_json()["choices"][0]["message"]["content"]
+    assert content.endswith("You sent Authorization: Bearer [redacted].") and not key_shows_in(content[-1000:])
+
+
+def test_a_stream_chunk_reflecting_the_key_is_relayed_without_it(registry, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    register(registry, upstream)
+    upstream.pieces = ["Hel", REFLECTED, f"and as JSON: {json.dumps({'key': MODEL_KEY})}"]
+    response = call_model(registry, chat_body(stream=True))
+    text = "".join(json.loads(event)["choices"][0]["delta"].get("content", "") for event in events_of(response)[:-1])
+    assert text.startswith("HelYou sent Authorization: Bearer [redacted].") and not key_shows_in(
+        response.get_data(as_text=True)
+    )
+
+
+def test_a_watsonx_answer_reflecting_its_token_reaches_the_client_without_it(registry, make_app, fake_upstream):
+    upstream = watsonx_server(registry, fake_upstream)
+    upstream.pieces = ["Your token: ", "iam-token-1"]
+    response = call_model(make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url), chat_body(WATSONX_MODEL))
+    assert response.status_code == 200
+    assert response.get_json()["choices"][0]["message"]["content"] == "Your token: [redacted]"
+
+
+def test_a_watsonx_stream_error_quoting_its_token_is_relayed_without_it(registry, make_app, fake_upstream):
+    upstream = watsonx_server(registry, fake_upstream)
     chunk = {"id": "c", "model_id": "ibm/granite-3-8b-instruct", "choices": [{"index": 0, "delta": {"content": "a"}}]}
     upstream.script = stream_of(
         b"event: message\ndata: " + json.dumps(chunk).encode() + b"\n\n",
@@ -832,31 +903,34 @@ def test_a_watsonx_stream_error_quoting_its_token_is_relayed_without_it(registry
         ("embeddings", embeddings_body(encoding_format="base64"), b'{"data": [{"embedding": [1e300]}]}'),
         ("embeddings", embeddings_body(), b'{"data": [{"embedding": "not base64!"}]}'),
         ("embeddings", embeddings_body(), b'{"data": [{"embedding": [0.5]}], "usage": {"total_tokens": "x"}}'),
+        ("chat/completions", chat_body(), b'{"choices": [], "usage": {"prompt_tokens": 1' + b"0" * 400 + b"}}"),
+        ("chat/completions", chat_body(), b'{"choices": [], "usage": {"completion_tokens": 9007199254740993}}'),
+        ("embeddings", embeddings_body(), b'{"data": [], "usage": {"prompt_tokens": 1' + b"0" * 308 + b"}}"),
     ],
 )
-def test_an_answer_of_the_wrong_shape_fails_the_provider_for_the_next(registry, model_server, path, body, answer):
-    first, second, second_id = two_providers(registry, model_server)
-    first.script = answering(200, answer)
+def test_an_answer_of_the_wrong_shape_fails_the_provider_for_the_next(registry, fake_upstream, path, body, answer):
+    first, second, second_id = two_providers(registry, fake_upstream)
+    first.answer_with(200, answer)
     response = call_model(registry, body, path)
     assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
-    second.script = first.script
+    second.answer_with(200, answer)
     response = call_model(registry, body, path)
     assert response.status_code == 502 and "SECRET" not in response.get_data(as_text=True)
 
 
 @pytest.mark.parametrize("retry_after", ["9" * 5000, "\u00b2", "Wed, 21 Oct 2015 07:28:00 GMT"])
-def test_a_retry_after_the_registry_cannot_pass_on_is_left_out(registry, model_server, retry_after):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_retry_after_the_registry_cannot_pass_on_is_left_out(registry, fake_upstream, retry_after):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
-    upstream.script = answering(429, b"{}", {"Retry-After": retry_after})
+    upstream.answer_with(429, b"{}", {"Retry-After": retry_after})
     response = call_model(registry, chat_body())
     assert response.status_code == 429 and "Retry-After" not in response.headers
 
 
-def test_an_upstream_400_nested_too_deep_is_passed_on_as_its_text(registry, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_an_upstream_400_nested_too_deep_is_passed_on_as_its_text(registry, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
-    upstream.script = answering(400, DEEP_JSON)
+    upstream.answer_with(400, DEEP_JSON)
     response = call_model(registry, chat_body())
     assert response.status_code == 400 and response.get_json()["error"]["message"] == "[" * 2000
 
@@ -869,32 +943,39 @@ def test_an_upstream_400_nested_too_deep_is_passed_on_as_its_text(registry, mode
         ("chat/completions", chat_body(WATSONX_MODEL), 302, {}, 502),
         ("embeddings", embeddings_body("watsonx:ibm/granite-3-8b-instruct"), 200, {"results": ["x"]}, 502),
         ("embeddings", embeddings_body("watsonx:ibm/granite-3-8b-instruct"), 200, {"results": [{}]}, 502),
+        (
+            "embeddings",
+            embeddings_body("watsonx:ibm/granite-3-8b-instruct"),
+            200,
+            {"results": [{"embedding": [0.5]}], "input_token_count": 2**53 + 1},
+            502,
+        ),
     ],
 )
-def test_watsonx_answers_of_the_wrong_shape(registry, make_app, model_server, path, body, status, answer, expected):
-    upstream = watsonx_server(registry, model_server)
-    upstream.script = answering(status, json.dumps(answer).encode(), {"Location": "http://127.0.0.1:1/"})
+def test_watsonx_answers_of_the_wrong_shape(registry, make_app, fake_upstream, path, body, status, answer, expected):
+    upstream = watsonx_server(registry, fake_upstream)
+    upstream.answer_with(status, json.dumps(answer).encode(), {"Location": "http://127.0.0.1:1/"})
     response = call_model(make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url), body, path)
     assert response.status_code == expected and "iam-token-1" not in response.get_data(as_text=True)
 
 
 @pytest.mark.parametrize("token_answer", [{"access_token": "t", "expires_in": "soon"}, {"access_token": ["t"]}, []])
-def test_an_iam_answer_without_a_usable_token_is_502(registry, make_app, model_server, token_answer):
-    upstream = watsonx_server(registry, model_server)
+def test_an_iam_answer_without_a_usable_token_is_502(registry, make_app, fake_upstream, token_answer):
+    upstream = watsonx_server(registry, fake_upstream)
     upstream.iam_script = lambda handler: handler.answer(200, token_answer)
     response = call_model(make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url), chat_body(WATSONX_MODEL))
     assert response.status_code == 502
 
 
-def test_iam_refusing_the_key_is_a_502_not_the_clients_400(registry, make_app, model_server):
-    upstream = watsonx_server(registry, model_server)
+def test_iam_refusing_the_key_is_a_502_not_the_clients_400(registry, make_app, fake_upstream):
+    upstream = watsonx_server(registry, fake_upstream)
     upstream.api_key = "another-key"  # IAM answers 400: "Provided API key could not be found."
     response = call_model(make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url), chat_body(WATSONX_MODEL))
     assert response.status_code == 502 and "IAM refused the key" in response.get_json()["error"]["message"]
 
 
-def test_a_watsonx_token_refused_is_exchanged_anew_on_the_next_call(registry, make_app, model_server):
-    upstream = watsonx_server(registry, model_server)
+def test_a_watsonx_token_refused_is_exchanged_anew_on_the_next_call(registry, make_app, fake_upstream):
+    upstream = watsonx_server(registry, fake_upstream)
     app = make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url)
     assert call_model(app, chat_body(WATSONX_MODEL)).status_code == 200
     upstream.tokens.clear()  # watsonx no longer takes the token (revoked): 401
@@ -903,8 +984,8 @@ def test_a_watsonx_token_refused_is_exchanged_anew_on_the_next_call(registry, ma
     assert upstream.iam_exchanges == 2
 
 
-def test_iam_expires_in_is_preferred_to_its_expiration(registry, make_app, model_server):
-    upstream = watsonx_server(registry, model_server)
+def test_iam_expires_in_is_preferred_to_its_expiration(registry, make_app, fake_upstream):
+    upstream = watsonx_server(registry, fake_upstream)
 
     def token_with_a_clock_behind(handler):
         upstream.iam_exchanges += 1
@@ -918,8 +999,8 @@ def test_iam_expires_in_is_preferred_to_its_expiration(registry, make_app, model
     assert upstream.iam_exchanges == 1
 
 
-def test_a_stream_failing_before_its_first_chunk_goes_to_the_next_provider(registry, model_server):
-    first, second, second_id = two_providers(registry, model_server)
+def test_a_stream_failing_before_its_first_chunk_goes_to_the_next_provider(registry, fake_upstream):
+    first, second, second_id = two_providers(registry, fake_upstream)
     first.script = stream_of(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
     response = call_model(registry, chat_body(stream=True))
     assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
@@ -927,9 +1008,9 @@ def test_a_stream_failing_before_its_first_chunk_goes_to_the_next_provider(regis
 
 
 @pytest.mark.parametrize("chunks_first", [0, 1])
-def test_an_upstream_error_ending_a_sentence_gets_no_second_full_stop(registry, model_server, chunks_first):
+def test_an_upstream_error_ending_a_sentence_gets_no_second_full_stop(registry, fake_upstream, chunks_first):
     """Before the first chunk every provider failed (a 502); after it, an error event."""
-    upstream = model_server(api_key=MODEL_KEY)
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     error_event = b'data: {"error": "Overloaded, try again."}\n\n'
     upstream.script = stream_of(*[openai_chunk({"content": "a"})] * chunks_first, error_event)
@@ -942,31 +1023,82 @@ def test_an_upstream_error_ending_a_sentence_gets_no_second_full_stop(registry, 
     assert message.endswith(": Overloaded, try again.")
 
 
-def test_an_upstream_redirect_fails_the_provider_for_the_next(registry, model_server):
-    first, second, second_id = two_providers(registry, model_server)
-    first.script = answering(302, b"{}", {"Location": f"{second.base_url}/chat/completions"})
+def test_an_upstream_redirect_fails_the_provider_for_the_next(registry, fake_upstream):
+    first, second, second_id = two_providers(registry, fake_upstream)
+    redirect = {"Location": f"{second.base_url}/chat/completions"}
+    first.answer_with(302, b"{}", redirect)
     response = call_model(registry, chat_body())
     assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
-    second.script = first.script
+    second.answer_with(302, b"{}", redirect)
     assert call_model(registry, chat_body()).status_code == 502
 
 
-def test_the_log_line_of_a_stream_carries_its_request_id_and_user(registry, model_server, caplog):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_the_log_line_of_a_stream_carries_its_request_id_and_user(registry, fake_upstream, caplog):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     with caplog.at_level(logging.INFO, logger="gateway"):
         call_model(registry, chat_body(stream=True), headers={"X-Request-ID": "stream-request-1"}).get_data()
     [line] = [record for record in caplog.records if record.getMessage().startswith("gateway chat stream")]
     assert (line.request_id, line.user) == ("stream-request-1", CALLER)
 
 
-def test_a_model_id_not_found_is_said_in_one_sentence(registry, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+@pytest.mark.parametrize("number", ["1e999", "-1e999", "NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        (
+            "chat/completions",
+            '{"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "temperature": %s}',
+        ),
+        (
+            "chat/completions",
+            '{"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi", "weight": [%s]}]}',
+        ),
+        ("embeddings", '{"model": "openai:text-embedding-3-small", "input": ["a"], "dimensions": %s}'),
+    ],
+    ids=["temperature", "nested", "embeddings"],
+)
+def test_a_number_json_cannot_carry_is_a_400_before_any_upstream(registry, fake_upstream, path, body, number):
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    register(registry, upstream)
+    response = client_as(registry, CALLER).post(
+        f"/api/v1/openai/{path}", data=body % number, content_type="application/json"
+    )
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and number.lstrip("-") in error["message"]
+    assert upstream.calls == []
+
+
+def test_a_stream_whose_usage_is_out_of_range_ends_in_an_error_yet_is_logged_and_counted(
+    registry, fake_upstream, caplog
+):
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    register(registry, upstream)
+    huge = b'{"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o", "choices": [], '
+    huge += b'"usage": {"prompt_tokens": 1' + b"0" * 400 + b', "completion_tokens": 3, "total_tokens": 3}}'
+    done = openai_chunk({}, "stop")
+    upstream.script = stream_of(openai_chunk({"content": "a"}), done, b"data: " + huge + b"\n\n", b"data: [DONE]\n\n")
+    before = parse(scrape(client_as(registry, "reader")))
+    with caplog.at_level(logging.INFO, logger="gateway"):
+        response = call_model(registry, chat_body(stream=True, stream_options={"include_usage": True}))
+        events = events_of(response)
+    assert events[-1] == "[DONE]" and "usage" in json.loads(events[-2])["error"]["message"]
+    [line] = [record.getMessage() for record in caplog.records if record.getMessage().startswith("gateway chat stream")]
+    assert "outcome=upstream_error" in line
+    after = parse(scrape(client_as(registry, "reader")))
+    labels = {"type": "openai", "model": "openai:gpt-4o"}
+    assert delta(before, after, "registry_gateway_requests_total", **labels, outcome="upstream_error") == 1
+    assert delta(before, after, "registry_gateway_tokens_total", **labels, kind="prompt") == 0
+
+
+def test_a_model_id_not_found_is_said_in_one_sentence(registry, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     response = call_model(registry, chat_body("gpt-4o"))
     assert response.status_code == 404 and not response.get_json()["error"]["message"].endswith("..")
 
 
-def test_a_provider_key_that_cannot_be_opened_fails_only_that_provider(registry, model_server):
-    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+def test_a_provider_key_that_cannot_be_opened_fails_only_that_provider(registry, fake_upstream):
+    first, second = fake_upstream(api_key=MODEL_KEY), fake_upstream(api_key=MODEL_KEY)
     first_id = register(registry, first)
     second_id = register(registry, second)
     with registry.app_context():

@@ -84,10 +84,10 @@ def p99(seconds):
     return sorted(seconds)[math.ceil(0.99 * len(seconds)) - 1]
 
 
-def test_a_probe_round_of_silent_providers_delays_no_worker(start_gunicorn, make_app, black_hole, model_server):
+def test_a_probe_round_of_silent_providers_delays_no_worker(start_gunicorn, make_app, black_hole, fake_upstream):
     app = make_app(REGISTRY_VERIFY_ON_CREATE="true")
     add_silent_providers(app, black_hole, SILENT_PROVIDERS)
-    upstream = model_server(api_key="sk-model")
+    upstream = fake_upstream(api_key="sk-model")
     register_model_server(app, upstream)
     upstream.delay = 30  # the gateway's calls wait on it until their deadline
     token = caller_token(app)

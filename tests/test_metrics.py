@@ -218,6 +218,17 @@ def test_gateway_calls_count_tokens_and_time_to_first_chunk(anonymous):
         record_gateway_call("openai", "openai:gpt-4o", "something a client typed", 0.1)
 
 
+def test_token_counts_beyond_two_to_the_53_are_not_counted(anonymous):
+    before = parse(scrape(anonymous))
+    usage = {"prompt_tokens": 10**400, "completion_tokens": 10**308, "total_tokens": 2**53 + 1}
+    record_gateway_call("openai", "openai:gpt-4o", "ok", 0.1, usage=usage)
+    after = parse(scrape(anonymous))
+    labels = {"type": "openai", "model": "openai:gpt-4o"}
+    assert delta(before, after, "registry_gateway_requests_total", **labels, outcome="ok") == 1
+    assert delta(before, after, "registry_gateway_tokens_total", **labels, kind="prompt") == 0
+    assert delta(before, after, "registry_gateway_tokens_total", **labels, kind="completion") == 0
+
+
 def test_metrics_can_be_turned_off(make_app):
     app = make_app(REGISTRY_METRICS="false")
     assert app.test_client().get("/metrics").status_code == 404

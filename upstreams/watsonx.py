@@ -238,8 +238,8 @@ class Watsonx(WireFormat):
         return usable_models(target, specs, spec_model)
 
     def chat(self, target, model, request, deadline):
-        response, _ = post(target, "/ml/v1/text/chat", model, chat_body(request), deadline)
-        answer = checked_completion(read_json(response, target), target)
+        response, token = post(target, "/ml/v1/text/chat", model, chat_body(request), deadline)
+        answer = checked_completion(read_json(response, target, token), target)
         return openai_completion(answer, "chat.completion", "message")
 
     def open_chat_stream(self, target, model, request, deadline):
@@ -253,8 +253,8 @@ class Watsonx(WireFormat):
         return started(chunks(), target)
 
     def embed(self, target, model, request, deadline):
-        response, _ = post(target, "/ml/v1/text/embeddings", model, {"inputs": embedding_inputs(request)}, deadline)
-        answer = read_json(response, target)
+        response, token = post(target, "/ml/v1/text/embeddings", model, {"inputs": embedding_inputs(request)}, deadline)
+        answer = read_json(response, target, token)
         results = answer.get("results") if isinstance(answer, dict) else None
         if not is_list_of_objects(results) or not is_count(answer.get("input_token_count") or 0):
             raise UpstreamFailure(f"provider {target.provider_id} answered embeddings of an unexpected shape")
