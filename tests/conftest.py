@@ -22,6 +22,7 @@ import sys
 import time
 
 import httpx
+import openai
 import pytest
 import sqlalchemy as sa
 from flask_migrate import upgrade
@@ -31,6 +32,7 @@ from app import create_app
 from models import User, db
 from tests.fake_model_servers import FakeModelServer
 from tests.fake_upstreams import BlackHole, FakeUpstream
+from tests.protocols import PROTOCOLS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASSWORDS = {"admin": "admin-pass-1", "service": "service-pass-1", "reader": "reader-pass-1"}
@@ -412,3 +414,51 @@ def black_hole():
     hole = BlackHole()
     yield hole
     hole.close()
+
+
+# The gateway ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def registry(make_app):
+    """The app on this test's database, to register providers (verified, which fills the
+    model index the gateway routes by) and set their state."""
+    return make_app(REGISTRY_VERIFY_ON_CREATE="true")
+
+
+@pytest.fixture
+def gateway(start_gunicorn, registry):
+    """gunicorn serving the registry, with `caller_token`, an API token of role caller, as
+    agents hold; `gateway(iam=server)` points watsonx at a fake IAM. The OpenAI clients of
+    its servers are closed first at the end: gunicorn's graceful stop waits on their idle
+    keep-alive connections."""
+    servers = []
+
+    def start(iam=None, **overrides):
+        if iam is not None:
+            overrides["REGISTRY_WATSONX_IAM_URL"] = iam.iam_url
+        server = start_gunicorn(workers=1, **overrides)
+        server.caller_token = token_of(registry, "caller")
+        server.openai_clients = []
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        for client in server.openai_clients:
+            if isinstance(client, openai.OpenAI):  # an async client's connections ended with its event loop
+                client.close()
+
+
+def token_of(registry, role):
+    """A new API token of that role (its owner: the user of that role, or service for caller)."""
+    owner = "service" if role == "caller" else role
+    response = client_as(registry, owner).post("/api/v1/tokens", json={"name": f"agent-{role}", "role": role})
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["token"]
+
+
+@pytest.fixture(params=PROTOCOLS, ids=lambda protocol: protocol.name)
+def protocol(request):
+    """Each inbound protocol of the gateway in turn (tests/protocols.py)."""
+    return request.param

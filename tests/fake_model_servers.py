@@ -89,8 +89,10 @@ def tool_call_of(body):
 
 
 def message_of(state, body):
-    """The answer's message: a tool call when tools were offered, JSON in JSON mode, else the pieces."""
-    if body.get("tools") and body.get("tool_choice", body.get("tool_choice_option")) != "none":
+    """The answer's message: a tool call when tools were offered to answer the user (after a
+    tool's result, the answer), JSON in JSON mode, else the pieces."""
+    asks_a_tool = body.get("tools") and body.get("tool_choice", body.get("tool_choice_option")) != "none"
+    if asks_a_tool and body["messages"][-1].get("role") == "user":
         return {"role": "assistant", "content": None, "tool_calls": tool_call_of(body)}
     if (body.get("response_format") or {}).get("type") == "json_object":
         return {"role": "assistant", "content": '{"answer": "Hello!"}'}
@@ -315,13 +317,19 @@ class ModelHandler(BaseHTTPRequestHandler):
         state = self.server_state
         identity = self.watsonx_identity(body)
 
+        message = message_of(state, body)
+
         def events():
-            pieces = [{"role": "assistant", "content": ""}] + [{"content": piece} for piece in state.pieces]
+            if message.get("tool_calls"):
+                pieces = [{"role": "assistant", "tool_calls": [{"index": 0, **message["tool_calls"][0]}]}]
+            else:
+                pieces = [{"role": "assistant", "content": ""}] + [{"content": piece} for piece in state.pieces]
             for number, delta in enumerate(pieces, start=1):
                 choice = {"index": 0, "finish_reason": None, "delta": delta}
                 data = json.dumps({**identity, "choices": [choice]})
                 yield f"id: {number}\nevent: message\ndata: {data}\n\n".encode()
-            last = {**identity, "choices": [{"index": 0, "finish_reason": "stop", "delta": {}}], "usage": USAGE}
+            finish = "tool_calls" if message.get("tool_calls") else "stop"
+            last = {**identity, "choices": [{"index": 0, "finish_reason": finish, "delta": {}}], "usage": USAGE}
             yield f"id: {len(pieces) + 1}\nevent: message\ndata: {json.dumps(last)}\n\n".encode()
 
         self.start_stream()

@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from models import ModelProvider, db
-from tests.conftest import PASSWORDS, basic_auth, client_as, provider_body
+from tests.conftest import PASSWORDS, basic_auth, client_as, provider_body, token_of
 from tests.fake_model_servers import USAGE
 from tests.test_metrics import parse, value
 
@@ -28,45 +28,6 @@ MODEL_KEY = "sk-model-key-SECRET-4242"
 WATSONX_KEY = "watsonx-api-key-SECRET-77"
 # Basic credentials of a user whose role may call models (tokens of role caller are made below).
 CALLER = "service"
-
-
-@pytest.fixture
-def registry(make_app):
-    """The app on this test's database, to register providers (verified, which fills the
-    model index the gateway routes by) and set their state."""
-    return make_app(REGISTRY_VERIFY_ON_CREATE="true")
-
-
-@pytest.fixture
-def gateway(start_gunicorn, registry):
-    """gunicorn serving the registry, with `caller_token`, an API token of role caller, as
-    agents hold; `gateway(iam=server)` points watsonx at a fake IAM. The OpenAI clients of
-    its servers are closed first at the end: gunicorn's graceful stop waits on their idle
-    keep-alive connections."""
-    servers = []
-
-    def start(iam=None, **overrides):
-        if iam is not None:
-            overrides["REGISTRY_WATSONX_IAM_URL"] = iam.iam_url
-        server = start_gunicorn(workers=1, **overrides)
-        server.caller_token = token_of(registry, "caller")
-        server.openai_clients = []
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        for client in server.openai_clients:
-            if isinstance(client, openai.OpenAI):  # an async client's connections ended with its event loop
-                client.close()
-
-
-def token_of(registry, role):
-    """A new API token of that role (its owner: the user of that role, or service for caller)."""
-    owner = "service" if role == "caller" else role
-    response = client_as(registry, owner).post("/api/v1/tokens", json={"name": f"agent-{role}", "role": role})
-    assert response.status_code == 201, response.get_json()
-    return response.get_json()["token"]
 
 
 def register(registry, server, provider_type=None, **fields):
