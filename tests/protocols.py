@@ -17,7 +17,19 @@ def sse_documents(text):
     return documents
 
 
-class ChatCompletions:
+class OpenAIErrors:
+    """Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    model_not_found = "model_not_found"  # the code of an unknown model's 404
+
+    def error_message(self, document):
+        return document["error"]["message"]
+
+    def error_code(self, document):
+        return document["error"]["code"]
+
+
+class ChatCompletions(OpenAIErrors):
     name = "chat-completions"
     path = "/api/v1/openai/chat/completions"
     kind = "chat"  # the call's name in the gateway's log lines
@@ -42,11 +54,12 @@ class ChatCompletions:
         errors = [document["error"]["message"] for document in documents if "error" in document]
         return errors[-1] if errors else None
 
-    def error_message(self, document):
-        return document["error"]["message"]
+    def ends_properly(self, text):
+        """Whether the stream ended as the protocol ends one, even after a failure."""
+        return text.endswith("data: [DONE]\n\n")
 
 
-class Responses:
+class Responses(OpenAIErrors):
     name = "responses"
     path = "/api/v1/openai/responses"
     kind = "responses"
@@ -70,8 +83,9 @@ class Responses:
         failed = [document for document in documents if document["type"] == "response.failed"]
         return failed[-1]["response"]["error"]["message"] if failed else None
 
-    def error_message(self, document):
-        return document["error"]["message"]
+    def ends_properly(self, text):
+        last = sse_documents(text)[-1]["type"]
+        return last in ("response.completed", "response.incomplete", "response.failed")
 
 
 PROTOCOLS = (ChatCompletions(), Responses())
