@@ -26,7 +26,8 @@ test: $(INSTALLED) lint
 # default is what `.ci/start-postgres` sets up on this machine's PostgreSQL 15.
 TEST_DATABASE_URL ?= postgresql+psycopg://registry_test:registry_test@127.0.0.1:5432/registry_test
 test-postgres: $(INSTALLED)
-	TEST_DATABASE_URL='$(TEST_DATABASE_URL)' $(BIN)/python -m pytest
+	TEST_DATABASE_URL='$(TEST_DATABASE_URL)' $(BIN)/python -m pytest -m "not server" -n 2
+	TEST_DATABASE_URL='$(TEST_DATABASE_URL)' $(BIN)/python -m pytest -m server
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
