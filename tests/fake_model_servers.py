@@ -77,9 +77,23 @@ def completion_id():
 USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
 
 
+def knobs_of(body):
+    """A benchmark's knobs, `fake_pieces=N` and `fake_interval=S` among the words of the last
+    message: there they reach the fake through every protocol, unknown fields of the body not."""
+    text = (body.get("messages") or [{}])[-1].get("content")
+    words = text.split() if isinstance(text, str) else []
+    return dict(word.split("=", 1) for word in words if word.startswith(("fake_pieces=", "fake_interval=")))
+
+
 def pieces_of(state, body):
-    """The stream's pieces; `fake_pieces` in the body (a benchmark's) asks for that many."""
-    return ["tok "] * body["fake_pieces"] if "fake_pieces" in body else state.pieces
+    """The stream's pieces; a benchmark's `fake_pieces` asks for that many."""
+    pieces = knobs_of(body).get("fake_pieces")
+    return ["tok "] * int(pieces) if pieces else state.pieces
+
+
+def interval_of(state, body):
+    """Seconds between a stream's chunks; a benchmark's `fake_interval` sets them."""
+    return float(knobs_of(body).get("fake_interval", state.chunk_interval))
 
 
 def tool_call_of(body):
@@ -263,7 +277,7 @@ class ModelHandler(BaseHTTPRequestHandler):
             completion = {**identity, "object": "chat.completion", "choices": [choice], "usage": USAGE}
             return self.answer(200, {**completion, "system_fingerprint": "fp_fake"})
         self.start_stream()
-        self.send_events(self.openai_events(state, body, identity), body.get("fake_interval", state.chunk_interval))
+        self.send_events(self.openai_events(state, body, identity), interval_of(state, body))
 
     def openai_events(self, state, body, identity):
         include_usage = (body.get("stream_options") or {}).get("include_usage")
@@ -333,7 +347,7 @@ class ModelHandler(BaseHTTPRequestHandler):
             yield f"id: {len(pieces) + 1}\nevent: message\ndata: {json.dumps(last)}\n\n".encode()
 
         self.start_stream()
-        self.send_events(events(), body.get("fake_interval", state.chunk_interval))
+        self.send_events(events(), interval_of(state, body))
 
     def serve_watsonx_embeddings(self, body):
         results = [{"embedding": [0.5, -0.25, float(len(text))]} for text in body["inputs"]]
