@@ -41,14 +41,19 @@ def new_id(prefix):
 # The request ----------------------------------------------------------------------------------
 
 
-def text_of_parts(parts, param, kinds):
-    """The text of a list of content parts, each of a type in `kinds`, paragraphs apart."""
+def text_of_parts(parts, param):
+    """The text of a list of text parts, paragraphs apart."""
     texts = []
     for number, part in enumerate(parts):
-        if not (isinstance(part, dict) and part.get("type") in kinds and isinstance(part.get("text"), str)):
-            raise bad_input(f"{param}[{number}]", f"Expected a content part of type {' or '.join(kinds)} with text.")
+        if not (isinstance(part, dict) and part.get("type") in TEXT_PART_TYPES and isinstance(part.get("text"), str)):
+            raise bad_input(f"{param}[{number}]", "Expected a content part of type input_text or output_text.")
         texts.append(part["text"])
     return PARAGRAPH_BREAK.join(texts)
+
+
+def named(mapping, name):
+    """mapping[name] when `name` is a string it holds, else None (whatever JSON a client sent)."""
+    return mapping.get(name) if isinstance(name, str) else None
 
 
 def image_part(part, param):
@@ -95,7 +100,7 @@ def required_text(item, name, param):
 
 
 def add_message(messages, item, param):
-    role = CHAT_ROLES.get(item.get("role"))
+    role = named(CHAT_ROLES, item.get("role"))
     if role is None:
         raise bad_input(f"{param}.role", f"A message's role is one of {', '.join(CHAT_ROLES)}.")
     messages.append({"role": role, "content": chat_content(item.get("content"), f"{param}.content")})
@@ -115,7 +120,7 @@ def add_function_call(messages, item, param):
 def add_function_call_output(messages, item, param):
     output = item.get("output")
     if isinstance(output, list):
-        output = text_of_parts(output, f"{param}.output", ("input_text", "output_text"))
+        output = text_of_parts(output, f"{param}.output")
     elif not isinstance(output, str):
         raise bad_input(f"{param}.output", "Expected the function's output as a string or a list of text parts.")
     messages.append({"role": "tool", "tool_call_id": required_text(item, "call_id", param), "content": output})
@@ -138,7 +143,10 @@ def chat_messages(instructions, input_items):
     if isinstance(input_items, str):
         return [*messages, {"role": "user", "content": input_items}]
     for number, item in enumerate(input_items):
-        translate = ITEM_TRANSLATIONS.get(item.get("type", "message"))
+        kind = item.get("type", "message")
+        if not isinstance(kind, str):
+            raise bad_input(f"input[{number}].type", "An item's type is a string.")
+        translate = ITEM_TRANSLATIONS.get(kind)
         if translate is not None:  # else a reasoning item, or one of a tool no upstream here runs
             translate(messages, item, f"input[{number}]")
     if not messages:
@@ -260,10 +268,10 @@ def output_text(text):
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def message_item(text, status="completed", item_id=None):
+def message_item(text, status="completed"):
     content = [output_text(text)] if text is not None else []
     return {
-        "id": item_id or new_id("msg"),
+        "id": new_id("msg"),
         "type": "message",
         "status": status,
         "role": "assistant",
@@ -271,12 +279,12 @@ def message_item(text, status="completed", item_id=None):
     }
 
 
-def function_call_item(call_id, name, arguments, status="completed", item_id=None):
+def function_call_item(call_id, name, arguments, status="completed"):
     return {
-        "id": item_id or new_id("fc"),
+        "id": new_id("fc"),
         "type": "function_call",
         "status": status,
-        "call_id": call_id or new_id("call"),
+        "call_id": call_id if isinstance(call_id, str) and call_id else new_id("call"),
         "name": name,
         "arguments": arguments,
     }
@@ -310,7 +318,7 @@ class ResponseObject:
 
     def document(self, status, output, usage=None, finish_reason=None, error=None):
         body = self.body
-        incomplete_reason = INCOMPLETE_REASONS.get(finish_reason)
+        incomplete_reason = named(INCOMPLETE_REASONS, finish_reason)
         if incomplete_reason and status == "completed":
             status = "incomplete"
         return {
@@ -401,7 +409,8 @@ class ResponseEvents:
     def tool_call_events(self, tool_call):
         function = tool_call.get("function") if isinstance(tool_call.get("function"), dict) else {}
         name = function.get("name") if isinstance(function.get("name"), str) else ""
-        index = tool_call.get("index", len(self.calls))
+        index = tool_call.get("index")
+        index = index if isinstance(index, int) else len(self.calls)
         item = self.calls.get(index)
         events = []
         if item is None:

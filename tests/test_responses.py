@@ -25,6 +25,7 @@ from tests.test_gateway import (
     call_model,
     openai_client,
     register,
+    stream_of,
     watsonx_server,
 )
 
@@ -242,6 +243,47 @@ def test_an_answer_cut_off_at_max_tokens_is_incomplete(registry, upstream):
     assert answer["output"][0]["content"][0]["text"] == "Hel" and answer["usage"] is None
 
 
+@pytest.mark.parametrize(
+    "message, finish_reason, output",
+    [
+        ({"content": [{"type": "text", "text": "Hel"}, {"text": "lo"}, 5]}, "stop", [("message", "Hello")]),
+        ({"content": {"odd": 1}, "tool_calls": "x"}, ["length"], []),
+        (
+            {"tool_calls": [5, {"function": "f"}, {"id": 7, "function": {"name": 3, "arguments": {"a": 1}}}]},
+            None,
+            [("function_call", '{"a": 1}')],
+        ),
+        ("a message that is text", {"x": 1}, []),
+    ],
+    ids=["content-parts", "wrong-types", "odd-tool-calls", "message-not-an-object"],
+)
+def test_an_answer_of_odd_shape_is_read_as_far_as_it_goes(registry, upstream, message, finish_reason, output):
+    choice = {"index": 0, "message": message, "finish_reason": finish_reason}
+    upstream.script = answering(200, json.dumps({"object": "chat.completion", "choices": [choice]}).encode())
+    response = respond(registry)
+    assert response.status_code == 200
+    items = response.get_json()["output"]
+    texts = [item["content"][0]["text"] if item["type"] == "message" else item["arguments"] for item in items]
+    assert [(item["type"], text) for item, text in zip(items, texts, strict=True)] == output
+    assert all(item["type"] != "function_call" or item["call_id"].startswith("call_") for item in items)
+
+
+@pytest.mark.parametrize(
+    "delta, finish_reason",
+    [
+        ({"content": ["x"], "tool_calls": [7, {"index": [0], "function": {"arguments": 5}}]}, ["stop"]),
+        ({"tool_calls": {"index": 0}}, {"x": 1}),
+        ("not an object", "stop"),
+    ],
+)
+def test_a_stream_of_odd_chunks_still_ends_as_a_response(registry, upstream, delta, finish_reason):
+    choices = [{"index": 0, "delta": delta}], [{"index": 0, "delta": {}, "finish_reason": finish_reason}]
+    chunks = ({"id": "c", "object": "chat.completion.chunk", "choices": choice} for choice in choices)
+    upstream.script = stream_of(*(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks))
+    events = sse_documents(respond(registry, stream=True).get_data(as_text=True))
+    assert events[-1]["type"] == "response.completed"
+
+
 def test_a_stream_is_the_responses_event_sequence(registry, upstream):
     upstream.pieces = ["Hel", "lo!"]
     response = respond(registry, stream=True)
@@ -297,6 +339,8 @@ def test_a_streamed_tool_call_is_a_function_call_item_with_its_arguments(registr
         ({"input": ["text"]}, "input"),
         ({"input": []}, "input"),
         ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
+        ({"input": [{"role": ["user"], "content": "x"}]}, "input[0].role"),
+        ({"input": [{"type": {"message": 1}, "role": "user", "content": "x"}]}, "input[0].type"),
         ({"input": [{"role": "user", "content": 5}]}, "input[0].content"),
         ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "input[0].content[0]"),
         ({"input": [{"role": "user", "content": ["x"]}]}, "input[0].content[0]"),
