@@ -549,6 +549,50 @@ class ChatCompletionRequestSchema(GatewayRequestSchema):
     )
 
 
+class ResponsesInput(fields.Raw):
+    """A Responses API `input`: a string, or a list of input items."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(item, dict) for item in value)):
+            return value
+        raise ValidationError("Must be a string or a list of input items (objects).")
+
+
+def refuse_stored_state(value):
+    if value is not None:
+        raise ValidationError(
+            "The registry stores no responses or conversations: send the whole conversation as `input`."
+        )
+
+
+class ResponsesRequestSchema(GatewayRequestSchema):
+    """An OpenAI Responses API body: the fields the registry reads are checked; the others
+    (reasoning, include, store, prompt_cache_key, ...) are accepted and left out of the call."""
+
+    input = ResponsesInput(
+        required=True,
+        metadata={"description": "A string, or a list of items: messages, function_call and function_call_output"},
+    )
+    instructions = fields.String(allow_none=True, metadata={"description": "Given to the model as a system message"})
+    tools = fields.List(
+        fields.Dict(), allow_none=True, metadata={"description": "Tools of type function; other types are left out"}
+    )
+    tool_choice = fields.Raw(allow_none=True, metadata={"description": "auto, none, required or a function"})
+    parallel_tool_calls = fields.Boolean(allow_none=True)
+    temperature = fields.Float(allow_none=True)
+    top_p = fields.Float(allow_none=True)
+    max_output_tokens = fields.Integer(allow_none=True, strict=True, validate=Range(min=1))
+    text = fields.Dict(allow_none=True, metadata={"description": "`format`: text, json_schema or json_object"})
+    metadata = fields.Dict(allow_none=True)
+    stream = fields.Boolean(load_default=False, metadata={"description": "Answer as an SSE stream of Responses events"})
+    previous_response_id = fields.Raw(
+        allow_none=True, validate=refuse_stored_state, metadata={"description": "Refused: no response is stored"}
+    )
+    conversation = fields.Raw(
+        allow_none=True, validate=refuse_stored_state, metadata={"description": "Refused: no conversation is stored"}
+    )
+
+
 class EmbeddingsRequestSchema(GatewayRequestSchema):
     input = fields.Raw(required=True, metadata={"description": "A string, a list of strings (or of token ids)"})
     encoding_format = fields.String(
@@ -573,6 +617,14 @@ class ChatCompletionSchema(OpenAIAnswerSchema):
     created = fields.Integer()
     choices = fields.List(fields.Dict(), required=True)
     usage = fields.Dict(allow_none=True)
+
+
+class ResponseSchema(OpenAIAnswerSchema):
+    id = fields.String(metadata={"description": "resp_..."})
+    created_at = fields.Integer()
+    status = fields.String(metadata={"description": "completed, incomplete (cut off) or failed"})
+    output = fields.List(fields.Dict(), required=True, metadata={"description": "message and function_call items"})
+    usage = fields.Dict(allow_none=True, metadata={"description": "input_tokens, output_tokens, total_tokens"})
 
 
 class EmbeddingsSchema(OpenAIAnswerSchema):

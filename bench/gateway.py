@@ -1,21 +1,24 @@
-"""What the gateway adds: the registry's /api/v1/openai against a local fake model server,
-side by side with calling the same fake directly, and with a floor: a bare Flask relay
-(bench/relay_app.py) forwarding the same calls under the same gunicorn settings.
+"""What the gateway adds: the registry's chat completions and Responses routes against a
+local fake model server, side by side with calling the same fake directly, and with a floor:
+a bare Flask relay (bench/relay_app.py) forwarding the same calls under the same gunicorn
+settings.
 
-    .venv/bin/python bench/gateway.py [--rounds 5] [--calls 200] [--streams 500] [--stream-seconds 10]
-                                      [--relay-streams 100] [--relay-seconds 5] [--flap-calls 1000]
+    .venv/bin/python bench/gateway.py [--rounds 5] [--calls 200] [--streams 500] [--protocol-streams 300]
+                                      [--stream-seconds 10] [--relay-streams 100] [--relay-seconds 5]
+                                      [--flap-calls 1000]
                                       [--only latency ...]
 
 Starts the fake (tests/fakes/, in its own process), the registry and the
 relay under `make run`'s defaults (gunicorn.conf.py), registers the fake as an openai
 provider, then:
 
-- latency: non-streaming calls one after another; what the registry and the relay each add
-  (median and p99), and the ratio of the registry's added median to the relay's;
-- first-chunk: streaming calls one after another; the same for the time to the first chunk;
-- held: N streams at once through the registry, a chunk every 0.5 s (opened over the first
-  2 s, as clients arrive, not in one instant), with /healthz asked every 0.2 s meanwhile (from another process);
-  streams refused or cut, and /healthz's slowest answer;
+- latency: non-streaming calls one after another; what each registry route and the relay add
+  (median and p99), the ratio of chat completions' added median to the relay's, and of each
+  other protocol's to chat completions';
+- first-chunk: streaming calls one after another; the same for the time to the first event;
+- held: N streams at once through each registry route, a chunk every 0.5 s (opened over the
+  first 2 s, as clients arrive, not in one instant), with /healthz asked every 0.2 s meanwhile
+  (from another process); streams refused or cut, and /healthz's median and slowest answer;
 - relay: N streams at once of 50 chunks a second, direct and through the registry; the
   chunks a second the client gets, and the registry's ratio to direct;
 - flapping: a model with two providers, the older answering 503 every other second, called
@@ -46,10 +49,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 MODEL_KEY = "sk-bench"
-MESSAGES = [{"role": "user", "content": "Hi"}]
 SCENARIOS = ("latency", "first-chunk", "held", "relay", "flapping")
 FLAP_SECONDS = 1.0
 COOLDOWNS = {"cooldown off": "0", "cooldown 30 s": "30"}  # registry name: REGISTRY_GATEWAY_COOLDOWN
+# What another protocol may add to a call, against what chat completions add.
+PROTOCOL_TARGET = 1.2
 
 
 def start_fake():
@@ -58,31 +62,65 @@ def start_fake():
     return process, int(process.stdout.readline())
 
 
+def prompt(pieces=None, interval=None):
+    """The prompt, with the fake model's knobs: that many stream pieces, that far apart."""
+    knobs = {"fake_pieces": pieces, "fake_interval": interval}
+    return " ".join(["Hi", *(f"{name}={value}" for name, value in knobs.items() if value is not None)])
+
+
+class ChatProtocol:
+    """OpenAI's chat completions: what the fake, the relay and the registry's first route speak."""
+
+    def body(self, model, text, stream):
+        return {"model": model, "messages": [{"role": "user", "content": text}], "stream": stream}
+
+    def is_piece(self, line):
+        return line.startswith("data: {") and "tok " in line
+
+    def is_end(self, line):
+        return line == "data: [DONE]"
+
+
+class ResponsesProtocol:
+    def body(self, model, text, stream):
+        return {"model": model, "input": text, "stream": stream}
+
+    def is_piece(self, line):
+        return line.startswith("data: ") and '"type":"response.output_text.delta"' in line
+
+    def is_end(self, line):
+        return line == "event: response.completed"
+
+
 class Endpoint:
-    """Where a client sends chat completions: the fake itself, or the registry's gateway."""
+    """Where a client sends a prompt: the fake itself, the relay, or a route of the registry's gateway."""
 
-    def __init__(self, name, url, headers, model):
-        self.name, self.url, self.headers, self.model = name, url, headers, model
+    def __init__(self, name, url, headers, model, protocol):
+        self.name, self.url, self.headers, self.model, self.protocol = name, url, headers, model, protocol
 
-    def body(self, **fields):
-        return {"model": self.model, "messages": MESSAGES, **fields}
+    def body(self, stream=False, pieces=None, interval=None):
+        return self.protocol.body(self.model, prompt(pieces, interval), stream)
 
 
 def endpoints(fake_port, registry_port, relay_port, token_authorization):
+    """(direct, the registry's routes with chat completions first, relay). Anthropic's Messages
+    joins the registry's routes here once the registry serves it."""
+    chat = ChatProtocol()
     direct = Endpoint(
         "direct",
         f"http://127.0.0.1:{fake_port}/v1/chat/completions",
         {"Authorization": f"Bearer {MODEL_KEY}"},
         "gpt-4o",
+        chat,
     )
-    registry = Endpoint(
-        "registry",
-        f"http://127.0.0.1:{registry_port}/api/v1/openai/chat/completions",
-        {"Authorization": token_authorization},
-        "openai:gpt-4o",
-    )
-    relay = Endpoint("relay", f"http://127.0.0.1:{relay_port}/v1/chat/completions", direct.headers, direct.model)
-    return direct, registry, relay
+    gateway = f"http://127.0.0.1:{registry_port}/api/v1/openai"
+    registry_headers = {"Authorization": token_authorization}
+    routes = [
+        Endpoint("registry", f"{gateway}/chat/completions", registry_headers, "openai:gpt-4o", chat),
+        Endpoint("responses", f"{gateway}/responses", registry_headers, "openai:gpt-4o", ResponsesProtocol()),
+    ]
+    relay = Endpoint("relay", f"http://127.0.0.1:{relay_port}/v1/chat/completions", direct.headers, "gpt-4o", chat)
+    return direct, routes, relay
 
 
 def register_fake(registry_port, fake_port):
@@ -111,7 +149,7 @@ def timed_calls(client, endpoint, calls, stream):
     timings = []
     for _ in range(calls):
         started = time.perf_counter()
-        body = endpoint.body(stream=True, fake_pieces=3) if stream else endpoint.body()
+        body = endpoint.body(stream=True, pieces=3) if stream else endpoint.body()
         with client.stream("POST", endpoint.url, json=body, headers=endpoint.headers) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"{endpoint.name} answered {response.status_code}")
@@ -134,7 +172,9 @@ def warm_up(relaying):
 
 
 def added_time(options, direct, *relaying, stream):
-    """What each of `relaying` adds over `direct`, and the ratio of the first's added median to the last's."""
+    """What each of `relaying` (the registry's routes, then the relay) adds over `direct`; the
+    ratio of chat completions' added median to the relay's, and of each other route's to chat
+    completions'."""
     names = [endpoint.name for endpoint in (direct, *relaying)]
     per_round = {name: [] for name in names}
     every = {name: [] for name in names}
@@ -152,24 +192,30 @@ def added_time(options, direct, *relaying, stream):
         figures[f"{endpoint.name} adds median ms"] = statistics.median(added) * 1000
         p99_added = percentile(every[endpoint.name], 0.99) - percentile(every["direct"], 0.99)
         figures[f"{endpoint.name} adds p99 ms"] = p99_added * 1000
-    first, last = relaying[0].name, relaying[-1].name
-    figures[f"{first}/{last} added"] = figures[f"{first} adds median ms"] / figures[f"{last} adds median ms"]
+
+    def ratio(through, to):
+        figures[f"{through}/{to} added"] = figures[f"{through} adds median ms"] / figures[f"{to} adds median ms"]
+
+    chat, *others, relay = (endpoint.name for endpoint in relaying)
+    ratio(chat, relay)
+    for other in others:
+        ratio(other, chat)
     return figures
 
 
 async def one_stream(client, endpoint, pieces, interval, start_after=0.0):
-    """(content chunks received, saw [DONE]); (None, False) when refused."""
+    """(content chunks received, saw the stream's end); (None, False) when refused."""
     await asyncio.sleep(start_after)
-    body = endpoint.body(stream=True, fake_pieces=pieces, fake_interval=interval)
+    body = endpoint.body(stream=True, pieces=pieces, interval=interval)
     chunks, done = 0, False
     try:
         async with client.stream("POST", endpoint.url, json=body, headers=endpoint.headers) as response:
             if response.status_code != 200:
                 return None, False
             async for line in response.aiter_lines():
-                if line == "data: [DONE]":
+                if endpoint.protocol.is_end(line):
                     done = True
-                elif line.startswith("data: {") and "tok " in line:
+                elif endpoint.protocol.is_piece(line):
                     chunks += 1
     except httpx.HTTPError:
         return (None, False) if chunks == 0 else (chunks, False)
@@ -202,19 +248,19 @@ def health_latencies(registry_port, stop, results):
     results.put(latencies)
 
 
-async def held_streams(options, registry, registry_port):
+async def held_streams(options, route, count, registry_port):
     pieces = int(options.stream_seconds / 0.5)
     stop, results = multiprocessing.Event(), multiprocessing.Queue()
     health = multiprocessing.Process(target=health_latencies, args=(registry_port, stop, results))
     health.start()
-    outcomes, elapsed = await many_streams(registry, options.streams, pieces, 0.5, options.ramp_seconds)
+    outcomes, elapsed = await many_streams(route, count, pieces, 0.5, options.ramp_seconds)
     stop.set()
     latencies = results.get()
     health.join()
     refused = sum(1 for chunks, _ in outcomes if chunks is None)
     cut = sum(1 for chunks, done in outcomes if chunks is not None and (chunks < pieces or not done))
     return {
-        "streams": options.streams,
+        "streams": count,
         "refused": refused,
         "cut": cut,
         "seconds": elapsed,
@@ -240,15 +286,15 @@ def relay_rate(options, direct, registry):
 def serve_flapping(ports, flapping):
     """A fake model server in a process of its own, answering every model call with 503 in
     every other FLAP_SECONDS while `flapping` is set."""
-    from tests.fake_model_servers import FakeModelServer
+    from tests.fakes import FakeUpstream
 
-    fake = FakeModelServer("openai", api_key=MODEL_KEY, models=["gpt-4o"])
+    fake = FakeUpstream("openai", api_key=MODEL_KEY, models=["gpt-4o"])
     ports.put(fake.port)
     while True:
         if flapping.is_set() and int(time.monotonic() / FLAP_SECONDS) % 2:
             fake.fail_with(503, "flapping")
         else:
-            fake.forced = None
+            fake.failure = None
         time.sleep(0.01)
 
 
@@ -320,14 +366,17 @@ def report(name, figures, target):
     shown = ", ".join(
         f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}" for key, value in figures.items()
     )
-    print(f"{name:12} {shown}   (target: {target})", flush=True)
+    print(f"{name:15} {shown}   (target: {target})", flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=200, help="calls per round of latency and first-chunk")
-    parser.add_argument("--streams", type=int, default=500, help="streams held at once")
+    parser.add_argument("--streams", type=int, default=500, help="chat completions streams held at once")
+    parser.add_argument(
+        "--protocol-streams", type=int, default=300, help="streams held at once through each other protocol's route"
+    )
     parser.add_argument("--stream-seconds", type=float, default=10)
     parser.add_argument("--ramp-seconds", type=float, default=2, help="the held streams open evenly over this time")
     parser.add_argument("--relay-streams", type=int, default=100)
@@ -354,18 +403,25 @@ def main():
     )
     try:
         register_fake(server.port, fake_port)
-        direct, registry, relay = endpoints(fake_port, server.port, relay_server.port, authorizations["bearer"])
-        warm_up(registry)
+        direct, routes, relay = endpoints(fake_port, server.port, relay_server.port, authorizations["bearer"])
+        registry = routes[0]
+        for route in routes:
+            warm_up(route)
         warm_up(relay)
+        protocol_target = f"each other route adds <= {PROTOCOL_TARGET} x what registry adds"
         if "latency" in options.only:
-            figures = added_time(options, direct, registry, relay, stream=False)
-            report("latency", figures, "registry adds <= 3 ms median, <= 10 ms p99; registry/relay added <= 1.82")
+            figures = added_time(options, direct, *routes, relay, stream=False)
+            target = f"registry adds <= 3 ms median, <= 10 ms p99; registry/relay added <= 1.82; {protocol_target}"
+            report("latency", figures, target)
         if "first-chunk" in options.only:
-            figures = added_time(options, direct, registry, relay, stream=True)
-            report("first chunk", figures, "registry adds <= 5 ms median; registry/relay added <= 1.82")
+            figures = added_time(options, direct, *routes, relay, stream=True)
+            target = f"registry adds <= 5 ms median; registry/relay added <= 1.82; {protocol_target}"
+            report("first chunk", figures, target)
         if "held" in options.only:
-            figures = asyncio.run(held_streams(options, registry, server.port))
-            report("held", figures, "none refused or cut, /healthz within 100 ms")
+            for route in routes:
+                count = options.streams if route is registry else options.protocol_streams
+                figures = asyncio.run(held_streams(options, route, count, server.port))
+                report(f"held {route.name}", figures, "none refused or cut, /healthz within 100 ms at the median")
         if "relay" in options.only:
             report("relay", relay_rate(options, direct, registry), "ratio >= 0.9")
     finally:

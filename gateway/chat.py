@@ -35,3 +35,12 @@ def open_stream(call, chat_request, settings, encoder):
     in the protocol of `encoder` (gateway/stream.py)."""
     target, chunks, deadline = served_answer(call, "llm", partial(ask_chat_stream, chat_request), settings)
     return target, relay(chunks, call, deadline, encoder)
+
+
+def answer(call, chat_request, settings, encoder, document_of):
+    """(target, the answer in the inbound protocol): with `stream` the events `encoder` makes of
+    the chunks, else `document_of(completion)`."""
+    if chat_request.stream:
+        return open_stream(call, chat_request, settings, encoder)
+    target, completion = complete(call, chat_request, settings)
+    return target, document_of(completion)

@@ -1,14 +1,16 @@
-"""/api/v1/openai: the OpenAI-style model list, and the gateway's chat completions and
-embeddings, which call the providers' models without handing out their keys."""
+"""/api/v1/openai: the OpenAI-style model list, and the gateway's chat completions, Responses
+and embeddings, which call the providers' models without handing out their keys."""
+
+from functools import partial
 
 from apifairy import authenticate, body, other_responses, response
 from flask import Blueprint, request
 
 from access.auth import auth
 from catalog.index import available_models
+from gateway import completions, responses
 from gateway.call import GatewayCall, Settings
-from gateway.chat import complete, open_stream
-from gateway.completions import ChatChunks, chat_request_of
+from gateway.chat import answer
 from gateway.embeddings import embeddings
 from schemas import (
     ChatCompletionRequestSchema,
@@ -16,6 +18,8 @@ from schemas import (
     EmbeddingsRequestSchema,
     EmbeddingsSchema,
     OpenAIModelListSchema,
+    ResponseSchema,
+    ResponsesRequestSchema,
 )
 
 openai_bp = Blueprint("openai", __name__)
@@ -56,6 +60,18 @@ def served_by(target):
     return {"X-Registry-Provider-Id": target.provider_id}
 
 
+def chat_answer(chat_request, kind, encoder, document_of):
+    """The HTTP answer to a chat call: the stream `encoder` makes, or `document_of(completion)`."""
+    call = GatewayCall(chat_request.model, kind, stream=chat_request.stream)
+    target, document_or_events = answer(call, chat_request, Settings.of_app(), encoder, document_of)
+    headers = {"Content-Type": "text/event-stream", **STREAM_HEADERS} if chat_request.stream else {}
+    return document_or_events, 200, {**headers, **served_by(target)}
+
+
+def as_sent(completion):
+    return completion
+
+
 @openai_bp.route("/openai/chat/completions", methods=["POST"])
 @authenticate(auth, role="caller")
 @body(ChatCompletionRequestSchema)
@@ -70,13 +86,30 @@ def chat_completions(chat_body):
     `"stream": true` the answer is `text/event-stream`: each upstream chunk as it arrives,
     ending with `data: [DONE]`. `X-Registry-Provider-Id` names the provider.
     """
-    chat_request = chat_request_of(chat_body)
-    call = GatewayCall(chat_request.model, "chat", stream=chat_request.stream)
-    if chat_request.stream:
-        target, events = open_stream(call, chat_request, Settings.of_app(), ChatChunks(chat_request.include_usage))
-        return events, 200, {"Content-Type": "text/event-stream", **STREAM_HEADERS, **served_by(target)}
-    target, completion = complete(call, chat_request, Settings.of_app())
-    return completion, 200, served_by(target)
+    chat_request = completions.chat_request_of(chat_body)
+    return chat_answer(chat_request, "chat", completions.ChatChunks(chat_request.include_usage), as_sent)
+
+
+@openai_bp.route("/openai/responses", methods=["POST"])
+@authenticate(auth, role="caller")
+@body(ResponsesRequestSchema)
+@other_responses({200: (ResponseSchema, "The response, or with `stream` its SSE events"), **GATEWAY_ERRORS})
+def create_response(responses_body):
+    """Call a model through OpenAI's Responses API
+
+    Any model of the registry, whatever its provider's type: the body is translated to a chat
+    call and routed as chat completions are. Nothing is stored: send the whole conversation
+    in `input` (`previous_response_id` is a 400). With `"stream": true` the answer is the
+    Responses event sequence (`response.created` ... `response.completed`), relayed as the
+    model's chunks arrive; a failure after the first event is `response.failed`.
+    """
+    chat_request = responses.chat_request_of(responses_body)
+    return chat_answer(
+        chat_request,
+        "responses",
+        responses.ResponseEvents(responses_body),
+        partial(responses.response_of, body=responses_body),
+    )
 
 
 @openai_bp.route("/openai/embeddings", methods=["POST"])

@@ -34,6 +34,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from app import create_app
 from models import User, db
 from tests.fakes import BlackHole, FakeUpstream
+from tests.protocols import PROTOCOLS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASSWORDS = {"admin": "admin-pass-1", "service": "service-pass-1", "reader": "reader-pass-1"}
@@ -453,3 +454,43 @@ def black_hole():
     hole = BlackHole()
     yield hole
     hole.close()
+
+
+# The gateway ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def registry(make_app):
+    """The app on this test's database, to register providers (verified, which fills the
+    model index the gateway routes by) and set their state."""
+    return make_app(REGISTRY_VERIFY_ON_CREATE="true")
+
+
+@pytest.fixture
+def gateway(serve, make_app, registry):
+    """The registry served over HTTP (in this process), with `caller_token`, an API token of
+    role caller, as agents hold; `gateway(iam=server)` points watsonx at a fake IAM; other
+    keyword arguments are settings."""
+
+    def start(iam=None, **overrides):
+        if iam is not None:
+            overrides["REGISTRY_WATSONX_IAM_URL"] = iam.iam_url
+        server = serve(make_app(**overrides))
+        server.caller_token = token_of(registry, "caller")
+        return server
+
+    return start
+
+
+def token_of(registry, role):
+    """A new API token of that role (its owner: the user of that role, or service for caller)."""
+    owner = "service" if role == "caller" else role
+    response = client_as(registry, owner).post("/api/v1/tokens", json={"name": f"agent-{role}", "role": role})
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["token"]
+
+
+@pytest.fixture(params=PROTOCOLS, ids=lambda protocol: protocol.name)
+def protocol(request):
+    """Each inbound protocol of the gateway in turn (tests/protocols.py)."""
+    return request.param

@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from models import db
 from observability.logs import RequestFields
 from tests.conftest import POSTGRES_ONLY, TEST_DATABASE_URL, client_as, database_url, provider_body, wait_for
+from tests.fakes.openai import chat_answer
 from tests.test_metrics import parse
 
 PROVIDERS = "/api/v1/model_providers"
@@ -303,7 +304,7 @@ def stream_after(seconds):
         handler.start_stream()
         time.sleep(seconds)
         identity = {"id": "chatcmpl-late", "created": 1, "model": body["model"]}
-        handler.send_events(handler.openai_events(handler.server_state, body, identity), 0)
+        handler.send_events(handler.chat_events(chat_answer(handler.upstream, body), body, identity), 0)
 
     return script
 

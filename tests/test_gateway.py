@@ -20,8 +20,9 @@ import pytest
 import sqlalchemy as sa
 
 from models import ModelProvider, db
-from tests.conftest import PASSWORDS, basic_auth, client_as, provider_body
+from tests.conftest import PASSWORDS, basic_auth, client_as, provider_body, token_of
 from tests.fakes.model import USAGE
+from tests.protocols import sse_documents
 from tests.test_metrics import delta, parse, scrape
 
 PROVIDERS = "/api/v1/model_providers"
@@ -29,37 +30,6 @@ MODEL_KEY = "sk-model-key-SECRET-4242"
 WATSONX_KEY = "watsonx-api-key-SECRET-77"
 # Basic credentials of a user whose role may call models (tokens of role caller are made below).
 CALLER = "service"
-
-
-@pytest.fixture
-def registry(make_app):
-    """The app on this test's database, to register providers (verified, which fills the
-    model index the gateway routes by) and set their state."""
-    return make_app(REGISTRY_VERIFY_ON_CREATE="true")
-
-
-@pytest.fixture
-def gateway(serve, make_app, registry):
-    """The registry served over HTTP (in this process), with `caller_token`, an API token of
-    role caller, as agents hold; `gateway(iam=server)` points watsonx at a fake IAM; other
-    keyword arguments are settings."""
-
-    def start(iam=None, **overrides):
-        if iam is not None:
-            overrides["REGISTRY_WATSONX_IAM_URL"] = iam.iam_url
-        server = serve(make_app(**overrides))
-        server.caller_token = token_of(registry, "caller")
-        return server
-
-    return start
-
-
-def token_of(registry, role):
-    """A new API token of that role (its owner: the user of that role, or service for caller)."""
-    owner = "service" if role == "caller" else role
-    response = client_as(registry, owner).post("/api/v1/tokens", json={"name": f"agent-{role}", "role": role})
-    assert response.status_code == 201, response.get_json()
-    return response.get_json()["token"]
 
 
 def register(registry, server, provider_type=None, **fields):
@@ -323,75 +293,67 @@ def test_json_mode_is_passed_through(registry, gateway, fake_upstream, flavor, m
 # Routing and failover ----------------------------------------------------------------------
 
 
-def test_oldest_online_provider_serves_first(registry, gateway, fake_upstream):
+def test_oldest_online_provider_serves_first(registry, fake_upstream, protocol):
     first, second = fake_upstream(api_key=MODEL_KEY), fake_upstream(api_key=MODEL_KEY)
     first_id = register(registry, first)
     register(registry, second)
-    raw = raw_chat(openai_client(gateway()))
-    assert raw.headers["X-Registry-Provider-Id"] == first_id
+    response = ask(registry, protocol)
+    assert response.headers["X-Registry-Provider-Id"] == first_id
     assert len(first.calls) == 1 and second.calls == []
 
 
 @pytest.mark.parametrize("failure", ["500", "503", "429", "unreachable"])
-def test_a_failing_provider_hands_the_call_to_the_next(registry, gateway, fake_upstream, failure):
-    first, second = fake_upstream(api_key=MODEL_KEY), fake_upstream(api_key=MODEL_KEY)
-    register(registry, first)
-    second_id = register(registry, second)
-    client = openai_client(gateway())
-    chat(client)  # both providers' models are listed while both answer
+def test_a_failing_provider_hands_the_call_to_the_next(registry, fake_upstream, protocol, failure):
+    first, _, second_id = two_providers(registry, fake_upstream)
     if failure == "unreachable":
         first.down()
     else:
         first.fail_with(int(failure))
-    raw = raw_chat(client)
-    assert raw.parse().choices[0].message.content == "Hello!"
-    assert raw.headers["X-Registry-Provider-Id"] == second_id
-    assert streamed_text(streamed(client)) == "Hello!"
+    response = ask(registry, protocol)
+    assert protocol.text(response.get_json()) == "Hello!"
+    assert response.headers["X-Registry-Provider-Id"] == second_id
+    streamed_response = ask(registry, protocol, stream=True)
+    assert streamed_response.headers["X-Registry-Provider-Id"] == second_id
+    assert protocol.stream_text(stream_documents(streamed_response)) == "Hello!"
 
 
-def test_every_provider_failing_is_502(registry, gateway, fake_upstream):
-    first, second = fake_upstream(api_key=MODEL_KEY), fake_upstream(api_key=MODEL_KEY)
-    register(registry, first)
-    register(registry, second)
-    client = openai_client(gateway())
-    chat(client)
+def test_every_provider_failing_is_502(registry, fake_upstream, protocol):
+    first, second, _ = two_providers(registry, fake_upstream)
     first.fail_with(500)
     second.fail_with(502)
-    with pytest.raises(openai.InternalServerError) as raised:
-        chat(client)
-    assert raised.value.status_code == 502
-    assert "Every provider of the model failed" in raised.value.message
+    response = ask(registry, protocol)
+    assert response.status_code == 502
+    assert "Every provider of the model failed" in protocol.error_message(response.get_json())
 
 
-def test_every_provider_rate_limiting_is_429_with_retry_after(registry, gateway, fake_upstream):
+def test_every_provider_rate_limiting_is_429_with_retry_after(registry, fake_upstream, protocol):
     upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
-    client = openai_client(gateway())
     upstream.fail_with(429, "slow down", headers={"Retry-After": "7"})
-    with pytest.raises(openai.RateLimitError) as raised:
-        chat(client)
-    assert raised.value.response.headers["Retry-After"] == "7"
+    response = ask(registry, protocol)
+    assert response.status_code == 429 and response.headers["Retry-After"] == "7"
 
 
-def test_every_provider_offline_is_503(registry, gateway, fake_upstream):
+def test_every_provider_offline_is_503(registry, fake_upstream, protocol):
     provider_id = register(registry, fake_upstream(api_key=MODEL_KEY))
-    client = openai_client(gateway())
-    chat(client)
     set_state(registry, provider_id, "offline")
-    with pytest.raises(openai.InternalServerError) as raised:
-        chat(client)
-    assert raised.value.status_code == 503
+    response = ask(registry, protocol)
+    assert response.status_code == 503 and "offline" in protocol.error_message(response.get_json())
 
 
-def test_unknown_model_is_404_model_not_found(registry, gateway, fake_upstream):
+def test_unknown_model_is_404_model_not_found(registry, fake_upstream, protocol):
     register(registry, fake_upstream(api_key=MODEL_KEY))
-    client = openai_client(gateway())
     for model in ("openai:gpt-5-unknown", "nosuchtype:gpt-4o", "gpt-4o"):
-        with pytest.raises(openai.NotFoundError) as raised:
-            chat(client, model)
-        assert raised.value.code == "model_not_found"
-    with pytest.raises(openai.NotFoundError):
-        client.embeddings.create(model="openai:nope", input="a")
+        response = ask(registry, protocol, model)
+        assert response.status_code == 404
+        assert protocol.error_code(response.get_json()) == protocol.model_not_found
+
+
+def test_an_unknown_embeddings_model_is_404_model_not_found(registry, gateway, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
+    with pytest.raises(openai.NotFoundError) as raised:
+        openai_client(gateway()).embeddings.create(model="openai:nope", input="a")
+    assert raised.value.code == "model_not_found"
 
 
 def test_bad_bodies_are_400_in_openais_shape(registry, gateway):
@@ -457,32 +419,37 @@ def test_basic_credentials_of_a_caller_or_above_may_call_too(registry, gateway, 
 # Upstream errors ---------------------------------------------------------------------------
 
 
-def test_an_upstream_400_quoting_the_key_reaches_the_client_without_it(registry, gateway, fake_upstream):
+def upstream_400_quoting_the_key(upstream):
+    error = {
+        "message": f"context too long for key {MODEL_KEY}",
+        "type": "invalid_request_error",
+        "code": "context_length_exceeded",
+        "param": "messages",
+    }
+    upstream.answer_with(400, {"error": error})
+
+
+def test_an_upstream_400_quoting_the_key_reaches_the_client_without_it(registry, fake_upstream, protocol, caplog):
     upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
-    server = gateway()
-    client = openai_client(server)
-    chat(client)
-    upstream.answer_with(
-        400,
-        {
-            "error": {
-                "message": f"context too long for key {MODEL_KEY}",
-                "type": "invalid_request_error",
-                "code": "context_length_exceeded",
-                "param": "messages",
-            }
-        },
-    )
-    with pytest.raises(openai.BadRequestError) as raised:
-        chat(client)
-    assert raised.value.code == "context_length_exceeded" and raised.value.param == "messages"
-    assert "context too long" in raised.value.message
-    assert MODEL_KEY not in raised.value.response.text
-    with pytest.raises(openai.BadRequestError) as raised:
-        streamed(client)
-    assert MODEL_KEY not in raised.value.response.text
-    assert MODEL_KEY not in server.log()
+    upstream_400_quoting_the_key(upstream)
+    for stream in (False, True):
+        response = ask(registry, protocol, stream=stream)
+        assert response.status_code == 400
+        assert "context too long" in protocol.error_message(response.get_json())
+        assert MODEL_KEY not in response.get_data(as_text=True)
+    assert MODEL_KEY not in caplog.text
+
+
+def test_an_upstream_400s_code_and_param_reach_openai_clients(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    register(registry, upstream)
+    upstream_400_quoting_the_key(upstream)
+    client = openai_client(gateway())
+    for call in (lambda: chat(client), lambda: client.responses.create(model="openai:gpt-4o", input="Hi")):
+        with pytest.raises(openai.BadRequestError) as raised:
+            call()
+        assert raised.value.code == "context_length_exceeded" and raised.value.param == "messages"
 
 
 def test_a_watsonx_error_quoting_its_token_reaches_the_client_without_it(registry, gateway, fake_upstream):
@@ -500,58 +467,44 @@ def test_a_watsonx_error_quoting_its_token_reaches_the_client_without_it(registr
     assert WATSONX_KEY not in server.log()
 
 
-def test_a_rejected_provider_key_is_a_502_not_the_clients_401(registry, gateway, fake_upstream):
+def test_a_rejected_provider_key_is_a_502_not_the_clients_401(registry, fake_upstream, protocol):
     upstream = fake_upstream(api_key=MODEL_KEY)
     provider_id = register(registry, upstream)
-    client = openai_client(gateway())
-    chat(client)
     upstream.api_key = "sk-rotated"
-    with pytest.raises(openai.InternalServerError) as raised:
-        chat(client)
-    assert raised.value.status_code == 502 and provider_id in raised.value.message
-    assert MODEL_KEY not in raised.value.response.text
+    response = ask(registry, protocol)
+    assert response.status_code == 502 and provider_id in protocol.error_message(response.get_json())
+    assert MODEL_KEY not in response.get_data(as_text=True)
 
 
-def test_a_failure_after_the_first_chunk_is_an_error_event_before_done(registry, gateway, fake_upstream):
+def test_a_failure_after_the_first_chunk_is_the_protocols_error_event(registry, fake_upstream, protocol):
     upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
-    server = gateway()
     upstream.break_after_chunks = 2
-    body = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
-    with server.client(CALLER) as client:
-        events = client.post("/api/v1/openai/chat/completions", json=body).text.split("\n\n")
-    assert events[-2:] == ["data: [DONE]", ""]
-    assert json.loads(events[-3].removeprefix("data: "))["error"]["message"].startswith(
-        "The provider failed mid-stream"
-    )
-    with pytest.raises(openai.APIError):
-        streamed(openai_client(server))
+    text = ask(registry, protocol, stream=True).get_data(as_text=True)
+    assert protocol.stream_error(sse_documents(text)).startswith("The provider failed mid-stream")
+    assert protocol.ends_properly(text)
 
 
-def test_a_call_over_the_gateway_timeout_is_504(registry, gateway, fake_upstream):
+@pytest.mark.slow
+def test_a_call_over_the_gateway_timeout_is_504(registry, make_app, fake_upstream, protocol):
     upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
-    client = openai_client(gateway(REGISTRY_GATEWAY_TIMEOUT="1"))
-    chat(client)
     upstream.delay = 5
     started = time.monotonic()
-    with pytest.raises(openai.APIStatusError) as raised:
-        chat(client)
-    assert raised.value.status_code == 504
+    assert ask(make_app(REGISTRY_GATEWAY_TIMEOUT="1"), protocol).status_code == 504
     assert time.monotonic() - started < 4  # the gateway's 1 s, not the model's 5
 
 
 # Streams and clients ------------------------------------------------------------------------
 
 
-def test_a_client_that_goes_away_ends_the_upstream_stream(registry, gateway, fake_upstream):
+def test_a_client_that_goes_away_ends_the_upstream_stream(registry, gateway, fake_upstream, protocol):
     upstream = fake_upstream(api_key=MODEL_KEY)
     upstream.pieces = ["tick "] * 200
     upstream.chunk_interval = 0.05
     register(registry, upstream)
-    stream = chat(openai_client(gateway()), stream=True)
-    assert next(iter(stream)).model == "openai:gpt-4o"
-    stream.close()
+    with gateway().client(CALLER) as client, stream_from(client, protocol) as response:
+        assert next(line for line in response.iter_lines() if line.startswith("data:"))
     deadline = time.monotonic() + 5
     while upstream.streams_cut_by_client == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -559,12 +512,13 @@ def test_a_client_that_goes_away_ends_the_upstream_stream(registry, gateway, fak
 
 
 @pytest.mark.slow
-def test_chunks_are_relayed_as_they_arrive(registry, gateway, fake_upstream):
+def test_chunks_are_relayed_as_they_arrive(registry, gateway, fake_upstream, protocol):
     upstream = fake_upstream(api_key=MODEL_KEY)
     upstream.pieces = ["a", "b", "c"]
     upstream.chunk_interval = 0.5
     register(registry, upstream)
-    arrivals = [time.monotonic() for _ in chat(openai_client(gateway()), stream=True)]
+    with gateway().client(CALLER) as client, stream_from(client, protocol) as response:
+        arrivals = [time.monotonic() for line in response.iter_lines() if line.startswith("data:")]
     # Buffered, every chunk would arrive at the end at once; relayed, they keep the upstream's pace.
     assert arrivals[-1] - arrivals[0] >= 1.0
 
@@ -584,18 +538,15 @@ def test_the_async_client_chats_and_streams(registry, gateway, fake_upstream):
 
 
 @pytest.mark.slow
-def test_no_database_connection_is_held_while_waiting_on_the_model(registry, fake_upstream):
+def test_no_database_connection_is_held_while_waiting_on_the_model(registry, fake_upstream, protocol):
     upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
-    client = client_as(registry, CALLER)
-    body = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
-    assert client.post("/api/v1/openai/chat/completions", json=body).status_code == 200  # models listed
     upstream.delay = 1.0
     answers = []
-    caller = threading.Thread(target=lambda: answers.append(client.post("/api/v1/openai/chat/completions", json=body)))
+    caller = threading.Thread(target=lambda: answers.append(ask(registry, protocol)))
     caller.start()
     deadline = time.monotonic() + 5
-    while len(upstream.calls) < 2 and time.monotonic() < deadline:
+    while not upstream.calls and time.monotonic() < deadline:
         time.sleep(0.01)
     with registry.app_context():
         held = db.engine.pool.checkedout()
@@ -604,25 +555,24 @@ def test_no_database_connection_is_held_while_waiting_on_the_model(registry, fak
     assert held == 0
 
 
-def test_prompts_may_outgrow_the_registrys_own_64_kib_bodies(registry, fake_upstream):
+def test_prompts_may_outgrow_the_registrys_own_64_kib_bodies_up_to_16_mib(registry, fake_upstream, protocol):
     upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     long_prompt = "word " * 40_000  # 200 KB
-    body = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": long_prompt}]}
-    response = client_as(registry, CALLER).post("/api/v1/openai/chat/completions", json=body)
-    assert response.status_code == 200
-    assert upstream.calls[-1][2]["messages"][0]["content"] == long_prompt
+    assert ask(registry, protocol, prompt=long_prompt).status_code == 200
+    assert upstream.calls[-1][2]["messages"][-1]["content"] == long_prompt
+    response = ask(registry, protocol, prompt="w" * (16 * 1024 * 1024))
+    assert response.status_code == 413 and protocol.error_message(response.get_json())
+    assert len(upstream.calls) == 1
 
 
-def test_each_call_is_counted_in_the_metrics(registry, gateway, fake_upstream):
+def test_each_call_is_counted_in_the_metrics(registry, fake_upstream, protocol):
     register(registry, fake_upstream(api_key=MODEL_KEY))
-    server = gateway()
-    client = openai_client(server)
-    before = parse(httpx.get(f"{server.base_url}/metrics").text)
-    streamed(client, stream_options={"include_usage": True})
-    with pytest.raises(openai.NotFoundError):
-        chat(client, "openai:no-such-model")
-    after = parse(httpx.get(f"{server.base_url}/metrics").text)
+    scrape = registry.test_client().get
+    before = parse(scrape("/metrics").get_data(as_text=True))
+    ask(registry, protocol, stream=True).get_data()
+    assert ask(registry, protocol, "openai:no-such-model").status_code == 404
+    after = parse(scrape("/metrics").get_data(as_text=True))
     labels = {"type": "openai", "model": "openai:gpt-4o"}
     assert delta(before, after, "registry_gateway_requests_total", **labels, outcome="ok") == 1
     completion_tokens = delta(before, after, "registry_gateway_tokens_total", **labels, kind="completion")
@@ -647,6 +597,22 @@ def embeddings_body(model="openai:text-embedding-3-small", **fields):
 
 def call_model(app, body, path="chat/completions", headers=None):
     return client_as(app, CALLER).post(f"/api/v1/openai/{path}", json=body, headers=headers)
+
+
+def ask(app, protocol, model="openai:gpt-4o", headers=None, **fields):
+    """Ask the model for an answer to a prompt through the protocol's route, in process."""
+    body = protocol.body(model, **fields)
+    return client_as(app, CALLER).post(protocol.path, json=body, headers={**protocol.headers, **(headers or {})})
+
+
+def stream_from(client, protocol, model="openai:gpt-4o"):
+    """An httpx client's streamed answer from the protocol's route."""
+    body = protocol.body(model, stream=True)
+    return client.stream("POST", protocol.path, json=body, headers=protocol.headers)
+
+
+def stream_documents(response):
+    return sse_documents(response.get_data(as_text=True))
 
 
 def events_of(response):
@@ -696,30 +662,31 @@ WATSONX_MODEL = "watsonx:ibm/granite-3-8b-instruct"
 
 
 @pytest.mark.slow
-def test_an_answer_trickled_past_the_gateway_timeout_is_504(registry, make_app, fake_upstream):
+def test_an_answer_trickled_past_the_gateway_timeout_is_504(registry, make_app, fake_upstream, protocol):
     upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     completion = {"id": "c", "object": "chat.completion", "created": 1, "choices": [{"index": 0, "message": {}}]}
     upstream.script = lambda handler, body: handler.trickle(json.dumps(completion).encode(), 10, 0.3)
     app = make_app(REGISTRY_GATEWAY_TIMEOUT="1")
     started = time.monotonic()
-    response = call_model(app, chat_body())
+    response = ask(app, protocol)
     assert response.status_code == 504  # each read came within any per-read timeout
     assert time.monotonic() - started < 4  # the gateway's 1 s, not the 3 s of the trickle
 
 
 @pytest.mark.slow
-def test_a_stream_kept_alive_by_comments_ends_at_the_gateway_timeout(registry, make_app, fake_upstream):
+def test_a_stream_kept_alive_by_comments_ends_at_the_gateway_timeout(registry, make_app, fake_upstream, protocol):
     upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     upstream.script = stream_of(openai_chunk({"content": "a"}), *[b": ping\n\n"] * 50, interval=0.2)
     app = make_app(REGISTRY_GATEWAY_TIMEOUT="1")
     started = time.monotonic()
-    response = call_model(app, chat_body(stream=True))
-    events = events_of(response)
+    text = ask(app, protocol, stream=True).get_data(as_text=True)
     assert time.monotonic() - started < 5  # not the 10 s of pings
-    assert json.loads(events[0])["choices"][0]["delta"] == {"content": "a"}
-    assert json.loads(events[1])["error"]["code"] == "timeout" and events[2:] == ["[DONE]"]
+    documents = sse_documents(text)
+    assert protocol.stream_text(documents) == "a"
+    assert protocol.stream_error(documents).startswith("The model did not answer in time")
+    assert protocol.ends_properly(text)
 
 
 @pytest.mark.slow
@@ -734,7 +701,7 @@ def test_a_trickling_iam_exchange_is_bounded_by_the_gateway_timeout(registry, ma
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "until-closed"])
-def test_an_answer_over_16_mib_fails_the_provider_for_the_next(registry, fake_upstream, declared):
+def test_an_answer_over_16_mib_fails_the_provider_for_the_next(registry, fake_upstream, protocol, declared):
     first, second, second_id = two_providers(registry, fake_upstream)
     big = b'{"object": "chat.completion", "choices": [], "pad": "' + b"z" * (17 * 1024 * 1024) + b'"}'
 
@@ -745,31 +712,29 @@ def test_an_answer_over_16_mib_fails_the_provider_for_the_next(registry, fake_up
             upstream.script = lambda handler, body: handler.trickle(big, 1024 * 1024, 0)
 
     answer_too_much(first)
-    response = call_model(registry, chat_body())
+    response = ask(registry, protocol)
     assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
     answer_too_much(second)
-    response = call_model(registry, chat_body())
-    assert response.status_code == 502 and "over 16 MiB" in response.get_json()["error"]["message"]
+    response = ask(registry, protocol)
+    assert response.status_code == 502 and "over 16 MiB" in protocol.error_message(response.get_json())
 
 
-def test_a_stream_line_without_end_fails_the_provider_for_the_next(registry, fake_upstream):
+def test_a_stream_line_without_end_fails_the_provider_for_the_next(registry, fake_upstream, protocol):
     first, second, second_id = two_providers(registry, fake_upstream)
     first.script = stream_of(b"data: ", *[b"x" * 65536] * 40)  # 2.5 MiB and no line end
-    response = call_model(registry, chat_body(stream=True))
+    response = ask(registry, protocol, stream=True)
     assert response.headers["X-Registry-Provider-Id"] == second_id
-    assert (
-        "".join(json.loads(event)["choices"][0]["delta"].get("content", "") for event in events_of(response)[:-1])
-        == "Hello!"
-    )
+    assert protocol.stream_text(stream_documents(response)) == "Hello!"
 
 
-def test_a_stream_line_without_end_after_the_first_chunk_is_an_error_event(registry, fake_upstream):
+def test_a_stream_line_without_end_after_the_first_chunk_is_an_error_event(registry, fake_upstream, protocol):
     upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     upstream.script = stream_of(openai_chunk({"content": "a"}), b"data: ", *[b"x" * 65536] * 40)
-    events = events_of(call_model(registry, chat_body(stream=True)))
-    assert len(events) == 3 and events[2] == "[DONE]"
-    assert "over 1048576 bytes" in json.loads(events[1])["error"]["message"]
+    text = ask(registry, protocol, stream=True).get_data(as_text=True)
+    documents = sse_documents(text)
+    assert protocol.stream_text(documents) == "a" and "over 1048576 bytes" in protocol.stream_error(documents)
+    assert protocol.ends_properly(text)
 
 
 KEY_AS_BASE64 = base64.b64encode(f"Bearer {MODEL_KEY}".encode()).decode()
@@ -828,17 +793,16 @@ def key_shows_in(text):
         "split-across-message-and-type",
     ],
 )
-def test_an_upstream_4xx_reaches_the_client_without_the_key_in_any_form(registry, fake_upstream, error_body):
+def test_an_upstream_4xx_reaches_the_client_without_the_key_in_any_form(registry, fake_upstream, protocol, error_body):
     upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     upstream.answer_with(400, error_body)
-    response = call_model(registry, chat_body())
-    error = response.get_json()["error"]
+    response = ask(registry, protocol)
     assert response.status_code == 400
     text = response.get_data(as_text=True)
     assert not key_shows_in(text)
-    assert len(error["message"]) <= 2000
-    assert all(isinstance(error[name], str | None) for name in ("type", "param", "code"))
+    assert len(protocol.error_message(response.get_json())) <= 2000
+    assert all(isinstance(value, str | None) for value in response.get_json()["error"].values())
 
 
 REFLECTED = f"You sent Authorization: Bearer {MODEL_KEY}."
@@ -999,12 +963,13 @@ def test_iam_expires_in_is_preferred_to_its_expiration(registry, make_app, fake_
     assert upstream.iam_exchanges == 1
 
 
-def test_a_stream_failing_before_its_first_chunk_goes_to_the_next_provider(registry, fake_upstream):
+def test_a_stream_failing_before_its_first_chunk_goes_to_the_next_provider(registry, fake_upstream, protocol):
     first, second, second_id = two_providers(registry, fake_upstream)
     first.script = stream_of(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
-    response = call_model(registry, chat_body(stream=True))
+    response = ask(registry, protocol, stream=True)
     assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
-    assert "error" not in response.get_data(as_text=True)
+    documents = stream_documents(response)
+    assert protocol.stream_text(documents) == "Hello!" and protocol.stream_error(documents) is None
 
 
 @pytest.mark.parametrize("chunks_first", [0, 1])
@@ -1033,11 +998,11 @@ def test_an_upstream_redirect_fails_the_provider_for_the_next(registry, fake_ups
     assert call_model(registry, chat_body()).status_code == 502
 
 
-def test_the_log_line_of_a_stream_carries_its_request_id_and_user(registry, fake_upstream, caplog):
+def test_the_log_line_of_a_stream_carries_its_request_id_and_user(registry, fake_upstream, protocol, caplog):
     register(registry, fake_upstream(api_key=MODEL_KEY))
     with caplog.at_level(logging.INFO, logger="gateway"):
-        call_model(registry, chat_body(stream=True), headers={"X-Request-ID": "stream-request-1"}).get_data()
-    [line] = [record for record in caplog.records if record.getMessage().startswith("gateway chat stream")]
+        ask(registry, protocol, stream=True, headers={"X-Request-ID": "stream-request-1"}).get_data()
+    [line] = [record for record in caplog.records if record.getMessage().startswith(f"gateway {protocol.kind} stream")]
     assert (line.request_id, line.user) == ("stream-request-1", CALLER)
 
 

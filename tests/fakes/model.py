@@ -79,9 +79,30 @@ def answer_to(question, pieces):
     return Answer(tuple(pieces), finish="stop_sequence" if stop_sequence else "stop", stop_sequence=stop_sequence)
 
 
+def last_text(body):
+    """The text of the body's last message (its text blocks, when it has blocks)."""
+    content = (body.get("messages") or [{}])[-1].get("content")
+    if isinstance(content, list):
+        return " ".join(block.get("text", "") for block in content if isinstance(block, dict))
+    return content if isinstance(content, str) else ""
+
+
+def knobs_of(body):
+    """A benchmark's knobs, `fake_pieces=N` and `fake_interval=S` among the words of the last
+    message: there they reach the fake through every protocol, where unknown fields do not."""
+    words = last_text(body).split()
+    return dict(word.split("=", 1) for word in words if word.startswith(("fake_pieces=", "fake_interval=")))
+
+
 def pieces_of(upstream, body):
-    """The upstream's pieces; `fake_pieces` in the body (a benchmark's) asks for that many."""
-    return ["tok "] * body["fake_pieces"] if "fake_pieces" in body else upstream.pieces
+    """The upstream's pieces; a benchmark's `fake_pieces` asks for that many."""
+    pieces = knobs_of(body).get("fake_pieces")
+    return ["tok "] * int(pieces) if pieces else upstream.pieces
+
+
+def interval_of(upstream, body):
+    """Seconds between a stream's chunks; a benchmark's `fake_interval` sets them."""
+    return float(knobs_of(body).get("fake_interval", upstream.chunk_interval))
 
 
 def argument_parts(arguments=TOOL_ARGUMENTS):

@@ -12,6 +12,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+from tests.fakes.model import interval_of
+
 
 class QuietServer(ThreadingHTTPServer):
     """Says nothing when a client went away mid-answer (the registry's timeout at work).
@@ -287,6 +289,6 @@ class FakeHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def stream(self, events, body):
-        """Answer with these SSE events, `chunk_interval` (or the body's `fake_interval`) apart."""
+        """Answer with these SSE events, `chunk_interval` (or a benchmark's `fake_interval`) apart."""
         self.start_stream()
-        self.send_events(events, body.get("fake_interval", self.upstream.chunk_interval))
+        self.send_events(events, interval_of(self.upstream, body))
