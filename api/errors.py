@@ -1,6 +1,7 @@
 """Every error envelope the service answers, built in one place: the RFC 9457 problem
-document, OpenAI's error body (the gateway's routes) and Anthropic's; and the handlers that
-map each exception the app raises to one of them."""
+document, OpenAI's error body (the gateway's /api/v1/openai/ routes) and Anthropic's (its
+/api/v1/anthropic/ routes); and the handlers that map each exception the app raises to one
+of them."""
 
 import logging
 
@@ -20,8 +21,10 @@ errors_bp = Blueprint("errors", __name__)
 log = logging.getLogger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
-# The gateway's routes answer errors in OpenAI's shape, so OpenAI clients raise their usual exceptions.
+# The gateway's routes answer errors in OpenAI's or Anthropic's shape, so that each protocol's
+# clients raise their usual exceptions.
 OPENAI_PATH_PREFIX = "/api/v1/openai/"
+ANTHROPIC_PATH_PREFIX = "/api/v1/anthropic/"
 OPENAI_ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
@@ -133,24 +136,55 @@ def anthropic_error_document(status, message):
     return {"type": "error", "error": {"type": error_type, "message": message}}
 
 
-def openai_error(status, message, code=None, param=None, error_type=None, headers=None):
-    document = openai_error_document(status, message, code, param, error_type)
+def json_answer(document, status, headers=None):
     return current_app.response_class(json.dumps(document), status=status, mimetype="application/json", headers=headers)
 
 
+def openai_error(status, message, code=None, param=None, error_type=None, headers=None):
+    return json_answer(openai_error_document(status, message, code, param, error_type), status, headers)
+
+
+def anthropic_error(status, message, headers=None):
+    return json_answer(anthropic_error_document(status, message), status, headers)
+
+
+def first_field_error(detail, errors):
+    """(the field, the detail naming it): a body that fails validation is a 400 about its
+    first field, as OpenAI and Anthropic answer it."""
+    field, messages = next(iter(errors.items()))
+    return field, f"{detail} {field}: {' '.join(messages)}"
+
+
 def openai_problem(status, detail, errors=None, headers=None):
-    """A problem under /api/v1/openai/ in OpenAI's shape; a body that fails validation is a 400
-    naming the first field, as OpenAI answers it."""
+    """A problem under /api/v1/openai/ in OpenAI's shape."""
     if errors:
-        field, messages = next(iter(errors.items()))
-        detail = f"{detail} {field}: {' '.join(messages)}"
+        field, detail = first_field_error(detail, errors)
         return openai_error(400, detail, param=field, headers=headers)
     return openai_error(status, detail, headers=headers)
 
 
+def anthropic_problem(status, detail, errors=None, headers=None):
+    """A problem under /api/v1/anthropic/ in Anthropic's shape."""
+    if errors:
+        return anthropic_error(400, first_field_error(detail, errors)[1], headers=headers)
+    return anthropic_error(status, detail, headers=headers)
+
+
+def gateway_prefix():
+    """The gateway prefix of the request's path (whose errors are in its protocol's shape), or None."""
+    if not has_request_context():
+        return None
+    return next(
+        (prefix for prefix in (OPENAI_PATH_PREFIX, ANTHROPIC_PATH_PREFIX) if request.path.startswith(prefix)), None
+    )
+
+
 def problem(status, detail, errors=None, headers=None):
-    if has_request_context() and request.path.startswith(OPENAI_PATH_PREFIX):
+    prefix = gateway_prefix()
+    if prefix == OPENAI_PATH_PREFIX:
         return openai_problem(status, detail, errors, headers)
+    if prefix == ANTHROPIC_PATH_PREFIX:
+        return anthropic_problem(status, detail, errors, headers)
     document = problem_document(status, detail, errors)
     return current_app.response_class(json.dumps(document), status=status, mimetype=PROBLEM_MEDIA_TYPE, headers=headers)
 
@@ -214,6 +248,8 @@ def upstream_error(error):
 
 @errors_bp.app_errorhandler(GatewayError)
 def gateway_error(error):
+    if gateway_prefix() == ANTHROPIC_PATH_PREFIX:
+        return anthropic_error(error.status, str(error), error.headers)
     return openai_error(error.status, str(error), error.code, error.param, error.error_type, error.headers)
 
 
