@@ -141,6 +141,16 @@ def test_the_jobs_process_is_started_again_when_it_dies_and_stops_with_the_serve
     assert f"the jobs process (pid: {first}) ended" in server.log()
 
 
+def test_a_reload_starts_a_new_jobs_process(start_gunicorn):
+    server = start_gunicorn(workers=1)
+    assert wait_for(lambda: len(server.jobs_pids()) == 1)
+    [before] = server.jobs_pids()
+    os.kill(server.process.pid, signal.SIGHUP)
+    assert wait_for(lambda: server.jobs_pids() not in ([], [before]))
+    assert not is_running(before)
+    assert f"the jobs process (pid: {before}) ended" not in server.log()  # a restart, not a crash
+
+
 def test_the_jobs_process_of_a_killed_server_ends_too(start_gunicorn):
     server = start_gunicorn(workers=1)
     assert wait_for(lambda: len(server.jobs_pids()) == 1)

@@ -27,6 +27,7 @@ REDACTED = "[redacted]"
 
 
 MAX_LISTING_BYTES = 4 * 1024 * 1024
+INLINE_JSON_BYTES = 64 * 1024  # parsed in well under a millisecond
 
 _client = None
 _client_lock = threading.Lock()
@@ -76,7 +77,12 @@ def json_of(text, parse_constant=None):
 
 
 def parse_json(body, parse_constant=None):
-    return off_the_hub(json_of, body, parse_constant)  # a few MiB of JSON is milliseconds of CPU
+    """The JSON document of an upstream's body: a large one parsed in a thread (a few MiB of
+    JSON is milliseconds of CPU, which would stall the worker's other connections), a small
+    one here, where the hand-off to a thread would cost more than the parse."""
+    if len(body) <= INLINE_JSON_BYTES:
+        return json_of(body, parse_constant)
+    return off_the_hub(json_of, body, parse_constant)
 
 
 def refuse_constant(name):
