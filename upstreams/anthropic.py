@@ -150,7 +150,8 @@ def system_and_turns(messages):
         if role in ("system", "developer"):
             system.append(text_of(message.get("content")))
         elif role == "user":
-            turns.append({"role": "user", "content": content_blocks(message.get("content"))})
+            content = message.get("content")
+            turns.append({"role": "user", "content": content if isinstance(content, str) else content_blocks(content)})
         elif role == "assistant":
             turns.append({"role": "assistant", "content": assistant_blocks(message)})
         elif role == "tool":
@@ -372,6 +373,8 @@ class StreamTranslation:
         if delta.get("type") == "input_json_delta" and isinstance(delta.get("partial_json"), str):
             if index not in self.tool_numbers:
                 raise self.shape_error("content_block_delta")
+            if not delta["partial_json"]:
+                return [], None
             part = {"index": self.tool_numbers[index], "function": {"arguments": delta["partial_json"]}}
             return self.choice({"tool_calls": [part]}), None
         if delta.get("type") in ("text_delta", "input_json_delta"):
