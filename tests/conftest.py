@@ -11,7 +11,9 @@ for running for seconds in-process.
 
 import base64
 import glob
+import io
 import itertools
+import logging
 import os
 import shlex
 import shutil
@@ -19,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -26,6 +29,7 @@ import pytest
 import sqlalchemy as sa
 from flask_migrate import upgrade
 from werkzeug.security import generate_password_hash
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from app import create_app
 from models import User, db
@@ -364,6 +368,53 @@ class Gunicorn:
         if self.process.poll() is None:
             os.killpg(self.process.pid, sig)
             self.process.wait(timeout=30)
+
+
+class QuietRequestHandler(WSGIRequestHandler):
+    def log_request(self, *args):
+        pass  # the app logs its own requests
+
+
+class InProcessServer:
+    """The real app served over real HTTP by a threaded server in this process: real sockets
+    for real clients, without gunicorn's start-up cost, for tests about what the app answers
+    rather than about gunicorn. `log()` is what the app logged meanwhile."""
+
+    def __init__(self, app):
+        self.server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=QuietRequestHandler)
+        self.base_url = f"http://127.0.0.1:{self.server.port}"
+        self.logged = io.StringIO()
+        self.log_handler = logging.StreamHandler(self.logged)
+        self.log_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+        logging.getLogger().addHandler(self.log_handler)
+        serving = {"target": self.server.serve_forever, "kwargs": {"poll_interval": 0.02}}  # a prompt shutdown
+        self.thread = threading.Thread(**serving, name="in-process-server", daemon=True)
+        self.thread.start()
+
+    def client(self, role):
+        return httpx.Client(base_url=self.base_url, auth=(role, PASSWORDS[role]), timeout=30)
+
+    def log(self):
+        return self.logged.getvalue()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        logging.getLogger().removeHandler(self.log_handler)
+
+
+@pytest.fixture
+def serve():
+    """Serve an app over HTTP in this process: serve(app) -> its InProcessServer."""
+    servers = []
+
+    def start(app):
+        servers.append(InProcessServer(app))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
 
 
 @pytest.fixture

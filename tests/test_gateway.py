@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from models import ModelProvider, db
 from tests.conftest import PASSWORDS, basic_auth, client_as, provider_body
 from tests.fake_model_servers import USAGE
-from tests.test_metrics import parse, value
+from tests.test_metrics import delta, parse
 
 PROVIDERS = "/api/v1/model_providers"
 MODEL_KEY = "sk-model-key-SECRET-4242"
@@ -38,27 +38,19 @@ def registry(make_app):
 
 
 @pytest.fixture
-def gateway(start_gunicorn, registry):
-    """gunicorn serving the registry, with `caller_token`, an API token of role caller, as
-    agents hold; `gateway(iam=server)` points watsonx at a fake IAM. The OpenAI clients of
-    its servers are closed first at the end: gunicorn's graceful stop waits on their idle
-    keep-alive connections."""
-    servers = []
+def gateway(serve, make_app, registry):
+    """The registry served over HTTP (in this process), with `caller_token`, an API token of
+    role caller, as agents hold; `gateway(iam=server)` points watsonx at a fake IAM; other
+    keyword arguments are settings."""
 
     def start(iam=None, **overrides):
         if iam is not None:
             overrides["REGISTRY_WATSONX_IAM_URL"] = iam.iam_url
-        server = start_gunicorn(workers=1, **overrides)
+        server = serve(make_app(**overrides))
         server.caller_token = token_of(registry, "caller")
-        server.openai_clients = []
-        servers.append(server)
         return server
 
-    yield start
-    for server in servers:
-        for client in server.openai_clients:
-            if isinstance(client, openai.OpenAI):  # an async client's connections ended with its event loop
-                client.close()
+    return start
 
 
 def token_of(registry, role):
@@ -93,7 +85,6 @@ def openai_client(server, api_key=None, client_class=openai.OpenAI):
     client = client_class(
         base_url=f"{server.base_url}/api/v1/openai", api_key=api_key or server.caller_token, max_retries=0, timeout=30
     )
-    server.openai_clients.append(client)
     return client
 
 
@@ -558,6 +549,7 @@ def test_a_client_that_goes_away_ends_the_upstream_stream(registry, gateway, mod
     assert upstream.streams_cut_by_client == 1
 
 
+@pytest.mark.slow
 def test_chunks_are_relayed_as_they_arrive(registry, gateway, model_server):
     upstream = model_server(api_key=MODEL_KEY)
     upstream.pieces = ["a", "b", "c"]
@@ -617,16 +609,18 @@ def test_each_call_is_counted_in_the_metrics(registry, gateway, model_server):
     register(registry, model_server(api_key=MODEL_KEY))
     server = gateway()
     client = openai_client(server)
+    before = parse(httpx.get(f"{server.base_url}/metrics").text)
     streamed(client, stream_options={"include_usage": True})
     with pytest.raises(openai.NotFoundError):
         chat(client, "openai:no-such-model")
-    samples = parse(httpx.get(f"{server.base_url}/metrics").text)
+    after = parse(httpx.get(f"{server.base_url}/metrics").text)
     labels = {"type": "openai", "model": "openai:gpt-4o"}
-    assert value(samples, "registry_gateway_requests_total", **labels, outcome="ok") == 1
-    assert value(samples, "registry_gateway_tokens_total", **labels, kind="completion") == USAGE["completion_tokens"]
-    assert value(samples, "registry_gateway_time_to_first_chunk_seconds_count", **labels) == 1
+    assert delta(before, after, "registry_gateway_requests_total", **labels, outcome="ok") == 1
+    completion_tokens = delta(before, after, "registry_gateway_tokens_total", **labels, kind="completion")
+    assert completion_tokens == USAGE["completion_tokens"]
+    assert delta(before, after, "registry_gateway_time_to_first_chunk_seconds_count", **labels) == 1
     unknown = {"type": "openai", "model": "unknown", "outcome": "not_found"}
-    assert value(samples, "registry_gateway_requests_total", **unknown) == 1
+    assert delta(before, after, "registry_gateway_requests_total", **unknown) == 1
 
 
 # Hostile upstreams (driven in process: the real app, its real HTTP calls to fake upstreams) ---

@@ -69,7 +69,7 @@ class IamTokens:
     """
 
     def __init__(self):
-        self._tokens = {}  # key digest -> (token, renew_at)
+        self._tokens = {}  # key_digest -> (token, renew_at)
         self._exchanges = {}  # key digest -> lock held while its token is exchanged
         self._lock = threading.Lock()
 
@@ -104,7 +104,10 @@ class IamTokens:
 
 
 def key_digest(target):
-    return hashlib.sha256(target.api_key.encode()).digest()
+    """What a token is kept under: the key and the IAM service that exchanged it (a token of
+    one IAM is worth nothing at another, as when two registries with different IAM URLs share
+    a process)."""
+    return hashlib.sha256(f"{target.watsonx_iam_url}\0{target.api_key}".encode()).digest()
 
 
 iam_tokens = IamTokens()
