@@ -607,8 +607,16 @@ class BlockContent(fields.Field):
     """A string, or a list of content blocks, each checked by the schema of its type in
     `schemas` (a block of another type is kept as sent, or refused with `only_known`)."""
 
-    def __init__(self, schemas, only_known=False, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, schemas, only_known=False, metadata=None, **kwargs):
+        block = {
+            "type": "object",
+            "required": ["type"],
+            "properties": {"type": {"type": "string", "enum": list(schemas)}},
+        }
+        if not only_known:
+            block["properties"]["type"].pop("enum")
+        content = {"oneOf": [{"type": "string"}, {"type": "array", "items": block}]}
+        super().__init__(metadata={**content, **(metadata or {})}, **kwargs)
         self.schemas = schemas
         self.only_known = only_known
 

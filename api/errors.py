@@ -94,6 +94,21 @@ OPENAI_ERROR_SCHEMA = {
 }
 
 
+ANTHROPIC_ERROR_SCHEMA = {
+    "type": "object",
+    "description": "Anthropic's error shape, answered under /api/v1/anthropic/ so its clients raise their usual errors",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"type": "string", "enum": ["error"]},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
+
+
 class GatewayError(Exception):
     """A gateway call that cannot be answered with a model's answer, in OpenAI's terms."""
 

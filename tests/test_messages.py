@@ -16,7 +16,7 @@ from tests.conftest import PASSWORDS, basic_auth, client_as
 from tests.fakes.model import TOOL_ARGUMENTS, USAGE
 from tests.fakes.server import sse_event
 from tests.test_gateway import CALLER, MODEL_KEY, register, register_watsonx, set_state, token_of
-from tests.test_metrics import parse, value
+from tests.test_metrics import delta, parse
 
 # The gateway's fixtures: the app that registers providers, and gunicorn serving it.
 registry = test_gateway.registry
@@ -148,6 +148,7 @@ def tool_result_sent(upstream, flavor):
 def test_the_anthropic_client_round_trips_a_tool_call(registry, gateway, fake_upstream, flavor):
     upstream, model, provider_id = provider_of(registry, fake_upstream, flavor)
     server = gateway(iam=upstream)
+    before = parse(httpx.get(f"{server.base_url}/metrics").text)
     with anthropic_client(server) as client:
         raw = client.messages.with_raw_response.create(model=model, max_tokens=100, messages=[QUESTION])
         assert raw.headers["X-Registry-Provider-Id"] == provider_id and raw.parse().content[0].text == "Hello!"
@@ -156,12 +157,11 @@ def test_the_anthropic_client_round_trips_a_tool_call(registry, gateway, fake_up
         asked, answer, text = streamed_round_trip(client, model)
         assert_tool_round_trip(asked, answer, model)
         assert text == "Hello!"
-    samples = parse(httpx.get(f"{server.base_url}/metrics").text)
+    after = parse(httpx.get(f"{server.base_url}/metrics").text)
     labels = {"type": flavor, "model": model}
-    assert value(samples, "registry_gateway_requests_total", **labels, outcome="ok") == 5
-    assert (
-        value(samples, "registry_gateway_tokens_total", **labels, kind="completion") == 5 * USAGE["completion_tokens"]
-    )
+    assert delta(before, after, "registry_gateway_requests_total", **labels, outcome="ok") == 5
+    completion_tokens = delta(before, after, "registry_gateway_tokens_total", **labels, kind="completion")
+    assert completion_tokens == 5 * USAGE["completion_tokens"]
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
