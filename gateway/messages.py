@@ -14,7 +14,7 @@ import uuid
 from api.errors import anthropic_error_document
 from gateway.call import ChatRequest, NativeBody
 from gateway.stream import sse
-from upstreams.anthropic import NATIVE, NATIVE_PROTOCOL
+from upstreams.anthropic import EMPTY_INPUT_SCHEMA, NATIVE, NATIVE_PROTOCOL
 
 STOP_REASONS = {
     "length": "max_tokens",
@@ -31,11 +31,11 @@ NATIVE_HEADERS = ("anthropic-beta",)
 # The Messages body as the canonical request ---------------------------------------------------
 
 
-def text_of(content, separator="\n\n"):
-    """A string, or the text of its text blocks."""
+def text_of(content):
+    """A string, or the text of its text blocks, a blank line apart."""
     if isinstance(content, str):
         return content
-    return separator.join(block["text"] for block in content or () if block["type"] == "text")
+    return "\n\n".join(block["text"] for block in content or () if block["type"] == "text")
 
 
 def image_part(block):
@@ -83,7 +83,7 @@ def user_messages(content):
 def assistant_message(content):
     if isinstance(content, str):
         return {"role": "assistant", "content": content}
-    text = text_of(content, "")
+    text = text_of(content)
     tool_calls = [
         {
             "id": block["id"],
@@ -122,7 +122,7 @@ def openai_tools(tools):
             "function": {
                 "name": tool["name"],
                 **({"description": tool["description"]} if "description" in tool else {}),
-                "parameters": tool.get("input_schema") or {"type": "object", "properties": {}},
+                "parameters": tool.get("input_schema") or EMPTY_INPUT_SCHEMA,
             },
         }
         for tool in tools
@@ -198,7 +198,7 @@ def stop_of(choice, stop_sequences):
     """(stop_reason, stop_sequence) of a choice: a finish by `stop` is a stop sequence's only
     when the upstream names which one (as vLLM's `stop_reason` does)."""
     finish_reason = choice.get("finish_reason")
-    if finish_reason in STOP_REASONS:
+    if isinstance(finish_reason, str) and finish_reason in STOP_REASONS:
         return STOP_REASONS[finish_reason], None
     matched = choice.get("stop_reason")
     if isinstance(matched, str) and matched in stop_sequences:
@@ -222,10 +222,8 @@ def message_of(completion, body):
         return {**completion[NATIVE], "model": completion["model"]}
     choice = first_choice(completion)
     chat_message = object_in(choice, "message")
-    content = (
-        [{"type": "text", "text": chat_message["content"]}] if isinstance(chat_message.get("content"), str) else []
-    )
-    content = [block for block in content if block["text"]]
+    text = chat_message.get("content")
+    content = [{"type": "text", "text": text}] if isinstance(text, str) and text else []
     tool_calls = chat_message.get("tool_calls")
     if isinstance(tool_calls, list):
         content += [tool_use_block(tool_call) for tool_call in tool_calls if isinstance(tool_call, dict)]

@@ -302,7 +302,8 @@ def completion_of(message, model):
 
 
 def finish_reason_of(message_or_delta):
-    return FINISH_REASONS.get(message_or_delta.get("stop_reason"), "stop")
+    stop_reason = message_or_delta.get("stop_reason")
+    return FINISH_REASONS.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
 
 
 class StreamTranslation:
