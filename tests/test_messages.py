@@ -91,6 +91,30 @@ def last_call(upstream):
     return upstream.calls[-1]
 
 
+def claude_message(**fields):
+    """A message as Anthropic answers it, or starts a stream with."""
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": MODELS["anthropic"], "content": []}
+    return {
+        **message,
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 7, "output_tokens": 1},
+        **fields,
+    }
+
+
+def answering_events(upstream, events):
+    """The upstream answers every call with a stream of these events (documents)."""
+    upstream.script = lambda handler, body: handler.stream(
+        [sse_event(event, event.get("type")) for event in events], body
+    )
+
+
+def second_anthropic_provider(registry, fake_upstream, first):
+    """The id of a second provider of the first's model, tried after it."""
+    return register(registry, fake_upstream("anthropic", api_key=first.api_key, models=[MODELS["anthropic"]]))
+
+
 # The anthropic client, through gunicorn ----------------------------------------------------
 
 
@@ -575,15 +599,7 @@ def test_a_stream_is_anthropics_event_sequence(registry, make_app, fake_upstream
 
 def test_an_anthropic_stream_is_relayed_as_it_came_with_the_registry_model_id(registry, fake_upstream):
     upstream, model, _ = provider_of(registry, fake_upstream, "anthropic")
-    usage = {"input_tokens": 7, "output_tokens": 1, "cache_read_input_tokens": 3}
-    start = {
-        "id": "msg_1",
-        "type": "message",
-        "role": "assistant",
-        "model": "claude-sonnet-4",
-        "content": [],
-        "usage": usage,
-    }
+    start = claude_message(usage={"input_tokens": 7, "output_tokens": 1, "cache_read_input_tokens": 3})
     upstream_events = [
         {"type": "message_start", "message": start},
         {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}},
@@ -601,9 +617,7 @@ def test_an_anthropic_stream_is_relayed_as_it_came_with_the_registry_model_id(re
         },
         {"type": "message_stop"},
     ]
-    upstream.script = lambda handler, body: handler.stream(
-        (sse_event(event, event["type"]) for event in upstream_events), body
-    )
+    answering_events(upstream, upstream_events)
     events = events_of(post_messages(registry, messages_body(model, stream=True)))
     expected = [{**upstream_events[0], "message": {**start, "model": model}}, *upstream_events[1:]]
     assert [document for _, document in events] == expected
@@ -611,16 +625,11 @@ def test_an_anthropic_stream_is_relayed_as_it_came_with_the_registry_model_id(re
 
 def test_an_anthropic_message_is_relayed_as_it_came_with_the_registry_model_id(registry, fake_upstream):
     upstream, model, _ = provider_of(registry, fake_upstream, "anthropic")
-    answer = {
-        "id": "msg_1",
-        "type": "message",
-        "role": "assistant",
-        "model": "claude-sonnet-4",
-        "content": [{"type": "thinking", "thinking": "Hm.", "signature": "sig"}, {"type": "text", "text": "Hi"}],
-        "stop_reason": "end_turn",
-        "stop_sequence": None,
-        "usage": {"input_tokens": 7, "output_tokens": 4, "cache_read_input_tokens": 3},
-    }
+    answer = claude_message(
+        content=[{"type": "thinking", "thinking": "Hm.", "signature": "sig"}, {"type": "text", "text": "Hi"}],
+        stop_reason="end_turn",
+        usage={"input_tokens": 7, "output_tokens": 4, "cache_read_input_tokens": 3},
+    )
     upstream.answer_with(200, answer)
     assert post_messages(registry, messages_body(model)).get_json() == {**answer, "model": model}
 
@@ -763,8 +772,7 @@ def test_a_chat_anthropic_cannot_take_is_400_before_it_is_sent(registry, fake_up
 )
 def test_a_message_of_the_wrong_shape_fails_the_provider_for_the_next(registry, fake_upstream, answer):
     first, _, _ = provider_of(registry, fake_upstream, "anthropic")
-    second = fake_upstream("anthropic", api_key=first.api_key, models=[MODELS["anthropic"]])
-    second_id = register(registry, second)
+    second_id = second_anthropic_provider(registry, fake_upstream, first)
     first.answer_with(200, answer)
     response = chat_completion(registry)
     assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
@@ -784,9 +792,8 @@ def test_a_message_of_the_wrong_shape_fails_the_provider_for_the_next(registry, 
 )
 def test_a_stream_failing_before_its_first_chunk_goes_to_the_next_provider(registry, fake_upstream, bad_event):
     first, _, _ = provider_of(registry, fake_upstream, "anthropic")
-    second = fake_upstream("anthropic", api_key=first.api_key, models=[MODELS["anthropic"]])
-    second_id = register(registry, second)
-    first.script = lambda handler, body: handler.stream([sse_event(bad_event, "x")], body)
+    second_id = second_anthropic_provider(registry, fake_upstream, first)
+    answering_events(first, [bad_event])
     response = chat_completion(registry, stream=True)
     assert response.headers["X-Registry-Provider-Id"] == second_id
     assert response.get_data(as_text=True).endswith("data: [DONE]\n\n")
@@ -794,16 +801,8 @@ def test_a_stream_failing_before_its_first_chunk_goes_to_the_next_provider(regis
 
 def test_an_anthropic_error_event_mid_stream_is_relayed_without_the_key(registry, fake_upstream):
     upstream, _, _ = provider_of(registry, fake_upstream, "anthropic")
-    start = {
-        "id": "msg_1",
-        "type": "message",
-        "role": "assistant",
-        "content": [],
-        "usage": {"input_tokens": 1, "output_tokens": 0},
-    }
     error = {"type": "error", "error": {"type": "overloaded_error", "message": f"Overloaded for {upstream.api_key}"}}
-    events = [sse_event({"type": "message_start", "message": start}), sse_event(error, "error")]
-    upstream.script = lambda handler, body: handler.stream(events, body)
+    answering_events(upstream, [{"type": "message_start", "message": claude_message()}, error])
     text = chat_completion(registry, stream=True).get_data(as_text=True)
     assert "Overloaded for" in text and upstream.api_key not in text
     assert text.endswith("data: [DONE]\n\n")
