@@ -776,6 +776,7 @@ def test_a_message_of_the_wrong_shape_fails_the_provider_for_the_next(registry, 
     first.answer_with(200, answer)
     response = chat_completion(registry)
     assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
+    assert last_call(first)[0] == "/v1/messages"
 
 
 @pytest.mark.parametrize(
@@ -795,7 +796,7 @@ def test_a_stream_failing_before_its_first_chunk_goes_to_the_next_provider(regis
     second_id = second_anthropic_provider(registry, fake_upstream, first)
     answering_events(first, [bad_event])
     response = chat_completion(registry, stream=True)
-    assert response.headers["X-Registry-Provider-Id"] == second_id
+    assert response.headers["X-Registry-Provider-Id"] == second_id and last_call(first)[0] == "/v1/messages"
     assert response.get_data(as_text=True).endswith("data: [DONE]\n\n")
 
 
@@ -809,8 +810,9 @@ def test_an_anthropic_error_event_mid_stream_is_relayed_without_the_key(registry
 
 
 def test_a_chat_stream_from_anthropic_has_openais_chunks_and_usage(registry, fake_upstream):
-    provider_of(registry, fake_upstream, "anthropic")
+    upstream, _, _ = provider_of(registry, fake_upstream, "anthropic")
     response = chat_completion(registry, stream=True, stream_options={"include_usage": True})
+    assert last_call(upstream)[0] == "/v1/messages"
     chunks = [json.loads(event.removeprefix("data: ")) for event in response.get_data(as_text=True).split("\n\n")[:-2]]
     assert {chunk["model"] for chunk in chunks} == {"anthropic:claude-sonnet-4"}
     assert (
