@@ -733,6 +733,13 @@ def test_a_chat_completion_reaches_anthropic_in_its_own_format(registry, fake_up
     }
 
 
+@pytest.mark.parametrize("response_format", [{"type": "json_object"}, {"type": "json_schema", "json_schema": "x"}])
+def test_a_response_format_without_a_schema_has_no_equivalent(registry, fake_upstream, response_format):
+    upstream, _, _ = provider_of(registry, fake_upstream, "anthropic")
+    assert chat_completion(registry, response_format=response_format).status_code == 200
+    assert "output_config" not in last_call(upstream)[2]
+
+
 def test_anthropic_requires_max_tokens_so_a_chat_without_one_gets_the_default(registry, fake_upstream):
     upstream, _, _ = provider_of(registry, fake_upstream, "anthropic")
     assert chat_completion(registry).status_code == 200
@@ -740,20 +747,29 @@ def test_anthropic_requires_max_tokens_so_a_chat_without_one_gets_the_default(re
 
 
 @pytest.mark.parametrize(
-    "messages",
+    "fields",
     [
-        [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}],
-        [{"role": "user", "content": [{"type": "text", "text": 5}]}],
-        [{"role": "user", "content": 5}],
-        [{"role": "function", "content": "x"}],
-        [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "not json"}}]}],
-        [{"role": "assistant", "tool_calls": "all of them"}],
-        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}],
+        {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+        {"messages": [{"role": "user", "content": 5}]},
+        {"messages": [{"role": "function", "content": "x"}]},
+        {
+            "messages": [
+                {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "not json"}}]}
+            ]
+        },
+        {"messages": [{"role": "assistant", "tool_calls": "all of them"}]},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}]},
+        {"tools": [{"type": "function", "function": "get_weather"}]},
+        {"tools": "all of them"},
+        {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"function": {"name": 5}}},
+        {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"function": [1]}},
+        {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": 5},
     ],
 )
-def test_a_chat_anthropic_cannot_take_is_400_before_it_is_sent(registry, fake_upstream, messages):
+def test_a_chat_anthropic_cannot_take_is_400_before_it_is_sent(registry, fake_upstream, fields):
     upstream, _, _ = provider_of(registry, fake_upstream, "anthropic")
-    response = chat_completion(registry, messages=messages)
+    response = chat_completion(registry, **fields)
     assert response.status_code == 400 and response.get_json()["error"]["type"] == "invalid_request_error"
     assert upstream.calls == []
 

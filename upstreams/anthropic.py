@@ -110,7 +110,8 @@ def content_blocks(content):
     return blocks
 
 
-def tool_use_block(tool_call):
+def anthropic_tool_use(tool_call):
+    """An assistant's tool call as Anthropic's tool_use block."""
     function = tool_call.get("function") if isinstance(tool_call, dict) else None
     if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
         raise refused("An assistant's tool call needs its function's `name`.")
@@ -129,7 +130,7 @@ def assistant_blocks(message):
     tool_calls = message.get("tool_calls") or []
     if not isinstance(tool_calls, list):
         raise refused("An assistant's `tool_calls` is a list.")
-    return blocks + [tool_use_block(tool_call) for tool_call in tool_calls]
+    return blocks + [anthropic_tool_use(tool_call) for tool_call in tool_calls]
 
 
 def tool_result_block(message):
@@ -144,7 +145,7 @@ def tool_result_block(message):
 def system_and_turns(messages):
     """(the system text, the conversation's turns): system and developer messages, wherever
     they are, make the system text; a run of tool results is one user turn."""
-    system, turns = [], []
+    system, turns, previous_role = [], [], None
     for message in messages:
         role = message.get("role")
         if role in ("system", "developer"):
@@ -154,15 +155,13 @@ def system_and_turns(messages):
             turns.append({"role": "user", "content": content if isinstance(content, str) else content_blocks(content)})
         elif role == "assistant":
             turns.append({"role": "assistant", "content": assistant_blocks(message)})
+        elif role == "tool" and previous_role == "tool":
+            turns[-1]["content"].append(tool_result_block(message))
         elif role == "tool":
-            if turns and turns[-1].get("tool_results"):
-                turns[-1]["content"].append(tool_result_block(message))
-            else:
-                turns.append({"role": "user", "content": [tool_result_block(message)], "tool_results": True})
+            turns.append({"role": "user", "content": [tool_result_block(message)]})
         else:
             raise refused(f"Anthropic models take messages of role system, user, assistant or tool, not {role!r:.40}.")
-    for turn in turns:
-        turn.pop("tool_results", None)
+        previous_role = role
     return "\n\n".join(text for text in system if text), turns
 
 
@@ -188,7 +187,9 @@ def anthropic_tool_choice(choice, parallel_tool_calls):
         anthropic = {"type": "auto"} if parallel_tool_calls is False else None
     elif isinstance(choice, str) and choice in named:
         anthropic = dict(named[choice])
-    elif isinstance(choice, dict) and isinstance((choice.get("function") or {}).get("name"), str):
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict) and "name" in choice["function"]:
+        if not isinstance(choice["function"]["name"], str):
+            raise refused("`tool_choice` names its function by a string.", "tool_choice")
         anthropic = {"type": "tool", "name": choice["function"]["name"]}
     else:
         raise refused("`tool_choice` is auto, required, none or a function to call.", "tool_choice")
@@ -202,7 +203,8 @@ def output_config(response_format):
     no equivalent (a JSON object without a schema is asked for in the prompt)."""
     if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
         return None
-    schema = (response_format.get("json_schema") or {}).get("schema")
+    json_schema = response_format.get("json_schema")
+    schema = json_schema.get("schema") if isinstance(json_schema, dict) else None
     return {"format": {"type": "json_schema", "schema": schema}} if isinstance(schema, dict) else None
 
 
