@@ -34,8 +34,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from app import create_app
 from models import User, db
 from tests.fake_model_servers import FakeModelServer
-from tests.fake_upstreams import BlackHole
-from tests.fakes import FakeUpstream
+from tests.fake_upstreams import BlackHole, FakeUpstream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASSWORDS = {"admin": "admin-pass-1", "service": "service-pass-1", "reader": "reader-pass-1"}
