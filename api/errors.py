@@ -185,21 +185,21 @@ def anthropic_problem(status, detail, errors=None, headers=None):
     return anthropic_error(status, detail, headers=headers)
 
 
+# The gateway's prefixes, each answering problems in its protocol's shape.
+GATEWAY_PROBLEMS = {OPENAI_PATH_PREFIX: openai_problem, ANTHROPIC_PATH_PREFIX: anthropic_problem}
+
+
 def gateway_prefix():
-    """The gateway prefix of the request's path (whose errors are in its protocol's shape), or None."""
+    """The gateway prefix the request's path is under, or None."""
     if not has_request_context():
         return None
-    return next(
-        (prefix for prefix in (OPENAI_PATH_PREFIX, ANTHROPIC_PATH_PREFIX) if request.path.startswith(prefix)), None
-    )
+    return next((prefix for prefix in GATEWAY_PROBLEMS if request.path.startswith(prefix)), None)
 
 
 def problem(status, detail, errors=None, headers=None):
     prefix = gateway_prefix()
-    if prefix == OPENAI_PATH_PREFIX:
-        return openai_problem(status, detail, errors, headers)
-    if prefix == ANTHROPIC_PATH_PREFIX:
-        return anthropic_problem(status, detail, errors, headers)
+    if prefix:
+        return GATEWAY_PROBLEMS[prefix](status, detail, errors, headers)
     document = problem_document(status, detail, errors)
     return current_app.response_class(json.dumps(document), status=status, mimetype=PROBLEM_MEDIA_TYPE, headers=headers)
 
