@@ -12,15 +12,23 @@ import openai
 import pytest
 
 from tests import test_gateway
-from tests.conftest import PASSWORDS, basic_auth, client_as
+from tests.conftest import PASSWORDS, basic_auth, client_as, started_servers
+from tests.fakes import FakeUpstream
 from tests.fakes.model import TOOL_ARGUMENTS, USAGE
 from tests.fakes.server import sse_event
 from tests.test_gateway import CALLER, MODEL_KEY, register, register_watsonx, set_state, token_of
 from tests.test_metrics import delta, parse
 
-# The gateway's fixtures: the app that registers providers, and gunicorn serving it.
+# The gateway's fixtures: the app that registers providers, and the registry served over HTTP.
 registry = test_gateway.registry
 gateway = test_gateway.gateway
+
+
+@pytest.fixture
+def fake_upstream():
+    """Fake upstreams that serve model calls in each format (tests/fakes/), streams included."""
+    yield from started_servers(FakeUpstream)
+
 
 MESSAGES = "/api/v1/anthropic/v1/messages"
 MODELS = {"openai": "gpt-4o", "watsonx": "ibm/granite-3-8b-instruct", "anthropic": "claude-sonnet-4"}
