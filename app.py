@@ -19,6 +19,7 @@ from api.providers import providers_bp
 from api.registry import registry_bp
 from api.tokens import tokens_bp
 from catalog.manifests import ManifestVariables, sync_on_schedule
+from gateway.anthropic import anthropic_bp
 from gateway.openai import openai_bp
 from jobs.prober import probe_all
 from jobs.scheduler import Scheduler
@@ -228,6 +229,7 @@ def create_app(settings=None, environ=None):
     app.register_blueprint(providers_bp, url_prefix="/api/v1")
     app.register_blueprint(configurations_bp, url_prefix="/api/v1")
     app.register_blueprint(openai_bp, url_prefix="/api/v1")
+    app.register_blueprint(anthropic_bp, url_prefix="/api/v1")
     app.register_blueprint(registry_bp, url_prefix="/api/v1")
     app.register_blueprint(tokens_bp, url_prefix="/api/v1")
     app.register_blueprint(audit_bp, url_prefix="/api/v1")

@@ -632,6 +632,175 @@ class EmbeddingsSchema(OpenAIAnswerSchema):
     usage = fields.Dict(allow_none=True)
 
 
+class ContentBlockSchema(ma.Schema):
+    """An Anthropic content block: the fields the registry reads are checked, others kept."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    type = fields.String(required=True)
+
+
+class TextBlockSchema(ContentBlockSchema):
+    text = fields.String(required=True)
+
+
+class ImageSourceSchema(ma.Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    type = fields.String(required=True, validate=OneOf(["base64", "url"]))
+    media_type = fields.String()
+    data = fields.String()
+    url = fields.String()
+
+    @validates_schema
+    def check_source_fields(self, source, **kwargs):
+        needed = ("media_type", "data") if source["type"] == "base64" else ("url",)
+        missing = [name for name in needed if name not in source]
+        if missing:
+            raise ValidationError({name: ["Missing data for required field."] for name in missing})
+
+
+class ImageBlockSchema(ContentBlockSchema):
+    source = fields.Nested(ImageSourceSchema, required=True)
+
+
+class ToolUseBlockSchema(ContentBlockSchema):
+    id = fields.String(required=True)
+    name = fields.String(required=True)
+    input = fields.Dict(required=True)
+
+
+class BlockContent(fields.Field):
+    """A string, or a list of content blocks, each checked by the schema of its type in
+    `schemas` (a block of another type is kept as sent, or refused with `only_known`)."""
+
+    def __init__(self, schemas, only_known=False, metadata=None, **kwargs):
+        block = {
+            "type": "object",
+            "required": ["type"],
+            "properties": {"type": {"type": "string", "enum": list(schemas)}},
+        }
+        if not only_known:
+            block["properties"]["type"].pop("enum")
+        content = {"oneOf": [{"type": "string"}, {"type": "array", "items": block}]}
+        super().__init__(metadata={**content, **(metadata or {})}, **kwargs)
+        self.schemas = schemas
+        self.only_known = only_known
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValidationError("Must be a string or a list of content blocks.")
+        blocks, errors = [], {}
+        for index, block in enumerate(value):
+            try:
+                blocks.append(self.block(block))
+            except ValidationError as error:
+                errors[index] = error.messages
+        if errors:
+            raise ValidationError(errors)
+        return blocks
+
+    def block(self, block):
+        if not (isinstance(block, dict) and isinstance(block.get("type"), str)):
+            raise ValidationError("Must be a content block: an object with a `type`.")
+        schema = self.schemas.get(block["type"])
+        if schema is None and self.only_known:
+            raise ValidationError(f"Must be a block of type {' or '.join(self.schemas)}.")
+        return schema().load(block) if schema else block
+
+
+# The blocks of a tool's result, and of a system prompt: none nests further.
+RESULT_BLOCKS = {"text": TextBlockSchema, "image": ImageBlockSchema}
+
+
+class ToolResultBlockSchema(ContentBlockSchema):
+    tool_use_id = fields.String(required=True)
+    content = BlockContent(RESULT_BLOCKS)
+    is_error = fields.Boolean()
+
+
+MESSAGE_BLOCKS = {**RESULT_BLOCKS, "tool_use": ToolUseBlockSchema, "tool_result": ToolResultBlockSchema}
+
+
+class AnthropicMessageSchema(ma.Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    role = fields.String(
+        required=True,
+        validate=OneOf(["user", "assistant", "system"]),
+        metadata={"description": "A system message is taken as system text at that point of the conversation"},
+    )
+    content = BlockContent(
+        MESSAGE_BLOCKS,
+        required=True,
+        metadata={"description": "A string, or text, image, tool_use, tool_result blocks"},
+    )
+
+
+class AnthropicToolSchema(ma.Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    name = fields.String(required=True)
+    description = fields.String()
+    input_schema = fields.Dict()
+    type = fields.String(metadata={"description": "Anthropic's server tools reach only Anthropic upstreams"})
+
+
+class AnthropicToolChoiceSchema(ma.Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    type = fields.String(required=True, validate=OneOf(["auto", "any", "tool", "none"]))
+    name = fields.String()
+    disable_parallel_tool_use = fields.Boolean()
+
+    @validates_schema
+    def check_tool_name(self, choice, **kwargs):
+        if choice["type"] == "tool" and "name" not in choice:
+            raise ValidationError({"name": ["A tool choice of type tool names the tool."]})
+
+
+class MessagesRequestSchema(GatewayRequestSchema):
+    """Anthropic's Messages body: the fields the registry reads are checked; every other field
+    (cache_control, thinking, context_management, ...) reaches Anthropic upstreams as sent."""
+
+    max_tokens = fields.Integer(required=True, strict=True, validate=Range(min=1))
+    messages = fields.List(fields.Nested(AnthropicMessageSchema), required=True, validate=Length(min=1))
+    system = BlockContent(
+        {"text": TextBlockSchema}, only_known=True, metadata={"description": "A string or text blocks"}
+    )
+    tools = fields.List(fields.Nested(AnthropicToolSchema))
+    tool_choice = fields.Nested(AnthropicToolChoiceSchema)
+    stop_sequences = fields.List(fields.String())
+    temperature = fields.Float(validate=Range(min=0, max=1))
+    top_p = fields.Float(validate=Range(min=0, max=1))
+    top_k = fields.Integer(strict=True, validate=Range(min=0))
+    stream = fields.Boolean(load_default=False, metadata={"description": "Answer as Anthropic's SSE events"})
+    metadata = fields.Dict()
+
+
+class MessageSchema(ma.Schema):
+    """Anthropic's message; `model` is the registry model id."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    id = fields.String(required=True)
+    type = fields.String(required=True)
+    role = fields.String(required=True)
+    model = fields.String(required=True)
+    content = fields.List(fields.Dict(), required=True)
+    stop_reason = fields.String(allow_none=True)
+    stop_sequence = fields.String(allow_none=True)
+    usage = fields.Dict(required=True)
+
+
 def printable(text):
     if not is_printable(text):
         raise ValidationError("Must not hold control or format characters, or line breaks.")

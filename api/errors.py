@@ -1,6 +1,7 @@
 """Every error envelope the service answers, built in one place: the RFC 9457 problem
-document, OpenAI's error body (the gateway's routes) and Anthropic's; and the handlers that
-map each exception the app raises to one of them."""
+document, OpenAI's error body (the gateway's /api/v1/openai/ routes) and Anthropic's (its
+/api/v1/anthropic/ routes); and the handlers that map each exception the app raises to one
+of them."""
 
 import logging
 
@@ -21,8 +22,10 @@ errors_bp = Blueprint("errors", __name__)
 log = logging.getLogger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
-# The gateway's routes answer errors in OpenAI's shape, so OpenAI clients raise their usual exceptions.
+# The gateway's routes answer errors in OpenAI's or Anthropic's shape, so that each protocol's
+# clients raise their usual exceptions.
 OPENAI_PATH_PREFIX = "/api/v1/openai/"
+ANTHROPIC_PATH_PREFIX = "/api/v1/anthropic/"
 OPENAI_ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
@@ -95,6 +98,21 @@ OPENAI_ERROR_SCHEMA = {
 }
 
 
+ANTHROPIC_ERROR_SCHEMA = {
+    "type": "object",
+    "description": "Anthropic's error shape, answered under /api/v1/anthropic/ so its clients raise their usual errors",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"type": "string", "enum": ["error"]},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
+
+
 class GatewayError(Exception):
     """A gateway call that cannot be answered with a model's answer, in OpenAI's terms."""
 
@@ -137,24 +155,55 @@ def anthropic_error_document(status, message):
     return {"type": "error", "error": {"type": error_type, "message": message}}
 
 
-def openai_error(status, message, code=None, param=None, error_type=None, headers=None):
-    document = openai_error_document(status, message, code, param, error_type)
+def json_answer(document, status, headers=None):
     return current_app.response_class(json.dumps(document), status=status, mimetype="application/json", headers=headers)
 
 
+def openai_error(status, message, code=None, param=None, error_type=None, headers=None):
+    return json_answer(openai_error_document(status, message, code, param, error_type), status, headers)
+
+
+def anthropic_error(status, message, headers=None):
+    return json_answer(anthropic_error_document(status, message), status, headers)
+
+
+def first_field_error(detail, errors):
+    """(the field, the detail naming it): a body that fails validation is a 400 about its
+    first field, as OpenAI and Anthropic answer it."""
+    field, messages = next(iter(errors.items()))
+    return field, f"{detail} {field}: {' '.join(messages)}"
+
+
 def openai_problem(status, detail, errors=None, headers=None):
-    """A problem under /api/v1/openai/ in OpenAI's shape; a body that fails validation is a 400
-    naming the first field, as OpenAI answers it."""
+    """A problem under /api/v1/openai/ in OpenAI's shape."""
     if errors:
-        field, messages = next(iter(errors.items()))
-        detail = f"{detail} {field}: {' '.join(messages)}"
+        field, detail = first_field_error(detail, errors)
         return openai_error(400, detail, param=field, headers=headers)
     return openai_error(status, detail, headers=headers)
 
 
+def anthropic_problem(status, detail, errors=None, headers=None):
+    """A problem under /api/v1/anthropic/ in Anthropic's shape."""
+    if errors:
+        return anthropic_error(400, first_field_error(detail, errors)[1], headers=headers)
+    return anthropic_error(status, detail, headers=headers)
+
+
+# The gateway's prefixes, each answering problems in its protocol's shape.
+GATEWAY_PROBLEMS = {OPENAI_PATH_PREFIX: openai_problem, ANTHROPIC_PATH_PREFIX: anthropic_problem}
+
+
+def gateway_prefix():
+    """The gateway prefix the request's path is under, or None."""
+    if not has_request_context():
+        return None
+    return next((prefix for prefix in GATEWAY_PROBLEMS if request.path.startswith(prefix)), None)
+
+
 def problem(status, detail, errors=None, headers=None):
-    if has_request_context() and request.path.startswith(OPENAI_PATH_PREFIX):
-        return openai_problem(status, detail, errors, headers)
+    prefix = gateway_prefix()
+    if prefix:
+        return GATEWAY_PROBLEMS[prefix](status, detail, errors, headers)
     document = problem_document(status, detail, errors)
     return current_app.response_class(json.dumps(document), status=status, mimetype=PROBLEM_MEDIA_TYPE, headers=headers)
 
@@ -218,6 +267,8 @@ def upstream_error(error):
 
 @errors_bp.app_errorhandler(GatewayError)
 def gateway_error(error):
+    if gateway_prefix() == ANTHROPIC_PATH_PREFIX:
+        return anthropic_error(error.status, str(error), error.headers)
     return openai_error(error.status, str(error), error.code, error.param, error.error_type, error.headers)
 
 

@@ -38,10 +38,22 @@ def request_log_fields():
 
 
 @dataclass(frozen=True)
+class NativeBody:
+    """A body in an upstream's own wire format, as the client sent it: the protocol it came
+    in by (e.g. "messages") and the headers that go with it (e.g. anthropic-beta). The
+    adapter of the format that speaks that protocol sends it as it is, its model replaced."""
+
+    protocol: str
+    body: dict
+    headers: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     """A chat call: `options` holds every other field as the client sent it (sampling, limits,
     response_format, tool_choice, fields the registry does not know), for the upstreams that
-    take them; `include_usage` asks a stream for a last chunk with the call's usage."""
+    take them; `include_usage` asks a stream for a last chunk with the call's usage; `native`,
+    the body as sent, for the upstreams whose own format it is (the others ignore it)."""
 
     model: str  # the registry's model id; each adapter is given its upstream's own
     messages: list
@@ -49,6 +61,7 @@ class ChatRequest:
     options: dict = field(default_factory=dict)
     stream: bool = False
     include_usage: bool = False
+    native: NativeBody | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +78,7 @@ class GatewayCall:
     """One call as the metrics count it: known in full when call_finished runs."""
 
     model: str
-    kind: str  # "chat" or "embeddings"
+    kind: str  # the endpoint: "chat", "messages" or "embeddings"
     stream: bool = False
     provider_type: str = ""
     provider_id: str | None = None

@@ -88,4 +88,43 @@ class Responses(OpenAIErrors):
         return last in ("response.completed", "response.incomplete", "response.failed")
 
 
-PROTOCOLS = (ChatCompletions(), Responses())
+class Messages:
+    """Anthropic's Messages API; errors in Anthropic's shape {"type": "error", "error": {"type", "message"}}."""
+
+    name = "messages"
+    path = "/api/v1/anthropic/v1/messages"
+    kind = "messages"
+    headers = {"anthropic-version": "2023-06-01"}
+    model_not_found = "not_found_error"  # the error type of an unknown model's 404
+
+    def body(self, model, prompt="Hi", **fields):
+        return {"model": model, "max_tokens": 1024, "messages": [{"role": "user", "content": prompt}], **fields}
+
+    def text(self, answer):
+        return "".join(block["text"] for block in answer["content"] if block["type"] == "text")
+
+    def stream_text(self, documents):
+        return "".join(
+            document["delta"]["text"]
+            for document in documents
+            if document["type"] == "content_block_delta" and document["delta"]["type"] == "text_delta"
+        )
+
+    def stream_models(self, documents):
+        return {document["message"]["model"] for document in documents if document["type"] == "message_start"}
+
+    def stream_error(self, documents):
+        errors = [document["error"]["message"] for document in documents if document["type"] == "error"]
+        return errors[-1] if errors else None
+
+    def ends_properly(self, text):
+        return sse_documents(text)[-1]["type"] in ("message_stop", "error")
+
+    def error_message(self, document):
+        return document["error"]["message"]
+
+    def error_code(self, document):
+        return document["error"]["type"]
+
+
+PROTOCOLS = (ChatCompletions(), Responses(), Messages())

@@ -146,17 +146,6 @@ def test_rits_is_called_with_its_header_besides_bearer(registry, gateway, fake_u
     assert headers["RITS_API_KEY"] == MODEL_KEY and headers["Authorization"] == f"Bearer {MODEL_KEY}"
 
 
-def test_anthropic_is_called_through_its_openai_compatible_endpoint(registry, gateway, fake_upstream):
-    upstream = fake_upstream("anthropic", api_key=MODEL_KEY, models=["claude-sonnet-4"])
-    register(registry, upstream)
-    client = openai_client(gateway())
-    assert chat(client, "anthropic:claude-sonnet-4").model == "anthropic:claude-sonnet-4"
-    chunks = streamed(client, "anthropic:claude-sonnet-4", stream_options={"include_usage": True})
-    assert streamed_text(chunks) == "Hello!" and chunks[-1].usage.total_tokens == USAGE["total_tokens"]
-    path, headers, _ = upstream.calls[-1]
-    assert path == "/v1/chat/completions" and headers["Authorization"] == f"Bearer {MODEL_KEY}"
-
-
 def test_watsonx_chat_is_translated_both_ways(registry, gateway, fake_upstream):
     upstream = fake_upstream("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
     register_watsonx(registry, upstream)
