@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from flask import current_app, has_request_context, request
 
+from access.auth import auth
+from models import utcnow
 from observability.logs import REQUEST_ID_KEY, USER_KEY
 from observability.metrics import record_gateway_call
 from upstreams.transport import Deadline
@@ -26,6 +28,20 @@ def request_log_fields():
     """The request's id and user, for the log lines written after its context ended (a stream's)."""
     environ = request.environ if has_request_context() else {}
     return {"request_id": environ.get(REQUEST_ID_KEY, "-"), "user": environ.get(USER_KEY, "-")}
+
+
+def request_usage_fields():
+    """Whose call it is, and the recorder of its usage event (the app's, found while the
+    request's context lasts: a stream ends after it)."""
+    if not has_request_context():
+        return {}
+    caller = auth.current_user()
+    return {
+        "recorder": current_app.extensions["usage"],
+        "token_id": caller.token_id,
+        "user_id": caller.id,
+        "username": caller.username,
+    }
 
 
 @dataclass(frozen=True)
@@ -53,10 +69,11 @@ class EmbeddingsRequest:
 
 @dataclass
 class GatewayCall:
-    """One call as the metrics count it: known in full when call_finished runs."""
+    """One call as the metrics count it and its usage event records it: known in full when
+    call_finished runs."""
 
     model: str
-    kind: str  # "chat" or "embeddings"
+    kind: str  # "chat" or "embeddings": the log line's word for the call; ENDPOINTS the usage event's
     stream: bool = False
     provider_type: str = ""
     provider_id: str | None = None
@@ -65,7 +82,9 @@ class GatewayCall:
     started: float = field(default_factory=time.monotonic)
     first_chunk_after: float | None = None
     usage: dict | None = None
+    status: int | None = None  # the error status of a call refused before its answer began
     log_fields: dict = field(default_factory=request_log_fields)
+    usage_fields: dict = field(default_factory=request_usage_fields)
 
     def served_by(self, target):
         self.provider_id = target.provider_id
@@ -75,12 +94,68 @@ class GatewayCall:
             self.first_chunk_after = time.monotonic() - self.started
 
 
+def count_of(usage, *names):
+    """The first of the named token counts the usage holds, or None."""
+    for name in names:
+        count = usage.get(name)
+        if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+            return count
+    return None
+
+
+def reported_tokens(usage):
+    """(input, output) tokens as the upstream reported them, in OpenAI's words or Anthropic's
+    and the Responses API's; each None when it did not (never estimated)."""
+    usage = usage if isinstance(usage, dict) else {}
+    return count_of(usage, "prompt_tokens", "input_tokens"), count_of(usage, "completion_tokens", "output_tokens")
+
+
+# The endpoint a usage event names, where it is not the call's kind.
+ENDPOINTS = {"chat": "chat.completions"}
+# A stream that fails after its answer began keeps its 200; its usage event names the status
+# its error event stands for (499, as proxies log it, for a client that went away).
+MID_STREAM_STATUS = {"timeout": 504, "upstream_error": 502, "cancelled": 499}
+
+
+def usage_outcome(call):
+    if call.outcome == "ok":
+        return "ok"
+    return str(call.status or MID_STREAM_STATUS.get(call.outcome, 502))
+
+
+def record_usage(call, latency, tokens):
+    """Hand the call's usage event to its app's recorder, which writes it off the call's path."""
+    fields = dict(call.usage_fields)
+    recorder = fields.pop("recorder", None)
+    if recorder is None:
+        return
+    ended_at = utcnow()
+    recorder.record(
+        {
+            **fields,
+            "created_at": ended_at,
+            "day": ended_at.date(),
+            "provider_id": call.provider_id,
+            "model": call.model if call.indexed else None,
+            "endpoint": ENDPOINTS.get(call.kind, call.kind),
+            "input_tokens": tokens[0],
+            "output_tokens": tokens[1],
+            "outcome": usage_outcome(call),
+            "duration_seconds": latency,
+            "first_chunk_seconds": call.first_chunk_after,
+        }
+    )
+
+
 def call_finished(call):
     """The one place where a call's outcome, latency, time to first chunk and usage are all
-    known: counted in the metrics (the model as the index knows it, else unknown) and logged."""
+    known: counted in the metrics (the model as the index knows it, else unknown), recorded
+    as a usage event and logged."""
     latency = time.monotonic() - call.started
     model_id = call.model if call.indexed else None
-    record_gateway_call(call.provider_type, model_id, call.outcome, latency, call.first_chunk_after, call.usage)
+    tokens = reported_tokens(call.usage)
+    record_gateway_call(call.provider_type, model_id, call.outcome, latency, call.first_chunk_after, tokens)
+    record_usage(call, latency, tokens)
     first_chunk = f"{call.first_chunk_after * 1000:.1f}" if call.first_chunk_after is not None else "-"
     tokens = (call.usage or {}).get("total_tokens", "-")
     log.info(

@@ -34,7 +34,7 @@ HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 UNMATCHED_ROUTE = "unmatched"
 UNKNOWN = "unknown"
 GATEWAY_OUTCOMES = ("ok", "client_error", "not_found", "unavailable", "upstream_error", "timeout", "cancelled")
-TOKEN_KINDS = ("prompt", "completion")
+TOKEN_KINDS = ("prompt", "completion")  # the input and the output tokens
 LONG_CALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 REQUESTS = Counter(
@@ -92,8 +92,14 @@ GATEWAY_FIRST_CHUNK_SECONDS = Histogram(
 )
 GATEWAY_TOKENS = Counter(
     "registry_gateway_tokens",
-    "Tokens the upstreams reported for gateway calls, by provider type, model and kind (prompt or completion).",
+    "Usage tokens the upstreams reported for gateway calls, by provider type, model and direction "
+    "(kind prompt: input, completion: output), as the usage events count them.",
     ("type", "model", "kind"),
+    registry=own_metrics,
+)
+USAGE_EVENTS_DROPPED = Counter(
+    "registry_usage_events_dropped",
+    "Usage events dropped unwritten: the oldest, while the database refused them for too long.",
     registry=own_metrics,
 )
 
@@ -160,14 +166,14 @@ def observe_upstream_call(provider_type, seconds):
     UPSTREAM_SECONDS.labels(known_or_unknown(provider_type, PROVIDER_TYPES)).observe(seconds)
 
 
-def record_gateway_call(provider_type, model_id, outcome, seconds, time_to_first_chunk=None, usage=None):
+def record_gateway_call(provider_type, model_id, outcome, seconds, time_to_first_chunk=None, tokens=(None, None)):
     """Count one gateway call (for the gateway's routes).
 
     `model_id` is the registry model id ("type:upstream id") as the model index knows it,
     or None when the index does not know the requested model: it is then counted as
     "unknown", so a label never holds what a client typed. `outcome` is one of
-    GATEWAY_OUTCOMES; `time_to_first_chunk` (seconds) for streams; `usage` the upstream's
-    OpenAI-shaped usage ({"prompt_tokens", "completion_tokens"}) when it reported one.
+    GATEWAY_OUTCOMES; `time_to_first_chunk` (seconds) for streams; `tokens` the (input,
+    output) tokens the upstream reported, each None when it did not.
     """
     if outcome not in GATEWAY_OUTCOMES:
         raise ValueError(f"outcome must be one of {GATEWAY_OUTCOMES}, not {outcome!r}")
@@ -176,10 +182,13 @@ def record_gateway_call(provider_type, model_id, outcome, seconds, time_to_first
     GATEWAY_SECONDS.labels(*labels).observe(seconds)
     if time_to_first_chunk is not None:
         GATEWAY_FIRST_CHUNK_SECONDS.labels(*labels).observe(time_to_first_chunk)
-    for kind in TOKEN_KINDS:
-        tokens = (usage or {}).get(f"{kind}_tokens")
-        if isinstance(tokens, int) and tokens > 0:
-            GATEWAY_TOKENS.labels(*labels, kind).inc(tokens)
+    for kind, count in zip(TOKEN_KINDS, tokens, strict=True):
+        if count:
+            GATEWAY_TOKENS.labels(*labels, kind).inc(count)
+
+
+def count_dropped_usage_events(count):
+    USAGE_EVENTS_DROPPED.inc(count)
 
 
 # The scrape

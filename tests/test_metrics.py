@@ -203,8 +203,7 @@ def test_manifest_syncs_are_counted_by_outcome(make_app, tmp_path):
 
 def test_gateway_calls_count_tokens_and_time_to_first_chunk(anonymous):
     before = parse(scrape(anonymous))
-    usage = {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42}
-    record_gateway_call("openai", "openai:gpt-4o", "ok", 1.5, time_to_first_chunk=0.2, usage=usage)
+    record_gateway_call("openai", "openai:gpt-4o", "ok", 1.5, time_to_first_chunk=0.2, tokens=(12, 30))
     record_gateway_call("openai", "openai:gpt-4o", "upstream_error", 0.3)
     after = parse(scrape(anonymous))
     labels = {"type": "openai", "model": "openai:gpt-4o"}

@@ -1,0 +1,160 @@
+"""Usage events and their daily totals: the batches the recorder writes, the report's
+grouped sums, and the pruning.
+
+A batch is one INSERT of its events (executemany) and one upsert of its daily totals, in
+one short transaction. A report adds the whole days of its range from the totals to its
+partial first and last days from the events, so it reads a few rows per day whatever
+the number of events.
+"""
+
+from datetime import datetime, time, timedelta
+from functools import cache
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from models import USAGE_DAYS, USAGE_EVENTS, db
+
+INSERT_EVENTS = sa.insert(USAGE_EVENTS)
+DAY_KEYS = ("day", "model", "provider_id", "token_id", "user_id")
+DAY_SUMS = ("requests", "errors", "input_tokens", "output_tokens")
+NONE = ""  # a daily total's key for none (Basic credentials, no provider, an unknown model)
+# Rows one pruning statement deletes: each is a short transaction, so flushes and other
+# writes get the database's write lock between them.
+PRUNE_BATCH = 5000
+ONE_DAY = timedelta(days=1)
+
+# The report's group keys: the field of a row each is shown as.
+GROUP_FIELDS = {"day": "day", "model": "model", "provider": "provider_id", "token": "token_id", "user": "user"}
+# The row's fields a daily key of none is shown in as null.
+NULLABLE_FIELDS = ("model", "provider_id", "token_id")
+FILTER_COLUMNS = {
+    "model": "model",
+    "provider_id": "provider_id",
+    "token_id": "token_id",
+    "user": "username",
+    "user_id": "user_id",
+}
+
+
+def day_totals(events):
+    """The events' sums per daily key, in key order (so that two writers lock rows in one order)."""
+    totals = {}
+    for event in events:
+        key = (event["day"], *(event[name] or NONE for name in DAY_KEYS[1:]))
+        total = totals.setdefault(
+            key, {"username": event["username"], "requests": 0, "errors": 0, "input_tokens": 0, "output_tokens": 0}
+        )
+        total["requests"] += 1
+        total["errors"] += event["outcome"] != "ok"
+        total["input_tokens"] += event["input_tokens"] or 0
+        total["output_tokens"] += event["output_tokens"] or 0
+    return [dict(zip(DAY_KEYS, key, strict=True)) | total for key, total in sorted(totals.items())]
+
+
+@cache
+def upsert_day_totals(dialect_name):
+    """INSERT ... ON CONFLICT DO UPDATE adding to the existing sums (SQLite and PostgreSQL say it alike)."""
+    insert = (postgresql if dialect_name == "postgresql" else sqlite).insert(USAGE_DAYS)
+    added = {name: USAGE_DAYS.c[name] + insert.excluded[name] for name in DAY_SUMS}
+    return insert.on_conflict_do_update(index_elements=DAY_KEYS, set_={**added, "username": insert.excluded.username})
+
+
+def insert_usage(events):
+    """Insert the events (dicts of their columns) and add them to the daily totals, in the
+    session's transaction."""
+    connection = db.session.connection()
+    connection.execute(INSERT_EVENTS, events)
+    connection.execute(upsert_day_totals(db.engine.dialect.name), day_totals(events))
+
+
+def delete_usage_before(cutoff):
+    """Delete the events before `cutoff`, in short transactions, and the daily totals of the
+    days before its day; committed."""
+    oldest = sa.select(USAGE_EVENTS.c.id).where(USAGE_EVENTS.c.created_at < cutoff).limit(PRUNE_BATCH)
+    while db.session.execute(sa.delete(USAGE_EVENTS).where(USAGE_EVENTS.c.id.in_(oldest))).rowcount:
+        db.session.commit()
+    db.session.execute(sa.delete(USAGE_DAYS).where(USAGE_DAYS.c.day < cutoff.date()))
+    db.session.commit()
+
+
+# The report ---------------------------------------------------------------------------------
+
+
+def start_of(day):
+    return datetime.combine(day, time())
+
+
+def whole_days(since, until):
+    """(first, end): the days wholly within [since, until), first included and end not;
+    `until` None is no end."""
+    first = since.date() if since.time() == time() else since.date() + ONE_DAY
+    return first, until.date() if until is not None else None
+
+
+def event_ranges(since, until, first, end):
+    """The [start, stop) times outside the whole days [first, end), read from the events."""
+    if end is not None and first >= end:
+        return [(since, until)]
+    ranges = [(since, start_of(first))] if since < start_of(first) else []
+    if end is not None and start_of(end) < until:
+        ranges.append((start_of(end), until))
+    return ranges
+
+
+def matching(table, filters):
+    """The filters' conditions on a table; a filter's value None filters nothing."""
+    return [table.c[FILTER_COLUMNS[name]] == value for name, value in filters.items() if value is not None]
+
+
+def days_part(first, end, filters):
+    conditions = [USAGE_DAYS.c.day >= first, *matching(USAGE_DAYS, filters)]
+    if end is not None:
+        conditions.append(USAGE_DAYS.c.day < end)
+    days = USAGE_DAYS.c
+    return sa.select(
+        days.day,
+        days.model,
+        days.provider_id,
+        days.token_id,
+        days.username.label("user"),
+        *(days[name] for name in DAY_SUMS),
+    ).where(*conditions)
+
+
+def events_part(start, stop, filters):
+    events = USAGE_EVENTS.c
+    conditions = [events.created_at >= start, *matching(USAGE_EVENTS, filters)]
+    if stop is not None:
+        conditions.append(events.created_at < stop)
+    return sa.select(
+        events.day,
+        sa.func.coalesce(events.model, NONE).label("model"),
+        sa.func.coalesce(events.provider_id, NONE).label("provider_id"),
+        sa.func.coalesce(events.token_id, NONE).label("token_id"),
+        events.username.label("user"),
+        sa.literal(1).label("requests"),
+        sa.case((events.outcome == "ok", 0), else_=1).label("errors"),
+        sa.func.coalesce(events.input_tokens, 0).label("input_tokens"),
+        sa.func.coalesce(events.output_tokens, 0).label("output_tokens"),
+    ).where(*conditions)
+
+
+def shown(row):
+    return {name: None if name in NULLABLE_FIELDS and value == NONE else value for name, value in row.items()}
+
+
+def usage_sums(group_by, since, until, filters):
+    """Rows of the fields of the group keys (GROUP_FIELDS, in the order of `group_by`) and the
+    sums of requests, errors, input and output tokens, for the calls that ended in [since,
+    until) and match `filters` (model, provider_id, token_id, user: a user name; user_id),
+    ordered by the keys."""
+    first, end = whole_days(since, until)
+    parts = [events_part(start, stop, filters) for start, stop in event_ranges(since, until, first, end)]
+    if end is None or first < end:
+        parts.append(days_part(first, end, filters))
+    usage = sa.union_all(*parts).subquery() if len(parts) > 1 else parts[0].subquery()
+    keys = [usage.c[GROUP_FIELDS[key]] for key in group_by]
+    sums = [sa.func.coalesce(sa.func.sum(usage.c[name]), 0).label(name) for name in DAY_SUMS]
+    query = sa.select(*keys, *sums).group_by(*keys).order_by(*keys)
+    return [shown(row) for row in db.session.execute(query).mappings()]
