@@ -4,16 +4,21 @@ last second to a killed worker."""
 
 import json
 import logging
+import os
 import random
+import signal
+import threading
+import time
 from collections import Counter
 from datetime import datetime, timedelta
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
 from models import USAGE_DAYS, USAGE_EVENTS, db, utcnow
 from observability.usage import MAX_PENDING, prune_old_usage
-from tests.conftest import SQLITE_ONLY, client_as, provider_body
+from tests.conftest import SQLITE_ONLY, client_as, provider_body, wait_for
 from tests.fake_model_servers import USAGE
 from tests.test_metrics import delta, parse, scrape
 
@@ -426,3 +431,68 @@ def test_events_wait_for_a_database_that_refuses_them_and_the_oldest_go_past_the
     assert "dropped the 10 oldest usage events" in caplog.text
     assert "usage events wait for the database" in caplog.text
     assert delta(before, parse(scrape(app.test_client())), "registry_usage_events_dropped_total") == 10
+
+
+# Over gunicorn: a killed worker, a graceful stop ---------------------------------------------
+
+
+class SteadyCalls:
+    """Callers that chat back to back through the server, keeping when each answer came."""
+
+    def __init__(self, server, secret, callers=4):
+        self.base_url = f"{server.base_url}/api/v1/openai"
+        self.secret = secret
+        self.answered_at = []  # time.monotonic() of each 200
+        self.stopped = threading.Event()
+        self.threads = [threading.Thread(target=self.call) for _ in range(callers)]
+        for thread in self.threads:
+            thread.start()
+
+    def call(self):
+        with httpx.Client(headers={"Authorization": f"Bearer {self.secret}"}, timeout=10) as client:
+            while not self.stopped.is_set():
+                try:
+                    response = client.post(f"{self.base_url}/chat/completions", json=chat_body())
+                except httpx.TransportError:
+                    continue
+                if response.status_code == 200:
+                    self.answered_at.append(time.monotonic())
+
+    def stop(self):
+        self.stopped.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+
+def test_a_killed_worker_loses_at_most_its_last_second_of_events(registry, model_server, start_gunicorn):
+    register(registry, model_server(api_key=MODEL_KEY))
+    _, secret = new_token(registry, "service", "caller")
+    server = start_gunicorn(workers=2)
+    calls = SteadyCalls(server, secret)
+    assert wait_for(lambda: calls.answered_at, timeout=30)
+    time.sleep(3)  # calls answered all along
+    calls.stopped.set()
+    killed_at = time.monotonic()
+    for pid in server.worker_pids():
+        os.kill(pid, signal.SIGKILL)
+    calls.stop()
+    answered_before_the_last_second = sum(answered_at < killed_at - 1 for answered_at in calls.answered_at)
+    stored = len(stored_events(registry))
+    assert answered_before_the_last_second <= stored <= len(calls.answered_at) + len(calls.threads)
+
+
+def test_a_graceful_stop_writes_the_events_of_the_calls_it_waited_for(registry, model_server, start_gunicorn):
+    upstream = model_server(api_key=MODEL_KEY)
+    upstream.chunk_interval = 0.5  # a stream of about 2 s
+    register(registry, upstream)
+    server = start_gunicorn(workers=1)
+    auth = ("service", "service-pass-1")
+    with httpx.stream("POST", f"{server.base_url}{CHAT}", json=chat_body(stream=True), auth=auth) as streamed:
+        lines = streamed.iter_lines()
+        assert next(lines).startswith("data: ")  # the stream is under way
+        server.process.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]" and not any("error" in line for line in rest)
+    server.process.wait(timeout=30)
+    [event] = stored_events(registry)
+    assert (event["outcome"], event["input_tokens"], event["output_tokens"]) == ("ok", 7, 3)
