@@ -444,7 +444,9 @@ class UsageDay(db.Model):
     """
 
     __tablename__ = "usage_days"
-    __table_args__ = (sa.Index("ix_usage_days_user", "user_id", "day"),)
+    # Without rowid, SQLite keeps the rows in the primary key's order: a range of days is read
+    # in one sweep, already grouped by day and model.
+    __table_args__ = (sa.Index("ix_usage_days_user", "user_id", "day"), {"sqlite_with_rowid": False})
 
     day = sa.Column(sa.Date, primary_key=True)
     model = sa.Column(sa.Text, primary_key=True)

@@ -13,6 +13,7 @@ the next try; past MAX_PENDING events the oldest are dropped, logged and counted
 import atexit
 import logging
 import threading
+import time
 import weakref
 from collections import deque
 from datetime import timedelta
@@ -26,7 +27,10 @@ from storage.usage import delete_usage_before, insert_usage
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.5
-BATCH_SIZE = 2000  # events per INSERT (and transaction)
+# Events per INSERT, and per transaction: on SQLite 500 hold the write lock for about 10 ms.
+BATCH_SIZE = 500
+# Between two batches of a backlog: a gevent worker's requests run, and other writers take the lock.
+PAUSE_BETWEEN_BATCHES = 0.01
 MAX_PENDING = 50_000  # per process: at a few hundred calls a second, minutes of a database outage
 # What a database that cannot take a batch now raises (down, locked, disk full, no free
 # connection): the batch is tried again. Any other error would fail again, so its batch is dropped.
@@ -78,6 +82,8 @@ class UsageRecorder:
                 if not self._write(batch):
                     self._give_back(batch)
                     return False
+                if self._pending:
+                    time.sleep(PAUSE_BETWEEN_BATCHES)
             return True
 
     def stop(self):

@@ -107,54 +107,78 @@ def matching(table, filters):
     return [table.c[FILTER_COLUMNS[name]] == value for name, value in filters.items() if value is not None]
 
 
-def days_part(first, end, filters):
-    conditions = [USAGE_DAYS.c.day >= first, *matching(USAGE_DAYS, filters)]
+DAYS, EVENTS = USAGE_DAYS.c, USAGE_EVENTS.c
+# What each group key groups by, in the daily totals and in the events (their nulls as the totals' NONE).
+DAYS_GROUPED = {
+    "day": DAYS.day,
+    "model": DAYS.model,
+    "provider": DAYS.provider_id,
+    "token": DAYS.token_id,
+    "user": DAYS.username,
+}
+EVENTS_GROUPED = {
+    "day": EVENTS.day,
+    "model": sa.func.coalesce(EVENTS.model, NONE),
+    "provider": sa.func.coalesce(EVENTS.provider_id, NONE),
+    "token": sa.func.coalesce(EVENTS.token_id, NONE),
+    "user": EVENTS.username,
+}
+# The sums of DAY_SUMS, in each (a sum of nothing but nulls is null).
+DAYS_SUMMED = [sa.func.sum(DAYS[name]) for name in DAY_SUMS]
+EVENTS_SUMMED = [
+    sa.func.count(),
+    sa.func.sum(sa.case((EVENTS.outcome == "ok", 0), else_=1)),
+    sa.func.sum(EVENTS.input_tokens),
+    sa.func.sum(EVENTS.output_tokens),
+]
+
+
+def days_sums(group_by, first, end, filters):
+    """The daily totals of the days [first, end) added up by the group keys."""
+    conditions = [DAYS.day >= first, *matching(USAGE_DAYS, filters)]
     if end is not None:
-        conditions.append(USAGE_DAYS.c.day < end)
-    days = USAGE_DAYS.c
-    return sa.select(
-        days.day,
-        days.model,
-        days.provider_id,
-        days.token_id,
-        days.username.label("user"),
-        *(days[name] for name in DAY_SUMS),
-    ).where(*conditions)
+        conditions.append(DAYS.day < end)
+    keys = [DAYS_GROUPED[key] for key in group_by]
+    return sa.select(*keys, *DAYS_SUMMED).where(*conditions).group_by(*keys)
 
 
-def events_part(start, stop, filters):
-    events = USAGE_EVENTS.c
-    conditions = [events.created_at >= start, *matching(USAGE_EVENTS, filters)]
+def events_sums(group_by, start, stop, filters):
+    """The events of [start, stop) added up by the group keys."""
+    conditions = [EVENTS.created_at >= start, *matching(USAGE_EVENTS, filters)]
     if stop is not None:
-        conditions.append(events.created_at < stop)
-    return sa.select(
-        events.day,
-        sa.func.coalesce(events.model, NONE).label("model"),
-        sa.func.coalesce(events.provider_id, NONE).label("provider_id"),
-        sa.func.coalesce(events.token_id, NONE).label("token_id"),
-        events.username.label("user"),
-        sa.literal(1).label("requests"),
-        sa.case((events.outcome == "ok", 0), else_=1).label("errors"),
-        sa.func.coalesce(events.input_tokens, 0).label("input_tokens"),
-        sa.func.coalesce(events.output_tokens, 0).label("output_tokens"),
-    ).where(*conditions)
+        conditions.append(EVENTS.created_at < stop)
+    keys = [EVENTS_GROUPED[key] for key in group_by]
+    return sa.select(*keys, *EVENTS_SUMMED).where(*conditions).group_by(*keys)
 
 
-def shown(row):
-    return {name: None if name in NULLABLE_FIELDS and value == NONE else value for name, value in row.items()}
+def shown_row(group_by, key, sums):
+    """A row as the report shows it: its keys' fields (a key of none as null) and its sums."""
+    row = {}
+    for name, value in zip(group_by, key, strict=True):
+        field = GROUP_FIELDS[name]
+        row[field] = None if field in NULLABLE_FIELDS and value == NONE else value
+    return row | dict(zip(DAY_SUMS, sums, strict=True))
 
 
 def usage_sums(group_by, since, until, filters):
     """Rows of the fields of the group keys (GROUP_FIELDS, in the order of `group_by`) and the
     sums of requests, errors, input and output tokens, for the calls that ended in [since,
     until) and match `filters` (model, provider_id, token_id, user: a user name; user_id),
-    ordered by the keys."""
+    ordered by the keys.
+
+    Each part (the whole days' totals, the partial days' events) is added up by the
+    database, and the parts here: a grouping over their union cost the database more than
+    each part's.
+    """
     first, end = whole_days(since, until)
-    parts = [events_part(start, stop, filters) for start, stop in event_ranges(since, until, first, end)]
+    queries = [events_sums(group_by, start, stop, filters) for start, stop in event_ranges(since, until, first, end)]
     if end is None or first < end:
-        parts.append(days_part(first, end, filters))
-    usage = sa.union_all(*parts).subquery() if len(parts) > 1 else parts[0].subquery()
-    keys = [usage.c[GROUP_FIELDS[key]] for key in group_by]
-    sums = [sa.func.coalesce(sa.func.sum(usage.c[name]), 0).label(name) for name in DAY_SUMS]
-    query = sa.select(*keys, *sums).group_by(*keys).order_by(*keys)
-    return [shown(row) for row in db.session.execute(query).mappings()]
+        queries.append(days_sums(group_by, first, end, filters))
+    totals = {}
+    for query in queries:
+        for row in db.session.execute(query):
+            key, sums = tuple(row[: len(group_by)]), row[len(group_by) :]
+            total = totals.setdefault(key, [0] * len(DAY_SUMS))
+            for index, count in enumerate(sums):
+                total[index] += count or 0
+    return [shown_row(group_by, key, sums) for key, sums in sorted(totals.items())]

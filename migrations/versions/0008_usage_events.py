@@ -48,6 +48,7 @@ def upgrade():
         sa.Column("input_tokens", sa.BigInteger(), nullable=False),
         sa.Column("output_tokens", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("day", "model", "provider_id", "token_id", "user_id"),
+        sqlite_with_rowid=False,
     )
     op.create_index("ix_usage_days_user", "usage_days", ["user_id", "day"])
 
