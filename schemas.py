@@ -609,6 +609,10 @@ USAGE_GROUP_KEYS = ("day", "model", "provider", "token", "user")
 class GroupKeys(fields.String):
     """Group keys separated by commas ("day,model"), loaded as a list without repeats."""
 
+    def __init__(self, metadata=None, **kwargs):
+        one_key = f" *({'|'.join(USAGE_GROUP_KEYS)}) *"
+        super().__init__(metadata={"pattern": f"^{one_key}(,{one_key})*$", **(metadata or {})}, **kwargs)
+
     def _deserialize(self, value, attr, data, **kwargs):
         keys = [key.strip() for key in super()._deserialize(value, attr, data, **kwargs).split(",")]
         if not all(key in USAGE_GROUP_KEYS for key in keys):
@@ -630,11 +634,6 @@ class UsageQuerySchema(ma.Schema):
     provider_id = Text(metadata={"description": "Only this provider's calls"})
     token_id = Text(metadata={"description": "Only this API token's calls"})
     user = Text(metadata={"description": "Only this user's calls, by name (admin; others see only their own)"})
-
-    @validates_schema
-    def since_before_until(self, query, **kwargs):
-        if "since" in query and "until" in query and query["since"] > query["until"]:
-            raise ValidationError("Must not be after until.", "since")
 
 
 class UsageRowSchema(ma.Schema):

@@ -268,6 +268,8 @@ def test_the_report_defaults_to_the_last_30_days_by_day(registry, calls_by_three
     assert [(row["day"], row["requests"], row["errors"]) for row in rows] == [(today, 4, 1)]
     assert set(rows[0]) == {"day", "requests", "errors", "input_tokens", "output_tokens"}
     assert report(client_as(registry, "admin"), until=(utcnow() - timedelta(minutes=5)).isoformat() + "Z") == []
+    since, until = utcnow().isoformat() + "Z", (utcnow() - timedelta(days=1)).isoformat() + "Z"
+    assert report(client_as(registry, "admin"), since=since, until=until) == []  # an empty range
 
 
 @pytest.mark.parametrize(
@@ -277,7 +279,6 @@ def test_the_report_defaults_to_the_last_30_days_by_day(registry, calls_by_three
         ({"group_by": ""}, "group_by"),
         ({"since": "yesterday"}, "since"),
         ({"until": "2026-13-01T00:00:00Z"}, "until"),
-        ({"since": "2026-02-01T00:00:00Z", "until": "2026-01-01T00:00:00Z"}, "since"),
         ({"model": "nul\x00"}, "model"),
     ],
 )
