@@ -99,7 +99,9 @@ GATEWAY_TOKENS = Counter(
 )
 USAGE_EVENTS_DROPPED = Counter(
     "registry_usage_events_dropped",
-    "Usage events dropped unwritten: the oldest, while the database refused them for too long.",
+    "Usage events dropped unwritten, by reason: backlog (the oldest, while the database refused "
+    "them for too long) or unstorable (the database refused them as they were).",
+    ("reason",),
     registry=own_metrics,
 )
 
@@ -187,8 +189,8 @@ def record_gateway_call(provider_type, model_id, outcome, seconds, time_to_first
             GATEWAY_TOKENS.labels(*labels, kind).inc(count)
 
 
-def count_dropped_usage_events(count):
-    USAGE_EVENTS_DROPPED.inc(count)
+def count_dropped_usage_events(count, reason="backlog"):
+    USAGE_EVENTS_DROPPED.labels(reason).inc(count)
 
 
 # The scrape

@@ -115,7 +115,7 @@ class UsageRecorder:
             except Exception:
                 db.session.rollback()
                 log.exception("%d usage events could not be stored and were dropped", len(batch))
-                count_dropped_usage_events(len(batch))
+                count_dropped_usage_events(len(batch), "unstorable")
             finally:
                 db.session.remove()
         if self._failing:
