@@ -17,7 +17,7 @@ def usage_report(query, caller=None):
     for every other role."""
     until = query.get("until")
     since = query.get("since") or (until or utcnow()) - timedelta(days=DEFAULT_DAYS)
-    filters = {name: query.get(name) for name in ("model", "provider_id", "token_id", "user")}
+    filters = {name: query.get(name) or None for name in ("model", "provider_id", "token_id", "user")}  # "": no filter
     if filters["user"] is not None:
         filters["user"] = canonical_username(filters["user"]) or filters["user"]  # a name no user has finds nothing
     if caller is not None and caller.role != "admin":

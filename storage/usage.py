@@ -7,6 +7,7 @@ partial first and last days from the events, so it reads a few rows per day what
 the number of events.
 """
 
+from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from functools import cache
 
@@ -107,48 +108,49 @@ def matching(table, filters):
     return [table.c[FILTER_COLUMNS[name]] == value for name, value in filters.items() if value is not None]
 
 
+@dataclass(frozen=True)
+class Part:
+    """Where a report reads some of its range: the daily totals, or the events themselves."""
+
+    table: sa.Table
+    dated_by: sa.Column  # what [start, stop) ranges over
+    grouped: dict  # the group key -> what it groups by (nulls as the daily totals' NONE)
+    summed: list  # the sums of DAY_SUMS (a sum of nothing but nulls is null)
+
+
 DAYS, EVENTS = USAGE_DAYS.c, USAGE_EVENTS.c
-# What each group key groups by, in the daily totals and in the events (their nulls as the totals' NONE).
-DAYS_GROUPED = {
-    "day": DAYS.day,
-    "model": DAYS.model,
-    "provider": DAYS.provider_id,
-    "token": DAYS.token_id,
-    "user": DAYS.username,
-}
-EVENTS_GROUPED = {
-    "day": EVENTS.day,
-    "model": sa.func.coalesce(EVENTS.model, NONE),
-    "provider": sa.func.coalesce(EVENTS.provider_id, NONE),
-    "token": sa.func.coalesce(EVENTS.token_id, NONE),
-    "user": EVENTS.username,
-}
-# The sums of DAY_SUMS, in each (a sum of nothing but nulls is null).
-DAYS_SUMMED = [sa.func.sum(DAYS[name]) for name in DAY_SUMS]
-EVENTS_SUMMED = [
-    sa.func.count(),
-    sa.func.sum(sa.case((EVENTS.outcome == "ok", 0), else_=1)),
-    sa.func.sum(EVENTS.input_tokens),
-    sa.func.sum(EVENTS.output_tokens),
-]
+DAILY_TOTALS = Part(
+    USAGE_DAYS,
+    DAYS.day,
+    {"day": DAYS.day, "model": DAYS.model, "provider": DAYS.provider_id, "token": DAYS.token_id, "user": DAYS.username},
+    [sa.func.sum(DAYS[name]) for name in DAY_SUMS],
+)
+EVENTS_THEMSELVES = Part(
+    USAGE_EVENTS,
+    EVENTS.created_at,
+    {
+        "day": EVENTS.day,
+        "model": sa.func.coalesce(EVENTS.model, NONE),
+        "provider": sa.func.coalesce(EVENTS.provider_id, NONE),
+        "token": sa.func.coalesce(EVENTS.token_id, NONE),
+        "user": EVENTS.username,
+    },
+    [
+        sa.func.count(),
+        sa.func.sum(sa.case((EVENTS.outcome == "ok", 0), else_=1)),
+        sa.func.sum(EVENTS.input_tokens),
+        sa.func.sum(EVENTS.output_tokens),
+    ],
+)
 
 
-def days_sums(group_by, first, end, filters):
-    """The daily totals of the days [first, end) added up by the group keys."""
-    conditions = [DAYS.day >= first, *matching(USAGE_DAYS, filters)]
-    if end is not None:
-        conditions.append(DAYS.day < end)
-    keys = [DAYS_GROUPED[key] for key in group_by]
-    return sa.select(*keys, *DAYS_SUMMED).where(*conditions).group_by(*keys)
-
-
-def events_sums(group_by, start, stop, filters):
-    """The events of [start, stop) added up by the group keys."""
-    conditions = [EVENTS.created_at >= start, *matching(USAGE_EVENTS, filters)]
+def part_sums(part, group_by, start, stop, filters):
+    """The part's rows of [start, stop) (`stop` None: no end) that match the filters, added up by the group keys."""
+    conditions = [part.dated_by >= start, *matching(part.table, filters)]
     if stop is not None:
-        conditions.append(EVENTS.created_at < stop)
-    keys = [EVENTS_GROUPED[key] for key in group_by]
-    return sa.select(*keys, *EVENTS_SUMMED).where(*conditions).group_by(*keys)
+        conditions.append(part.dated_by < stop)
+    keys = [part.grouped[key] for key in group_by]
+    return sa.select(*keys, *part.summed).where(*conditions).group_by(*keys)
 
 
 def shown_row(group_by, key, sums):
@@ -171,9 +173,10 @@ def usage_sums(group_by, since, until, filters):
     each part's.
     """
     first, end = whole_days(since, until)
-    queries = [events_sums(group_by, start, stop, filters) for start, stop in event_ranges(since, until, first, end)]
+    ranges = event_ranges(since, until, first, end)
+    queries = [part_sums(EVENTS_THEMSELVES, group_by, start, stop, filters) for start, stop in ranges]
     if end is None or first < end:
-        queries.append(days_sums(group_by, first, end, filters))
+        queries.append(part_sums(DAILY_TOTALS, group_by, first, end, filters))
     totals = {}
     for query in queries:
         for row in db.session.execute(query):
