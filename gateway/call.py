@@ -13,12 +13,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from flask import current_app, has_request_context, request
+from flask import current_app, has_app_context, has_request_context, request
 
-from access.auth import auth
+from access.auth import Caller, auth
 from models import utcnow
 from observability.logs import REQUEST_ID_KEY, USER_KEY
 from observability.metrics import record_gateway_call
+from observability.usage import UsageRecorder
 from upstreams.transport import Deadline
 
 log = logging.getLogger(__name__)
@@ -30,18 +31,14 @@ def request_log_fields():
     return {"request_id": environ.get(REQUEST_ID_KEY, "-"), "user": environ.get(USER_KEY, "-")}
 
 
-def request_usage_fields():
-    """Whose call it is, and the recorder of its usage event (the app's, found while the
-    request's context lasts: a stream ends after it)."""
-    if not has_request_context():
-        return {}
-    caller = auth.current_user()
-    return {
-        "recorder": current_app.extensions["usage"],
-        "token_id": caller.token_id,
-        "user_id": caller.id,
-        "username": caller.username,
-    }
+def request_caller():
+    """The request's authenticated caller, kept for the usage event of a stream, which ends
+    after the request's context."""
+    return auth.current_user() if has_request_context() else None
+
+
+def app_usage_recorder():
+    return current_app.extensions["usage"] if has_app_context() else None
 
 
 @dataclass(frozen=True)
@@ -84,7 +81,8 @@ class GatewayCall:
     usage: dict | None = None
     status: int | None = None  # the error status of a call refused before its answer began
     log_fields: dict = field(default_factory=request_log_fields)
-    usage_fields: dict = field(default_factory=request_usage_fields)
+    caller: Caller | None = field(default_factory=request_caller)
+    usage_recorder: UsageRecorder | None = field(default_factory=app_usage_recorder)
 
     def served_by(self, target):
         self.provider_id = target.provider_id
@@ -125,14 +123,14 @@ def usage_outcome(call):
 
 def record_usage(call, latency, tokens):
     """Hand the call's usage event to its app's recorder, which writes it off the call's path."""
-    fields = dict(call.usage_fields)
-    recorder = fields.pop("recorder", None)
-    if recorder is None:
+    if call.usage_recorder is None or call.caller is None:
         return
     ended_at = utcnow()
-    recorder.record(
+    call.usage_recorder.record(
         {
-            **fields,
+            "token_id": call.caller.token_id,
+            "user_id": call.caller.id,
+            "username": call.caller.username,
             "created_at": ended_at,
             "day": ended_at.date(),
             "provider_id": call.provider_id,
@@ -153,9 +151,9 @@ def call_finished(call):
     as a usage event and logged."""
     latency = time.monotonic() - call.started
     model_id = call.model if call.indexed else None
-    tokens = reported_tokens(call.usage)
-    record_gateway_call(call.provider_type, model_id, call.outcome, latency, call.first_chunk_after, tokens)
-    record_usage(call, latency, tokens)
+    reported = reported_tokens(call.usage)
+    record_gateway_call(call.provider_type, model_id, call.outcome, latency, call.first_chunk_after, reported)
+    record_usage(call, latency, reported)
     first_chunk = f"{call.first_chunk_after * 1000:.1f}" if call.first_chunk_after is not None else "-"
     tokens = (call.usage or {}).get("total_tokens", "-")
     log.info(
