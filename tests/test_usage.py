@@ -4,7 +4,6 @@ last second to a killed worker."""
 
 import json
 import logging
-import os
 import random
 import signal
 import threading
@@ -13,6 +12,7 @@ from collections import Counter
 from datetime import datetime, timedelta
 
 import httpx
+import openai
 import pytest
 import sqlalchemy as sa
 
@@ -475,8 +475,7 @@ def test_a_killed_worker_loses_at_most_its_last_second_of_events(registry, model
     time.sleep(3)  # calls answered all along
     calls.stopped.set()
     killed_at = time.monotonic()
-    for pid in server.worker_pids():
-        os.kill(pid, signal.SIGKILL)
+    server.kill(signal.SIGKILL)  # its workers with it
     calls.stop()
     answered_before_the_last_second = sum(answered_at < killed_at - 1 for answered_at in calls.answered_at)
     stored = len(stored_events(registry))
@@ -487,14 +486,17 @@ def test_a_graceful_stop_writes_the_events_of_the_calls_it_waited_for(registry, 
     upstream = model_server(api_key=MODEL_KEY)
     upstream.chunk_interval = 0.5  # a stream of about 2 s
     register(registry, upstream)
+    token_id, secret = new_token(registry, "service", "caller")
     server = start_gunicorn(workers=1)
-    auth = ("service", "service-pass-1")
-    with httpx.stream("POST", f"{server.base_url}{CHAT}", json=chat_body(stream=True), auth=auth) as streamed:
-        lines = streamed.iter_lines()
-        assert next(lines).startswith("data: ")  # the stream is under way
+    client = openai.OpenAI(base_url=f"{server.base_url}/api/v1/openai", api_key=secret, max_retries=0)
+    with client.chat.completions.create(model="openai:gpt-4o", messages=chat_body()["messages"], stream=True) as chunks:
+        first = next(iter(chunks))  # the stream is under way
         server.process.send_signal(signal.SIGTERM)
-        rest = [line for line in lines if line]
-    assert rest[-1] == "data: [DONE]" and not any("error" in line for line in rest)
+        rest = list(chunks)
+    client.close()  # the stop waits on an idle kept-alive connection too
+    assert first.choices[0].delta.role == "assistant" and rest[-1].choices[0].finish_reason == "stop"
+    assert all(chunk.usage is None for chunk in [first, *rest])  # not asked for
     server.process.wait(timeout=30)
     [event] = stored_events(registry)
-    assert (event["outcome"], event["input_tokens"], event["output_tokens"]) == ("ok", 7, 3)
+    assert (event["token_id"], event["outcome"]) == (token_id, "ok")
+    assert (event["input_tokens"], event["output_tokens"]) == (USAGE["prompt_tokens"], USAGE["completion_tokens"])
