@@ -27,7 +27,7 @@ from storage.usage import delete_usage_before, insert_usage
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.5
-# Events per INSERT, and per transaction: on SQLite 500 hold the write lock for about 10 ms.
+# Events per INSERT, and per transaction: on SQLite 500 hold the write lock for 10 to 20 ms.
 BATCH_SIZE = 500
 # Between two batches of a backlog: a gevent worker's requests run, and other writers take the lock.
 PAUSE_BETWEEN_BATCHES = 0.01
