@@ -273,6 +273,13 @@ def test_the_report_defaults_to_the_last_30_days_by_day(registry, calls_by_three
 
 
 @pytest.mark.parametrize(
+    "query", [{"since": "9999-12-31T12:00:00Z"}, {"until": "0001-01-02T00:00:00Z"}, {"until": "9999-12-31T23:59:59Z"}]
+)
+def test_a_range_at_the_ends_of_time_is_answered(admin, query):
+    assert report(admin, **query) == []
+
+
+@pytest.mark.parametrize(
     "query, field",
     [
         ({"group_by": "day,week"}, "group_by"),
