@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test test-postgres lint format bench bench-throughput bench-gateway clean
+.PHONY: run test test-postgres lint format bench bench-throughput bench-gateway bench-usage clean
 
 # The virtual environment, rebuilt when the pinned requirements change.
 $(INSTALLED): requirements.txt requirements-dev.txt
@@ -48,6 +48,10 @@ bench-throughput: $(INSTALLED)
 # What the gateway adds against calling a local fake model server directly (bench/README.md).
 bench-gateway: $(INSTALLED)
 	$(BIN)/python bench/gateway.py
+
+# The usage report at a million usage events (bench/README.md); BENCH_DATABASE_URL=postgresql+psycopg://... for PostgreSQL.
+bench-usage: $(INSTALLED)
+	$(BIN)/python bench/usage.py $(if $(BENCH_DATABASE_URL),--database-url '$(BENCH_DATABASE_URL)')
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

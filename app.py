@@ -18,6 +18,7 @@ from api.health import health_bp
 from api.providers import providers_bp
 from api.registry import registry_bp
 from api.tokens import tokens_bp
+from api.usage import usage_bp
 from catalog.manifests import ManifestVariables, sync_on_schedule
 from gateway.anthropic import anthropic_bp
 from gateway.openai import openai_bp
@@ -27,6 +28,7 @@ from models import USERNAME_MAX_LENGTH, canonical_username, db
 from observability import audit
 from observability.logs import RequestIds
 from observability.metrics import init_metrics
+from observability.usage import init_usage, prune_old_usage
 from schemas import ma
 from serving.cli import register_commands
 from storage.connections import end_connections
@@ -124,11 +126,18 @@ def settings_over(environ, settings):
     return merged
 
 
+def prune_interval(environ, name, retention_days):
+    """Seconds between the deletions past a retention; 0 (also when the retention is 0:
+    keep everything) turns them off."""
+    return read_number(environ, name, 3600.0, float) if retention_days else 0
+
+
 def load_config(environ):
     """Configuration from the environment (or the settings given to create_app), read once."""
     instance_path = os.path.abspath(environ.get("REGISTRY_INSTANCE_PATH") or os.path.join(HERE, "instance"))
     database_url = environ.get("DATABASE_URL") or f"sqlite:///{instance_path}/registry.db"
     audit_retention_days = read_number(environ, "REGISTRY_AUDIT_RETENTION_DAYS", 90.0, float)
+    usage_retention_days = read_number(environ, "REGISTRY_USAGE_RETENTION_DAYS", 90.0, float)
     return {
         "INSTANCE_PATH": instance_path,
         "SQLALCHEMY_DATABASE_URI": database_url,
@@ -149,10 +158,9 @@ def load_config(environ):
         "LOGIN_WINDOW": read_number(environ, "REGISTRY_LOGIN_WINDOW", 60.0, float),
         "METRICS": read_bool(environ, "REGISTRY_METRICS", True),
         "AUDIT_RETENTION_DAYS": audit_retention_days,
-        # 0 (also when the retention is 0: keep every event) turns the pruning job off.
-        "AUDIT_PRUNE_INTERVAL": read_number(environ, "REGISTRY_AUDIT_PRUNE_INTERVAL", 3600.0, float)
-        if audit_retention_days
-        else 0,
+        "AUDIT_PRUNE_INTERVAL": prune_interval(environ, "REGISTRY_AUDIT_PRUNE_INTERVAL", audit_retention_days),
+        "USAGE_RETENTION_DAYS": usage_retention_days,
+        "USAGE_PRUNE_INTERVAL": prune_interval(environ, "REGISTRY_USAGE_PRUNE_INTERVAL", usage_retention_days),
         "LOG_FORMAT": environ.get("LOG_FORMAT", "").strip().lower() or "text",
         "SQLITE_SYNCHRONOUS": read_choice(environ, "REGISTRY_SQLITE_SYNCHRONOUS", ("NORMAL", "FULL")),
         "MAX_CONTENT_LENGTH": MAX_BODY_BYTES,
@@ -177,6 +185,7 @@ def register_jobs(scheduler):
     # At start too, with any interval: a location dropped from REGISTRY_MANIFESTS loses its providers.
     scheduler.add_job("manifest-sync", "SYNC_INTERVAL", sync_on_schedule, at_start=True)
     scheduler.add_job("audit-prune", "AUDIT_PRUNE_INTERVAL", audit.prune_old_events)
+    scheduler.add_job("usage-prune", "USAGE_PRUNE_INTERVAL", prune_old_usage)
 
 
 class Registry(Flask):
@@ -222,6 +231,7 @@ def create_app(settings=None, environ=None):
     cipher.init_app(app)
     init_auth(app)
     init_metrics(app)
+    init_usage(app)
 
     app.register_blueprint(errors_bp)
     app.register_blueprint(health_bp)
@@ -233,6 +243,7 @@ def create_app(settings=None, environ=None):
     app.register_blueprint(registry_bp, url_prefix="/api/v1")
     app.register_blueprint(tokens_bp, url_prefix="/api/v1")
     app.register_blueprint(audit_bp, url_prefix="/api/v1")
+    app.register_blueprint(usage_bp, url_prefix="/api/v1")
     register_commands(app)
     app.extensions["manifest_variables"] = ManifestVariables(environ, is_registry_setting)
     app.extensions["scheduler"] = Scheduler(app)

@@ -168,3 +168,10 @@ def post_request(worker, req, environ, resp):
     import gevent
 
     gevent.sleep(0)
+
+
+def worker_exit(server, worker):
+    """A worker stopping gracefully writes the usage events it still holds."""
+    from observability.usage import stop_recording
+
+    stop_recording()

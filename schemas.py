@@ -839,3 +839,54 @@ class NewTokenSchema(TokenSchema):
 
 class TokensQuerySchema(PageQuerySchema):
     user = Text(metadata={"description": "Only this user's tokens (admin; others see only their own)"})
+
+
+USAGE_GROUP_KEYS = ("day", "model", "provider", "token", "user")
+
+
+class GroupKeys(fields.String):
+    """Group keys separated by commas ("day,model"), loaded as a list without repeats."""
+
+    def __init__(self, metadata=None, **kwargs):
+        one_key = f" *({'|'.join(USAGE_GROUP_KEYS)}) *"
+        super().__init__(metadata={"pattern": f"^{one_key}(,{one_key})*$", **(metadata or {})}, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        keys = [key.strip() for key in super()._deserialize(value, attr, data, **kwargs).split(",")]
+        if not all(key in USAGE_GROUP_KEYS for key in keys):
+            raise ValidationError(f"Must be one or more of {', '.join(USAGE_GROUP_KEYS)}, separated by commas.")
+        return list(dict.fromkeys(keys))
+
+
+class UsageQuerySchema(ma.Schema):
+    group_by = GroupKeys(
+        load_default=lambda: ["day"],
+        metadata={
+            "description": f"One or more of {', '.join(USAGE_GROUP_KEYS)}, separated by commas; default day. "
+            "Rows are ordered by these keys, in this order"
+        },
+    )
+    since = UtcTimestamp(metadata={"description": "Calls that ended at or after this; default: 30 days before until"})
+    until = UtcTimestamp(metadata={"description": "Calls that ended before this time; default: no end"})
+    model = Text(metadata={"description": "Only this registry model id"})
+    provider_id = Text(metadata={"description": "Only this provider's calls"})
+    token_id = Text(metadata={"description": "Only this API token's calls"})
+    user = Text(metadata={"description": "Only this user's calls, by name (admin; others see only their own)"})
+
+
+class UsageRowSchema(ma.Schema):
+    """One group: its keys (those asked for) and its sums."""
+
+    day = fields.Date(metadata={"description": "YYYY-MM-DD in UTC"})
+    model = fields.String(allow_none=True, metadata={"description": "null: a model the registry does not know"})
+    provider_id = fields.String(allow_none=True, metadata={"description": "null: no provider was tried"})
+    token_id = fields.String(allow_none=True, metadata={"description": "null: calls with HTTP Basic credentials"})
+    user = fields.String(metadata={"description": "The caller's user name (a token's owner)"})
+    requests = fields.Integer(required=True)
+    errors = fields.Integer(required=True, metadata={"description": "Calls whose outcome was not ok"})
+    input_tokens = fields.Integer(required=True, metadata={"description": "As the upstreams reported them"})
+    output_tokens = fields.Integer(required=True, metadata={"description": "As the upstreams reported them"})
+
+
+class UsageReportSchema(ma.Schema):
+    items = fields.List(fields.Nested(UsageRowSchema), required=True)

@@ -22,10 +22,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from flask import current_app, has_request_context, request
+from flask import current_app, has_app_context, has_request_context, request
 
+from access.auth import Caller, auth
+from models import utcnow
 from observability.logs import REQUEST_ID_KEY, USER_KEY
 from observability.metrics import record_gateway_call, record_gateway_call_started
+from observability.usage import UsageRecorder
 from upstreams.transport import Deadline
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,16 @@ def request_log_fields():
     """The request's id and user, for the log lines written after its context ended (a stream's)."""
     environ = request.environ if has_request_context() else {}
     return {"request_id": environ.get(REQUEST_ID_KEY, "-"), "user": environ.get(USER_KEY, "-")}
+
+
+def request_caller():
+    """The request's authenticated caller, kept for the usage event of a stream, which ends
+    after the request's context."""
+    return auth.current_user() if has_request_context() else None
+
+
+def app_usage_recorder():
+    return current_app.extensions["usage"] if has_app_context() else None
 
 
 @dataclass(frozen=True)
@@ -75,10 +88,11 @@ class EmbeddingsRequest:
 
 @dataclass
 class GatewayCall:
-    """One call as the metrics count it: known in full when call_finished runs."""
+    """One call as the metrics count it and its usage event records it: known in full when
+    call_finished runs."""
 
     model: str
-    kind: str  # the endpoint: "chat", "messages" or "embeddings"
+    kind: str  # "chat", "responses", "messages" or "embeddings"; ENDPOINTS names it in usage events
     stream: bool = False
     provider_type: str = ""
     provider_id: str | None = None
@@ -87,7 +101,10 @@ class GatewayCall:
     started: float = field(default_factory=time.monotonic)
     first_chunk_after: float | None = None
     usage: dict | None = None
+    status: int | None = None  # the error status of a call refused before its answer began
     log_fields: dict = field(default_factory=request_log_fields)
+    caller: Caller | None = field(default_factory=request_caller)
+    usage_recorder: UsageRecorder | None = field(default_factory=app_usage_recorder)
 
     def served_by(self, target):
         self.provider_id = target.provider_id
@@ -108,12 +125,68 @@ def call_started(call):
     record_gateway_call_started(call.provider_type, call.counted_model)
 
 
+def count_of(usage, *names):
+    """The first of the named token counts the usage holds, or None."""
+    for name in names:
+        count = usage.get(name)
+        if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+            return count
+    return None
+
+
+def reported_tokens(usage):
+    """(input, output) tokens as the upstream reported them, in OpenAI's words or Anthropic's
+    and the Responses API's; each None when it did not (never estimated)."""
+    usage = usage if isinstance(usage, dict) else {}
+    return count_of(usage, "prompt_tokens", "input_tokens"), count_of(usage, "completion_tokens", "output_tokens")
+
+
+# The endpoint a usage event names, where it is not the call's kind.
+ENDPOINTS = {"chat": "chat.completions"}
+# A stream that fails after its answer began keeps its 200; its usage event names the status
+# its error event stands for (499, as proxies log it, for a client that went away).
+MID_STREAM_STATUS = {"timeout": 504, "upstream_error": 502, "cancelled": 499}
+
+
+def usage_outcome(call):
+    if call.outcome == "ok":
+        return "ok"
+    return str(call.status or MID_STREAM_STATUS.get(call.outcome, 502))
+
+
+def record_usage(call, latency, tokens):
+    """Hand the call's usage event to its app's recorder, which writes it off the call's path."""
+    if call.usage_recorder is None or call.caller is None:
+        return
+    ended_at = utcnow()
+    call.usage_recorder.record(
+        {
+            "token_id": call.caller.token_id,
+            "user_id": call.caller.id,
+            "username": call.caller.username,
+            "created_at": ended_at,
+            "day": ended_at.date(),
+            "provider_id": call.provider_id,
+            "model": call.model if call.indexed else None,
+            "endpoint": ENDPOINTS.get(call.kind, call.kind),
+            "input_tokens": tokens[0],
+            "output_tokens": tokens[1],
+            "outcome": usage_outcome(call),
+            "duration_seconds": latency,
+            "first_chunk_seconds": call.first_chunk_after,
+        }
+    )
+
+
 def call_finished(call):
     """The one place where a call's outcome, latency, time to first chunk and usage are all
-    known: counted in the metrics (the model as the index knows it, else unknown) and logged."""
+    known: counted in the metrics (the model as the index knows it, else unknown), recorded
+    as a usage event and logged."""
     latency = time.monotonic() - call.started
     model_id = call.counted_model
-    record_gateway_call(call.provider_type, model_id, call.outcome, latency, call.first_chunk_after, call.usage)
+    reported = reported_tokens(call.usage)
+    record_gateway_call(call.provider_type, model_id, call.outcome, latency, call.first_chunk_after, reported)
+    record_usage(call, latency, reported)
     first_chunk = f"{call.first_chunk_after * 1000:.1f}" if call.first_chunk_after is not None else "-"
     tokens = (call.usage or {}).get("total_tokens", "-")
     log.info(

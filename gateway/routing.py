@@ -193,6 +193,7 @@ def counted_if_refused(call):
         yield
     except GatewayError as error:
         call.outcome = outcome_of_refusal(error.status)
+        call.status = error.status
         call_finished(call)
         raise
 

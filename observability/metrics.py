@@ -34,7 +34,7 @@ HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 UNMATCHED_ROUTE = "unmatched"
 UNKNOWN = "unknown"
 GATEWAY_OUTCOMES = ("ok", "client_error", "not_found", "unavailable", "upstream_error", "timeout", "cancelled")
-TOKEN_KINDS = ("prompt", "completion")
+TOKEN_KINDS = ("prompt", "completion")  # the input and the output tokens
 # Counters are doubles: a larger count would lose units, or overflow (a 400-digit one raises,
 # a 308-digit one sticks the counter at +Inf). The gateway refuses such usage from upstreams.
 MAX_TOKENS = 2**53
@@ -102,8 +102,16 @@ GATEWAY_FIRST_CHUNK_SECONDS = Histogram(
 )
 GATEWAY_TOKENS = Counter(
     "registry_gateway_tokens",
-    "Tokens the upstreams reported for gateway calls, by provider type, model and kind (prompt or completion).",
+    "Usage tokens the upstreams reported for gateway calls, by provider type, model and direction "
+    "(kind prompt: input, completion: output), as the usage events count them.",
     ("type", "model", "kind"),
+    registry=own_metrics,
+)
+USAGE_EVENTS_DROPPED = Counter(
+    "registry_usage_events_dropped",
+    "Usage events dropped unwritten, by reason: backlog (the oldest, while the database refused "
+    "them for too long) or unstorable (the database refused them as they were).",
+    ("reason",),
     registry=own_metrics,
 )
 
@@ -179,14 +187,14 @@ def record_gateway_call_started(provider_type, model_id):
     GATEWAY_CALLS_STARTED.labels(*gateway_labels(provider_type, model_id)).inc()
 
 
-def record_gateway_call(provider_type, model_id, outcome, seconds, time_to_first_chunk=None, usage=None):
+def record_gateway_call(provider_type, model_id, outcome, seconds, time_to_first_chunk=None, tokens=(None, None)):
     """Count one gateway call (for the gateway's routes).
 
     `model_id` is the registry model id ("type:upstream id") as the model index knows it,
     or None when the index does not know the requested model: it is then counted as
     "unknown", so a label never holds what a client typed. `outcome` is one of
-    GATEWAY_OUTCOMES; `time_to_first_chunk` (seconds) for streams; `usage` the upstream's
-    OpenAI-shaped usage ({"prompt_tokens", "completion_tokens"}) when it reported one.
+    GATEWAY_OUTCOMES; `time_to_first_chunk` (seconds) for streams; `tokens` the (input,
+    output) tokens the upstream reported, each None when it did not.
     """
     if outcome not in GATEWAY_OUTCOMES:
         raise ValueError(f"outcome must be one of {GATEWAY_OUTCOMES}, not {outcome!r}")
@@ -195,10 +203,13 @@ def record_gateway_call(provider_type, model_id, outcome, seconds, time_to_first
     GATEWAY_SECONDS.labels(*labels).observe(seconds)
     if time_to_first_chunk is not None:
         GATEWAY_FIRST_CHUNK_SECONDS.labels(*labels).observe(time_to_first_chunk)
-    for kind in TOKEN_KINDS:
-        tokens = (usage or {}).get(f"{kind}_tokens")
-        if isinstance(tokens, int) and 0 < tokens <= MAX_TOKENS:
-            GATEWAY_TOKENS.labels(*labels, kind).inc(tokens)
+    for kind, count in zip(TOKEN_KINDS, tokens, strict=True):
+        if count and count <= MAX_TOKENS:
+            GATEWAY_TOKENS.labels(*labels, kind).inc(count)
+
+
+def count_dropped_usage_events(count, reason="backlog"):
+    USAGE_EVENTS_DROPPED.labels(reason).inc(count)
 
 
 # The scrape

@@ -74,6 +74,7 @@ def registry_environ(instance_path, **overrides):
         "REGISTRY_PROBE_INTERVAL": "0",
         "REGISTRY_SYNC_INTERVAL": "0",
         "REGISTRY_AUDIT_PRUNE_INTERVAL": "0",
+        "REGISTRY_USAGE_PRUNE_INTERVAL": "0",
     }
     environ.update(overrides)
     return environ
@@ -216,6 +217,7 @@ def make_app(instance_path):
 
     yield build
     for app in apps:
+        app.extensions["usage"].stop()  # its usage events written while its database is there
         with app.app_context():
             db.engine.dispose()
 
