@@ -19,7 +19,8 @@ import sqlalchemy as sa
 from models import USAGE_DAYS, USAGE_EVENTS, db, utcnow
 from observability.usage import MAX_PENDING, prune_old_usage
 from tests.conftest import SQLITE_ONLY, client_as, provider_body, wait_for
-from tests.fake_model_servers import USAGE
+from tests.fakes.model import USAGE
+from tests.test_gateway import CALLER, ask
 from tests.test_metrics import delta, parse, scrape
 
 PROVIDERS = "/api/v1/model_providers"
@@ -29,12 +30,6 @@ USAGE_REPORT = "/api/v1/usage"
 MODEL_KEY = "sk-model-key-USAGE-SECRET-5150"
 PROMPT = "a prompt that is PROMPT-MARKER-31337"
 ANSWER_PIECES = ["ANSWER-", "MARKER-", "4711"]
-
-
-@pytest.fixture
-def registry(make_app):
-    """The app, verifying providers on create (which fills the model index the gateway routes by)."""
-    return make_app(REGISTRY_VERIFY_ON_CREATE="true")
 
 
 def register(app, server, **fields):
@@ -91,8 +86,8 @@ def report(client, **query):
 # One event per call, on every protocol ------------------------------------------------------
 
 
-def test_a_chat_completion_records_one_event_with_who_what_and_the_tokens(registry, model_server):
-    provider_id = register(registry, model_server(api_key=MODEL_KEY))
+def test_a_chat_completion_records_one_event_with_who_what_and_the_tokens(registry, fake_upstream):
+    provider_id = register(registry, fake_upstream(api_key=MODEL_KEY))
     token_id, secret = new_token(registry, "service", "caller")
     before = utcnow()
     response = bearer(registry, secret).post(CHAT, json=chat_body())
@@ -105,8 +100,8 @@ def test_a_chat_completion_records_one_event_with_who_what_and_the_tokens(regist
     assert event["duration_seconds"] > 0 and event["first_chunk_seconds"] is None
 
 
-def test_a_stream_records_its_usage_though_the_client_did_not_ask_for_it(registry, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_stream_records_its_usage_though_the_client_did_not_ask_for_it(registry, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     response = client_as(registry, "service").post(CHAT, json=chat_body(stream=True))
     chunks = sse_data(response)
@@ -118,8 +113,8 @@ def test_a_stream_records_its_usage_though_the_client_did_not_ask_for_it(registr
     assert event["outcome"] == "ok" and 0 < event["first_chunk_seconds"] <= event["duration_seconds"]
 
 
-def test_a_stream_that_asked_for_usage_gets_it_and_records_it(registry, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_a_stream_that_asked_for_usage_gets_it_and_records_it(registry, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     body = chat_body(stream=True, stream_options={"include_usage": True})
     chunks = sse_data(client_as(registry, "service").post(CHAT, json=body))
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == USAGE
@@ -127,8 +122,8 @@ def test_a_stream_that_asked_for_usage_gets_it_and_records_it(registry, model_se
     assert (event["input_tokens"], event["output_tokens"]) == (USAGE["prompt_tokens"], USAGE["completion_tokens"])
 
 
-def test_a_watsonx_stream_records_its_usage_and_counts_its_tokens(registry, make_app, model_server, anonymous):
-    upstream = model_server("watsonx", api_key="watsonx-key-USAGE", models=["ibm/granite-3-8b-instruct"])
+def test_a_watsonx_stream_records_its_usage_and_counts_its_tokens(registry, make_app, fake_upstream, anonymous):
+    upstream = fake_upstream("watsonx", api_key="watsonx-key-USAGE", models=["ibm/granite-3-8b-instruct"])
     app = make_app(REGISTRY_VERIFY_ON_CREATE="true", REGISTRY_WATSONX_IAM_URL=upstream.iam_url)
     register(app, upstream, watsonx_project_id="project-1")
     before = parse(scrape(anonymous))
@@ -143,8 +138,8 @@ def test_a_watsonx_stream_records_its_usage_and_counts_its_tokens(registry, make
     assert delta(before, after, "registry_gateway_tokens_total", **labels, kind="completion") == 3
 
 
-def test_embeddings_record_their_input_tokens(registry, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_embeddings_record_their_input_tokens(registry, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     body = {"model": "openai:text-embedding-3-small", "input": ["one", "two"]}
     assert client_as(registry, "service").post(EMBEDDINGS, json=body).status_code == 200
     event = only_event(registry)
@@ -156,8 +151,8 @@ def test_embeddings_record_their_input_tokens(registry, model_server):
     assert (event["input_tokens"], event["output_tokens"]) == (2, None)  # the upstream reported no output
 
 
-def test_an_answer_without_usage_records_no_tokens_rather_than_an_estimate(registry, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_an_answer_without_usage_records_no_tokens_rather_than_an_estimate(registry, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     choice = {"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}
     completion = {"id": "c", "object": "chat.completion", "created": 1, "choices": [choice]}
@@ -167,8 +162,8 @@ def test_an_answer_without_usage_records_no_tokens_rather_than_an_estimate(regis
     assert (event["input_tokens"], event["output_tokens"], event["outcome"]) == (None, None, "ok")
 
 
-def test_calls_that_fail_are_recorded_with_their_status(registry, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_calls_that_fail_are_recorded_with_their_status(registry, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     provider_id = register(registry, upstream)
     service = client_as(registry, "service")
     assert service.post(CHAT, json=chat_body("openai:no-such-model")).status_code == 404
@@ -176,7 +171,7 @@ def test_calls_that_fail_are_recorded_with_their_status(registry, model_server):
     assert service.post(CHAT, json=chat_body()).status_code == 400
     upstream.fail_with(500)
     assert service.post(CHAT, json=chat_body()).status_code == 502
-    upstream.forced = None
+    upstream.failure = None
     upstream.break_after_chunks = 2  # the stream breaks off after its answer began
     assert "error" in sse_data(service.post(CHAT, json=chat_body(stream=True)))[-1]
     unknown, refused, failed, broken = stored_events(registry)
@@ -190,8 +185,8 @@ def test_calls_that_fail_are_recorded_with_their_status(registry, model_server):
 # Nothing secret in the usage -----------------------------------------------------------------
 
 
-def test_no_prompt_answer_key_or_token_secret_is_stored(registry, model_server, databases, instance_path):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_no_prompt_answer_key_or_token_secret_is_stored(registry, fake_upstream, databases, instance_path):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     upstream.pieces = ANSWER_PIECES
     register(registry, upstream)
     _, secret = new_token(registry, "service", "caller")
@@ -221,9 +216,9 @@ def test_no_prompt_answer_key_or_token_secret_is_stored(registry, model_server, 
 
 
 @pytest.fixture
-def calls_by_three(registry, model_server):
+def calls_by_three(registry, fake_upstream):
     """Calls by service (Basic: 2; its caller token: 1) and by admin (Basic: 1); the token's id."""
-    register(registry, model_server(api_key=MODEL_KEY))
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     token_id, secret = new_token(registry, "service", "caller")
     for client in (client_as(registry, "service"), client_as(registry, "service"), bearer(registry, secret)):
         assert client.post(CHAT, json=chat_body()).status_code == 200
@@ -473,8 +468,8 @@ class SteadyCalls:
             thread.join(timeout=30)
 
 
-def test_a_killed_worker_loses_at_most_its_last_second_of_events(registry, model_server, start_gunicorn):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_a_killed_worker_loses_at_most_its_last_second_of_events(registry, fake_upstream, start_gunicorn):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     _, secret = new_token(registry, "service", "caller")
     server = start_gunicorn(workers=2)
     calls = SteadyCalls(server, secret)
@@ -489,8 +484,8 @@ def test_a_killed_worker_loses_at_most_its_last_second_of_events(registry, model
     assert answered_before_the_last_second <= stored <= len(calls.answered_at) + len(calls.threads)
 
 
-def test_a_graceful_stop_writes_the_events_of_the_calls_it_waited_for(registry, model_server, start_gunicorn):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_graceful_stop_writes_the_events_of_the_calls_it_waited_for(registry, fake_upstream, start_gunicorn):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     upstream.chunk_interval = 0.5  # a stream of about 2 s
     register(registry, upstream)
     token_id, secret = new_token(registry, "service", "caller")
@@ -506,4 +501,16 @@ def test_a_graceful_stop_writes_the_events_of_the_calls_it_waited_for(registry, 
     server.process.wait(timeout=30)
     [event] = stored_events(registry)
     assert (event["token_id"], event["outcome"]) == (token_id, "ok")
+    assert (event["input_tokens"], event["output_tokens"]) == (USAGE["prompt_tokens"], USAGE["completion_tokens"])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_every_protocol_records_one_event_naming_its_endpoint(registry, fake_upstream, protocol, stream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
+    response = ask(registry, protocol, stream=stream)
+    response.get_data()  # a stream's event is recorded when it ends
+    assert response.status_code == 200
+    event = only_event(registry)
+    endpoint = {"chat-completions": "chat.completions"}.get(protocol.name, protocol.name)
+    assert (event["endpoint"], event["outcome"], event["username"]) == (endpoint, "ok", CALLER)
     assert (event["input_tokens"], event["output_tokens"]) == (USAGE["prompt_tokens"], USAGE["completion_tokens"])
