@@ -16,7 +16,7 @@ from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from werkzeug.test import Client
 
 from models import CONSOLE_SESSIONS, db, utcnow
-from tests.conftest import PASSWORDS, ROOT, client_as, provider_body
+from tests.conftest import PASSWORDS, ROOT, client_as, free_port, provider_body
 
 CSRF_FIELD = re.compile(r'name="csrf_token" value="([^"]*)"')
 SECRET_KEY = "sk-console-SECRET-9137"
@@ -310,6 +310,21 @@ def test_a_token_secret_is_shown_once_and_revoked_tokens_stop_working(app, conso
     assert bearer.get(PROVIDERS, headers={"Authorization": f"Bearer {secret}"}).status_code == 401
 
 
+def test_an_admin_sets_the_default_models_with_the_apis_rules(app, console):
+    admin = console("admin")
+    saved = post_form(admin, "/ui/catalog/defaults", "/ui/catalog", default_llm_model="openai:gpt-4o")
+    assert saved.status_code == 303
+    configuration = client_as(app, "reader").get("/api/v1/configurations/system").get_json()
+    assert (configuration["default_llm_model"], configuration["default_embedding_model"]) == ("openai:gpt-4o", None)
+    assert 'value="openai:gpt-4o"' in admin.get("/ui/catalog").text
+
+    api_errors = client_as(app, "admin").put("/api/v1/configurations/system", json={"default_llm_model": "gpt-4o"})
+    refused = post_form(admin, "/ui/catalog/defaults", "/ui/catalog", default_llm_model="gpt-4o")
+    assert refused.status_code == 422
+    message = " ".join(api_errors.get_json()["errors"]["default_llm_model"])
+    assert f"<code>default_llm_model</code>: {escape(message)}" in refused.text
+
+
 def test_the_console_works_under_a_mount_path(app):
     def host_app(environ, start_response):
         start_response("404 Not Found", [("Content-Type", "text/plain")])
@@ -404,7 +419,7 @@ class RecordedPage:
         """The page at each width into docs/screenshots/; the narrow one must not scroll sideways."""
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         for width in WIDTHS:
-            self.page.set_viewport_size({"width": width, "height": 900})
+            self.page.set_viewport_size({"width": width, "height": 300})  # the image as tall as the page
             self.page.screenshot(path=SCREENSHOTS / f"{name}-{width}.png", full_page=True)
             overflow = self.page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
             assert overflow <= 0, f"{name} scrolls sideways at {width} px"
@@ -432,7 +447,11 @@ def test_in_a_browser_an_admin_adds_a_provider_and_a_token_that_the_openai_clien
     start_gunicorn, model_server, open_page
 ):
     upstream = model_server(api_key=MODEL_KEY)
-    server = start_gunicorn(workers=1, REGISTRY_VERIFY_ON_CREATE="true")
+    server = start_gunicorn(workers=1, REGISTRY_VERIFY_ON_CREATE="true", REGISTRY_PROBE_FAILURES="1")
+    with server.client("admin") as admin_api:  # a provider whose upstream went away: nothing listens there
+        gone = provider_body(base_url=f"http://127.0.0.1:{free_port()}/v1", name="Retired models")
+        gone_id = admin_api.post(PROVIDERS, json=gone, params={"verify": "false"}).json()["id"]
+        assert admin_api.post(f"{PROVIDERS}/{gone_id}/check").json()["state"] == "offline"
     admin = open_page(server)
     page = admin.page
     admin.sign_in("admin")
@@ -451,6 +470,8 @@ def test_in_a_browser_an_admin_adds_a_provider_and_a_token_that_the_openai_clien
     admin.screenshot("provider")
     admin.follow_nav("Providers")
     expect(page.get_by_role("row", name=re.compile("Local models"))).to_contain_text("online")
+    expect(page.get_by_role("row", name=re.compile("Retired models"))).to_contain_text("offline")
+    expect(page.get_by_role("row", name=re.compile("Retired models"))).to_contain_text("refused")
     admin.screenshot("providers")
     admin.follow_nav("Catalog")
     expect(page.get_by_role("rowheader", name="openai:gpt-4o", exact=True)).to_be_visible()

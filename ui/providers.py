@@ -38,6 +38,7 @@ def providers():
         page=page,
         model_counts=model_counts(provider.id for provider in page["items"]),
         query=query,
+        providers_url=url_for("ui.providers"),  # each provider's page is under it: /<id>
         filters={"state": STATES, "type": PROVIDER_TYPES, "capability": CAPABILITIES},
     )
 
