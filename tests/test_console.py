@@ -6,6 +6,7 @@ import html
 import re
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import openai
 import pytest
@@ -27,13 +28,13 @@ def csrf_of(page):
     return CSRF_FIELD.search(page.text).group(1)
 
 
-def sign_in(client, role, password=None, prefix=""):
-    """Sign `client` in through the console's form; the answer to the form."""
-    form = client.get(f"{prefix}/ui/sign-in")
-    return client.post(
-        f"{prefix}/ui/sign-in",
-        data={"csrf_token": csrf_of(form), "username": role, "password": password or PASSWORDS[role]},
-    )
+def sign_in(client, role, password=None, form_path="/ui/sign-in", next_page=None):
+    """Sign `client` in through the console's form at `form_path`, sending back the page it
+    names to return to unless `next_page` is given; the answer to the form."""
+    form = client.get(form_path)
+    sent_back = html.unescape(re.search(r'name="next" value="([^"]*)"', form.text).group(1))
+    fields = {"username": role, "password": password or PASSWORDS[role], "next": next_page or sent_back}
+    return client.post(form_path.split("?")[0], data={"csrf_token": csrf_of(form), **fields})
 
 
 @pytest.fixture
@@ -73,7 +74,7 @@ def test_signing_in_gives_an_httponly_strict_cookie_for_the_configured_hours(mak
     assert {"httponly", "max-age", "path"} <= attributes and "secure" not in attributes
     assert "Max-Age=7200" in cookie and "Path=/ui" in cookie and "SameSite=Strict" in cookie
 
-    over_https = sign_in(app.test_client(), "reader", prefix="https://localhost")
+    over_https = sign_in(app.test_client(), "reader", form_path="https://localhost/ui/sign-in")
     assert "Secure" in next(value for value in over_https.headers.getlist("Set-Cookie") if "registry_console=" in value)
 
 
@@ -81,28 +82,14 @@ def test_pages_need_a_session_and_sign_in_returns_to_the_page_asked(app):
     client = app.test_client()
     asked = client.get("/ui/catalog")
     assert asked.status_code == 303 and asked.headers["Location"] == "/ui/sign-in?next=/ui/catalog"
-    form = client.get(asked.headers["Location"])
-    signed_in = client.post(
-        "/ui/sign-in",
-        data={
-            "csrf_token": csrf_of(form),
-            "username": "reader",
-            "password": PASSWORDS["reader"],
-            "next": "/ui/catalog",
-        },
-    )
+    signed_in = sign_in(client, "reader", form_path=asked.headers["Location"])
     assert signed_in.headers["Location"] == "/ui/catalog"
     assert client.get("/ui/catalog").status_code == 200
 
 
 @pytest.mark.parametrize("target", ["https://elsewhere.example/ui/", "//elsewhere.example/ui/", "/api/v1/tokens"])
 def test_sign_in_sends_nobody_outside_the_console(app, target):
-    client = app.test_client()
-    form = client.get("/ui/sign-in")
-    signed_in = client.post(
-        "/ui/sign-in",
-        data={"csrf_token": csrf_of(form), "username": "reader", "password": PASSWORDS["reader"], "next": target},
-    )
+    signed_in = sign_in(app.test_client(), "reader", form_path=f"/ui/sign-in?next={quote(target)}")
     assert signed_in.headers["Location"] == "/ui/providers"
 
 
@@ -333,17 +320,9 @@ def test_the_console_works_under_a_mount_path(app):
     browser = Client(DispatcherMiddleware(host_app, {"/registry": app}))
     asked = browser.get("/registry/ui/tokens")
     assert asked.headers["Location"] == "/registry/ui/sign-in?next=/registry/ui/tokens"
-    form = browser.get("/registry/ui/sign-in")
+    form = browser.get(asked.headers["Location"])
     assert 'action="/registry/ui/sign-in"' in form.text and 'href="/registry/ui/static/console.css"' in form.text
-    signed_in = browser.post(
-        "/registry/ui/sign-in",
-        data={
-            "csrf_token": csrf_of(form),
-            "username": "reader",
-            "password": PASSWORDS["reader"],
-            "next": "/registry/ui/tokens",
-        },
-    )
+    signed_in = sign_in(browser, "reader", form_path=asked.headers["Location"])
     assert signed_in.headers["Location"] == "/registry/ui/tokens"
     assert "Path=/registry/ui" in signed_in.headers["Set-Cookie"]
     tokens = browser.get("/registry/ui/tokens")

@@ -1,7 +1,7 @@
 """Signing in and out of the console."""
 
 from flask import g, make_response, redirect, render_template, request, url_for
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 
 from access.auth import verify_password
 from ui.console import FormProblem, answered, caller, form_problem, safe_next, ui_bp
@@ -22,6 +22,11 @@ WRONG_CREDENTIALS = FormProblem(401, "Wrong user name or password.", {}, {})
 @ui_bp.get("/")
 def index():
     return redirect(url_for("ui.providers"))
+
+
+@ui_bp.get("/<path:unknown>")
+def no_such_page(unknown):
+    raise NotFound("The console has no page at this address.")
 
 
 def sign_in_page(problem=None, username=""):
