@@ -330,6 +330,16 @@ def test_the_console_works_under_a_mount_path(app):
     assert browser.get("/registry/ui/static/console.js").status_code == 200
 
 
+def test_a_database_gone_is_a_503_page_not_a_500(app, console, databases, instance_path):
+    client = console("admin")
+    with app.app_context():
+        db.engine.dispose()
+    databases.destroy(instance_path)
+    for answer in (client.get("/ui/providers"), sign_in(app.test_client(), "reader")):
+        assert answer.status_code == 503 and answer.mimetype == "text/html"
+        assert "The database is not available" in main_text(answer)
+
+
 def test_pages_load_only_the_registrys_own_files(console):
     client = console("admin")
     for path in ("/ui/providers", "/ui/providers/new", "/ui/catalog", "/ui/tokens", "/ui/audit"):

@@ -28,8 +28,7 @@ ui_bp = Blueprint("ui", __name__, url_prefix="/ui", template_folder="templates",
 # Nothing but the registry's own files: no page can load anything from another origin.
 PAGE_HEADERS = {
     "Content-Security-Policy": (
-        "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
-        "form-action 'self'; frame-ancestors 'none'"
+        "default-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
@@ -149,7 +148,7 @@ def refuse_forged_post(cookie_secret):
 
 def csrf_token():
     """The token the page's forms carry: of the session, or before it of the sign-in cookie."""
-    secret = request.cookies.get(SESSION_COOKIE) if g.console_caller else g.get("sign_in_secret")
+    secret = request.cookies.get(SESSION_COOKIE) if g.get("console_caller") else g.get("sign_in_secret")
     return csrf_token_of(secret) if secret else ""
 
 
