@@ -33,6 +33,7 @@ from schemas import ma
 from serving.cli import register_commands
 from storage.connections import end_connections
 from storage.sqlite import prepare_sqlite
+from ui import ui_bp
 
 log = logging.getLogger("registry")
 migrate = Migrate()
@@ -161,6 +162,7 @@ def load_config(environ):
         "AUDIT_PRUNE_INTERVAL": prune_interval(environ, "REGISTRY_AUDIT_PRUNE_INTERVAL", audit_retention_days),
         "USAGE_RETENTION_DAYS": usage_retention_days,
         "USAGE_PRUNE_INTERVAL": prune_interval(environ, "REGISTRY_USAGE_PRUNE_INTERVAL", usage_retention_days),
+        "UI_SESSION_HOURS": read_number(environ, "REGISTRY_UI_SESSION_HOURS", 12.0, float),
         "LOG_FORMAT": environ.get("LOG_FORMAT", "").strip().lower() or "text",
         "SQLITE_SYNCHRONOUS": read_choice(environ, "REGISTRY_SQLITE_SYNCHRONOUS", ("NORMAL", "FULL")),
         "MAX_CONTENT_LENGTH": MAX_BODY_BYTES,
@@ -244,6 +246,7 @@ def create_app(settings=None, environ=None):
     app.register_blueprint(tokens_bp, url_prefix="/api/v1")
     app.register_blueprint(audit_bp, url_prefix="/api/v1")
     app.register_blueprint(usage_bp, url_prefix="/api/v1")
+    app.register_blueprint(ui_bp)
     register_commands(app)
     app.extensions["manifest_variables"] = ManifestVariables(environ, is_registry_setting)
     app.extensions["scheduler"] = Scheduler(app)

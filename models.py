@@ -461,3 +461,25 @@ class UsageDay(db.Model):
 
 
 USAGE_DAYS = UsageDay.__table__
+
+
+def password_stamp(password_hash):
+    """What a console session keeps of its user's password hash when it began: a new password
+    (a new hash) ends the user's sessions."""
+    return hashlib.sha256(password_hash.encode()).hexdigest()
+
+
+class ConsoleSession(db.Model):
+    """A signed-in session of the web console. Its cookie holds a random secret; only the
+    secret's digest is kept, so the table lets no one in. Deleting the row signs it out."""
+
+    __tablename__ = "ui_sessions"
+
+    digest = sa.Column(sa.String(64), primary_key=True)
+    user_id = sa.Column(sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
+    password_stamp = sa.Column(sa.String(64), nullable=False)
+    created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
+    expires_at = sa.Column(sa.DateTime, nullable=False, index=True)
+
+
+CONSOLE_SESSIONS = ConsoleSession.__table__
