@@ -242,7 +242,7 @@ def test_an_admin_adds_edits_checks_and_deletes_without_the_key_ever_shown(app, 
     )
     assert stale_edit.status_code == 412 and "read it again" in main_text(stale_edit)
     checked = main_text(admin.get(page_path))  # the check listed the upstream's models
-    assert "2 listed" in checked and "openai:gpt-4o-mini" in checked
+    assert "3 listed" in checked and "openai:gpt-4o-mini" in checked
 
     for page in ("/ui/providers", page_path, "/ui/catalog", "/ui/audit"):
         assert SECRET_KEY not in admin.get(page).text
@@ -433,9 +433,9 @@ def open_page(browser):
 
 
 def test_in_a_browser_an_admin_adds_a_provider_and_a_token_that_the_openai_client_uses(
-    start_gunicorn, model_server, open_page
+    start_gunicorn, fake_upstream, open_page
 ):
-    upstream = model_server(api_key=MODEL_KEY)
+    upstream = fake_upstream(api_key=MODEL_KEY)
     server = start_gunicorn(workers=1, REGISTRY_VERIFY_ON_CREATE="true", REGISTRY_PROBE_FAILURES="1")
     with server.client("admin") as admin_api:  # a provider whose upstream went away: nothing listens there
         gone = provider_body(base_url=f"http://127.0.0.1:{free_port()}/v1", name="Retired models")
