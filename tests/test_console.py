@@ -18,10 +18,15 @@ from werkzeug.test import Client
 
 from models import CONSOLE_SESSIONS, db, utcnow
 from tests.conftest import PASSWORDS, ROOT, client_as, free_port, provider_body
+from tests.fakes.model import USAGE
 
 CSRF_FIELD = re.compile(r'name="csrf_token" value="([^"]*)"')
 SECRET_KEY = "sk-console-SECRET-9137"
+MODEL_KEY = "sk-model-key-console"
 PROVIDERS = "/api/v1/model_providers"
+CHAT = "/api/v1/openai/chat/completions"
+USAGE_REPORT = "/api/v1/usage"
+USAGE_SUMS = ("requests", "errors", "input_tokens", "output_tokens")
 
 
 def csrf_of(page):
@@ -312,6 +317,66 @@ def test_an_admin_sets_the_default_models_with_the_apis_rules(app, console):
     assert f"<code>default_llm_model</code>: {escape(message)}" in refused.text
 
 
+USAGE_PAGE = "/ui/usage"
+
+
+@pytest.fixture
+def calls_by_two(registry, fake_upstream):
+    """Through the gateway: two calls by service (a known model, with a reader's token listed
+    apart) and one by admin to a model that is not there; all written to the usage table."""
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    body = provider_body(base_url=upstream.base_url, api_key=MODEL_KEY)
+    assert client_as(registry, "admin").post(PROVIDERS, json=body).status_code == 201
+    chat = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
+    for _ in range(2):
+        assert client_as(registry, "service").post(CHAT, json=chat).status_code == 200
+    assert client_as(registry, "admin").post(CHAT, json={**chat, "model": "openai:gone"}).status_code == 404
+    assert registry.extensions["usage"].flush()
+
+
+def test_the_usage_page_shows_the_apis_table_and_a_chart_of_tokens_per_day_by_model(registry, console, calls_by_two):
+    today, tokens = utcnow().date().isoformat(), USAGE["prompt_tokens"] + USAGE["completion_tokens"]
+    admin = console("admin", target=registry)
+    assert 'href="/ui/usage"' in admin.get("/ui/providers").text
+    page = admin.get(USAGE_PAGE, query_string={"group_by": "user,model"})
+    assert page.status_code == 200
+    api_rows = client_as(registry, "admin").get(USAGE_REPORT, query_string={"group_by": "user,model"}).get_json()
+    shown = main_text(page)
+    for row in api_rows["items"]:
+        cells = [row["user"], row["model"] or "none", *(str(row[sum_]) for sum_ in USAGE_SUMS)]
+        assert " ".join(cells) in shown
+    assert f"service openai:gpt-4o 2 0 {2 * USAGE['prompt_tokens']} {2 * USAGE['completion_tokens']}" in shown
+    svg = page.text.split("<svg", 1)[1].split("</svg>", 1)[0]
+    assert 'role="img"' in svg and "<title" in svg and "Tokens per day by model" in shown
+    assert f"<title>{today}, openai:gpt-4o: {2 * tokens} tokens</title>" in svg
+    assert MODEL_KEY not in page.text
+    assert svg.count("<rect") == 1 and "openai:gpt-4o" in page.text.split('class="legend"', 1)[1]
+
+    by_day = main_text(admin.get(USAGE_PAGE))  # the API's default: by day, the last 30 days
+    assert f"{today} 3 1 {2 * USAGE['prompt_tokens']} {2 * USAGE['completion_tokens']}" in by_day
+    assert "No call in this range." in main_text(admin.get(USAGE_PAGE, query_string={"until": "2020-01-01T00:00:00Z"}))
+
+
+def test_the_usage_page_shows_each_role_only_what_the_api_shows_it(registry, console, calls_by_two):
+    service = main_text(console("service", target=registry).get(USAGE_PAGE, query_string={"group_by": "user"}))
+    assert "service 2 0" in service and "admin" not in service.split("Calls and tokens", 1)[1]
+    reader = console("reader", target=registry)
+    mine = main_text(reader.get(USAGE_PAGE, query_string={"group_by": "user"}))
+    assert "No tokens in this range." in mine and "No call in this range." in mine and "openai:gpt-4o" not in mine
+    refused = reader.get(USAGE_PAGE, query_string={"user": "service"})
+    api_refusal = client_as(registry, "reader").get(USAGE_REPORT, query_string={"user": "service"}).get_json()
+    assert refused.status_code == 403 and api_refusal["detail"] in main_text(refused)
+
+
+@pytest.mark.parametrize("query", [{"group_by": "day,week"}, {"since": "yesterday"}], ids=["group", "since"])
+def test_a_bad_usage_filter_shows_the_apis_message(registry, console, query):
+    api_refusal = client_as(registry, "admin").get(USAGE_REPORT, query_string=query).get_json()
+    refused = console("admin", target=registry).get(USAGE_PAGE, query_string=query)
+    assert refused.status_code == 422 and api_refusal["detail"] in main_text(refused)
+    [(field, messages)] = api_refusal["errors"].items()
+    assert field in query and f"<code>{field}</code>: {escape(' '.join(messages))}" in refused.text
+
+
 def test_the_console_works_under_a_mount_path(app):
     def host_app(environ, start_response):
         start_response("404 Not Found", [("Content-Type", "text/plain")])
@@ -365,7 +430,6 @@ CHROMIUM_FLAGS = [
 ]
 SCREENSHOTS = Path(ROOT) / "docs" / "screenshots"
 WIDTHS = (1280, 360)
-MODEL_KEY = "sk-model-key-console"
 
 
 @pytest.fixture(scope="module")
