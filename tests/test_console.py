@@ -542,6 +542,17 @@ def test_in_a_browser_an_admin_adds_a_provider_and_a_token_that_the_openai_clien
     with openai.OpenAI(base_url=f"{server.base_url}/api/v1/openai", api_key=secret, max_retries=0) as agent:
         answer = agent.chat.completions.create(model="openai:gpt-4o", messages=[{"role": "user", "content": "Hi"}])
         assert answer.choices[0].message.content == "Hello!"
+        admin.follow_nav("Usage")  # the call's usage event is written within a second of its end
+        legend = page.get_by_role("list", name="Models")
+        for _ in range(20):
+            if legend.count() and "openai:gpt-4o" in legend.inner_text():
+                break
+            page.wait_for_timeout(250)
+            page.reload()
+        expect(legend).to_contain_text("openai:gpt-4o")
+        expect(page.get_by_role("img", name=re.compile("tokens per day"))).to_be_visible()
+        admin.screenshot("usage")
+        admin.follow_nav("Tokens")
         page.get_by_role("button", name="Revoke my-agent").click()
         expect(page.get_by_role("status")).to_have_text("The token was revoked; it no longer works.")
         with pytest.raises(openai.AuthenticationError):
