@@ -2,14 +2,14 @@
 Code call any registry model (ANTHROPIC_BASE_URL={registry}/api/v1/anthropic). The token
 comes as `x-api-key` or Bearer; errors are in Anthropic's shape."""
 
+from functools import partial
+
 from apifairy import authenticate, body, other_responses
 from flask import Blueprint, request
 
 from access.auth import auth
-from gateway.call import GatewayCall, Settings
-from gateway.chat import complete, open_stream
+from gateway.answers import GATEWAY_ERRORS, allow_prompt_sized_bodies, chat_answer
 from gateway.messages import MessageEvents, chat_request_of, message_of
-from gateway.openai import GATEWAY_ERRORS, STREAM_HEADERS, allow_prompt_sized_bodies, served_by
 from schemas import MessageSchema, MessagesRequestSchema
 
 anthropic_bp = Blueprint("anthropic", __name__)
@@ -31,9 +31,4 @@ def create_message(messages_body):
     `X-Registry-Provider-Id` names the provider.
     """
     chat_request = chat_request_of(messages_body, request.headers)
-    call = GatewayCall(chat_request.model, "messages", stream=chat_request.stream)
-    if chat_request.stream:
-        target, events = open_stream(call, chat_request, Settings.of_app(), MessageEvents(messages_body))
-        return events, 200, {"Content-Type": "text/event-stream", **STREAM_HEADERS, **served_by(target)}
-    target, completion = complete(call, chat_request, Settings.of_app())
-    return message_of(completion, messages_body), 200, served_by(target)
+    return chat_answer(chat_request, "messages", MessageEvents(messages_body), partial(message_of, body=messages_body))

@@ -29,6 +29,7 @@ from models import utcnow
 from observability.logs import REQUEST_ID_KEY, USER_KEY
 from observability.metrics import record_gateway_call, record_gateway_call_started
 from observability.usage import UsageRecorder
+from upstreams.http import is_count
 from upstreams.transport import Deadline
 
 log = logging.getLogger(__name__)
@@ -127,11 +128,7 @@ def call_started(call):
 
 def count_of(usage, *names):
     """The first of the named token counts the usage holds, or None."""
-    for name in names:
-        count = usage.get(name)
-        if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
-            return count
-    return None
+    return next((usage[name] for name in names if is_count(usage.get(name))), None)
 
 
 def reported_tokens(usage):
@@ -167,7 +164,7 @@ def record_usage(call, latency, tokens):
             "created_at": ended_at,
             "day": ended_at.date(),
             "provider_id": call.provider_id,
-            "model": call.model if call.indexed else None,
+            "model": call.counted_model,
             "endpoint": ENDPOINTS.get(call.kind, call.kind),
             "input_tokens": tokens[0],
             "output_tokens": tokens[1],

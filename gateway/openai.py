@@ -4,13 +4,13 @@ and embeddings, which call the providers' models without handing out their keys.
 from functools import partial
 
 from apifairy import authenticate, body, other_responses, response
-from flask import Blueprint, request
+from flask import Blueprint
 
 from access.auth import auth
 from catalog.index import available_models
 from gateway import completions, responses
+from gateway.answers import GATEWAY_ERRORS, allow_prompt_sized_bodies, chat_answer, served_by
 from gateway.call import GatewayCall, Settings
-from gateway.chat import answer
 from gateway.embeddings import embeddings
 from schemas import (
     ChatCompletionRequestSchema,
@@ -23,25 +23,7 @@ from schemas import (
 )
 
 openai_bp = Blueprint("openai", __name__)
-
-# Prompts outgrow the 64 KiB of the registry's own bodies (long contexts, images as data URLs).
-GATEWAY_MAX_BODY_BYTES = 16 * 1024 * 1024
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-GATEWAY_ERRORS = {
-    400: "Bad body or no model; an upstream's own 4xx about the request comes with its status and "
-    "message (without the provider's key)",
-    404: "No provider of the type has the model (code model_not_found)",
-    429: "Every provider of the model is rate-limiting (Retry-After)",
-    502: "Every provider tried failed",
-    503: "Every provider of the model is offline",
-    504: "The call took longer than REGISTRY_GATEWAY_TIMEOUT, or no provider started its answer within "
-    "REGISTRY_GATEWAY_ATTEMPT_TIMEOUT",
-}
-
-
-@openai_bp.before_request
-def allow_prompt_sized_bodies():
-    request.max_content_length = GATEWAY_MAX_BODY_BYTES
+openai_bp.before_request(allow_prompt_sized_bodies)
 
 
 @openai_bp.route("/openai/models", methods=["GET"])
@@ -54,18 +36,6 @@ def list_models():
     the oldest online provider that lists it.
     """
     return {"object": "list", "data": available_models()}
-
-
-def served_by(target):
-    return {"X-Registry-Provider-Id": target.provider_id}
-
-
-def chat_answer(chat_request, kind, encoder, document_of):
-    """The HTTP answer to a chat call: the stream `encoder` makes, or `document_of(completion)`."""
-    call = GatewayCall(chat_request.model, kind, stream=chat_request.stream)
-    target, document_or_events = answer(call, chat_request, Settings.of_app(), encoder, document_of)
-    headers = {"Content-Type": "text/event-stream", **STREAM_HEADERS} if chat_request.stream else {}
-    return document_or_events, 200, {**headers, **served_by(target)}
 
 
 def as_sent(completion):
