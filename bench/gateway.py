@@ -1,4 +1,4 @@
-"""What the gateway adds: the registry's chat completions and Responses routes against a
+"""What the gateway adds: the registry's chat completions, Responses and Messages routes against a
 local fake model server, side by side with calling the same fake directly, and with a floor:
 a bare Flask relay (bench/relay_app.py) forwarding the same calls under the same gunicorn
 settings.
@@ -92,6 +92,17 @@ class ResponsesProtocol:
         return line == "event: response.completed"
 
 
+class MessagesProtocol:
+    def body(self, model, text, stream):
+        return {"model": model, "max_tokens": 1024, "messages": [{"role": "user", "content": text}], "stream": stream}
+
+    def is_piece(self, line):
+        return line.startswith("data: ") and '"type":"text_delta"' in line
+
+    def is_end(self, line):
+        return line == "event: message_stop"
+
+
 class Endpoint:
     """Where a client sends a prompt: the fake itself, the relay, or a route of the registry's gateway."""
 
@@ -103,8 +114,7 @@ class Endpoint:
 
 
 def endpoints(fake_port, registry_port, relay_port, token_authorization):
-    """(direct, the registry's routes with chat completions first, relay). Anthropic's Messages
-    joins the registry's routes here once the registry serves it."""
+    """(direct, the registry's routes with chat completions first, relay)."""
     chat = ChatProtocol()
     direct = Endpoint(
         "direct",
@@ -118,6 +128,13 @@ def endpoints(fake_port, registry_port, relay_port, token_authorization):
     routes = [
         Endpoint("registry", f"{gateway}/chat/completions", registry_headers, "openai:gpt-4o", chat),
         Endpoint("responses", f"{gateway}/responses", registry_headers, "openai:gpt-4o", ResponsesProtocol()),
+        Endpoint(
+            "messages",
+            f"http://127.0.0.1:{registry_port}/api/v1/anthropic/v1/messages",
+            {**registry_headers, "anthropic-version": "2023-06-01"},
+            "openai:gpt-4o",
+            MessagesProtocol(),
+        ),
     ]
     relay = Endpoint("relay", f"http://127.0.0.1:{relay_port}/v1/chat/completions", direct.headers, "gpt-4o", chat)
     return direct, routes, relay
