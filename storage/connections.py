@@ -59,6 +59,8 @@ def end_connections(exception=None):
     what it changes before it answers, so the rollback had nothing to undo, and its failure
     has already dropped the lost connection from the pool.
     """
+    if "read_connection" not in g and not db.session.registry.has():
+        return  # nothing to give back: the request's own teardown already did
     for end in (end_session, close_read_connection):
         try:
             end()
