@@ -350,6 +350,7 @@ def flapping_latency(options):
                 f"http://127.0.0.1:{server.port}/api/v1/openai/chat/completions",
                 {"Authorization": authorizations["bearer"]},
                 "openai:gpt-4o",
+                ChatProtocol(),
             )
             for name, server in servers.items()
         ]
