@@ -3,13 +3,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test test-postgres lint format bench bench-throughput bench-gateway clean
+.PHONY: run test test-postgres lint format bench bench-throughput bench-gateway bench-usage bench-console clean
 
 # The virtual environment, rebuilt when the pinned requirements change.
 $(INSTALLED): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(INSTALLED)
+
+# The browser the console's tests drive (tests/test_console.py): Debian's chromium, installed
+# when missing; apt-get needs root, as CI has.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
 
 run: $(INSTALLED)
 	$(BIN)/flask --app app db upgrade
@@ -18,15 +24,16 @@ run: $(INSTALLED)
 
 # Two processes for the tests that start no server; then the server tests, one at a time,
 # as they time answers under load.
-test: $(INSTALLED) lint
+test: $(INSTALLED) lint $(CHROMIUM)
 	$(BIN)/python -m pytest -m "not server" -n 2
 	$(BIN)/python -m pytest -m server
 
 # The suite on PostgreSQL: a database per test, copied from a migrated template. The
 # default is what `.ci/start-postgres` sets up on this machine's PostgreSQL 15.
 TEST_DATABASE_URL ?= postgresql+psycopg://registry_test:registry_test@127.0.0.1:5432/registry_test
-test-postgres: $(INSTALLED)
-	TEST_DATABASE_URL='$(TEST_DATABASE_URL)' $(BIN)/python -m pytest
+test-postgres: $(INSTALLED) $(CHROMIUM)
+	TEST_DATABASE_URL='$(TEST_DATABASE_URL)' $(BIN)/python -m pytest -m "not server" -n 2
+	TEST_DATABASE_URL='$(TEST_DATABASE_URL)' $(BIN)/python -m pytest -m server
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
@@ -47,6 +54,14 @@ bench-throughput: $(INSTALLED)
 # What the gateway adds against calling a local fake model server directly (bench/README.md).
 bench-gateway: $(INSTALLED)
 	$(BIN)/python bench/gateway.py
+
+# The usage report at a million usage events (bench/README.md); BENCH_DATABASE_URL=postgresql+psycopg://... for PostgreSQL.
+bench-usage: $(INSTALLED)
+	$(BIN)/python bench/usage.py $(if $(BENCH_DATABASE_URL),--database-url '$(BENCH_DATABASE_URL)')
+
+# A page of 1000 providers rendered by the console, server-side (bench/README.md).
+bench-console: $(INSTALLED)
+	$(BIN)/python bench/console.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

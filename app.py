@@ -21,7 +21,9 @@ from api.health import health_bp
 from api.providers import providers_bp
 from api.registry import registry_bp
 from api.tokens import tokens_bp
+from api.usage import usage_bp
 from catalog.manifests import ManifestVariables, sync_on_schedule
+from gateway.anthropic import anthropic_bp
 from gateway.openai import openai_bp
 from jobs.prober import probe_all
 from jobs.scheduler import Scheduler
@@ -29,10 +31,12 @@ from models import USERNAME_MAX_LENGTH, canonical_username, db
 from observability import audit
 from observability.logs import RequestIds
 from observability.metrics import init_metrics
+from observability.usage import init_usage, prune_old_usage
 from schemas import ma
 from serving.cli import register_commands
-from storage.connections import close_read_connection
+from storage.connections import end_connections
 from storage.sqlite import prepare_sqlite
+from ui import ui_bp
 from upstreams.http import cap_gateway_connections
 
 log = logging.getLogger("registry")
@@ -133,12 +137,19 @@ def gateway_share(worker_connections):
     return max(1, worker_connections - math.ceil(worker_connections / 5))
 
 
+def prune_interval(environ, name, retention_days):
+    """Seconds between the deletions past a retention; 0 (also when the retention is 0:
+    keep everything) turns them off."""
+    return read_number(environ, name, 3600.0, float) if retention_days else 0
+
+
 def load_config(environ):
     """Configuration from the environment (or the settings given to create_app), read once."""
     instance_path = os.path.abspath(environ.get("REGISTRY_INSTANCE_PATH") or os.path.join(HERE, "instance"))
     database_url = environ.get("DATABASE_URL") or f"sqlite:///{instance_path}/registry.db"
     audit_retention_days = read_number(environ, "REGISTRY_AUDIT_RETENTION_DAYS", 90.0, float)
     worker_connections = max(1, read_number(environ, "GUNICORN_WORKER_CONNECTIONS", DEFAULT_WORKER_CONNECTIONS))
+    usage_retention_days = read_number(environ, "REGISTRY_USAGE_RETENTION_DAYS", 90.0, float)
     return {
         "INSTANCE_PATH": instance_path,
         "SQLALCHEMY_DATABASE_URI": database_url,
@@ -151,6 +162,8 @@ def load_config(environ):
         "DEFAULT_MAX_PARALLEL": max(1, read_number(environ, "REGISTRY_DEFAULT_MAX_PARALLEL", 32)),
         "GATEWAY_CALLS_PER_WORKER": gateway_share(worker_connections),
         "PROXY_HOPS": read_number(environ, "REGISTRY_PROXY_HOPS", 0),
+        "GATEWAY_ATTEMPT_TIMEOUT": read_number(environ, "REGISTRY_GATEWAY_ATTEMPT_TIMEOUT", 120.0, float),
+        "GATEWAY_COOLDOWN": read_number(environ, "REGISTRY_GATEWAY_COOLDOWN", 30.0, float),
         "WATSONX_IAM_URL": environ.get("REGISTRY_WATSONX_IAM_URL") or "https://iam.cloud.ibm.com/identity/token",
         "PROBE_INTERVAL": read_number(environ, "REGISTRY_PROBE_INTERVAL", 60.0, float),
         "PROBE_FAILURES": max(1, read_number(environ, "REGISTRY_PROBE_FAILURES", 2)),
@@ -160,10 +173,10 @@ def load_config(environ):
         "LOGIN_WINDOW": read_number(environ, "REGISTRY_LOGIN_WINDOW", 60.0, float),
         "METRICS": read_bool(environ, "REGISTRY_METRICS", True),
         "AUDIT_RETENTION_DAYS": audit_retention_days,
-        # 0 (also when the retention is 0: keep every event) turns the pruning job off.
-        "AUDIT_PRUNE_INTERVAL": read_number(environ, "REGISTRY_AUDIT_PRUNE_INTERVAL", 3600.0, float)
-        if audit_retention_days
-        else 0,
+        "AUDIT_PRUNE_INTERVAL": prune_interval(environ, "REGISTRY_AUDIT_PRUNE_INTERVAL", audit_retention_days),
+        "USAGE_RETENTION_DAYS": usage_retention_days,
+        "USAGE_PRUNE_INTERVAL": prune_interval(environ, "REGISTRY_USAGE_PRUNE_INTERVAL", usage_retention_days),
+        "UI_SESSION_HOURS": read_number(environ, "REGISTRY_UI_SESSION_HOURS", 12.0, float),
         "LOG_FORMAT": environ.get("LOG_FORMAT", "").strip().lower() or "text",
         "SQLITE_SYNCHRONOUS": read_choice(environ, "REGISTRY_SQLITE_SYNCHRONOUS", ("NORMAL", "FULL")),
         "MAX_CONTENT_LENGTH": MAX_BODY_BYTES,
@@ -188,6 +201,7 @@ def register_jobs(scheduler):
     # At start too, with any interval: a location dropped from REGISTRY_MANIFESTS loses its providers.
     scheduler.add_job("manifest-sync", "SYNC_INTERVAL", sync_on_schedule, at_start=True)
     scheduler.add_job("audit-prune", "AUDIT_PRUNE_INTERVAL", audit.prune_old_events)
+    scheduler.add_job("usage-prune", "USAGE_PRUNE_INTERVAL", prune_old_usage)
 
 
 class Registry(Flask):
@@ -226,7 +240,10 @@ def create_app(settings=None, environ=None):
     os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
 
     db.init_app(app)
-    app.teardown_appcontext(close_read_connection)
+    # At a request's end while its id is there for the log; at the end of other app contexts
+    # (commands, jobs) too. Either runs before Flask-SQLAlchemy's own, which finds nothing left.
+    app.teardown_request(end_connections)
+    app.teardown_appcontext(end_connections)
     migrate.init_app(app, db, directory=MIGRATIONS_DIRECTORY, render_as_batch=True)
     ma.init_app(app)
     apifairy.init_app(app)
@@ -235,6 +252,7 @@ def create_app(settings=None, environ=None):
     init_limits(app)
     init_metrics(app)
     cap_gateway_connections(app.config["GATEWAY_CALLS_PER_WORKER"])
+    init_usage(app)
 
     app.register_blueprint(errors_bp)
     app.register_blueprint(health_bp)
@@ -242,9 +260,12 @@ def create_app(settings=None, environ=None):
     app.register_blueprint(providers_bp, url_prefix="/api/v1")
     app.register_blueprint(configurations_bp, url_prefix="/api/v1")
     app.register_blueprint(openai_bp, url_prefix="/api/v1")
+    app.register_blueprint(anthropic_bp, url_prefix="/api/v1")
     app.register_blueprint(registry_bp, url_prefix="/api/v1")
     app.register_blueprint(tokens_bp, url_prefix="/api/v1")
     app.register_blueprint(audit_bp, url_prefix="/api/v1")
+    app.register_blueprint(usage_bp, url_prefix="/api/v1")
+    app.register_blueprint(ui_bp)
     register_commands(app)
     app.extensions["manifest_variables"] = ManifestVariables(environ, is_registry_setting)
     app.extensions["scheduler"] = Scheduler(app)

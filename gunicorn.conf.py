@@ -134,6 +134,12 @@ def when_ready(server):
         server.log.info("the registry listens at %s", shown)
 
 
+def on_reload(server):
+    jobs_process = getattr(server, "jobs_process", None)
+    if jobs_process is not None:
+        jobs_process.restart()
+
+
 def claim_addresses(server):
     """Refuse an address where another server listens, rather than share it through SO_REUSEPORT."""
     if server.master_pid:  # a re-executed master (USR2) succeeds its parent on the same address
@@ -162,3 +168,10 @@ def post_request(worker, req, environ, resp):
     import gevent
 
     gevent.sleep(0)
+
+
+def worker_exit(server, worker):
+    """A worker stopping gracefully writes the usage events it still holds."""
+    from observability.usage import stop_recording
+
+    stop_recording()

@@ -489,3 +489,80 @@ class AuditEvent(db.Model):
 
 
 AUDIT_EVENTS = AuditEvent.__table__
+
+
+class UsageEvent(db.Model):
+    """One gateway call as it ended: who made it, which provider and model served it, its
+    tokens as the upstream reported them (null when it did not) and its outcome. Written
+    in batches, off the call (observability/usage.py)."""
+
+    __tablename__ = "usage_events"
+    __table_args__ = (sa.Index("ix_usage_events_created_at", "created_at"),)
+
+    id = sa.Column(sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True)
+    created_at = sa.Column(sa.DateTime, nullable=False)  # when the call ended
+    day = sa.Column(sa.Date, nullable=False)  # created_at's day in UTC: a report groups by it without a function
+    token_id = sa.Column(sa.String(36))  # null for Basic credentials
+    user_id = sa.Column(sa.Integer, nullable=False)  # no foreign key: usage outlives its user
+    username = sa.Column(sa.String(USERNAME_MAX_LENGTH), nullable=False)
+    provider_id = sa.Column(sa.String(36))  # null when no provider was tried
+    model = sa.Column(sa.Text)  # the registry model id; null for a model the index does not know
+    endpoint = sa.Column(sa.String(32), nullable=False)  # chat.completions, embeddings, responses, messages
+    input_tokens = sa.Column(sa.Integer)
+    output_tokens = sa.Column(sa.Integer)
+    outcome = sa.Column(sa.String(16), nullable=False)  # ok, or the error status ("502")
+    duration_seconds = sa.Column(sa.Float, nullable=False)
+    first_chunk_seconds = sa.Column(sa.Float)  # streams only
+
+
+USAGE_EVENTS = UsageEvent.__table__
+
+
+class UsageDay(db.Model):
+    """Usage events added up per day, model, provider, token and user, kept with the events.
+
+    A report reads whole days here and only its first and last partial days from the
+    events, so a month costs the same at a thousand events as at millions. The keys are
+    never null (an empty string stands for none), so one combination is one row.
+    """
+
+    __tablename__ = "usage_days"
+    # Without rowid, SQLite keeps the rows in the primary key's order: a range of days is read
+    # in one sweep, already grouped by day and model.
+    __table_args__ = (sa.Index("ix_usage_days_user", "user_id", "day"), {"sqlite_with_rowid": False})
+
+    day = sa.Column(sa.Date, primary_key=True)
+    model = sa.Column(sa.Text, primary_key=True)
+    provider_id = sa.Column(sa.String(36), primary_key=True)
+    token_id = sa.Column(sa.String(36), primary_key=True)
+    user_id = sa.Column(sa.Integer, primary_key=True)
+    username = sa.Column(sa.String(USERNAME_MAX_LENGTH), nullable=False)
+    requests = sa.Column(sa.BigInteger, nullable=False)
+    errors = sa.Column(sa.BigInteger, nullable=False)
+    input_tokens = sa.Column(sa.BigInteger, nullable=False)
+    output_tokens = sa.Column(sa.BigInteger, nullable=False)
+
+
+USAGE_DAYS = UsageDay.__table__
+
+
+def password_stamp(password_hash):
+    """What a console session keeps of its user's password hash when it began: a new password
+    (a new hash) ends the user's sessions."""
+    return hashlib.sha256(password_hash.encode()).hexdigest()
+
+
+class ConsoleSession(db.Model):
+    """A signed-in session of the web console. Its cookie holds a random secret; only the
+    secret's digest is kept, so the table lets no one in. Deleting the row signs it out."""
+
+    __tablename__ = "ui_sessions"
+
+    digest = sa.Column(sa.String(64), primary_key=True)
+    user_id = sa.Column(sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
+    password_stamp = sa.Column(sa.String(64), nullable=False)
+    created_at = sa.Column(sa.DateTime, nullable=False, default=utcnow)
+    expires_at = sa.Column(sa.DateTime, nullable=False, index=True)
+
+
+CONSOLE_SESSIONS = ConsoleSession.__table__

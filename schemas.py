@@ -1,6 +1,7 @@
 """What crosses HTTP (and manifests): marshmallow schemas for loading and dumping."""
 
 import json
+import math
 import operator
 from collections.abc import Mapping
 from datetime import UTC
@@ -41,12 +42,28 @@ def read_body():
     return body
 
 
+class NotAFiniteNumber(ValueError):
+    """NaN, Infinity, -Infinity or a number past a double's range (1e999): Python's json reads
+    them, but no JSON encoder writes them back (an upstream call would fail on them)."""
+
+
+def refuse_number(text):
+    raise NotAFiniteNumber(f"The body is not valid JSON: {text} is not a finite number.")
+
+
+def finite_float(text):
+    number = float(text)
+    return number if math.isfinite(number) else refuse_number(text)
+
+
 def read_json_object():
     """The request body as a JSON object, or the 415 or 400 that says why it is not."""
     if request.mimetype != "application/json":
         raise UnsupportedMediaType("Send the body as application/json.")
     try:
-        document = json.loads(read_body())
+        document = json.loads(read_body(), parse_constant=refuse_number, parse_float=finite_float)
+    except NotAFiniteNumber as error:
+        raise BadRequest(str(error)) from None
     except (ValueError, RecursionError):
         raise BadRequest("The body is not valid JSON.") from None
     if not isinstance(document, dict):
@@ -533,6 +550,50 @@ class ChatCompletionRequestSchema(GatewayRequestSchema):
     )
 
 
+class ResponsesInput(fields.Raw):
+    """A Responses API `input`: a string, or a list of input items."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(item, dict) for item in value)):
+            return value
+        raise ValidationError("Must be a string or a list of input items (objects).")
+
+
+def refuse_stored_state(value):
+    if value is not None:
+        raise ValidationError(
+            "The registry stores no responses or conversations: send the whole conversation as `input`."
+        )
+
+
+class ResponsesRequestSchema(GatewayRequestSchema):
+    """An OpenAI Responses API body: the fields the registry reads are checked; the others
+    (reasoning, include, store, prompt_cache_key, ...) are accepted and left out of the call."""
+
+    input = ResponsesInput(
+        required=True,
+        metadata={"description": "A string, or a list of items: messages, function_call and function_call_output"},
+    )
+    instructions = fields.String(allow_none=True, metadata={"description": "Given to the model as a system message"})
+    tools = fields.List(
+        fields.Dict(), allow_none=True, metadata={"description": "Tools of type function; other types are left out"}
+    )
+    tool_choice = fields.Raw(allow_none=True, metadata={"description": "auto, none, required or a function"})
+    parallel_tool_calls = fields.Boolean(allow_none=True)
+    temperature = fields.Float(allow_none=True)
+    top_p = fields.Float(allow_none=True)
+    max_output_tokens = fields.Integer(allow_none=True, strict=True, validate=Range(min=1))
+    text = fields.Dict(allow_none=True, metadata={"description": "`format`: text, json_schema or json_object"})
+    metadata = fields.Dict(allow_none=True)
+    stream = fields.Boolean(load_default=False, metadata={"description": "Answer as an SSE stream of Responses events"})
+    previous_response_id = fields.Raw(
+        allow_none=True, validate=refuse_stored_state, metadata={"description": "Refused: no response is stored"}
+    )
+    conversation = fields.Raw(
+        allow_none=True, validate=refuse_stored_state, metadata={"description": "Refused: no conversation is stored"}
+    )
+
+
 class EmbeddingsRequestSchema(GatewayRequestSchema):
     input = fields.Raw(required=True, metadata={"description": "A string, a list of strings (or of token ids)"})
     encoding_format = fields.String(
@@ -559,9 +620,186 @@ class ChatCompletionSchema(OpenAIAnswerSchema):
     usage = fields.Dict(allow_none=True)
 
 
+class ResponseSchema(OpenAIAnswerSchema):
+    id = fields.String(metadata={"description": "resp_..."})
+    created_at = fields.Integer()
+    status = fields.String(metadata={"description": "completed, incomplete (cut off) or failed"})
+    output = fields.List(fields.Dict(), required=True, metadata={"description": "message and function_call items"})
+    usage = fields.Dict(allow_none=True, metadata={"description": "input_tokens, output_tokens, total_tokens"})
+
+
 class EmbeddingsSchema(OpenAIAnswerSchema):
     data = fields.List(fields.Dict(), required=True)
     usage = fields.Dict(allow_none=True)
+
+
+class ContentBlockSchema(ma.Schema):
+    """An Anthropic content block: the fields the registry reads are checked, others kept."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    type = fields.String(required=True)
+
+
+class TextBlockSchema(ContentBlockSchema):
+    text = fields.String(required=True)
+
+
+class ImageSourceSchema(ma.Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    type = fields.String(required=True, validate=OneOf(["base64", "url"]))
+    media_type = fields.String()
+    data = fields.String()
+    url = fields.String()
+
+    @validates_schema
+    def check_source_fields(self, source, **kwargs):
+        needed = ("media_type", "data") if source["type"] == "base64" else ("url",)
+        missing = [name for name in needed if name not in source]
+        if missing:
+            raise ValidationError({name: ["Missing data for required field."] for name in missing})
+
+
+class ImageBlockSchema(ContentBlockSchema):
+    source = fields.Nested(ImageSourceSchema, required=True)
+
+
+class ToolUseBlockSchema(ContentBlockSchema):
+    id = fields.String(required=True)
+    name = fields.String(required=True)
+    input = fields.Dict(required=True)
+
+
+class BlockContent(fields.Field):
+    """A string, or a list of content blocks, each checked by the schema of its type in
+    `schemas` (a block of another type is kept as sent, or refused with `only_known`)."""
+
+    def __init__(self, schemas, only_known=False, metadata=None, **kwargs):
+        block = {
+            "type": "object",
+            "required": ["type"],
+            "properties": {"type": {"type": "string", "enum": list(schemas)}},
+        }
+        if not only_known:
+            block["properties"]["type"].pop("enum")
+        content = {"oneOf": [{"type": "string"}, {"type": "array", "items": block}]}
+        super().__init__(metadata={**content, **(metadata or {})}, **kwargs)
+        self.schemas = schemas
+        self.only_known = only_known
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValidationError("Must be a string or a list of content blocks.")
+        blocks, errors = [], {}
+        for index, block in enumerate(value):
+            try:
+                blocks.append(self.block(block))
+            except ValidationError as error:
+                errors[index] = error.messages
+        if errors:
+            raise ValidationError(errors)
+        return blocks
+
+    def block(self, block):
+        if not (isinstance(block, dict) and isinstance(block.get("type"), str)):
+            raise ValidationError("Must be a content block: an object with a `type`.")
+        schema = self.schemas.get(block["type"])
+        if schema is None and self.only_known:
+            raise ValidationError(f"Must be a block of type {' or '.join(self.schemas)}.")
+        return schema().load(block) if schema else block
+
+
+# The blocks of a tool's result, and of a system prompt: none nests further.
+RESULT_BLOCKS = {"text": TextBlockSchema, "image": ImageBlockSchema}
+
+
+class ToolResultBlockSchema(ContentBlockSchema):
+    tool_use_id = fields.String(required=True)
+    content = BlockContent(RESULT_BLOCKS)
+    is_error = fields.Boolean()
+
+
+MESSAGE_BLOCKS = {**RESULT_BLOCKS, "tool_use": ToolUseBlockSchema, "tool_result": ToolResultBlockSchema}
+
+
+class AnthropicMessageSchema(ma.Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    role = fields.String(
+        required=True,
+        validate=OneOf(["user", "assistant", "system"]),
+        metadata={"description": "A system message is taken as system text at that point of the conversation"},
+    )
+    content = BlockContent(
+        MESSAGE_BLOCKS,
+        required=True,
+        metadata={"description": "A string, or text, image, tool_use, tool_result blocks"},
+    )
+
+
+class AnthropicToolSchema(ma.Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    name = fields.String(required=True)
+    description = fields.String()
+    input_schema = fields.Dict()
+    type = fields.String(metadata={"description": "Anthropic's server tools reach only Anthropic upstreams"})
+
+
+class AnthropicToolChoiceSchema(ma.Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    type = fields.String(required=True, validate=OneOf(["auto", "any", "tool", "none"]))
+    name = fields.String()
+    disable_parallel_tool_use = fields.Boolean()
+
+    @validates_schema
+    def check_tool_name(self, choice, **kwargs):
+        if choice["type"] == "tool" and "name" not in choice:
+            raise ValidationError({"name": ["A tool choice of type tool names the tool."]})
+
+
+class MessagesRequestSchema(GatewayRequestSchema):
+    """Anthropic's Messages body: the fields the registry reads are checked; every other field
+    (cache_control, thinking, context_management, ...) reaches Anthropic upstreams as sent."""
+
+    max_tokens = fields.Integer(required=True, strict=True, validate=Range(min=1))
+    messages = fields.List(fields.Nested(AnthropicMessageSchema), required=True, validate=Length(min=1))
+    system = BlockContent(
+        {"text": TextBlockSchema}, only_known=True, metadata={"description": "A string or text blocks"}
+    )
+    tools = fields.List(fields.Nested(AnthropicToolSchema))
+    tool_choice = fields.Nested(AnthropicToolChoiceSchema)
+    stop_sequences = fields.List(fields.String())
+    temperature = fields.Float(validate=Range(min=0, max=1))
+    top_p = fields.Float(validate=Range(min=0, max=1))
+    top_k = fields.Integer(strict=True, validate=Range(min=0))
+    stream = fields.Boolean(load_default=False, metadata={"description": "Answer as Anthropic's SSE events"})
+    metadata = fields.Dict()
+
+
+class MessageSchema(ma.Schema):
+    """Anthropic's message; `model` is the registry model id."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    id = fields.String(required=True)
+    type = fields.String(required=True)
+    role = fields.String(required=True)
+    model = fields.String(required=True)
+    content = fields.List(fields.Dict(), required=True)
+    stop_reason = fields.String(allow_none=True)
+    stop_sequence = fields.String(allow_none=True)
+    usage = fields.Dict(required=True)
 
 
 def printable(text):
@@ -638,3 +876,54 @@ class NewTokenSchema(TokenSchema):
 
 class TokensQuerySchema(PageQuerySchema):
     user = Text(metadata={"description": "Only this user's tokens (admin; others see only their own)"})
+
+
+USAGE_GROUP_KEYS = ("day", "model", "provider", "token", "user")
+
+
+class GroupKeys(fields.String):
+    """Group keys separated by commas ("day,model"), loaded as a list without repeats."""
+
+    def __init__(self, metadata=None, **kwargs):
+        one_key = f" *({'|'.join(USAGE_GROUP_KEYS)}) *"
+        super().__init__(metadata={"pattern": f"^{one_key}(,{one_key})*$", **(metadata or {})}, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        keys = [key.strip() for key in super()._deserialize(value, attr, data, **kwargs).split(",")]
+        if not all(key in USAGE_GROUP_KEYS for key in keys):
+            raise ValidationError(f"Must be one or more of {', '.join(USAGE_GROUP_KEYS)}, separated by commas.")
+        return list(dict.fromkeys(keys))
+
+
+class UsageQuerySchema(ma.Schema):
+    group_by = GroupKeys(
+        load_default=lambda: ["day"],
+        metadata={
+            "description": f"One or more of {', '.join(USAGE_GROUP_KEYS)}, separated by commas; default day. "
+            "Rows are ordered by these keys, in this order"
+        },
+    )
+    since = UtcTimestamp(metadata={"description": "Calls that ended at or after this; default: 30 days before until"})
+    until = UtcTimestamp(metadata={"description": "Calls that ended before this time; default: no end"})
+    model = Text(metadata={"description": "Only this registry model id"})
+    provider_id = Text(metadata={"description": "Only this provider's calls"})
+    token_id = Text(metadata={"description": "Only this API token's calls"})
+    user = Text(metadata={"description": "Only this user's calls, by name (admin; others see only their own)"})
+
+
+class UsageRowSchema(ma.Schema):
+    """One group: its keys (those asked for) and its sums."""
+
+    day = fields.Date(metadata={"description": "YYYY-MM-DD in UTC"})
+    model = fields.String(allow_none=True, metadata={"description": "null: a model the registry does not know"})
+    provider_id = fields.String(allow_none=True, metadata={"description": "null: no provider was tried"})
+    token_id = fields.String(allow_none=True, metadata={"description": "null: calls with HTTP Basic credentials"})
+    user = fields.String(metadata={"description": "The caller's user name (a token's owner)"})
+    requests = fields.Integer(required=True)
+    errors = fields.Integer(required=True, metadata={"description": "Calls whose outcome was not ok"})
+    input_tokens = fields.Integer(required=True, metadata={"description": "As the upstreams reported them"})
+    output_tokens = fields.Integer(required=True, metadata={"description": "As the upstreams reported them"})
+
+
+class UsageReportSchema(ma.Schema):
+    items = fields.List(fields.Nested(UsageRowSchema), required=True)

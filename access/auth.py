@@ -1,5 +1,6 @@
 """Who is calling: HTTP Basic credentials of a user, or a Bearer API token, on every
-/api/v1 route; roles reader < caller < service < admin."""
+/api/v1 route (under /api/v1/anthropic/ the token may also come as `x-api-key`); roles
+reader < caller < service < admin."""
 
 import contextlib
 import hashlib
@@ -20,7 +21,7 @@ from werkzeug.datastructures import Authorization
 from werkzeug.exceptions import TooManyRequests
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from api.errors import problem
+from api.errors import ANTHROPIC_PATH_PREFIX, problem
 from models import (
     TokenLimits,
     canonical_username,
@@ -75,6 +76,9 @@ class BasicOrBearerAuth(HTTPBasicAuth):
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer":
             return Authorization("bearer", token=token.strip())
+        api_key = request.headers.get("x-api-key")
+        if api_key and not scheme and request.path.startswith(ANTHROPIC_PATH_PREFIX):
+            return Authorization("bearer", token=api_key.strip())  # as Anthropic's clients send their key
         return super().get_auth()
 
     def authenticate(self, auth, stored_password):

@@ -80,17 +80,6 @@ class InFlight:
                     self._by_caller[caller_key] = left
 
 
-def tokens_of(usage):
-    """The tokens (input + output) of an OpenAI-shaped usage, 0 when none was reported."""
-    usage = usage or {}
-    counts = [usage.get(name) for name in ("prompt_tokens", "completion_tokens")]
-    counted = [count for count in counts if isinstance(count, int)]
-    if counted:
-        return sum(counted)
-    total = usage.get("total_tokens")
-    return total if isinstance(total, int) else 0
-
-
 @dataclass(frozen=True, eq=False)  # each end is itself: two alike are two calls
 class CallEnd:
     app: Flask
@@ -199,13 +188,13 @@ class Admission:
     admission_id: int | None = None
     ended: bool = field(default=False)
 
-    def end(self, usage=None):
+    def end(self, tokens=0):
         if self.ended:
             return
         self.ended = True
         self.in_flight.leave(self.caller_key)
         if self.token_id is not None:
-            call_ends.add(CallEnd(self.app, self.token_id, self.admission_id, tokens_of(usage), utcnow()))
+            call_ends.add(CallEnd(self.app, self.token_id, self.admission_id, tokens, utcnow()))
 
 
 def init_limits(app):

@@ -4,7 +4,13 @@ import swagger_ui_bundle
 from apifairy import APIFairy
 from flask import Blueprint, request, send_from_directory
 
-from api.errors import OPENAI_ERROR_SCHEMA, OPENAI_PATH_PREFIX, PROBLEM_SCHEMA
+from api.errors import (
+    ANTHROPIC_ERROR_SCHEMA,
+    ANTHROPIC_PATH_PREFIX,
+    OPENAI_ERROR_SCHEMA,
+    OPENAI_PATH_PREFIX,
+    PROBLEM_SCHEMA,
+)
 from schemas import WATSONX_RULE_OF_CREATE
 
 apifairy = APIFairy()
@@ -32,14 +38,24 @@ PROBLEM_RESPONSES_OF_BODIES = {
     "415": "Body is not application/json",
     "422": "Body fails validation",
 }
-# The gateway's bodies: a body that fails validation is a 400 there, as OpenAI answers it.
+# The gateway's bodies: a body that fails validation is a 400 there, as OpenAI and Anthropic answer it.
 GATEWAY_RESPONSES_OF_BODIES = {
-    "400": "Body is not a JSON object, or fails validation (`param` names the field)",
+    "400": "Body is not a JSON object, or fails validation (the message names the field)",
     "413": "Body over 16 MiB",
     "415": "Body is not application/json",
 }
+# Every authenticated route reads the database (credentials at least); those of the methods
+# that change things may find its disk full. The gateway's calls change nothing stored.
+DATABASE_UNAVAILABLE = "the database is not available (Retry-After says when to try again)"
+DATABASE_DISK_FULL = "The database's disk is full: the change was refused, nothing written"
+CHANGING_METHODS = {"post", "put", "patch", "delete"}
 SSE_CONTENT = {
     "text/event-stream": {"schema": {"type": "string", "description": "`data: {chunk}` events, then `data: [DONE]`"}}
+}
+MESSAGES_SSE_CONTENT = {
+    "text/event-stream": {
+        "schema": {"type": "string", "description": "Anthropic's named events, from message_start to message_stop"}
+    }
 }
 
 
@@ -64,9 +80,20 @@ def problem_response(description):
     return {"description": description, "content": {"application/problem+json": {"schema": schema}}}
 
 
-def openai_error_response(description):
-    schema = {"$ref": "#/components/schemas/OpenAIError"}
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+def gateway_error_response(schema_name):
+    """The error answers of a gateway protocol: JSON of its error schema."""
+
+    def error_response(description):
+        schema = {"$ref": f"#/components/schemas/{schema_name}"}
+        return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+    return error_response
+
+
+GATEWAY_ERROR_RESPONSES = {
+    OPENAI_PATH_PREFIX: gateway_error_response("OpenAIError"),
+    ANTHROPIC_PATH_PREFIX: gateway_error_response("AnthropicError"),
+}
 
 
 def as_header_objects(responses):
@@ -77,10 +104,21 @@ def as_header_objects(responses):
             header.pop("name", None)
 
 
+def document_database_faults(responses, changes, error_response):
+    """The database's 503 (beside a route's own, when it has one) and, where the route changes
+    things, its 507."""
+    own = responses.get("503")
+    when = f"{own['description']}; also when" if own else "When"
+    responses["503"] = error_response(f"{when} {DATABASE_UNAVAILABLE}")
+    if changes:
+        responses.setdefault("507", error_response(DATABASE_DISK_FULL))
+
+
 def document_retry_after(responses):
-    if "429" in responses:
-        retry_after = {"description": "Seconds to wait", "schema": {"type": "integer", "minimum": 1}}
-        responses["429"]["headers"] = {"Retry-After": retry_after}
+    retry_after = {"description": "Seconds to wait", "schema": {"type": "integer", "minimum": 1}}
+    for status in ("429", "503"):
+        if status in responses:
+            responses[status]["headers"] = {"Retry-After": retry_after}
 
 
 # APIFairy names a tag after its blueprint, title-cased; these are spelled otherwise.
@@ -93,6 +131,8 @@ def complete_document(spec):
     spec["components"]["schemas"]["ProviderCreate"]["oneOf"] = WATSONX_RULE_OF_CREATE
     chat_answer = spec["paths"]["/api/v1/openai/chat/completions"]["post"]["responses"]["200"]
     chat_answer["content"].update(SSE_CONTENT)
+    messages_answer = spec["paths"]["/api/v1/anthropic/v1/messages"]["post"]["responses"]["200"]
+    messages_answer["content"].update(MESSAGES_SSE_CONTENT)
     return document_problems(document_token_scheme(spell_tags(spec)))
 
 
@@ -117,14 +157,17 @@ def document_token_scheme(spec):
 
 
 def document_problems(spec):
-    """Every error answer is a problem document (in OpenAI's shape under /api/v1/openai/, but
-    gunicorn's own refusals); add the ones each kind of route can give."""
+    """Every error answer is a problem document (in OpenAI's shape under /api/v1/openai/ and
+    Anthropic's under /api/v1/anthropic/, but gunicorn's own refusals); add the ones each kind
+    of route can give."""
     spec["components"]["schemas"]["Problem"] = PROBLEM_SCHEMA
     spec["components"]["schemas"]["OpenAIError"] = OPENAI_ERROR_SCHEMA
+    spec["components"]["schemas"]["AnthropicError"] = ANTHROPIC_ERROR_SCHEMA
     for path_name, path in spec["paths"].items():
-        gateway = path_name.startswith(OPENAI_PATH_PREFIX)
-        error_response = openai_error_response if gateway else problem_response
-        for operation in path.values():
+        prefix = next((prefix for prefix in GATEWAY_ERROR_RESPONSES if path_name.startswith(prefix)), None)
+        gateway = prefix is not None
+        error_response = GATEWAY_ERROR_RESPONSES[prefix] if gateway else problem_response
+        for method, operation in path.items():
             responses = operation["responses"]
             if "200" in responses:
                 responses.pop("204", None)  # APIFairy's default when the view dumps no schema itself
@@ -135,6 +178,7 @@ def document_problems(spec):
             extra = {}
             if "security" in operation:
                 extra.update(PROBLEM_RESPONSES_OF_AUTHENTICATED)
+                document_database_faults(responses, method in CHANGING_METHODS and not gateway, error_response)
             if "requestBody" in operation:
                 extra.update(GATEWAY_RESPONSES_OF_BODIES if gateway else PROBLEM_RESPONSES_OF_BODIES)
             if operation.get("parameters"):

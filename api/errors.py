@@ -1,27 +1,31 @@
 """Every error envelope the service answers, built in one place: the RFC 9457 problem
-document, OpenAI's error body (the gateway's routes) and Anthropic's; and the handlers that
-map each exception the app raises to one of them."""
+document, OpenAI's error body (the gateway's /api/v1/openai/ routes) and Anthropic's (its
+/api/v1/anthropic/ routes); and the handlers that map each exception the app raises to one
+of them."""
 
 import logging
 
 from apifairy.exceptions import ValidationError as RequestValidationError
 from flask import Blueprint, current_app, has_request_context, json, request
 from marshmallow import ValidationError
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
 from access.crypto import UnopenableApiKey
 from observability.logs import request_id_for
+from storage.connections import cause_of, is_disk_full, is_unavailable
 from upstreams import UpstreamError
 
 errors_bp = Blueprint("errors", __name__)
 log = logging.getLogger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
-# The gateway's routes answer errors in OpenAI's shape, so OpenAI clients raise their usual exceptions.
+# The gateway's routes answer errors in OpenAI's or Anthropic's shape, so that each protocol's
+# clients raise their usual exceptions.
 OPENAI_PATH_PREFIX = "/api/v1/openai/"
+ANTHROPIC_PATH_PREFIX = "/api/v1/anthropic/"
 OPENAI_ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
@@ -43,6 +47,9 @@ ANTHROPIC_ERROR_TYPES = {
     529: "overloaded_error",
 }
 KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
+# How soon a client may try again when the database does not answer: a restarting PostgreSQL
+# or a failover takes seconds.
+DATABASE_RETRY_SECONDS = 5
 RFC_9110_TITLES = {413: "Content Too Large", 422: "Unprocessable Content"}
 # gunicorn refuses these before the app sees the request; its own message can quote the raw
 # request line or a header, so the detail is a fixed sentence per status instead.
@@ -87,6 +94,21 @@ OPENAI_ERROR_SCHEMA = {
                 "code": {"type": "string", "nullable": True},
             },
         }
+    },
+}
+
+
+ANTHROPIC_ERROR_SCHEMA = {
+    "type": "object",
+    "description": "Anthropic's error shape, answered under /api/v1/anthropic/ so its clients raise their usual errors",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"type": "string", "enum": ["error"]},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
     },
 }
 
@@ -143,24 +165,55 @@ def anthropic_error_document(status, message):
     return {"type": "error", "error": {"type": error_type, "message": message}}
 
 
-def openai_error(status, message, code=None, param=None, error_type=None, headers=None):
-    document = openai_error_document(status, message, code, param, error_type)
+def json_answer(document, status, headers=None):
     return current_app.response_class(json.dumps(document), status=status, mimetype="application/json", headers=headers)
 
 
+def openai_error(status, message, code=None, param=None, error_type=None, headers=None):
+    return json_answer(openai_error_document(status, message, code, param, error_type), status, headers)
+
+
+def anthropic_error(status, message, headers=None):
+    return json_answer(anthropic_error_document(status, message), status, headers)
+
+
+def first_field_error(detail, errors):
+    """(the field, the detail naming it): a body that fails validation is a 400 about its
+    first field, as OpenAI and Anthropic answer it."""
+    field, messages = next(iter(errors.items()))
+    return field, f"{detail} {field}: {' '.join(messages)}"
+
+
 def openai_problem(status, detail, errors=None, headers=None):
-    """A problem under /api/v1/openai/ in OpenAI's shape; a body that fails validation is a 400
-    naming the first field, as OpenAI answers it."""
+    """A problem under /api/v1/openai/ in OpenAI's shape."""
     if errors:
-        field, messages = next(iter(errors.items()))
-        detail = f"{detail} {field}: {' '.join(messages)}"
+        field, detail = first_field_error(detail, errors)
         return openai_error(400, detail, param=field, headers=headers)
     return openai_error(status, detail, headers=headers)
 
 
+def anthropic_problem(status, detail, errors=None, headers=None):
+    """A problem under /api/v1/anthropic/ in Anthropic's shape."""
+    if errors:
+        return anthropic_error(400, first_field_error(detail, errors)[1], headers=headers)
+    return anthropic_error(status, detail, headers=headers)
+
+
+# The gateway's prefixes, each answering problems in its protocol's shape.
+GATEWAY_PROBLEMS = {OPENAI_PATH_PREFIX: openai_problem, ANTHROPIC_PATH_PREFIX: anthropic_problem}
+
+
+def gateway_prefix():
+    """The gateway prefix the request's path is under, or None."""
+    if not has_request_context():
+        return None
+    return next((prefix for prefix in GATEWAY_PROBLEMS if request.path.startswith(prefix)), None)
+
+
 def problem(status, detail, errors=None, headers=None):
-    if has_request_context() and request.path.startswith(OPENAI_PATH_PREFIX):
-        return openai_problem(status, detail, errors, headers)
+    prefix = gateway_prefix()
+    if prefix:
+        return GATEWAY_PROBLEMS[prefix](status, detail, errors, headers)
     document = problem_document(status, detail, errors)
     return current_app.response_class(json.dumps(document), status=status, mimetype=PROBLEM_MEDIA_TYPE, headers=headers)
 
@@ -224,6 +277,8 @@ def upstream_error(error):
 
 @errors_bp.app_errorhandler(GatewayError)
 def gateway_error(error):
+    if gateway_prefix() == ANTHROPIC_PATH_PREFIX:
+        return anthropic_error(error.status, str(error), error.headers)
     return openai_error(error.status, str(error), error.code, error.param, error.error_type, error.headers)
 
 
@@ -237,10 +292,21 @@ def conflicting_write(error):
     return problem(409, "The change conflicts with another request's change; read the resource again and retry.")
 
 
-@errors_bp.app_errorhandler(OperationalError)
-def database_unavailable(error):
-    log.error("database error on %s %s: %s", request.method, request.path, error.orig)
-    return problem(503, "The database is not available; try again shortly.")
+@errors_bp.app_errorhandler(DBAPIError)
+def database_error(error):
+    """A full disk is a 507 (the write was refused, reads go on); a database that cannot be
+    reached or used now, a 503 with Retry-After; any other database error is unexpected."""
+    if is_disk_full(error):
+        log.error("the database's disk is full: %s %s wrote nothing", request.method, request.path)
+        return problem(507, "The database's disk is full; nothing was written.")
+    if not is_unavailable(error):
+        return unexpected_error(error)
+    log.error("database error on %s %s: %s", request.method, request.path, cause_of(error))
+    return problem(
+        503,
+        "The database is not available; try again shortly.",
+        headers={"Retry-After": str(DATABASE_RETRY_SECONDS)},
+    )
 
 
 @errors_bp.app_errorhandler(PoolTimeout)

@@ -5,6 +5,7 @@ from apifairy import other_responses, response
 from flask import Blueprint, current_app
 from werkzeug.exceptions import ServiceUnavailable
 
+from api.errors import DATABASE_RETRY_SECONDS
 from models import db
 from schemas import StatusSchema
 from storage.configuration import schema_revision
@@ -17,7 +18,9 @@ def schema_revision_or_503():
         return schema_revision()
     except sa.exc.SQLAlchemyError:
         db.session.rollback()
-        raise ServiceUnavailable("The database does not answer, or its schema has not been created.") from None
+        raise ServiceUnavailable(
+            "The database does not answer, or its schema has not been created.", retry_after=DATABASE_RETRY_SECONDS
+        ) from None
 
 
 @health_bp.route("/healthz")

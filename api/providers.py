@@ -15,14 +15,13 @@ from catalog.index import (
     refresh_models,
 )
 from catalog.providers import (
-    PROBED_FIELDS,
+    check_provider,
     create_provider,
     delete_provider,
     etag_of,
     provider_or_404,
     update_provider,
 )
-from jobs.prober import probe_one
 from models import (
     db,
     types_with,
@@ -190,11 +189,7 @@ def check(provider_id):
 
     Like a health probe, a successful one also stores the provider's model list.
     """
-    probe_one(provider_or_404(provider_id).id)
-    provider = provider_or_404(provider_id)
-    audit.record("provider.check", provider.id, PROBED_FIELDS, detail=f"now {provider.state}")
-    db.session.commit()
-    return shown(provider)
+    return shown(check_provider(provider_or_404(provider_id)))
 
 
 @providers_bp.route("/model_providers/match", methods=["POST"])

@@ -36,7 +36,7 @@ from app import create_app  # noqa: E402
 from jobs.prober import probe_all  # noqa: E402
 from models import PROVIDERS, db  # noqa: E402
 from tests.conftest import Gunicorn, free_port, migrate_and_add_users, registry_environ  # noqa: E402
-from tests.fake_upstreams import BlackHole  # noqa: E402
+from tests.fakes import BlackHole  # noqa: E402
 
 MODELS_PER_PROVIDER = 5
 PROBE_ROUND_LINE = re.compile(r"probed (\d+) providers in ([\d.]+) s")

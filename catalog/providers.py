@@ -10,6 +10,7 @@ from werkzeug.http import parse_etags
 
 from access.crypto import cipher
 from catalog.index import replace_models, upstream_target, verify_upstream
+from jobs.prober import probe_one
 from models import changed_field_names, db, is_canonical_id, provider_etag
 from observability import audit
 from schemas import watsonx_id_errors
@@ -180,3 +181,13 @@ def delete_provider(provider, preconditions):
     if provider_exists(provider.id):
         raise PreconditionFailed(f"Model provider {provider.id} was changed by another request meanwhile.")
     raise no_such_provider(provider.id)
+
+
+def check_provider(provider):
+    """Probe the provider now, as the prober would (a success stores its model list too), and
+    audit it; the provider with its fresh state."""
+    probe_one(provider.id)
+    checked = provider_or_404(provider.id)
+    audit.record("provider.check", checked.id, PROBED_FIELDS, detail=f"now {checked.state}")
+    db.session.commit()
+    return checked

@@ -1,13 +1,16 @@
-"""/api/v1/openai: the OpenAI-style model list, and the gateway's chat completions and
-embeddings, which call the providers' models without handing out their keys."""
+"""/api/v1/openai: the OpenAI-style model list, and the gateway's chat completions, Responses
+and embeddings, which call the providers' models without handing out their keys."""
+
+from functools import partial
 
 from apifairy import authenticate, body, other_responses, response
-from flask import Blueprint, request
+from flask import Blueprint
 
 from access.auth import auth
 from catalog.index import available_models
+from gateway import completions, responses
+from gateway.answers import GATEWAY_ERRORS, allow_prompt_sized_bodies, chat_answer, served_by
 from gateway.call import GatewayCall, Settings
-from gateway.chat import chat_request_of, complete, open_stream
 from gateway.embeddings import embeddings
 from schemas import (
     ChatCompletionRequestSchema,
@@ -15,29 +18,12 @@ from schemas import (
     EmbeddingsRequestSchema,
     EmbeddingsSchema,
     OpenAIModelListSchema,
+    ResponseSchema,
+    ResponsesRequestSchema,
 )
 
 openai_bp = Blueprint("openai", __name__)
-
-# Prompts outgrow the 64 KiB of the registry's own bodies (long contexts, images as data URLs).
-GATEWAY_MAX_BODY_BYTES = 16 * 1024 * 1024
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-GATEWAY_ERRORS = {
-    400: "Bad body or no model; an upstream's own 4xx about the request comes with its status and "
-    "message (without the provider's key)",
-    404: "No provider of the type has the model (code model_not_found)",
-    429: "Over one of the token's limits, or the calls in flight of REGISTRY_DEFAULT_MAX_PARALLEL (code "
-    "rate_limit_exceeded, before any provider is called); or every provider of the model is rate-limiting "
-    "(Retry-After in both)",
-    502: "Every provider tried failed",
-    503: "Every provider of the model is offline; or this worker takes no more gateway calls now (Retry-After)",
-    504: "The call took longer than REGISTRY_GATEWAY_TIMEOUT",
-}
-
-
-@openai_bp.before_request
-def allow_prompt_sized_bodies():
-    request.max_content_length = GATEWAY_MAX_BODY_BYTES
+openai_bp.before_request(allow_prompt_sized_bodies)
 
 
 @openai_bp.route("/openai/models", methods=["GET"])
@@ -52,8 +38,8 @@ def list_models():
     return {"object": "list", "data": available_models()}
 
 
-def served_by(target):
-    return {"X-Registry-Provider-Id": target.provider_id}
+def as_sent(completion):
+    return completion
 
 
 @openai_bp.route("/openai/chat/completions", methods=["POST"])
@@ -64,17 +50,36 @@ def chat_completions(chat_body):
     """Call a model's chat completion, OpenAI style
 
     Routed to the oldest online provider of the model's type that serves it, and to the
-    next one when a provider cannot be reached or answers 429 or 5xx before anything was
-    sent. With `"stream": true` the answer is `text/event-stream`: each upstream chunk as
-    it arrives, ending with `data: [DONE]`. `X-Registry-Provider-Id` names the provider.
+    next one when a provider cannot be reached, answers 429 or 5xx, or has not started its
+    answer within REGISTRY_GATEWAY_ATTEMPT_TIMEOUT, before anything was sent; a provider
+    that failed a call within REGISTRY_GATEWAY_COOLDOWN is tried after the others. With
+    `"stream": true` the answer is `text/event-stream`: each upstream chunk as it arrives,
+    ending with `data: [DONE]`. `X-Registry-Provider-Id` names the provider.
     """
-    chat_request = chat_request_of(chat_body)
-    call = GatewayCall(chat_request.model, "chat", stream=chat_request.stream)
-    if chat_request.stream:
-        target, events = open_stream(call, chat_request, Settings.of_app())
-        return events, 200, {"Content-Type": "text/event-stream", **STREAM_HEADERS, **served_by(target)}
-    target, completion = complete(call, chat_request, Settings.of_app())
-    return completion, 200, served_by(target)
+    chat_request = completions.chat_request_of(chat_body)
+    return chat_answer(chat_request, "chat", completions.ChatChunks(chat_request.include_usage), as_sent)
+
+
+@openai_bp.route("/openai/responses", methods=["POST"])
+@authenticate(auth, role="caller")
+@body(ResponsesRequestSchema)
+@other_responses({200: (ResponseSchema, "The response, or with `stream` its SSE events"), **GATEWAY_ERRORS})
+def create_response(responses_body):
+    """Call a model through OpenAI's Responses API
+
+    Any model of the registry, whatever its provider's type: the body is translated to a chat
+    call and routed as chat completions are. Nothing is stored: send the whole conversation
+    in `input` (`previous_response_id` is a 400). With `"stream": true` the answer is the
+    Responses event sequence (`response.created` ... `response.completed`), relayed as the
+    model's chunks arrive; a failure after the first event is `response.failed`.
+    """
+    chat_request = responses.chat_request_of(responses_body)
+    return chat_answer(
+        chat_request,
+        "responses",
+        responses.ResponseEvents(responses_body),
+        partial(responses.response_of, body=responses_body),
+    )
 
 
 @openai_bp.route("/openai/embeddings", methods=["POST"])

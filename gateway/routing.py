@@ -1,5 +1,6 @@
 """Routing a gateway call: the model's providers from the model index, each tried in turn
-until one accepts the call (failover on a connection failure, 429 or 5xx).
+until one accepts the call (failover on a connection failure, 429 or 5xx, or an answer not
+started within the attempt timeout), those in their cooldown after the others.
 
 A call is routed while the request holds the database; then the database is let go
 (storage.connections.no_connection) and only then is an upstream called, so no connection or
@@ -8,8 +9,8 @@ transaction waits on a model. Each provider's key is opened when its attempt sta
 
 import logging
 import re
+import time
 from contextlib import contextmanager
-from functools import partial
 
 from werkzeug.exceptions import NotFound, ServiceUnavailable
 
@@ -17,7 +18,7 @@ from access.crypto import UnopenableApiKey
 from access.limits import admit
 from api.errors import GatewayError, LimitExceeded
 from catalog.index import provider_target, providers_serving
-from gateway.call import call_finished, sentence
+from gateway.call import call_finished, call_started, sentence
 from models import CAPABILITIES_BY_TYPE, ModelRef
 from storage.connections import no_connection
 from upstreams import UpstreamFailure, UpstreamRefusal, UpstreamTimeout, adapter_of
@@ -64,9 +65,36 @@ def serving_providers(parsed):
         raise GatewayError(503, f"Every provider of {parsed} is offline; try again when one answers.") from None
 
 
+class Cooldowns:
+    """The providers that failed a call, each until its cooldown ends, in this worker
+    process's memory: each worker (and each instance) learns of a failure by meeting it."""
+
+    def __init__(self):
+        self._ends = {}  # provider id -> time.monotonic() at which its cooldown ends
+
+    def start(self, provider_id, seconds):
+        now = time.monotonic()
+        ends = {cooling: end for cooling, end in list(self._ends.items()) if end > now}
+        if seconds > 0:
+            ends[provider_id] = now + seconds
+        self._ends = ends
+
+    def end(self, provider_id):
+        self._ends.pop(provider_id, None)
+
+    def in_turn(self, providers):
+        """The providers in the order they are tried: those in their cooldown after the
+        others, each group in the order given (oldest first)."""
+        now = time.monotonic()
+        return sorted(providers, key=lambda provider: self._ends.get(provider.id, 0) > now)
+
+
+COOLDOWNS = Cooldowns()
+
+
 def route(call, capability):
-    """(the upstream's model id, the targets to try for it): oldest provider first, each
-    target made (its key opened) when its turn comes; the database let go."""
+    """(the upstream's model id, its providers in the order they are tried): oldest first,
+    those in their cooldown last."""
     parsed = parse_model_ref(call.model, capability)
     call.provider_type = parsed.type
     admit(call)
@@ -76,7 +104,7 @@ def route(call, capability):
         call.indexed = error.status == 503  # indexed, its providers offline
         raise
     call.indexed = True
-    return parsed.upstream_id, [partial(target_of, provider) for provider in providers]
+    return parsed.upstream_id, COOLDOWNS.in_turn(providers)
 
 
 def refused(refusal, target):
@@ -96,37 +124,61 @@ def is_delay_in_seconds(retry_after):
     return re.fullmatch(r"\d{1,9}", retry_after or "") is not None
 
 
+def delay_in_seconds(retry_after):
+    return int(retry_after) if is_delay_in_seconds(retry_after) else 0
+
+
+class AnswerNotStarted(UpstreamFailure):
+    """A provider that did not start its answer within the attempt timeout."""
+
+    status = 504
+
+    def __init__(self, provider, deadline):
+        super().__init__(f"provider {provider.id} did not start its answer within {deadline.answer_seconds:g} s")
+
+
 def every_provider_failed(failures):
-    """429 when every provider said so (with the soonest Retry-After), else 502."""
+    """429 when every provider said so (with the soonest Retry-After), 504 when none started
+    its answer in time, else 502."""
+    reasons = "; ".join(str(failure) for failure in failures)
     if all(failure.status == 429 for failure in failures):
         waits = sorted(int(failure.retry_after) for failure in failures if is_delay_in_seconds(failure.retry_after))
         headers = {"Retry-After": str(waits[0])} if waits else {}
         return GatewayError(429, "Every provider of the model is rate-limiting; retry later.", headers=headers)
-    reasons = "; ".join(str(failure) for failure in failures)
+    if all(isinstance(failure, AnswerNotStarted) for failure in failures):
+        return GatewayError(504, sentence(f"No provider of the model started its answer in time: {reasons}"))
     return GatewayError(502, sentence(f"Every provider of the model failed: {reasons}"))
 
 
-def first_answer(targets, attempt, call, deadline):
+def first_answer(providers, attempt, call, deadline, cooldown):
     """(target, answer) from the first provider that accepts the call, trying them in turn
-    on a connection failure, 429 or 5xx; every attempt's socket work within the deadline."""
+    on a connection failure, 429 or 5xx, or an answer not started within the deadline's
+    answer_seconds; every attempt's socket work within the deadline. A provider that fails
+    goes after the others for `cooldown` seconds (or its longer Retry-After)."""
     failures = []
-    for target_of_turn in targets:
+    for provider in providers:
         try:
-            target = target_of_turn()
-            with no_connection(), deadline.bounding():
+            target = target_of(provider)
+            with no_connection(), deadline.attempt():
                 answer = attempt(target)
         except UpstreamFailure as failure:
-            log.warning("gateway: %s; trying the next provider", failure)
             failures.append(failure)
-            continue
+        except UpstreamTimeout as timeout:
+            if deadline.answer_seconds and deadline.remaining() > 0:  # the attempt's own limit passed, not the call's
+                failures.append(AnswerNotStarted(provider, deadline))
+            else:
+                COOLDOWNS.start(provider.id, cooldown)
+                call.served_by(target)
+                raise GatewayError(504, f"The model did not answer in time: {timeout}.") from None
         except UpstreamRefusal as refusal:
             call.served_by(target)
             raise refused(refusal, target) from None
-        except UpstreamTimeout as timeout:
+        else:
+            COOLDOWNS.end(provider.id)
             call.served_by(target)
-            raise GatewayError(504, f"The model did not answer in time: {timeout}.") from None
-        call.served_by(target)
-        return target, answer
+            return target, answer
+        log.warning("gateway: %s; trying the next provider", failures[-1])
+        COOLDOWNS.start(provider.id, max(cooldown, delay_in_seconds(failures[-1].retry_after)))
     raise every_provider_failed(failures)
 
 
@@ -146,6 +198,7 @@ def counted_if_refused(call):
         yield
     except GatewayError as error:
         call.outcome = outcome_of_refusal(error)
+        call.status = error.status
         call_finished(call)
         raise
 
@@ -156,10 +209,13 @@ def served_answer(call, capability, operation, settings):
     wire format adapter of each provider's type."""
     deadline = settings.deadline()
     with counted_if_refused(call):
-        model, targets = route(call, capability)
+        try:
+            model, providers = route(call, capability)
+        finally:
+            call_started(call)
 
         def ask(target):
             return operation(adapter_of(target.type), target, model, deadline)
 
-        target, answer = first_answer(targets, ask, call, deadline)
+        target, answer = first_answer(providers, ask, call, deadline, settings.cooldown)
     return target, answer, deadline

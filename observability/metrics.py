@@ -51,7 +51,10 @@ REFUSAL_LIMITS = (
     "default_max_parallel",
     "worker_capacity",
 )
-TOKEN_KINDS = ("prompt", "completion")
+TOKEN_KINDS = ("prompt", "completion")  # the input and the output tokens
+# Counters are doubles: a larger count would lose units, or overflow (a 400-digit one raises,
+# a 308-digit one sticks the counter at +Inf). The gateway refuses such usage from upstreams.
+MAX_TOKENS = 2**53
 LONG_CALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 REQUESTS = Counter(
@@ -93,6 +96,13 @@ GATEWAY_CALLS = Counter(
     ("type", "model", "outcome"),
     registry=own_metrics,
 )
+GATEWAY_CALLS_STARTED = Counter(
+    "registry_gateway_requests_started",
+    "Model calls through the gateway as they start, by provider type and model: less "
+    "registry_gateway_requests_total, the calls in flight or cut off by a worker's death.",
+    ("type", "model"),
+    registry=own_metrics,
+)
 GATEWAY_SECONDS = Histogram(
     "registry_gateway_request_duration_seconds",
     "Time of a gateway call to its end (the whole stream when streaming), by provider type and model.",
@@ -109,7 +119,8 @@ GATEWAY_FIRST_CHUNK_SECONDS = Histogram(
 )
 GATEWAY_TOKENS = Counter(
     "registry_gateway_tokens",
-    "Tokens the upstreams reported for gateway calls, by provider type, model and kind (prompt or completion).",
+    "Usage tokens the upstreams reported for gateway calls, by provider type, model and direction "
+    "(kind prompt: input, completion: output), as the usage events count them.",
     ("type", "model", "kind"),
     registry=own_metrics,
 )
@@ -117,6 +128,13 @@ GATEWAY_REFUSALS = Counter(
     "registry_gateway_refusals",
     "Gateway calls refused before any provider was called, by the limit that refused them.",
     ("limit",),
+    registry=own_metrics,
+)
+USAGE_EVENTS_DROPPED = Counter(
+    "registry_usage_events_dropped",
+    "Usage events dropped unwritten, by reason: backlog (the oldest, while the database refused "
+    "them for too long) or unstorable (the database refused them as they were).",
+    ("reason",),
     registry=own_metrics,
 )
 
@@ -183,26 +201,38 @@ def observe_upstream_call(provider_type, seconds):
     UPSTREAM_SECONDS.labels(known_or_unknown(provider_type, PROVIDER_TYPES)).observe(seconds)
 
 
-def record_gateway_call(provider_type, model_id, outcome, seconds, time_to_first_chunk=None, usage=None):
+def gateway_labels(provider_type, model_id):
+    return known_or_unknown(provider_type, PROVIDER_TYPES), model_id or UNKNOWN
+
+
+def record_gateway_call_started(provider_type, model_id):
+    """Count a gateway call as it starts, with the labels record_gateway_call will count it by."""
+    GATEWAY_CALLS_STARTED.labels(*gateway_labels(provider_type, model_id)).inc()
+
+
+def record_gateway_call(provider_type, model_id, outcome, seconds, time_to_first_chunk=None, tokens=(None, None)):
     """Count one gateway call (for the gateway's routes).
 
     `model_id` is the registry model id ("type:upstream id") as the model index knows it,
     or None when the index does not know the requested model: it is then counted as
     "unknown", so a label never holds what a client typed. `outcome` is one of
-    GATEWAY_OUTCOMES; `time_to_first_chunk` (seconds) for streams; `usage` the upstream's
-    OpenAI-shaped usage ({"prompt_tokens", "completion_tokens"}) when it reported one.
+    GATEWAY_OUTCOMES; `time_to_first_chunk` (seconds) for streams; `tokens` the (input,
+    output) tokens the upstream reported, each None when it did not.
     """
     if outcome not in GATEWAY_OUTCOMES:
         raise ValueError(f"outcome must be one of {GATEWAY_OUTCOMES}, not {outcome!r}")
-    labels = (known_or_unknown(provider_type, PROVIDER_TYPES), model_id or UNKNOWN)
+    labels = gateway_labels(provider_type, model_id)
     GATEWAY_CALLS.labels(*labels, outcome).inc()
     GATEWAY_SECONDS.labels(*labels).observe(seconds)
     if time_to_first_chunk is not None:
         GATEWAY_FIRST_CHUNK_SECONDS.labels(*labels).observe(time_to_first_chunk)
-    for kind in TOKEN_KINDS:
-        tokens = (usage or {}).get(f"{kind}_tokens")
-        if isinstance(tokens, int) and tokens > 0:
-            GATEWAY_TOKENS.labels(*labels, kind).inc(tokens)
+    for kind, count in zip(TOKEN_KINDS, tokens, strict=True):
+        if count and count <= MAX_TOKENS:
+            GATEWAY_TOKENS.labels(*labels, kind).inc(count)
+
+
+def count_dropped_usage_events(count, reason="backlog"):
+    USAGE_EVENTS_DROPPED.labels(reason).inc(count)
 
 
 def record_gateway_refusal(limit):

@@ -1,4 +1,4 @@
-"""Operator commands: `flask --app app users ...`, `tokens ...`, `registry sync` and `keys rotate`."""
+"""Operator commands: `flask --app app users ...`, `tokens ...`, `usage`, `registry sync` and `keys rotate`."""
 
 import logging
 import logging.config
@@ -10,7 +10,8 @@ from functools import partial
 import click
 import sqlalchemy as sa
 from flask import current_app
-from flask.cli import AppGroup, ScriptInfo
+from flask.cli import AppGroup, ScriptInfo, with_appcontext
+from marshmallow import ValidationError
 from werkzeug.exceptions import Forbidden
 from werkzeug.security import generate_password_hash
 
@@ -21,9 +22,11 @@ from catalog.manifests import sync_manifests
 from models import ROLES, USERNAME_MAX_LENGTH, User, canonical_username, db
 from observability import audit
 from observability.logs import command_logging_config, escape
-from schemas import MAX_TOKEN_DAYS, TokenCreateSchema
+from observability.usage_report import usage_report
+from schemas import MAX_TOKEN_DAYS, USAGE_GROUP_KEYS, TokenCreateSchema, UsageQuerySchema, UsageRowSchema
 from storage.providers import replace_sealed_api_key, sealed_api_keys
 from storage.tokens import tokens_page
+from storage.usage import DAY_SUMS, GROUP_FIELDS
 from storage.users import (
     add_user,
     any_user_exists,
@@ -216,6 +219,34 @@ def revoke_api_token(token_id):
     click.echo(f"Revoked token {token_id}.")
 
 
+def usage_query(options):
+    """The command's options as a loaded UsageQuerySchema, or the error naming the wrong ones."""
+    try:
+        return UsageQuerySchema().load({name: value for name, value in options.items() if value is not None})
+    except ValidationError as error:
+        wrong = (f"--{name.replace('_', '-')}: {' '.join(messages)}" for name, messages in error.messages.items())
+        raise click.ClickException("; ".join(wrong)) from None
+
+
+@click.command("usage")
+@click.option("--group-by", help=f"One or more of {', '.join(USAGE_GROUP_KEYS)}, separated by commas; default day.")
+@click.option("--since", help="RFC 3339; default: 30 days before --until, or before now.")
+@click.option("--until", help="RFC 3339; default: no end.")
+@click.option("--model", help="Only this registry model id.")
+@click.option("--provider-id", help="Only this provider's calls.")
+@click.option("--token-id", help="Only this API token's calls.")
+@click.option("--user", help="Only this user's calls.")
+@with_appcontext
+def show_usage(**options):
+    """Print the gateway's usage added up (everyone's): a header, then one tab-separated row per group."""
+    query = usage_query(options)
+    columns = [*(GROUP_FIELDS[key] for key in query["group_by"]), *DAY_SUMS]
+    click.echo("\t".join(columns))
+    for row in UsageRowSchema(many=True).dump(usage_report(query)["items"]):
+        # Escaped: a model id is as an upstream listed it.
+        click.echo("\t".join(escape("-" if row[name] is None else str(row[name])) for name in columns))
+
+
 @registry_cli.command("sync")
 def sync_registry():
     """Sync every configured manifest now; exit status 1 when any of them failed."""
@@ -270,6 +301,7 @@ def register_commands(app):
     app.cli.add_command(registry_cli)
     app.cli.add_command(keys_cli)
     app.cli.add_command(tokens_cli)
+    app.cli.add_command(show_usage)
     # gunicorn and an embedding program set up logging themselves; the command's lines follow LOG_FORMAT here.
     if built_by_flask_command():
         logging.config.dictConfig(command_logging_config(app.config["LOG_FORMAT"]))

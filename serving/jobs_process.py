@@ -53,6 +53,7 @@ class JobsProcess:
         self.command = command
         self.log = log
         self.stopping = threading.Event()
+        self.restarting = threading.Event()
         self.starting = threading.Lock()  # stop() never misses a process being started
         self.pid = None
         self.thread = None
@@ -75,12 +76,24 @@ class JobsProcess:
             exit_status = wait_for_exit_status(self.pid)
             if self.stopping.is_set():
                 return
+            if self.restarting.is_set():
+                self.restarting.clear()
+                delay = FIRST_RESTART_DELAY
+                continue
             steady = time.monotonic() - started >= STEADY_SECONDS
             delay = FIRST_RESTART_DELAY if steady else min(delay * 2, LAST_RESTART_DELAY)
             message = "the jobs process (pid: %s) ended (status %s); starting it again in %.0f s"
             self.log.error(message, self.pid, exit_status, delay)
             if self.stopping.wait(delay):
                 return
+
+    def restart(self):
+        """Stop the process (SIGTERM) and start a new one at once: after a reload (SIGHUP) the
+        jobs run the reloaded code and configuration, as the new workers do."""
+        with self.starting:
+            if self.pid is not None and not self.stopping.is_set():
+                self.restarting.set()
+                self.signal(signal.SIGTERM)
 
     def stop(self, timeout):
         """Ask the process to stop (SIGTERM); kill it when it has not within `timeout` seconds."""

@@ -5,6 +5,8 @@ Reads that are only shown run on one read connection per app context (or, for th
 single-row reads, a private compiled fast path); every write goes through the session.
 """
 
+import logging
+import sqlite3
 from collections import namedtuple
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -14,6 +16,10 @@ from flask import g, has_app_context
 
 from models import db
 from storage.sqlite import LOOKUP_CONNECTIONS, begin_writing, take_write_lock
+
+log = logging.getLogger(__name__)
+
+POSTGRESQL_DISK_FULL = "53100"  # SQLSTATE disk_full
 
 
 def read_connection():
@@ -33,6 +39,56 @@ def close_read_connection(exception=None):
     connection = g.pop("read_connection", None)
     if connection is not None:
         connection.close()
+
+
+def end_session():
+    """db.session.remove(), the Session dropped even when its close fails."""
+    try:
+        db.session.remove()
+    finally:
+        db.session.registry.clear()
+
+
+def end_connections(exception=None):
+    """Give back the session's connection and the read connection: at the end of a request
+    (while its context, and so its request id, is still there for the log), and of any other
+    app context.
+
+    A connection lost after the answer was chosen (PostgreSQL restarted, the backend ended)
+    fails the rollback that ends it. That is logged and the answer stands: a request commits
+    what it changes before it answers, so the rollback had nothing to undo, and its failure
+    has already dropped the lost connection from the pool.
+    """
+    if "read_connection" not in g and not db.session.registry.has():
+        return  # nothing to give back: the request's own teardown already did
+    for end in (end_session, close_read_connection):
+        try:
+            end()
+        except sa.exc.SQLAlchemyError as error:
+            log.warning("a database connection was lost as it was given back (the answer stands): %s", cause_of(error))
+
+
+def cause_of(error):
+    """What the driver said, without SQLAlchemy's statement and link."""
+    return getattr(error, "orig", None) or error
+
+
+def is_disk_full(error):
+    """A statement refused for want of space: SQLite's SQLITE_FULL (its disk, or its
+    max_page_count), PostgreSQL's disk_full."""
+    cause = cause_of(error)
+    return (
+        getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        or getattr(cause, "sqlstate", None) == POSTGRESQL_DISK_FULL
+    )
+
+
+def is_unavailable(error):
+    """A database error that says the database cannot be reached or used now (down, a
+    connection lost, a lock not had in time), not that a statement was wrong."""
+    return isinstance(error, sa.exc.OperationalError | sa.exc.InterfaceError) or getattr(
+        error, "connection_invalidated", False
+    )
 
 
 @sa.event.listens_for(sa.orm.Session, "after_transaction_create")
@@ -87,7 +143,7 @@ class DirectStatement:
         try:
             cursor.execute(compiled.sql, driver_parameters)
             row = cursor.fetchone() if compiled.result_processors else None
-        except dbapi_error as error:  # as SQLAlchemy raises it (errors.py maps OperationalError to 503)
+        except dbapi_error as error:  # as SQLAlchemy raises it, for api/errors.py to answer
             raise sa.exc.DBAPIError.instance(compiled.sql, driver_parameters, error, dbapi_error) from error
         finally:
             cursor.close()

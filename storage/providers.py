@@ -217,6 +217,18 @@ PROVIDERS_LISTING = (
 )
 
 
+MODEL_COUNTS = (
+    sa.select(PROVIDER_MODELS.c.provider_id, sa.func.count())
+    .where(PROVIDER_MODELS.c.provider_id.in_(sa.bindparam("provider_ids", expanding=True)))
+    .group_by(PROVIDER_MODELS.c.provider_id)
+)
+
+
+def model_counts(provider_ids):
+    """Provider id -> how many models its index holds, for those of `provider_ids` that hold any."""
+    return dict(read_connection().execute(MODEL_COUNTS, {"provider_ids": list(provider_ids)}).all())
+
+
 def models_of_provider(provider_id):
     """The provider's indexed models (mappings of INDEXED_MODEL_COLUMNS), as its upstream listed them."""
     return read_connection().execute(MODELS_OF_PROVIDER, {"provider_id": provider_id}).mappings()

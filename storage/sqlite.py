@@ -55,7 +55,7 @@ class LookupConnections:
     def _new_connection(self):
         try:
             pooled = self._engine.raw_connection()
-        except sqlite3.Error as error:  # as SQLAlchemy raises it (errors.py maps OperationalError to 503)
+        except sqlite3.Error as error:  # as SQLAlchemy raises it, for api/errors.py to answer
             raise sa.exc.DBAPIError.instance(None, None, error, sqlite3.Error) from error
         pooled.detach()
         return pooled.dbapi_connection

@@ -11,7 +11,9 @@ for running for seconds in-process.
 
 import base64
 import glob
+import io
 import itertools
+import logging
 import os
 import shlex
 import shutil
@@ -19,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -27,11 +30,12 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet
 from flask_migrate import upgrade
 from werkzeug.security import generate_password_hash
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from app import create_app
 from models import User, db
-from tests.fake_model_servers import FakeModelServer
-from tests.fake_upstreams import BlackHole, FakeUpstream
+from tests.fakes import BlackHole, FakeUpstream
+from tests.protocols import PROTOCOLS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASSWORDS = {"admin": "admin-pass-1", "service": "service-pass-1", "reader": "reader-pass-1"}
@@ -39,6 +43,7 @@ PASSWORDS = {"admin": "admin-pass-1", "service": "service-pass-1", "reader": "re
 # whole suite then runs on PostgreSQL, with a fresh database per test. Unset: SQLite.
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
 SQLITE_ONLY = pytest.mark.skipif(bool(TEST_DATABASE_URL), reason="SQLite's own behaviour; PostgreSQL has none of it")
+POSTGRES_ONLY = pytest.mark.skipif(not TEST_DATABASE_URL, reason="PostgreSQL's own behaviour; SQLite has none of it")
 # Instance folder -> its own PostgreSQL database; a folder not listed uses its SQLite file.
 DATABASE_URLS = {}
 
@@ -73,6 +78,7 @@ def registry_environ(instance_path, **overrides):
         "REGISTRY_PROBE_INTERVAL": "0",
         "REGISTRY_SYNC_INTERVAL": "0",
         "REGISTRY_AUDIT_PRUNE_INTERVAL": "0",
+        "REGISTRY_USAGE_PRUNE_INTERVAL": "0",
     }
     environ.update(overrides)
     return environ
@@ -215,6 +221,7 @@ def make_app(instance_path):
 
     yield build
     for app in apps:
+        app.extensions["usage"].stop()  # its usage events written while its database is there
         with app.app_context():
             db.engine.dispose()
 
@@ -228,13 +235,6 @@ def client_as(app, role):
     client = app.test_client()
     client.environ_base["HTTP_AUTHORIZATION"] = basic_auth(role, PASSWORDS[role])
     return client
-
-
-@pytest.fixture
-def registry(make_app):
-    """The app on this test's database, verifying providers (which fills the model index the
-    gateway routes by), to register fake model servers and make tokens beside a gunicorn."""
-    return make_app(REGISTRY_VERIFY_ON_CREATE="true")
 
 
 @pytest.fixture
@@ -377,6 +377,53 @@ class Gunicorn:
             self.process.wait(timeout=30)
 
 
+class QuietRequestHandler(WSGIRequestHandler):
+    def log_request(self, *args):
+        pass  # the app logs its own requests
+
+
+class InProcessServer:
+    """The real app served over real HTTP by a threaded server in this process: real sockets
+    for real clients, without gunicorn's start-up cost, for tests about what the app answers
+    rather than about gunicorn. `log()` is what the app logged meanwhile."""
+
+    def __init__(self, app):
+        self.server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=QuietRequestHandler)
+        self.base_url = f"http://127.0.0.1:{self.server.port}"
+        self.logged = io.StringIO()
+        self.log_handler = logging.StreamHandler(self.logged)
+        self.log_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+        logging.getLogger().addHandler(self.log_handler)
+        serving = {"target": self.server.serve_forever, "kwargs": {"poll_interval": 0.02}}  # a prompt shutdown
+        self.thread = threading.Thread(**serving, name="in-process-server", daemon=True)
+        self.thread.start()
+
+    def client(self, role):
+        return httpx.Client(base_url=self.base_url, auth=(role, PASSWORDS[role]), timeout=30)
+
+    def log(self):
+        return self.logged.getvalue()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        logging.getLogger().removeHandler(self.log_handler)
+
+
+@pytest.fixture
+def serve():
+    """Serve an app over HTTP in this process: serve(app) -> its InProcessServer."""
+    servers = []
+
+    def start(app):
+        servers.append(InProcessServer(app))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
 @pytest.fixture
 def start_instances(tmp_path):
     """Start `count` instances at the same moment on one database, each in its own
@@ -416,30 +463,20 @@ def start_gunicorn(instance_path):
         server.kill()
 
 
-def started_servers(server_class):
-    """A fixture's start function for fake servers; every one it started goes down afterwards."""
-    servers = []
-
-    def start(*args, **options):
-        server = server_class(*args, **options)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.down()
-
-
 @pytest.fixture
 def fake_upstream():
-    """Start fake upstreams: fake_upstream(flavor="openai", api_key=..., models=[...], delay=0)."""
-    yield from started_servers(FakeUpstream)
+    """Start fake upstreams, every one stopped after the test:
+    fake_upstream(flavor="openai", api_key=..., models=[...], delay=0) (tests/fakes/)."""
+    upstreams = []
 
+    def start(*args, **options):
+        upstream = FakeUpstream(*args, **options)
+        upstreams.append(upstream)
+        return upstream
 
-@pytest.fixture
-def model_server():
-    """Start fake model servers: model_server("watsonx", api_key=..., models=[...])."""
-    yield from started_servers(FakeModelServer)
+    yield start
+    for upstream in upstreams:
+        upstream.down()
 
 
 @pytest.fixture
@@ -448,3 +485,54 @@ def black_hole():
     hole = BlackHole()
     yield hole
     hole.close()
+
+
+# The gateway ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def registry(make_app):
+    """The app on this test's database, to register providers (verified, which fills the
+    model index the gateway routes by) and set their state."""
+    return make_app(REGISTRY_VERIFY_ON_CREATE="true")
+
+
+@pytest.fixture
+def upstream(registry, fake_upstream):
+    """An OpenAI-compatible fake model server, registered (verified) with `registry`."""
+    server = fake_upstream(api_key="sk-model-key-SECRET-4242")
+    response = client_as(registry, "admin").post(
+        "/api/v1/model_providers", json=provider_body(base_url=server.base_url, api_key=server.api_key)
+    )
+    assert response.status_code == 201, response.get_json()
+    return server
+
+
+@pytest.fixture
+def gateway(serve, make_app, registry):
+    """The registry served over HTTP (in this process), with `caller_token`, an API token of
+    role caller, as agents hold; `gateway(iam=server)` points watsonx at a fake IAM; other
+    keyword arguments are settings."""
+
+    def start(iam=None, **overrides):
+        if iam is not None:
+            overrides["REGISTRY_WATSONX_IAM_URL"] = iam.iam_url
+        server = serve(make_app(**overrides))
+        server.caller_token = token_of(registry, "caller")
+        return server
+
+    return start
+
+
+def token_of(registry, role):
+    """A new API token of that role (its owner: the user of that role, or service for caller)."""
+    owner = "service" if role == "caller" else role
+    response = client_as(registry, owner).post("/api/v1/tokens", json={"name": f"agent-{role}", "role": role})
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["token"]
+
+
+@pytest.fixture(params=PROTOCOLS, ids=lambda protocol: protocol.name)
+def protocol(request):
+    """Each inbound protocol of the gateway in turn (tests/protocols.py)."""
+    return request.param

@@ -193,7 +193,7 @@ HOSTILE_LISTINGS = {
 
 def hostile_upstream(fake_upstream, body, flavor="openai"):
     upstream = fake_upstream(flavor=flavor)
-    upstream.body = body
+    upstream.answer_with(200, body)
     return upstream
 
 

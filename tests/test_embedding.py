@@ -64,8 +64,8 @@ def mounted(make_app):
     server.server_close()
 
 
-def test_providers_under_a_mount_path_link_under_it(mounted, model_server):
-    fake = model_server("openai", api_key=MODEL_KEY)
+def test_providers_under_a_mount_path_link_under_it(mounted, fake_upstream):
+    fake = fake_upstream("openai", api_key=MODEL_KEY)
     with httpx.Client(base_url=mounted, auth=("admin", PASSWORDS["admin"]), timeout=30) as admin:
         assert admin.get("/").text == "the host application"
         created = admin.post(
@@ -93,8 +93,8 @@ def test_openapi_servers_and_docs_are_under_the_mount_path(mounted):
             assert anonymous.get(url).status_code == 200
 
 
-def test_gateway_under_a_mount_path_serves_the_openai_client(mounted, model_server):
-    fake = model_server("openai", api_key=MODEL_KEY)
+def test_gateway_under_a_mount_path_serves_the_openai_client(mounted, fake_upstream):
+    fake = fake_upstream("openai", api_key=MODEL_KEY)
     with httpx.Client(base_url=f"{mounted}{MOUNT}/api/v1", timeout=30) as registry:
         admin, service = ("admin", PASSWORDS["admin"]), ("service", PASSWORDS["service"])
         body = provider_body(base_url=fake.base_url, api_key=MODEL_KEY)

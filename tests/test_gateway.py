@@ -1,12 +1,13 @@
 """The gateway: the real `openai` client, sync and async, calling models through gunicorn.
 
-Model servers are faked by tests/fake_model_servers.py, which speak the real wire formats.
+Upstreams are faked by tests/fakes/, which speak the real wire formats.
 """
 
 import asyncio
 import base64
 import json
 import logging
+import re
 import struct
 import threading
 import time
@@ -19,54 +20,16 @@ import pytest
 import sqlalchemy as sa
 
 from models import ModelProvider, db
-from tests.conftest import PASSWORDS, basic_auth, client_as, provider_body
-from tests.fake_model_servers import USAGE
-from tests.test_metrics import parse, value
+from tests.conftest import PASSWORDS, basic_auth, client_as, provider_body, token_of
+from tests.fakes.model import USAGE
+from tests.protocols import sse_documents
+from tests.test_metrics import delta, parse, scrape
 
 PROVIDERS = "/api/v1/model_providers"
 MODEL_KEY = "sk-model-key-SECRET-4242"
 WATSONX_KEY = "watsonx-api-key-SECRET-77"
 # Basic credentials of a user whose role may call models (tokens of role caller are made below).
 CALLER = "service"
-
-
-@pytest.fixture
-def registry(make_app):
-    """The app on this test's database, to register providers (verified, which fills the
-    model index the gateway routes by) and set their state."""
-    return make_app(REGISTRY_VERIFY_ON_CREATE="true")
-
-
-@pytest.fixture
-def gateway(start_gunicorn, registry):
-    """gunicorn serving the registry, with `caller_token`, an API token of role caller, as
-    agents hold; `gateway(iam=server)` points watsonx at a fake IAM. The OpenAI clients of
-    its servers are closed first at the end: gunicorn's graceful stop waits on their idle
-    keep-alive connections."""
-    servers = []
-
-    def start(iam=None, **overrides):
-        if iam is not None:
-            overrides["REGISTRY_WATSONX_IAM_URL"] = iam.iam_url
-        server = start_gunicorn(workers=1, **overrides)
-        server.caller_token = token_of(registry, "caller")
-        server.openai_clients = []
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        for client in server.openai_clients:
-            if isinstance(client, openai.OpenAI):  # an async client's connections ended with its event loop
-                client.close()
-
-
-def token_of(registry, role):
-    """A new API token of that role (its owner: the user of that role, or service for caller)."""
-    owner = "service" if role == "caller" else role
-    response = client_as(registry, owner).post("/api/v1/tokens", json={"name": f"agent-{role}", "role": role})
-    assert response.status_code == 201, response.get_json()
-    return response.get_json()["token"]
 
 
 def register(registry, server, provider_type=None, **fields):
@@ -93,7 +56,6 @@ def openai_client(server, api_key=None, client_class=openai.OpenAI):
     client = client_class(
         base_url=f"{server.base_url}/api/v1/openai", api_key=api_key or server.caller_token, max_retries=0, timeout=30
     )
-    server.openai_clients.append(client)
     return client
 
 
@@ -115,11 +77,18 @@ def streamed_text(chunks):
     return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
 
 
+def streamed_tool_call(chunks):
+    """(name, arguments) of the tool call a stream carries, its arguments joined from their parts."""
+    calls = [call for chunk in chunks if chunk.choices for call in chunk.choices[0].delta.tool_calls or []]
+    name = next(call.function.name for call in calls if call.function.name)
+    return name, json.loads("".join(call.function.arguments or "" for call in calls))
+
+
 # Each type's chat ------------------------------------------------------------------------
 
 
-def test_openai_chat_answers_with_the_registry_model_id_and_the_serving_provider(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_openai_chat_answers_with_the_registry_model_id_and_the_serving_provider(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     provider_id = register(registry, upstream)
     raw = raw_chat(openai_client(gateway()))
     completion = raw.parse()
@@ -133,16 +102,16 @@ def test_openai_chat_answers_with_the_registry_model_id_and_the_serving_provider
     assert body["model"] == "gpt-4o"
 
 
-def test_fields_the_registry_does_not_know_reach_an_openai_compatible_upstream(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_fields_the_registry_does_not_know_reach_an_openai_compatible_upstream(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     chat(openai_client(gateway()), temperature=0.2, extra_body={"top_k": 5, "vendor_option": {"a": [1]}})
     body = upstream.calls[-1][2]
     assert body["top_k"] == 5 and body["vendor_option"] == {"a": [1]} and body["temperature"] == 0.2
 
 
-def test_openai_stream_relays_chunks_with_the_registry_model_id_and_ends_with_done(registry, gateway, model_server):
-    provider_id = register(registry, model_server(api_key=MODEL_KEY))
+def test_openai_stream_relays_chunks_with_the_registry_model_id_and_ends_with_done(registry, gateway, fake_upstream):
+    provider_id = register(registry, fake_upstream(api_key=MODEL_KEY))
     server = gateway()
     chunks = streamed(openai_client(server))
     assert streamed_text(chunks) == "Hello!"
@@ -159,16 +128,16 @@ def test_openai_stream_relays_chunks_with_the_registry_model_id_and_ends_with_do
     assert response.text.endswith("data: [DONE]\n\n")
 
 
-def test_include_usage_gives_a_last_chunk_without_choices(registry, gateway, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_include_usage_gives_a_last_chunk_without_choices(registry, gateway, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     chunks = streamed(openai_client(gateway()), stream_options={"include_usage": True})
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == USAGE["total_tokens"]
     assert chunks[-1].model == "openai:gpt-4o"
     assert streamed_text(chunks) == "Hello!"
 
 
-def test_rits_is_called_with_its_header_besides_bearer(registry, gateway, model_server):
-    upstream = model_server("rits", api_key=MODEL_KEY, models=["ibm/granite-3-8b"])
+def test_rits_is_called_with_its_header_besides_bearer(registry, gateway, fake_upstream):
+    upstream = fake_upstream("rits", api_key=MODEL_KEY, models=["ibm/granite-3-8b"])
     register(registry, upstream)
     client = openai_client(gateway())
     assert chat(client, "rits:ibm/granite-3-8b").choices[0].message.content == "Hello!"
@@ -177,19 +146,8 @@ def test_rits_is_called_with_its_header_besides_bearer(registry, gateway, model_
     assert headers["RITS_API_KEY"] == MODEL_KEY and headers["Authorization"] == f"Bearer {MODEL_KEY}"
 
 
-def test_anthropic_is_called_through_its_openai_compatible_endpoint(registry, gateway, model_server):
-    upstream = model_server("anthropic", api_key=MODEL_KEY, models=["claude-sonnet-4"])
-    register(registry, upstream)
-    client = openai_client(gateway())
-    assert chat(client, "anthropic:claude-sonnet-4").model == "anthropic:claude-sonnet-4"
-    chunks = streamed(client, "anthropic:claude-sonnet-4", stream_options={"include_usage": True})
-    assert streamed_text(chunks) == "Hello!" and chunks[-1].usage.total_tokens == USAGE["total_tokens"]
-    path, headers, _ = upstream.calls[-1]
-    assert path == "/v1/chat/completions" and headers["Authorization"] == f"Bearer {MODEL_KEY}"
-
-
-def test_watsonx_chat_is_translated_both_ways(registry, gateway, model_server):
-    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+def test_watsonx_chat_is_translated_both_ways(registry, gateway, fake_upstream):
+    upstream = fake_upstream("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
     register_watsonx(registry, upstream)
     completion = chat(openai_client(gateway(iam=upstream)), "watsonx:ibm/granite-3-8b-instruct", max_tokens=20)
     assert completion.object == "chat.completion"
@@ -203,8 +161,8 @@ def test_watsonx_chat_is_translated_both_ways(registry, gateway, model_server):
     assert headers["Authorization"] == "Bearer iam-token-1"
 
 
-def test_watsonx_stream_is_translated_with_usage(registry, gateway, model_server):
-    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+def test_watsonx_stream_is_translated_with_usage(registry, gateway, fake_upstream):
+    upstream = fake_upstream("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
     register_watsonx(registry, upstream)
     client = openai_client(gateway(iam=upstream))
     chunks = streamed(client, "watsonx:ibm/granite-3-8b-instruct", stream_options={"include_usage": True})
@@ -218,8 +176,8 @@ def test_watsonx_stream_is_translated_with_usage(registry, gateway, model_server
     assert all(chunk.choices for chunk in plain)  # no usage chunk unless asked for
 
 
-def test_watsonx_token_is_exchanged_once_and_reused(registry, gateway, model_server):
-    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+def test_watsonx_token_is_exchanged_once_and_reused(registry, gateway, fake_upstream):
+    upstream = fake_upstream("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
     register_watsonx(registry, upstream)
     client = openai_client(gateway(iam=upstream), client_class=openai.AsyncOpenAI)
 
@@ -233,8 +191,8 @@ def test_watsonx_token_is_exchanged_once_and_reused(registry, gateway, model_ser
     assert upstream.iam_exchanges == 1
 
 
-def test_watsonx_token_is_exchanged_anew_before_it_expires(registry, gateway, model_server):
-    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+def test_watsonx_token_is_exchanged_anew_before_it_expires(registry, gateway, fake_upstream):
+    upstream = fake_upstream("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
     upstream.token_lifetime = 60  # within the renewal margin: every call exchanges anew
     register_watsonx(registry, upstream)
     client = openai_client(gateway(iam=upstream))
@@ -246,8 +204,8 @@ def test_watsonx_token_is_exchanged_anew_before_it_expires(registry, gateway, mo
 # Embeddings --------------------------------------------------------------------------------
 
 
-def test_embeddings_in_the_clients_default_base64_come_back_as_the_upstreams_floats(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_embeddings_in_the_clients_default_base64_come_back_as_the_upstreams_floats(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     client = openai_client(gateway())
     answer = client.embeddings.create(model="openai:text-embedding-3-small", input=["a", "bcd"])
@@ -257,8 +215,8 @@ def test_embeddings_in_the_clients_default_base64_come_back_as_the_upstreams_flo
     assert answer.usage.total_tokens == 2
 
 
-def test_embeddings_answer_base64_of_little_endian_float32_when_asked(registry, gateway, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_embeddings_answer_base64_of_little_endian_float32_when_asked(registry, gateway, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     server = gateway()
     body = {"model": "openai:text-embedding-3-small", "input": "abcd", "encoding_format": "base64"}
     with server.client(CALLER) as client:
@@ -270,8 +228,8 @@ def test_embeddings_answer_base64_of_little_endian_float32_when_asked(registry, 
     assert floats["data"][0]["embedding"] == [0.5, -0.25, 4.0]
 
 
-def test_watsonx_embeddings_are_translated(registry, gateway, model_server):
-    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/slate-125m-english-rtrvr"])
+def test_watsonx_embeddings_are_translated(registry, gateway, fake_upstream):
+    upstream = fake_upstream("watsonx", api_key=WATSONX_KEY, models=["ibm/slate-125m-english-rtrvr"])
     register_watsonx(registry, upstream)
     client = openai_client(gateway(iam=upstream))
     answer = client.embeddings.create(model="watsonx:ibm/slate-125m-english-rtrvr", input=["a", "bc"])
@@ -294,8 +252,8 @@ WEATHER_TOOL = {
 
 
 @pytest.mark.parametrize("flavor, model", [("openai", "gpt-4o"), ("watsonx", "ibm/granite-3-8b-instruct")])
-def test_tools_are_passed_through_and_tool_calls_come_back(registry, gateway, model_server, flavor, model):
-    upstream = model_server(flavor, api_key=WATSONX_KEY if flavor == "watsonx" else MODEL_KEY, models=[model])
+def test_tools_are_passed_through_and_tool_calls_come_back(registry, gateway, fake_upstream, flavor, model):
+    upstream = fake_upstream(flavor, api_key=WATSONX_KEY if flavor == "watsonx" else MODEL_KEY, models=[model])
     register(registry, upstream, watsonx_project_id="project-1" if flavor == "watsonx" else None)
     client = openai_client(gateway(iam=upstream))
     completion = chat(client, f"{flavor}:{model}", tools=[WEATHER_TOOL], tool_choice="auto")
@@ -304,13 +262,15 @@ def test_tools_are_passed_through_and_tool_calls_come_back(registry, gateway, mo
     body = upstream.calls[-1][2]
     assert body["tools"] == [WEATHER_TOOL]
     assert body.get("tool_choice", body.get("tool_choice_option")) == "auto"
-    chunks = streamed(client, f"{flavor}:{model}", tools=[WEATHER_TOOL]) if flavor == "openai" else []
+    chunks = streamed(client, f"{flavor}:{model}", tools=[WEATHER_TOOL])
     assert all(chunk.model == f"{flavor}:{model}" for chunk in chunks)
+    assert streamed_tool_call(chunks) == ("get_weather", {"city": "Paris"})
+    assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == "tool_calls"
 
 
 @pytest.mark.parametrize("flavor, model", [("openai", "gpt-4o"), ("watsonx", "ibm/granite-3-8b-instruct")])
-def test_json_mode_is_passed_through(registry, gateway, model_server, flavor, model):
-    upstream = model_server(flavor, api_key=WATSONX_KEY if flavor == "watsonx" else MODEL_KEY, models=[model])
+def test_json_mode_is_passed_through(registry, gateway, fake_upstream, flavor, model):
+    upstream = fake_upstream(flavor, api_key=WATSONX_KEY if flavor == "watsonx" else MODEL_KEY, models=[model])
     register(registry, upstream, watsonx_project_id="project-1" if flavor == "watsonx" else None)
     completion = chat(
         openai_client(gateway(iam=upstream)), f"{flavor}:{model}", response_format={"type": "json_object"}
@@ -322,75 +282,67 @@ def test_json_mode_is_passed_through(registry, gateway, model_server, flavor, mo
 # Routing and failover ----------------------------------------------------------------------
 
 
-def test_oldest_online_provider_serves_first(registry, gateway, model_server):
-    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+def test_oldest_online_provider_serves_first(registry, fake_upstream, protocol):
+    first, second = fake_upstream(api_key=MODEL_KEY), fake_upstream(api_key=MODEL_KEY)
     first_id = register(registry, first)
     register(registry, second)
-    raw = raw_chat(openai_client(gateway()))
-    assert raw.headers["X-Registry-Provider-Id"] == first_id
+    response = ask(registry, protocol)
+    assert response.headers["X-Registry-Provider-Id"] == first_id
     assert len(first.calls) == 1 and second.calls == []
 
 
 @pytest.mark.parametrize("failure", ["500", "503", "429", "unreachable"])
-def test_a_failing_provider_hands_the_call_to_the_next(registry, gateway, model_server, failure):
-    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
-    register(registry, first)
-    second_id = register(registry, second)
-    client = openai_client(gateway())
-    chat(client)  # both providers' models are listed while both answer
+def test_a_failing_provider_hands_the_call_to_the_next(registry, fake_upstream, protocol, failure):
+    first, _, second_id = two_providers(registry, fake_upstream)
     if failure == "unreachable":
         first.down()
     else:
         first.fail_with(int(failure))
-    raw = raw_chat(client)
-    assert raw.parse().choices[0].message.content == "Hello!"
-    assert raw.headers["X-Registry-Provider-Id"] == second_id
-    assert streamed_text(streamed(client)) == "Hello!"
+    response = ask(registry, protocol)
+    assert protocol.text(response.get_json()) == "Hello!"
+    assert response.headers["X-Registry-Provider-Id"] == second_id
+    streamed_response = ask(registry, protocol, stream=True)
+    assert streamed_response.headers["X-Registry-Provider-Id"] == second_id
+    assert protocol.stream_text(stream_documents(streamed_response)) == "Hello!"
 
 
-def test_every_provider_failing_is_502(registry, gateway, model_server):
-    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
-    register(registry, first)
-    register(registry, second)
-    client = openai_client(gateway())
-    chat(client)
+def test_every_provider_failing_is_502(registry, fake_upstream, protocol):
+    first, second, _ = two_providers(registry, fake_upstream)
     first.fail_with(500)
     second.fail_with(502)
-    with pytest.raises(openai.InternalServerError) as raised:
-        chat(client)
-    assert raised.value.status_code == 502
-    assert "Every provider of the model failed" in raised.value.message
+    response = ask(registry, protocol)
+    assert response.status_code == 502
+    assert "Every provider of the model failed" in protocol.error_message(response.get_json())
 
 
-def test_every_provider_rate_limiting_is_429_with_retry_after(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_every_provider_rate_limiting_is_429_with_retry_after(registry, fake_upstream, protocol):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
-    client = openai_client(gateway())
     upstream.fail_with(429, "slow down", headers={"Retry-After": "7"})
-    with pytest.raises(openai.RateLimitError) as raised:
-        chat(client)
-    assert raised.value.response.headers["Retry-After"] == "7"
+    response = ask(registry, protocol)
+    assert response.status_code == 429 and response.headers["Retry-After"] == "7"
 
 
-def test_every_provider_offline_is_503(registry, gateway, model_server):
-    provider_id = register(registry, model_server(api_key=MODEL_KEY))
-    client = openai_client(gateway())
-    chat(client)
+def test_every_provider_offline_is_503(registry, fake_upstream, protocol):
+    provider_id = register(registry, fake_upstream(api_key=MODEL_KEY))
     set_state(registry, provider_id, "offline")
-    with pytest.raises(openai.InternalServerError) as raised:
-        chat(client)
-    assert raised.value.status_code == 503
+    response = ask(registry, protocol)
+    assert response.status_code == 503 and "offline" in protocol.error_message(response.get_json())
 
 
-def test_unknown_model_is_404_model_not_found(registry, gateway, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
-    client = openai_client(gateway())
+def test_unknown_model_is_404_model_not_found(registry, fake_upstream, protocol):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     for model in ("openai:gpt-5-unknown", "nosuchtype:gpt-4o", "gpt-4o"):
-        with pytest.raises(openai.NotFoundError) as raised:
-            chat(client, model)
-        assert raised.value.code == "model_not_found"
-    with pytest.raises(openai.NotFoundError):
-        client.embeddings.create(model="openai:nope", input="a")
+        response = ask(registry, protocol, model)
+        assert response.status_code == 404
+        assert protocol.error_code(response.get_json()) == protocol.model_not_found
+
+
+def test_an_unknown_embeddings_model_is_404_model_not_found(registry, gateway, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
+    with pytest.raises(openai.NotFoundError) as raised:
+        openai_client(gateway()).embeddings.create(model="openai:nope", input="a")
+    assert raised.value.code == "model_not_found"
 
 
 def test_bad_bodies_are_400_in_openais_shape(registry, gateway):
@@ -418,8 +370,8 @@ def test_a_chat_with_an_embedding_only_type_is_400(gateway):
 # Who may call ------------------------------------------------------------------------------
 
 
-def test_roles_below_the_gateways_are_refused_403(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_roles_below_the_gateways_are_refused_403(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     client = openai_client(gateway(), api_key=token_of(registry, "reader"))
     with pytest.raises(openai.PermissionDeniedError):
@@ -444,8 +396,8 @@ def test_unknown_or_revoked_tokens_and_wrong_passwords_are_401(registry, gateway
     assert httpx.post(f"{server.base_url}/api/v1/openai/embeddings", json={}).status_code == 401
 
 
-def test_basic_credentials_of_a_caller_or_above_may_call_too(registry, gateway, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_basic_credentials_of_a_caller_or_above_may_call_too(registry, gateway, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     server = gateway()
     body = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
     headers = {"Authorization": basic_auth(CALLER, PASSWORDS[CALLER])}
@@ -456,43 +408,47 @@ def test_basic_credentials_of_a_caller_or_above_may_call_too(registry, gateway, 
 # Upstream errors ---------------------------------------------------------------------------
 
 
-def test_an_upstream_400_quoting_the_key_reaches_the_client_without_it(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def upstream_400_quoting_the_key(upstream):
+    error = {
+        "message": f"context too long for key {MODEL_KEY}",
+        "type": "invalid_request_error",
+        "code": "context_length_exceeded",
+        "param": "messages",
+    }
+    upstream.answer_with(400, {"error": error})
+
+
+def test_an_upstream_400_quoting_the_key_reaches_the_client_without_it(registry, fake_upstream, protocol, caplog):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
-    server = gateway()
-    client = openai_client(server)
-    chat(client)
-    upstream.forced = (
-        400,
-        {
-            "error": {
-                "message": f"context too long for key {MODEL_KEY}",
-                "type": "invalid_request_error",
-                "code": "context_length_exceeded",
-                "param": "messages",
-            }
-        },
-        {},
-    )
-    with pytest.raises(openai.BadRequestError) as raised:
-        chat(client)
-    assert raised.value.code == "context_length_exceeded" and raised.value.param == "messages"
-    assert "context too long" in raised.value.message
-    assert MODEL_KEY not in raised.value.response.text
-    with pytest.raises(openai.BadRequestError) as raised:
-        streamed(client)
-    assert MODEL_KEY not in raised.value.response.text
-    assert MODEL_KEY not in server.log()
+    upstream_400_quoting_the_key(upstream)
+    for stream in (False, True):
+        response = ask(registry, protocol, stream=stream)
+        assert response.status_code == 400
+        assert "context too long" in protocol.error_message(response.get_json())
+        assert MODEL_KEY not in response.get_data(as_text=True)
+    assert MODEL_KEY not in caplog.text
 
 
-def test_a_watsonx_error_quoting_its_token_reaches_the_client_without_it(registry, gateway, model_server):
-    upstream = model_server("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
+def test_an_upstream_400s_code_and_param_reach_openai_clients(registry, gateway, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    register(registry, upstream)
+    upstream_400_quoting_the_key(upstream)
+    client = openai_client(gateway())
+    for call in (lambda: chat(client), lambda: client.responses.create(model="openai:gpt-4o", input="Hi")):
+        with pytest.raises(openai.BadRequestError) as raised:
+            call()
+        assert raised.value.code == "context_length_exceeded" and raised.value.param == "messages"
+
+
+def test_a_watsonx_error_quoting_its_token_reaches_the_client_without_it(registry, gateway, fake_upstream):
+    upstream = fake_upstream("watsonx", api_key=WATSONX_KEY, models=["ibm/granite-3-8b-instruct"])
     register_watsonx(registry, upstream)
     server = gateway(iam=upstream)
     client = openai_client(server)
     chat(client, "watsonx:ibm/granite-3-8b-instruct")  # the token is iam-token-1 from here on
     message = f"token iam-token-1 for key {WATSONX_KEY} may not use this model"
-    upstream.forced = (400, {"errors": [{"code": "model_not_supported", "message": message}]}, {})
+    upstream.answer_with(400, {"errors": [{"code": "model_not_supported", "message": message}]})
     with pytest.raises(openai.BadRequestError) as raised:
         chat(client, "watsonx:ibm/granite-3-8b-instruct")
     assert raised.value.code == "model_not_supported" and "may not use this model" in raised.value.message
@@ -500,76 +456,64 @@ def test_a_watsonx_error_quoting_its_token_reaches_the_client_without_it(registr
     assert WATSONX_KEY not in server.log()
 
 
-def test_a_rejected_provider_key_is_a_502_not_the_clients_401(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_rejected_provider_key_is_a_502_not_the_clients_401(registry, fake_upstream, protocol):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     provider_id = register(registry, upstream)
-    client = openai_client(gateway())
-    chat(client)
     upstream.api_key = "sk-rotated"
-    with pytest.raises(openai.InternalServerError) as raised:
-        chat(client)
-    assert raised.value.status_code == 502 and provider_id in raised.value.message
-    assert MODEL_KEY not in raised.value.response.text
+    response = ask(registry, protocol)
+    assert response.status_code == 502 and provider_id in protocol.error_message(response.get_json())
+    assert MODEL_KEY not in response.get_data(as_text=True)
 
 
-def test_a_failure_after_the_first_chunk_is_an_error_event_before_done(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_failure_after_the_first_chunk_is_the_protocols_error_event(registry, fake_upstream, protocol):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
-    server = gateway()
     upstream.break_after_chunks = 2
-    body = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
-    with server.client(CALLER) as client:
-        events = client.post("/api/v1/openai/chat/completions", json=body).text.split("\n\n")
-    assert events[-2:] == ["data: [DONE]", ""]
-    assert json.loads(events[-3].removeprefix("data: "))["error"]["message"].startswith(
-        "The provider failed mid-stream"
-    )
-    with pytest.raises(openai.APIError):
-        streamed(openai_client(server))
+    text = ask(registry, protocol, stream=True).get_data(as_text=True)
+    assert protocol.stream_error(sse_documents(text)).startswith("The provider failed mid-stream")
+    assert protocol.ends_properly(text)
 
 
-def test_a_call_over_the_gateway_timeout_is_504(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+@pytest.mark.slow
+def test_a_call_over_the_gateway_timeout_is_504(registry, make_app, fake_upstream, protocol):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
-    client = openai_client(gateway(REGISTRY_GATEWAY_TIMEOUT="1"))
-    chat(client)
     upstream.delay = 5
     started = time.monotonic()
-    with pytest.raises(openai.APIStatusError) as raised:
-        chat(client)
-    assert raised.value.status_code == 504
+    assert ask(make_app(REGISTRY_GATEWAY_TIMEOUT="1"), protocol).status_code == 504
     assert time.monotonic() - started < 4  # the gateway's 1 s, not the model's 5
 
 
 # Streams and clients ------------------------------------------------------------------------
 
 
-def test_a_client_that_goes_away_ends_the_upstream_stream(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_client_that_goes_away_ends_the_upstream_stream(registry, gateway, fake_upstream, protocol):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     upstream.pieces = ["tick "] * 200
     upstream.chunk_interval = 0.05
     register(registry, upstream)
-    stream = chat(openai_client(gateway()), stream=True)
-    assert next(iter(stream)).model == "openai:gpt-4o"
-    stream.close()
+    with gateway().client(CALLER) as client, stream_from(client, protocol) as response:
+        assert next(line for line in response.iter_lines() if line.startswith("data:"))
     deadline = time.monotonic() + 5
     while upstream.streams_cut_by_client == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert upstream.streams_cut_by_client == 1
 
 
-def test_chunks_are_relayed_as_they_arrive(registry, gateway, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+@pytest.mark.slow
+def test_chunks_are_relayed_as_they_arrive(registry, gateway, fake_upstream, protocol):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     upstream.pieces = ["a", "b", "c"]
     upstream.chunk_interval = 0.5
     register(registry, upstream)
-    arrivals = [time.monotonic() for _ in chat(openai_client(gateway()), stream=True)]
+    with gateway().client(CALLER) as client, stream_from(client, protocol) as response:
+        arrivals = [time.monotonic() for line in response.iter_lines() if line.startswith("data:")]
     # Buffered, every chunk would arrive at the end at once; relayed, they keep the upstream's pace.
     assert arrivals[-1] - arrivals[0] >= 1.0
 
 
-def test_the_async_client_chats_and_streams(registry, gateway, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_the_async_client_chats_and_streams(registry, gateway, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     client = openai_client(gateway(), client_class=openai.AsyncOpenAI)
 
     async def chat_and_stream():
@@ -583,18 +527,15 @@ def test_the_async_client_chats_and_streams(registry, gateway, model_server):
 
 
 @pytest.mark.slow
-def test_no_database_connection_is_held_while_waiting_on_the_model(registry, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_no_database_connection_is_held_while_waiting_on_the_model(registry, fake_upstream, protocol):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
-    client = client_as(registry, CALLER)
-    body = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
-    assert client.post("/api/v1/openai/chat/completions", json=body).status_code == 200  # models listed
     upstream.delay = 1.0
     answers = []
-    caller = threading.Thread(target=lambda: answers.append(client.post("/api/v1/openai/chat/completions", json=body)))
+    caller = threading.Thread(target=lambda: answers.append(ask(registry, protocol)))
     caller.start()
     deadline = time.monotonic() + 5
-    while len(upstream.calls) < 2 and time.monotonic() < deadline:
+    while not upstream.calls and time.monotonic() < deadline:
         time.sleep(0.01)
     with registry.app_context():
         held = db.engine.pool.checkedout()
@@ -603,30 +544,31 @@ def test_no_database_connection_is_held_while_waiting_on_the_model(registry, mod
     assert held == 0
 
 
-def test_prompts_may_outgrow_the_registrys_own_64_kib_bodies(registry, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_prompts_may_outgrow_the_registrys_own_64_kib_bodies_up_to_16_mib(registry, fake_upstream, protocol):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     long_prompt = "word " * 40_000  # 200 KB
-    body = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": long_prompt}]}
-    response = client_as(registry, CALLER).post("/api/v1/openai/chat/completions", json=body)
-    assert response.status_code == 200
-    assert upstream.calls[-1][2]["messages"][0]["content"] == long_prompt
+    assert ask(registry, protocol, prompt=long_prompt).status_code == 200
+    assert upstream.calls[-1][2]["messages"][-1]["content"] == long_prompt
+    response = ask(registry, protocol, prompt="w" * (16 * 1024 * 1024))
+    assert response.status_code == 413 and protocol.error_message(response.get_json())
+    assert len(upstream.calls) == 1
 
 
-def test_each_call_is_counted_in_the_metrics(registry, gateway, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
-    server = gateway()
-    client = openai_client(server)
-    streamed(client, stream_options={"include_usage": True})
-    with pytest.raises(openai.NotFoundError):
-        chat(client, "openai:no-such-model")
-    samples = parse(httpx.get(f"{server.base_url}/metrics").text)
+def test_each_call_is_counted_in_the_metrics(registry, fake_upstream, protocol):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
+    scrape = registry.test_client().get
+    before = parse(scrape("/metrics").get_data(as_text=True))
+    ask(registry, protocol, stream=True).get_data()
+    assert ask(registry, protocol, "openai:no-such-model").status_code == 404
+    after = parse(scrape("/metrics").get_data(as_text=True))
     labels = {"type": "openai", "model": "openai:gpt-4o"}
-    assert value(samples, "registry_gateway_requests_total", **labels, outcome="ok") == 1
-    assert value(samples, "registry_gateway_tokens_total", **labels, kind="completion") == USAGE["completion_tokens"]
-    assert value(samples, "registry_gateway_time_to_first_chunk_seconds_count", **labels) == 1
+    assert delta(before, after, "registry_gateway_requests_total", **labels, outcome="ok") == 1
+    completion_tokens = delta(before, after, "registry_gateway_tokens_total", **labels, kind="completion")
+    assert completion_tokens == USAGE["completion_tokens"]
+    assert delta(before, after, "registry_gateway_time_to_first_chunk_seconds_count", **labels) == 1
     unknown = {"type": "openai", "model": "unknown", "outcome": "not_found"}
-    assert value(samples, "registry_gateway_requests_total", **unknown) == 1
+    assert delta(before, after, "registry_gateway_requests_total", **unknown) == 1
 
 
 # Hostile upstreams (driven in process: the real app, its real HTTP calls to fake upstreams) ---
@@ -644,6 +586,22 @@ def embeddings_body(model="openai:text-embedding-3-small", **fields):
 
 def call_model(app, body, path="chat/completions", headers=None):
     return client_as(app, CALLER).post(f"/api/v1/openai/{path}", json=body, headers=headers)
+
+
+def ask(app, protocol, model="openai:gpt-4o", headers=None, **fields):
+    """Ask the model for an answer to a prompt through the protocol's route, in process."""
+    body = protocol.body(model, **fields)
+    return client_as(app, CALLER).post(protocol.path, json=body, headers={**protocol.headers, **(headers or {})})
+
+
+def stream_from(client, protocol, model="openai:gpt-4o"):
+    """An httpx client's streamed answer from the protocol's route."""
+    body = protocol.body(model, stream=True)
+    return client.stream("POST", protocol.path, json=body, headers=protocol.headers)
+
+
+def stream_documents(response):
+    return sse_documents(response.get_data(as_text=True))
 
 
 def events_of(response):
@@ -673,21 +631,16 @@ def stream_of(*events, interval=0.0):
     return script
 
 
-def answering(status, payload, headers=None):
-    """A script answering every model call with this status and raw body."""
-    return lambda handler, body: handler.answer_bytes(status, payload, headers)
-
-
-def two_providers(registry, model_server):
+def two_providers(registry, fake_upstream):
     """(first, second, second's id): two providers of the same models, the first tried first."""
-    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+    first, second = fake_upstream(api_key=MODEL_KEY), fake_upstream(api_key=MODEL_KEY)
     register(registry, first)
     return first, second, register(registry, second)
 
 
-def watsonx_server(registry, model_server):
+def watsonx_server(registry, fake_upstream):
     """A watsonx provider with a key of its own (the IAM tokens of this process are cached per key)."""
-    upstream = model_server(
+    upstream = fake_upstream(
         "watsonx", api_key=f"{WATSONX_KEY}-{uuid.uuid4().hex}", models=["ibm/granite-3-8b-instruct"]
     )
     register_watsonx(registry, upstream)
@@ -698,35 +651,36 @@ WATSONX_MODEL = "watsonx:ibm/granite-3-8b-instruct"
 
 
 @pytest.mark.slow
-def test_an_answer_trickled_past_the_gateway_timeout_is_504(registry, make_app, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_an_answer_trickled_past_the_gateway_timeout_is_504(registry, make_app, fake_upstream, protocol):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     completion = {"id": "c", "object": "chat.completion", "created": 1, "choices": [{"index": 0, "message": {}}]}
     upstream.script = lambda handler, body: handler.trickle(json.dumps(completion).encode(), 10, 0.3)
     app = make_app(REGISTRY_GATEWAY_TIMEOUT="1")
     started = time.monotonic()
-    response = call_model(app, chat_body())
+    response = ask(app, protocol)
     assert response.status_code == 504  # each read came within any per-read timeout
     assert time.monotonic() - started < 4  # the gateway's 1 s, not the 3 s of the trickle
 
 
 @pytest.mark.slow
-def test_a_stream_kept_alive_by_comments_ends_at_the_gateway_timeout(registry, make_app, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_stream_kept_alive_by_comments_ends_at_the_gateway_timeout(registry, make_app, fake_upstream, protocol):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     upstream.script = stream_of(openai_chunk({"content": "a"}), *[b": ping\n\n"] * 50, interval=0.2)
     app = make_app(REGISTRY_GATEWAY_TIMEOUT="1")
     started = time.monotonic()
-    response = call_model(app, chat_body(stream=True))
-    events = events_of(response)
+    text = ask(app, protocol, stream=True).get_data(as_text=True)
     assert time.monotonic() - started < 5  # not the 10 s of pings
-    assert json.loads(events[0])["choices"][0]["delta"] == {"content": "a"}
-    assert json.loads(events[1])["error"]["code"] == "timeout" and events[2:] == ["[DONE]"]
+    documents = sse_documents(text)
+    assert protocol.stream_text(documents) == "a"
+    assert protocol.stream_error(documents).startswith("The model did not answer in time")
+    assert protocol.ends_properly(text)
 
 
 @pytest.mark.slow
-def test_a_trickling_iam_exchange_is_bounded_by_the_gateway_timeout(registry, make_app, model_server):
-    upstream = watsonx_server(registry, model_server)
+def test_a_trickling_iam_exchange_is_bounded_by_the_gateway_timeout(registry, make_app, fake_upstream):
+    upstream = watsonx_server(registry, fake_upstream)
     token = json.dumps({"access_token": "iam-token-x", "expires_in": 3600}).encode()
     upstream.iam_script = lambda handler: handler.trickle(token, 2, 0.3)  # 8 s in all
     app = make_app(REGISTRY_GATEWAY_TIMEOUT="1", REGISTRY_WATSONX_IAM_URL=upstream.iam_url)
@@ -736,41 +690,65 @@ def test_a_trickling_iam_exchange_is_bounded_by_the_gateway_timeout(registry, ma
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "until-closed"])
-def test_an_answer_over_16_mib_fails_the_provider_for_the_next(registry, model_server, declared):
-    first, second, second_id = two_providers(registry, model_server)
+def test_an_answer_over_16_mib_fails_the_provider_for_the_next(registry, fake_upstream, protocol, declared):
+    first, second, second_id = two_providers(registry, fake_upstream)
     big = b'{"object": "chat.completion", "choices": [], "pad": "' + b"z" * (17 * 1024 * 1024) + b'"}'
-    if declared:
-        first.script = answering(200, big)
-    else:
-        first.script = lambda handler, body: handler.trickle(big, 1024 * 1024, 0)
-    response = call_model(registry, chat_body())
+
+    def answer_too_much(upstream):
+        if declared:
+            upstream.answer_with(200, big)
+        else:
+            upstream.script = lambda handler, body: handler.trickle(big, 1024 * 1024, 0)
+
+    answer_too_much(first)
+    response = ask(registry, protocol)
     assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
-    second.script = first.script
-    response = call_model(registry, chat_body())
-    assert response.status_code == 502 and "over 16 MiB" in response.get_json()["error"]["message"]
+    answer_too_much(second)
+    response = ask(registry, protocol)
+    assert response.status_code == 502 and "over 16 MiB" in protocol.error_message(response.get_json())
 
 
-def test_a_stream_line_without_end_fails_the_provider_for_the_next(registry, model_server):
-    first, second, second_id = two_providers(registry, model_server)
+def test_a_stream_line_without_end_fails_the_provider_for_the_next(registry, fake_upstream, protocol):
+    first, second, second_id = two_providers(registry, fake_upstream)
     first.script = stream_of(b"data: ", *[b"x" * 65536] * 40)  # 2.5 MiB and no line end
-    response = call_model(registry, chat_body(stream=True))
+    response = ask(registry, protocol, stream=True)
     assert response.headers["X-Registry-Provider-Id"] == second_id
-    assert (
-        "".join(json.loads(event)["choices"][0]["delta"].get("content", "") for event in events_of(response)[:-1])
-        == "Hello!"
-    )
+    assert protocol.stream_text(stream_documents(response)) == "Hello!"
 
 
-def test_a_stream_line_without_end_after_the_first_chunk_is_an_error_event(registry, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_stream_line_without_end_after_the_first_chunk_is_an_error_event(registry, fake_upstream, protocol):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     upstream.script = stream_of(openai_chunk({"content": "a"}), b"data: ", *[b"x" * 65536] * 40)
-    events = events_of(call_model(registry, chat_body(stream=True)))
-    assert len(events) == 3 and events[2] == "[DONE]"
-    assert "over 1048576 bytes" in json.loads(events[1])["error"]["message"]
+    text = ask(registry, protocol, stream=True).get_data(as_text=True)
+    documents = sse_documents(text)
+    assert protocol.stream_text(documents) == "a" and "over 1048576 bytes" in protocol.stream_error(documents)
+    assert protocol.ends_properly(text)
 
 
 KEY_AS_BASE64 = base64.b64encode(f"Bearer {MODEL_KEY}".encode()).decode()
+KEY_RUN = 12  # this many characters of the key in a row must never reach a client
+# The key after 40 bytes, in base64 wrapped at 76 characters as MIME wraps it: the key straddles a line break.
+KEY_IN_WRAPPED_BASE64 = base64.encodebytes(b"Authorization: Basic x" * 2 + f"Bearer {MODEL_KEY}".encode()).decode()
+
+
+def base64_texts(text):
+    """What each long run of base64 characters in `text` decodes to, at each of its 4 alignments."""
+    decoded = []
+    for run in re.findall(r"[A-Za-z0-9+/_-]{16,}", re.sub(r"\s|\\+[nrt]", "", text)):
+        for offset in range(4):
+            piece = run[offset:][: (len(run) - offset) // 4 * 4].replace("-", "+").replace("_", "/")
+            decoded.append(base64.b64decode(piece).decode("latin-1"))
+    return decoded
+
+
+def key_shows_in(text):
+    """Whether KEY_RUN characters of the key in a row show in the text: as sent, JSON-escaped,
+    URL-encoded or in base64 (line breaks ignored), case ignored."""
+    unescaped = re.sub(r"\\+u([0-9a-fA-F]{4})", lambda escape: chr(int(escape[1], 16)), text)
+    forms = [text, unquote(text), unquote(unescaped), *base64_texts(text)]
+    runs = [MODEL_KEY[start : start + KEY_RUN].lower() for start in range(len(MODEL_KEY) - KEY_RUN + 1)]
+    return any(run in form.lower() for form in forms for run in runs)
 
 
 @pytest.mark.parametrize(
@@ -785,6 +763,10 @@ KEY_AS_BASE64 = base64.b64encode(f"Bearer {MODEL_KEY}".encode()).decode()
         json.dumps({"error": {"message": f"Authorization: Basic {KEY_AS_BASE64}"}}).encode(),
         json.dumps({"error": {"message": "y" * 5_000_000 + MODEL_KEY}}).encode(),
         json.dumps({"error": {"message": {"echo": MODEL_KEY}, "type": f"t {MODEL_KEY}"}}).encode(),
+        ('{"detail": "invalid key ' + "".join(f"\\u{ord(character):04x}" for character in MODEL_KEY) + '"}').encode(),
+        json.dumps({"detail": f"request headers: {KEY_IN_WRAPPED_BASE64}"}).encode(),
+        json.dumps({"error": {"message": f"Incorrect API key provided: {MODEL_KEY[:-4]}****"}}).encode(),
+        json.dumps({"error": {"message": f"bad key {MODEL_KEY[:12]}", "type": MODEL_KEY[12:]}}).encode(),
     ],
     ids=[
         "text-cut-at-the-key",
@@ -794,23 +776,59 @@ KEY_AS_BASE64 = base64.b64encode(f"Bearer {MODEL_KEY}".encode()).decode()
         "base64",
         "5-mb",
         "objects",
+        "json-escaped-detail",
+        "base64-wrapped-at-76",
+        "last-4-masked",
+        "split-across-message-and-type",
     ],
 )
-def test_an_upstream_4xx_reaches_the_client_without_the_key_in_any_form(registry, model_server, error_body):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_an_upstream_4xx_reaches_the_client_without_the_key_in_any_form(registry, fake_upstream, protocol, error_body):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
-    upstream.script = answering(400, error_body)
-    response = call_model(registry, chat_body())
-    error = response.get_json()["error"]
+    upstream.answer_with(400, error_body)
+    response = ask(registry, protocol)
     assert response.status_code == 400
     text = response.get_data(as_text=True)
-    assert MODEL_KEY[:8] not in text and "SECRET" not in unquote(text) and KEY_AS_BASE64 not in text
-    assert len(error["message"]) <= 2000
-    assert all(isinstance(error[name], str | None) for name in ("type", "param", "code"))
+    assert not key_shows_in(text)
+    assert len(protocol.error_message(response.get_json())) <= 2000
+    assert all(isinstance(value, str | None) for value in response.get_json()["error"].values())
 
 
-def test_a_watsonx_stream_error_quoting_its_token_is_relayed_without_it(registry, make_app, model_server):
-    upstream = watsonx_server(registry, model_server)
+REFLECTED = f"You sent Authorization: Bearer {MODEL_KEY}."
+
+
+@pytest.mark.parametrize("padding", [0, 15 * 1024 * 1024], ids=["short", "15-mib"])
+def test_an_answer_reflecting_the_key_reaches_the_client_without_it(registry, fake_upstream, padding):
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    register(registry, upstream)
+    upstream.pieces = ["y" * padding, REFLECTED]
+    response = call_model(registry, chat_body())
+    assert response.status_code == 200
+    content = response.get_json()["choices"][0]["message"]["content"]
+    assert content.endswith("You sent Authorization: Bearer [redacted].") and not key_shows_in(content[-1000:])
+
+
+def test_a_stream_chunk_reflecting_the_key_is_relayed_without_it(registry, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    register(registry, upstream)
+    upstream.pieces = ["Hel", REFLECTED, f"and as JSON: {json.dumps({'key': MODEL_KEY})}"]
+    response = call_model(registry, chat_body(stream=True))
+    text = "".join(json.loads(event)["choices"][0]["delta"].get("content", "") for event in events_of(response)[:-1])
+    assert text.startswith("HelYou sent Authorization: Bearer [redacted].") and not key_shows_in(
+        response.get_data(as_text=True)
+    )
+
+
+def test_a_watsonx_answer_reflecting_its_token_reaches_the_client_without_it(registry, make_app, fake_upstream):
+    upstream = watsonx_server(registry, fake_upstream)
+    upstream.pieces = ["Your token: ", "iam-token-1"]
+    response = call_model(make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url), chat_body(WATSONX_MODEL))
+    assert response.status_code == 200
+    assert response.get_json()["choices"][0]["message"]["content"] == "Your token: [redacted]"
+
+
+def test_a_watsonx_stream_error_quoting_its_token_is_relayed_without_it(registry, make_app, fake_upstream):
+    upstream = watsonx_server(registry, fake_upstream)
     chunk = {"id": "c", "model_id": "ibm/granite-3-8b-instruct", "choices": [{"index": 0, "delta": {"content": "a"}}]}
     upstream.script = stream_of(
         b"event: message\ndata: " + json.dumps(chunk).encode() + b"\n\n",
@@ -838,31 +856,34 @@ def test_a_watsonx_stream_error_quoting_its_token_is_relayed_without_it(registry
         ("embeddings", embeddings_body(encoding_format="base64"), b'{"data": [{"embedding": [1e300]}]}'),
         ("embeddings", embeddings_body(), b'{"data": [{"embedding": "not base64!"}]}'),
         ("embeddings", embeddings_body(), b'{"data": [{"embedding": [0.5]}], "usage": {"total_tokens": "x"}}'),
+        ("chat/completions", chat_body(), b'{"choices": [], "usage": {"prompt_tokens": 1' + b"0" * 400 + b"}}"),
+        ("chat/completions", chat_body(), b'{"choices": [], "usage": {"completion_tokens": 9007199254740993}}'),
+        ("embeddings", embeddings_body(), b'{"data": [], "usage": {"prompt_tokens": 1' + b"0" * 308 + b"}}"),
     ],
 )
-def test_an_answer_of_the_wrong_shape_fails_the_provider_for_the_next(registry, model_server, path, body, answer):
-    first, second, second_id = two_providers(registry, model_server)
-    first.script = answering(200, answer)
+def test_an_answer_of_the_wrong_shape_fails_the_provider_for_the_next(registry, fake_upstream, path, body, answer):
+    first, second, second_id = two_providers(registry, fake_upstream)
+    first.answer_with(200, answer)
     response = call_model(registry, body, path)
     assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
-    second.script = first.script
+    second.answer_with(200, answer)
     response = call_model(registry, body, path)
     assert response.status_code == 502 and "SECRET" not in response.get_data(as_text=True)
 
 
 @pytest.mark.parametrize("retry_after", ["9" * 5000, "\u00b2", "Wed, 21 Oct 2015 07:28:00 GMT"])
-def test_a_retry_after_the_registry_cannot_pass_on_is_left_out(registry, model_server, retry_after):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_a_retry_after_the_registry_cannot_pass_on_is_left_out(registry, fake_upstream, retry_after):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
-    upstream.script = answering(429, b"{}", {"Retry-After": retry_after})
+    upstream.answer_with(429, b"{}", {"Retry-After": retry_after})
     response = call_model(registry, chat_body())
     assert response.status_code == 429 and "Retry-After" not in response.headers
 
 
-def test_an_upstream_400_nested_too_deep_is_passed_on_as_its_text(registry, model_server):
-    upstream = model_server(api_key=MODEL_KEY)
+def test_an_upstream_400_nested_too_deep_is_passed_on_as_its_text(registry, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
-    upstream.script = answering(400, DEEP_JSON)
+    upstream.answer_with(400, DEEP_JSON)
     response = call_model(registry, chat_body())
     assert response.status_code == 400 and response.get_json()["error"]["message"] == "[" * 2000
 
@@ -875,32 +896,39 @@ def test_an_upstream_400_nested_too_deep_is_passed_on_as_its_text(registry, mode
         ("chat/completions", chat_body(WATSONX_MODEL), 302, {}, 502),
         ("embeddings", embeddings_body("watsonx:ibm/granite-3-8b-instruct"), 200, {"results": ["x"]}, 502),
         ("embeddings", embeddings_body("watsonx:ibm/granite-3-8b-instruct"), 200, {"results": [{}]}, 502),
+        (
+            "embeddings",
+            embeddings_body("watsonx:ibm/granite-3-8b-instruct"),
+            200,
+            {"results": [{"embedding": [0.5]}], "input_token_count": 2**53 + 1},
+            502,
+        ),
     ],
 )
-def test_watsonx_answers_of_the_wrong_shape(registry, make_app, model_server, path, body, status, answer, expected):
-    upstream = watsonx_server(registry, model_server)
-    upstream.script = answering(status, json.dumps(answer).encode(), {"Location": "http://127.0.0.1:1/"})
+def test_watsonx_answers_of_the_wrong_shape(registry, make_app, fake_upstream, path, body, status, answer, expected):
+    upstream = watsonx_server(registry, fake_upstream)
+    upstream.answer_with(status, json.dumps(answer).encode(), {"Location": "http://127.0.0.1:1/"})
     response = call_model(make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url), body, path)
     assert response.status_code == expected and "iam-token-1" not in response.get_data(as_text=True)
 
 
 @pytest.mark.parametrize("token_answer", [{"access_token": "t", "expires_in": "soon"}, {"access_token": ["t"]}, []])
-def test_an_iam_answer_without_a_usable_token_is_502(registry, make_app, model_server, token_answer):
-    upstream = watsonx_server(registry, model_server)
+def test_an_iam_answer_without_a_usable_token_is_502(registry, make_app, fake_upstream, token_answer):
+    upstream = watsonx_server(registry, fake_upstream)
     upstream.iam_script = lambda handler: handler.answer(200, token_answer)
     response = call_model(make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url), chat_body(WATSONX_MODEL))
     assert response.status_code == 502
 
 
-def test_iam_refusing_the_key_is_a_502_not_the_clients_400(registry, make_app, model_server):
-    upstream = watsonx_server(registry, model_server)
+def test_iam_refusing_the_key_is_a_502_not_the_clients_400(registry, make_app, fake_upstream):
+    upstream = watsonx_server(registry, fake_upstream)
     upstream.api_key = "another-key"  # IAM answers 400: "Provided API key could not be found."
     response = call_model(make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url), chat_body(WATSONX_MODEL))
     assert response.status_code == 502 and "IAM refused the key" in response.get_json()["error"]["message"]
 
 
-def test_a_watsonx_token_refused_is_exchanged_anew_on_the_next_call(registry, make_app, model_server):
-    upstream = watsonx_server(registry, model_server)
+def test_a_watsonx_token_refused_is_exchanged_anew_on_the_next_call(registry, make_app, fake_upstream):
+    upstream = watsonx_server(registry, fake_upstream)
     app = make_app(REGISTRY_WATSONX_IAM_URL=upstream.iam_url)
     assert call_model(app, chat_body(WATSONX_MODEL)).status_code == 200
     upstream.tokens.clear()  # watsonx no longer takes the token (revoked): 401
@@ -909,8 +937,8 @@ def test_a_watsonx_token_refused_is_exchanged_anew_on_the_next_call(registry, ma
     assert upstream.iam_exchanges == 2
 
 
-def test_iam_expires_in_is_preferred_to_its_expiration(registry, make_app, model_server):
-    upstream = watsonx_server(registry, model_server)
+def test_iam_expires_in_is_preferred_to_its_expiration(registry, make_app, fake_upstream):
+    upstream = watsonx_server(registry, fake_upstream)
 
     def token_with_a_clock_behind(handler):
         upstream.iam_exchanges += 1
@@ -924,18 +952,19 @@ def test_iam_expires_in_is_preferred_to_its_expiration(registry, make_app, model
     assert upstream.iam_exchanges == 1
 
 
-def test_a_stream_failing_before_its_first_chunk_goes_to_the_next_provider(registry, model_server):
-    first, second, second_id = two_providers(registry, model_server)
+def test_a_stream_failing_before_its_first_chunk_goes_to_the_next_provider(registry, fake_upstream, protocol):
+    first, second, second_id = two_providers(registry, fake_upstream)
     first.script = stream_of(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
-    response = call_model(registry, chat_body(stream=True))
+    response = ask(registry, protocol, stream=True)
     assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
-    assert "error" not in response.get_data(as_text=True)
+    documents = stream_documents(response)
+    assert protocol.stream_text(documents) == "Hello!" and protocol.stream_error(documents) is None
 
 
 @pytest.mark.parametrize("chunks_first", [0, 1])
-def test_an_upstream_error_ending_a_sentence_gets_no_second_full_stop(registry, model_server, chunks_first):
+def test_an_upstream_error_ending_a_sentence_gets_no_second_full_stop(registry, fake_upstream, chunks_first):
     """Before the first chunk every provider failed (a 502); after it, an error event."""
-    upstream = model_server(api_key=MODEL_KEY)
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     error_event = b'data: {"error": "Overloaded, try again."}\n\n'
     upstream.script = stream_of(*[openai_chunk({"content": "a"})] * chunks_first, error_event)
@@ -948,31 +977,82 @@ def test_an_upstream_error_ending_a_sentence_gets_no_second_full_stop(registry, 
     assert message.endswith(": Overloaded, try again.")
 
 
-def test_an_upstream_redirect_fails_the_provider_for_the_next(registry, model_server):
-    first, second, second_id = two_providers(registry, model_server)
-    first.script = answering(302, b"{}", {"Location": f"{second.base_url}/chat/completions"})
+def test_an_upstream_redirect_fails_the_provider_for_the_next(registry, fake_upstream):
+    first, second, second_id = two_providers(registry, fake_upstream)
+    redirect = {"Location": f"{second.base_url}/chat/completions"}
+    first.answer_with(302, b"{}", redirect)
     response = call_model(registry, chat_body())
     assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
-    second.script = first.script
+    second.answer_with(302, b"{}", redirect)
     assert call_model(registry, chat_body()).status_code == 502
 
 
-def test_the_log_line_of_a_stream_carries_its_request_id_and_user(registry, model_server, caplog):
-    register(registry, model_server(api_key=MODEL_KEY))
+def test_the_log_line_of_a_stream_carries_its_request_id_and_user(registry, fake_upstream, protocol, caplog):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     with caplog.at_level(logging.INFO, logger="gateway"):
-        call_model(registry, chat_body(stream=True), headers={"X-Request-ID": "stream-request-1"}).get_data()
-    [line] = [record for record in caplog.records if record.getMessage().startswith("gateway chat stream")]
+        ask(registry, protocol, stream=True, headers={"X-Request-ID": "stream-request-1"}).get_data()
+    [line] = [record for record in caplog.records if record.getMessage().startswith(f"gateway {protocol.kind} stream")]
     assert (line.request_id, line.user) == ("stream-request-1", CALLER)
 
 
-def test_a_model_id_not_found_is_said_in_one_sentence(registry, model_server):
-    register(registry, model_server(api_key=MODEL_KEY))
+@pytest.mark.parametrize("number", ["1e999", "-1e999", "NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        (
+            "chat/completions",
+            '{"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "temperature": %s}',
+        ),
+        (
+            "chat/completions",
+            '{"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi", "weight": [%s]}]}',
+        ),
+        ("embeddings", '{"model": "openai:text-embedding-3-small", "input": ["a"], "dimensions": %s}'),
+    ],
+    ids=["temperature", "nested", "embeddings"],
+)
+def test_a_number_json_cannot_carry_is_a_400_before_any_upstream(registry, fake_upstream, path, body, number):
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    register(registry, upstream)
+    response = client_as(registry, CALLER).post(
+        f"/api/v1/openai/{path}", data=body % number, content_type="application/json"
+    )
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and number.lstrip("-") in error["message"]
+    assert upstream.calls == []
+
+
+def test_a_stream_whose_usage_is_out_of_range_ends_in_an_error_yet_is_logged_and_counted(
+    registry, fake_upstream, caplog
+):
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    register(registry, upstream)
+    huge = b'{"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o", "choices": [], '
+    huge += b'"usage": {"prompt_tokens": 1' + b"0" * 400 + b', "completion_tokens": 3, "total_tokens": 3}}'
+    done = openai_chunk({}, "stop")
+    upstream.script = stream_of(openai_chunk({"content": "a"}), done, b"data: " + huge + b"\n\n", b"data: [DONE]\n\n")
+    before = parse(scrape(client_as(registry, "reader")))
+    with caplog.at_level(logging.INFO, logger="gateway"):
+        response = call_model(registry, chat_body(stream=True, stream_options={"include_usage": True}))
+        events = events_of(response)
+    assert events[-1] == "[DONE]" and "usage" in json.loads(events[-2])["error"]["message"]
+    [line] = [record.getMessage() for record in caplog.records if record.getMessage().startswith("gateway chat stream")]
+    assert "outcome=upstream_error" in line
+    after = parse(scrape(client_as(registry, "reader")))
+    labels = {"type": "openai", "model": "openai:gpt-4o"}
+    assert delta(before, after, "registry_gateway_requests_total", **labels, outcome="upstream_error") == 1
+    assert delta(before, after, "registry_gateway_tokens_total", **labels, kind="prompt") == 0
+
+
+def test_a_model_id_not_found_is_said_in_one_sentence(registry, fake_upstream):
+    register(registry, fake_upstream(api_key=MODEL_KEY))
     response = call_model(registry, chat_body("gpt-4o"))
     assert response.status_code == 404 and not response.get_json()["error"]["message"].endswith("..")
 
 
-def test_a_provider_key_that_cannot_be_opened_fails_only_that_provider(registry, model_server):
-    first, second = model_server(api_key=MODEL_KEY), model_server(api_key=MODEL_KEY)
+def test_a_provider_key_that_cannot_be_opened_fails_only_that_provider(registry, fake_upstream):
+    first, second = fake_upstream(api_key=MODEL_KEY), fake_upstream(api_key=MODEL_KEY)
     first_id = register(registry, first)
     second_id = register(registry, second)
     with registry.app_context():

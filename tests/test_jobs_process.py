@@ -84,10 +84,10 @@ def p99(seconds):
     return sorted(seconds)[math.ceil(0.99 * len(seconds)) - 1]
 
 
-def test_a_probe_round_of_silent_providers_delays_no_worker(start_gunicorn, make_app, black_hole, model_server):
+def test_a_probe_round_of_silent_providers_delays_no_worker(start_gunicorn, make_app, black_hole, fake_upstream):
     app = make_app(REGISTRY_VERIFY_ON_CREATE="true")
     add_silent_providers(app, black_hole, SILENT_PROVIDERS)
-    upstream = model_server(api_key="sk-model")
+    upstream = fake_upstream(api_key="sk-model")
     register_model_server(app, upstream)
     upstream.delay = 30  # the gateway's calls wait on it until their deadline
     token = caller_token(app)
@@ -139,6 +139,16 @@ def test_the_jobs_process_is_started_again_when_it_dies_and_stops_with_the_serve
     server.kill()
     assert not is_running(second)
     assert f"the jobs process (pid: {first}) ended" in server.log()
+
+
+def test_a_reload_starts_a_new_jobs_process(start_gunicorn):
+    server = start_gunicorn(workers=1)
+    assert wait_for(lambda: len(server.jobs_pids()) == 1)
+    [before] = server.jobs_pids()
+    os.kill(server.process.pid, signal.SIGHUP)
+    assert wait_for(lambda: server.jobs_pids() not in ([], [before]))
+    assert not is_running(before)
+    assert f"the jobs process (pid: {before}) ended" not in server.log()  # a restart, not a crash
 
 
 def test_the_jobs_process_of_a_killed_server_ends_too(start_gunicorn):

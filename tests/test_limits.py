@@ -6,12 +6,13 @@ fake model server."""
 import threading
 import time
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
 from models import LIMIT_ADMISSIONS, db
 from tests.conftest import PASSWORDS, SQLITE_ONLY, basic_auth, client_as, wait_for
-from tests.fake_model_servers import USAGE
+from tests.fakes.model import USAGE
 from tests.test_gateway import MODEL_KEY, chat_body, register
 from tests.test_metrics import parse, value
 
@@ -19,13 +20,6 @@ TOKENS = "/api/v1/tokens"
 CHAT = "/api/v1/openai/chat/completions"
 NO_LIMITS = {"requests_per_minute": None, "tokens_per_minute": None, "tokens_per_day": None, "max_parallel": None}
 CALL_TOKENS = USAGE["prompt_tokens"] + USAGE["completion_tokens"]
-
-
-@pytest.fixture
-def upstream(registry, model_server):
-    server = model_server(api_key=MODEL_KEY)
-    register(registry, server)
-    return server
 
 
 def bearer(secret):
@@ -159,7 +153,7 @@ def test_calls_over_requests_per_minute_are_refused_before_any_upstream_call(reg
     secret = caller_token(registry, requests_per_minute=2)
     first, second, refused = (chat(registry, secret) for _ in range(3))
     assert [first.status_code, second.status_code, refused.status_code] == [200, 200, 429]
-    assert len(upstream.model_calls("/chat/completions")) == 2
+    assert len(upstream.calls) == 2
     error = refused.get_json()["error"]
     assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
     assert "requests_per_minute 2" in error["message"] and secret not in refused.get_data(as_text=True)
@@ -168,6 +162,21 @@ def test_calls_over_requests_per_minute_are_refused_before_any_upstream_call(reg
     assert first.headers["x-ratelimit-limit-requests"] == "2"
     assert first.headers["x-ratelimit-reset-requests"] in ("59s", "1m0s")
     assert "x-ratelimit-limit-tokens" not in first.headers
+
+
+def test_a_refusal_is_in_each_protocols_own_shape_over_http(registry, upstream, gateway, protocol):
+    server = gateway()
+    secret = caller_token(registry, requests_per_minute=1)
+    headers = {**protocol.headers, "Authorization": f"Bearer {secret}"}
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        answers = [client.post(protocol.path, json=protocol.body("openai:gpt-4o"), headers=headers) for _ in range(2)]
+    assert [answer.status_code for answer in answers] == [200, 429]
+    refused = answers[1].json()
+    assert protocol.error_code(refused) == protocol.rate_limited
+    assert "requests_per_minute 1" in protocol.error_message(refused)
+    assert 55 <= int(answers[1].headers["Retry-After"]) <= 60
+    assert [answer.headers["x-ratelimit-remaining-requests"] for answer in answers] == ["0", "0"]
+    assert len(upstream.calls) == 1
 
 
 @SQLITE_ONLY
@@ -210,7 +219,7 @@ def test_tokens_per_minute_admits_calls_while_the_minutes_tokens_are_below_it(re
     error = refused.get_json()["error"]
     assert error["type"] == "tokens" and f"tokens_per_minute {CALL_TOKENS + 1}" in error["message"]
     assert 55 <= int(refused.headers["Retry-After"]) <= 61
-    assert len(upstream.model_calls("/chat/completions")) == 2
+    assert len(upstream.calls) == 2
 
 
 def test_streamed_calls_count_their_tokens_even_unasked(registry, upstream):
@@ -249,7 +258,7 @@ def test_a_slot_comes_back_whatever_the_calls_end(registry, upstream):
     assert chat(registry, secret, stream=True).status_code == 200
     upstream.fail_with(500)
     assert chat(registry, secret).status_code == 502
-    upstream.forced = None
+    upstream.failure = None
     assert chat(registry, secret).status_code == 200
 
     def slots_held():
@@ -259,9 +268,9 @@ def test_a_slot_comes_back_whatever_the_calls_end(registry, upstream):
     assert wait_for(lambda: slots_held() == 0, timeout=5)  # the ends are written off the calls' path
 
 
-def test_callers_without_max_parallel_get_the_default_per_worker(make_app, model_server):
+def test_callers_without_max_parallel_get_the_default_per_worker(make_app, fake_upstream):
     app = make_app(REGISTRY_VERIFY_ON_CREATE="true", REGISTRY_DEFAULT_MAX_PARALLEL="1")
-    upstream = model_server(api_key=MODEL_KEY)
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(app, upstream)
     secret = caller_token(app, requests_per_minute=100)
     upstream.delay = 0.5
@@ -281,9 +290,9 @@ def test_callers_without_max_parallel_get_the_default_per_worker(make_app, model
     assert statuses(basic_answers) == [200, 429]
 
 
-def test_a_worker_at_its_gateway_capacity_refuses_with_503_and_still_serves_the_api(make_app, model_server):
+def test_a_worker_at_its_gateway_capacity_refuses_with_503_and_still_serves_the_api(make_app, fake_upstream):
     app = make_app(REGISTRY_VERIFY_ON_CREATE="true", GUNICORN_WORKER_CONNECTIONS="2")  # one for the gateway
-    upstream = model_server(api_key=MODEL_KEY)
+    upstream = fake_upstream(api_key=MODEL_KEY)
     register(app, upstream)
     first, second = caller_token(app), caller_token(app)
     upstream.delay = 1.0

@@ -17,18 +17,11 @@ import openai
 import pytest
 
 from tests.conftest import wait_for
-from tests.test_gateway import MODEL_KEY, chat_body, register
+from tests.test_gateway import chat_body
 from tests.test_limits import caller_token
 
 CHAT = "/api/v1/openai/chat/completions"
 RESPONSIVE_SECONDS = 0.1
-
-
-@pytest.fixture
-def upstream(registry, model_server):
-    server = model_server(api_key=MODEL_KEY)
-    register(registry, server)
-    return server
 
 
 def calls_at_once(base_urls, secret, count, **fields):
@@ -56,7 +49,7 @@ def test_requests_per_minute_is_exact_across_workers(start_gunicorn, registry, u
     server = start_gunicorn(workers=2, LOG_FORMAT="json")
     secret = caller_token(registry, requests_per_minute=10)
     assert calls_at_once([server.base_url], secret, 40) == [200] * 10 + [429] * 30
-    assert len(upstream.model_calls("/chat/completions")) == 10
+    assert len(upstream.calls) == 10
     assert wait_for(lambda: len(answering_processes(server)) == 2), "one worker answered every admitted call"
 
 
@@ -113,7 +106,7 @@ def test_the_openai_clients_retry_waits_for_retry_after(start_gunicorn, registry
         running.join()
     assert answer.choices[0].message.content == "Hello!"
     assert waited >= 1.0
-    assert len(upstream.model_calls("/chat/completions")) == 2
+    assert len(upstream.calls) == 2
 
 
 # A flood of streams from one token ------------------------------------------------------------
@@ -187,7 +180,7 @@ def test_a_flood_of_streams_from_one_token_leaves_health_and_admin_reads_answeri
         with httpx.Client(base_url=server.base_url, limits=httpx.Limits(max_keepalive_connections=0)) as fresh:
             health, health_timings = median_seconds(lambda: fresh.get("/healthz", timeout=30), rounds=15)
         admin_read, admin_timings = median_seconds(lambda: admin.get("/api/v1/model_providers", timeout=30), rounds=15)
-        held = len(upstream.model_calls("/chat/completions"))
+        held = len(upstream.calls)
         assert flooding.is_alive(), "the flood was over before the measurements were"
     finally:
         outcomes = statuses.get(timeout=120)

@@ -203,8 +203,7 @@ def test_manifest_syncs_are_counted_by_outcome(make_app, tmp_path):
 
 def test_gateway_calls_count_tokens_and_time_to_first_chunk(anonymous):
     before = parse(scrape(anonymous))
-    usage = {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42}
-    record_gateway_call("openai", "openai:gpt-4o", "ok", 1.5, time_to_first_chunk=0.2, usage=usage)
+    record_gateway_call("openai", "openai:gpt-4o", "ok", 1.5, time_to_first_chunk=0.2, tokens=(12, 30))
     record_gateway_call("openai", "openai:gpt-4o", "upstream_error", 0.3)
     after = parse(scrape(anonymous))
     labels = {"type": "openai", "model": "openai:gpt-4o"}
@@ -216,6 +215,16 @@ def test_gateway_calls_count_tokens_and_time_to_first_chunk(anonymous):
     assert delta(before, after, "registry_gateway_request_duration_seconds_count", **labels) == 2
     with pytest.raises(ValueError):
         record_gateway_call("openai", "openai:gpt-4o", "something a client typed", 0.1)
+
+
+def test_token_counts_beyond_two_to_the_53_are_not_counted(anonymous):
+    before = parse(scrape(anonymous))
+    record_gateway_call("openai", "openai:gpt-4o", "ok", 0.1, tokens=(10**400, 2**53 + 1))
+    after = parse(scrape(anonymous))
+    labels = {"type": "openai", "model": "openai:gpt-4o"}
+    assert delta(before, after, "registry_gateway_requests_total", **labels, outcome="ok") == 1
+    assert delta(before, after, "registry_gateway_tokens_total", **labels, kind="prompt") == 0
+    assert delta(before, after, "registry_gateway_tokens_total", **labels, kind="completion") == 0
 
 
 def test_metrics_can_be_turned_off(make_app):

@@ -132,7 +132,7 @@ def test_a_failed_refresh_is_a_502_saying_why_and_keeps_the_list(admin, reader, 
     upstream = fake_upstream(models=["gpt-4o"])
     provider = register(admin, upstream)
     listed = provider_models(reader, provider)
-    upstream.status = 500
+    upstream.fail_with(500)
     response = admin.get(f"{PROVIDERS}/{provider['id']}/models?refresh=true")
     assert response.status_code == 502
     assert "HTTP 500" in response.get_json()["detail"]

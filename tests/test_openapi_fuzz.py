@@ -16,8 +16,12 @@ RETRIES = ["--request-retries", "2"]
 CHECKS = ["--checks", "all"]
 # Operations that call the providers' upstreams are left out: generated providers point
 # at arbitrary hosts, and tests send no traffic beyond this machine. Fake upstreams
-# cover them (test_upstreams.py, test_catalog.py, test_prober.py, test_gateway.py).
-CALLS_UPSTREAMS = ["--exclude-path-regex", "(/models|/match|/resolve|/check|/chat/completions|/embeddings)$"]
+# cover them (test_upstreams.py, test_catalog.py, test_prober.py, test_gateway.py, test_responses.py,
+# test_messages.py).
+CALLS_UPSTREAMS = [
+    "--exclude-path-regex",
+    "(/models|/match|/resolve|/check|/chat/completions|/responses|/messages|/embeddings)$",
+]
 
 
 def test_every_operation_answers_as_its_document_says(start_gunicorn, tmp_path):

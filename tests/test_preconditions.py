@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import client_as, provider_body
-from tests.fake_upstreams import Rendezvous
+from tests.fakes import Rendezvous
 
 PROVIDERS = "/api/v1/model_providers"
 OLD_KEY, NEW_KEY = "sk-old-key-5150", "sk-new-key-6160"

@@ -69,7 +69,7 @@ def test_slow_upstream_is_400_timeout(verifying_admin, fake_upstream):
 @pytest.mark.parametrize(
     "status, body, wording",
     [
-        (500, None, "HTTP 500"),
+        (500, {"error": "forced"}, "HTTP 500"),
         (200, b"<html>hello</html>", "not JSON"),
         (200, {"models": []}, "no model list"),
         # JSON whitespace, refused by its Content-Length before it is read
@@ -78,7 +78,7 @@ def test_slow_upstream_is_400_timeout(verifying_admin, fake_upstream):
 )
 def test_unexpected_answer_is_400_saying_what_came(verifying_admin, fake_upstream, status, body, wording):
     upstream = fake_upstream(api_key=GOOD_KEY)
-    upstream.status, upstream.body = status, body
+    upstream.answer_with(status, body)
     response = create(verifying_admin, upstream, api_key=GOOD_KEY)
     assert response.status_code == 400
     assert wording in response.get_json()["detail"]
@@ -228,7 +228,9 @@ def test_a_trickling_upstream_fails_at_the_deadline_without_gevent_too(verifying
 )
 def test_a_model_entry_with_an_unusable_created_is_left_out(verifying_admin, fake_upstream, created, kept):
     upstream = fake_upstream(api_key=GOOD_KEY)
-    upstream.body = json.dumps({"data": [{"id": "kept-or-not", "created": created}, {"id": "gpt-4o"}]}).encode()
+    upstream.answer_with(
+        200, json.dumps({"data": [{"id": "kept-or-not", "created": created}, {"id": "gpt-4o"}]}).encode()
+    )
     response = create(verifying_admin, upstream, api_key=GOOD_KEY)
     assert response.status_code == 201
     listed = verifying_admin.get(f"{PROVIDERS}/{response.get_json()['id']}/models").get_json()

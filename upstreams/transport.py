@@ -6,6 +6,11 @@ read timeout, holds a call for as long as it likes. While a `Deadline` bounds a 
 that thread or greenlet) waits at most what is left of the deadline, and fails as an httpx
 timeout once it has passed. A gateway call enters its one deadline for each piece of socket
 work (the request, the answer's reads, each read of a stream); a listing, for all of it.
+
+A gateway call's attempt at one provider (`with deadline.attempt():`) is bounded besides
+until the provider starts its answer: its status and headers, or for a stream its first
+event. The body of an answer whose headers came is read within `answer_begun()`, bounded by
+the deadline alone.
 """
 
 import contextlib
@@ -15,30 +20,44 @@ import time
 import httpcore
 import httpx
 
-_ends_at = contextvars.ContextVar("upstream_deadline", default=None)
+# (when the deadline ends, when the answer must have started or None), of the work under way
+_bounds = contextvars.ContextVar("upstream_deadline", default=None)
 _END = object()
+
+
+@contextlib.contextmanager
+def _bounded(ends_at, answer_by=None):
+    token = _bounds.set((ends_at, answer_by))
+    try:
+        yield
+    finally:
+        _bounds.reset(token)
 
 
 class Deadline:
     """The time a piece of upstream work may take in all, however the upstream trickles;
     `timeout`, httpx's timeouts of each request made within it (a connect may have a shorter
-    limit of its own: a provider that cannot be reached soon is given up for the next)."""
+    limit of its own: a provider that cannot be reached soon is given up for the next);
+    `answer_seconds`, how long one attempt may wait for its answer to start (None: no limit
+    but the deadline)."""
 
-    def __init__(self, seconds, connect_seconds=None):
+    def __init__(self, seconds, connect_seconds=None, answer_seconds=None):
         self.ends_at = time.monotonic() + seconds
         self.timeout = httpx.Timeout(seconds, connect=min(connect_seconds or seconds, seconds))
+        self.answer_seconds = answer_seconds
 
     def remaining(self):
         return self.ends_at - time.monotonic()
 
-    @contextlib.contextmanager
     def bounding(self):
         """Bound the socket work of the upstream calls made inside by this deadline."""
-        token = _ends_at.set(self.ends_at)
-        try:
-            yield
-        finally:
-            _ends_at.reset(token)
+        return _bounded(self.ends_at)
+
+    def attempt(self):
+        """Bound one provider's attempt: by the deadline, and until its answer starts by
+        `answer_seconds` from now."""
+        answer_by = None if self.answer_seconds is None else time.monotonic() + self.answer_seconds
+        return _bounded(self.ends_at, answer_by)
 
     def each_within(self, items):
         """The iterator's items, each read within the deadline (so each read of a stream is)."""
@@ -55,12 +74,21 @@ def deadline(seconds):
     return Deadline(seconds).bounding()
 
 
+def answer_begun():
+    """The answer's status and headers came: what is read inside (its body) is bounded by
+    the deadline alone, no longer by the wait for the answer to start."""
+    bounds = _bounds.get()
+    return _bounded(bounds[0]) if bounds is not None else contextlib.nullcontext()
+
+
 def remaining(timeout, timeout_error):
-    """A socket operation's timeout, cut to what is left of the deadline."""
-    ends_at = _ends_at.get()
-    if ends_at is None:
+    """A socket operation's timeout, cut to what is left of the deadline (and of the wait
+    for the answer to start)."""
+    bounds = _bounds.get()
+    if bounds is None:
         return timeout
-    left = ends_at - time.monotonic()
+    ends_at, answer_by = bounds
+    left = (ends_at if answer_by is None else min(ends_at, answer_by)) - time.monotonic()
     if left <= 0:
         raise timeout_error("the deadline of the upstream call passed")
     return left if timeout is None else min(timeout, left)

@@ -69,7 +69,7 @@ class IamTokens:
     """
 
     def __init__(self):
-        self._tokens = {}  # key digest -> (token, renew_at)
+        self._tokens = {}  # key_digest -> (token, renew_at)
         self._exchanges = {}  # key digest -> lock held while its token is exchanged
         self._lock = threading.Lock()
 
@@ -104,7 +104,10 @@ class IamTokens:
 
 
 def key_digest(target):
-    return hashlib.sha256(target.api_key.encode()).digest()
+    """What a token is kept under: the key and the IAM service that exchanged it (a token of
+    one IAM is worth nothing at another, as when two registries with different IAM URLs share
+    a process)."""
+    return hashlib.sha256(f"{target.watsonx_iam_url}\0{target.api_key}".encode()).digest()
 
 
 iam_tokens = IamTokens()
@@ -235,8 +238,8 @@ class Watsonx(WireFormat):
         return usable_models(target, specs, spec_model)
 
     def chat(self, target, model, request, deadline):
-        response, _ = post(target, "/ml/v1/text/chat", model, chat_body(request), deadline)
-        answer = checked_completion(read_json(response, target), target)
+        response, token = post(target, "/ml/v1/text/chat", model, chat_body(request), deadline)
+        answer = checked_completion(read_json(response, target, token), target)
         return openai_completion(answer, "chat.completion", "message")
 
     def open_chat_stream(self, target, model, request, deadline):
@@ -250,8 +253,8 @@ class Watsonx(WireFormat):
         return started(chunks(), target)
 
     def embed(self, target, model, request, deadline):
-        response, _ = post(target, "/ml/v1/text/embeddings", model, {"inputs": embedding_inputs(request)}, deadline)
-        answer = read_json(response, target)
+        response, token = post(target, "/ml/v1/text/embeddings", model, {"inputs": embedding_inputs(request)}, deadline)
+        answer = read_json(response, target, token)
         results = answer.get("results") if isinstance(answer, dict) else None
         if not is_list_of_objects(results) or not is_count(answer.get("input_token_count") or 0):
             raise UpstreamFailure(f"provider {target.provider_id} answered embeddings of an unexpected shape")

@@ -1,7 +1,7 @@
 """token limits
 
-Revision ID: 0009
-Revises: 0007
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-12-02 10:00:00
 
 """
@@ -9,8 +9,8 @@ Create Date: 2026-12-02 10:00:00
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0009"
-down_revision = "0007"
+revision = "0010"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 

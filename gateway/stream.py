@@ -1,0 +1,76 @@
+"""A gateway stream, whatever protocol it goes out in: the canonical events from the
+upstream's adapter, relayed through the inbound protocol's encoder.
+
+The canonical stream is the adapter's iterator of OpenAI chat chunks (upstreams/wire.py),
+each a checked object with `choices` (deltas of text and tool calls, finish reasons) and,
+in one chunk, the call's `usage`. `relay` owns what every protocol shares: the deadline,
+the usage kept for the call, the time to the first event, the failure after the first
+event, the client that goes away, and `call_finished`. An encoder turns the events into
+its protocol's bytes:
+
+- `events(chunk)`: the protocol's events (bytes) for one chunk (none is fine);
+- `end(call)`: the events that close a stream that ended well (`call.usage` is known);
+- `failure(status, message, error_type)`: the event that tells the client the stream
+  failed after it began (status 502 or 504, and OpenAI's error type).
+"""
+
+import json
+import logging
+
+from gateway.call import call_finished, sentence
+from upstreams import UpstreamFailure, UpstreamRefusal, UpstreamTimeout
+
+log = logging.getLogger(__name__)
+
+
+def sse(document, event=None):
+    """One server-sent event of a JSON document, named when the protocol names its events."""
+    data = b"data: " + json.dumps(document, separators=(",", ":")).encode() + b"\n\n"
+    return data if event is None else b"event: " + event.encode() + b"\n" + data
+
+
+def canonical_chunks(chunks, call, deadline):
+    """The stream's chunks within the call's deadline, `model` the registry's id; the usage,
+    wherever the upstream put it, kept for the call and left out of the chunks (a chunk that
+    held nothing else is not passed on)."""
+    for chunk in deadline.each_within(chunks):
+        usage = chunk.pop("usage", None)
+        if usage:
+            call.usage = usage
+            if not chunk.get("choices"):
+                continue
+        chunk["model"] = call.model
+        yield chunk
+        if deadline.remaining() <= 0:
+            raise UpstreamTimeout("the stream took longer than the gateway allows")
+
+
+def relay(chunks, call, deadline, encoder):
+    """The encoder's events for each canonical chunk as soon as it arrives, then its end.
+
+    A failure after the first event is the encoder's failure event; a client that goes
+    away closes this generator, which closes the upstream call.
+    """
+    try:
+        try:
+            for chunk in canonical_chunks(chunks, call, deadline):
+                for event in encoder.events(chunk):
+                    call.first_chunk_sent()
+                    yield event
+            yield from encoder.end(call)
+        except UpstreamTimeout as timeout:
+            call.outcome = "timeout"
+            yield encoder.failure(504, sentence(f"The model did not answer in time: {timeout}"), "timeout")
+        except (UpstreamFailure, UpstreamRefusal) as failure:
+            call.outcome = "upstream_error"
+            yield encoder.failure(502, sentence(f"The provider failed mid-stream: {failure}"), "api_error")
+        except Exception:
+            call.outcome = "upstream_error"
+            log.exception("gateway stream of %s failed", call.model, extra=call.log_fields)
+            yield encoder.failure(502, "The gateway met an unexpected error; it has been logged.", "api_error")
+    except GeneratorExit:
+        call.outcome = "cancelled"
+        raise
+    finally:
+        chunks.close()
+        call_finished(call)
