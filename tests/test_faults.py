@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from models import db
 from observability.logs import RequestFields
 from tests.conftest import POSTGRES_ONLY, TEST_DATABASE_URL, client_as, database_url, provider_body, wait_for
+from tests.fakes.model import long_stream_prompt
 from tests.fakes.openai import chat_answer
 from tests.test_metrics import parse
 
@@ -414,16 +415,18 @@ def test_a_call_is_counted_as_it_starts_and_again_as_it_finishes(registry, fake_
     assert started_and_finished(metrics.get("/metrics").text) == (started + 1, finished + 1)
 
 
+LONG_STREAM = [{"role": "user", "content": long_stream_prompt(100, 0.5)}]
+
+
 def test_streams_cut_off_by_a_killed_worker_show_as_started_and_never_finished(registry, fake_upstream, start_gunicorn):
     upstream = fake_upstream(api_key=MODEL_KEY)
-    upstream.chunk_interval = 0.5
     register(registry, upstream)
     server = start_gunicorn(workers=1)
     [worker] = server.worker_pids()
     with server.client("service") as caller, contextlib.ExitStack() as streams:
         for _ in range(3):
             stream = streams.enter_context(
-                caller.stream("POST", CHAT_PATH, json={**CHAT, "stream": True, "fake_pieces": 100})
+                caller.stream("POST", CHAT_PATH, json={**CHAT, "stream": True, "messages": LONG_STREAM})
             )
             assert next(stream.iter_lines()).startswith("data: ")
         os.kill(worker, signal.SIGKILL)

@@ -17,11 +17,16 @@ import openai
 import pytest
 
 from tests.conftest import wait_for
+from tests.fakes.model import long_stream_prompt
 from tests.test_gateway import chat_body
 from tests.test_limits import caller_token
 
 CHAT = "/api/v1/openai/chat/completions"
 RESPONSIVE_SECONDS = 0.1
+
+
+def long_stream_body(pieces, interval):
+    return chat_body(stream=True, messages=[{"role": "user", "content": long_stream_prompt(pieces, interval)}])
 
 
 def calls_at_once(base_urls, secret, count, **fields):
@@ -66,7 +71,7 @@ def test_a_slot_held_by_a_killed_worker_comes_back_after_the_gateway_timeout(sta
     secret = caller_token(registry, max_parallel=1)
     headers = {"Authorization": f"Bearer {secret}"}
     [worker] = server.worker_pids()
-    body = chat_body(stream=True, fake_pieces=100, fake_interval=0.5)
+    body = long_stream_body(100, 0.5)
     with httpx.Client(base_url=server.base_url, timeout=30) as client:
         with client.stream("POST", CHAT, json=body, headers=headers) as streaming:
             assert streaming.status_code == 200
@@ -118,7 +123,7 @@ STREAM_SECONDS = 40  # each admitted stream is held this long: every measurement
 def flood(port, secret, count, sent, statuses):
     """Open `count` streams at once, as a client process of its own; tell `sent` when every
     request is out, then read each answer to its end; put the statuses in `statuses`."""
-    body = json.dumps(chat_body(stream=True, fake_pieces=STREAM_SECONDS, fake_interval=1.0)).encode()
+    body = json.dumps(long_stream_body(STREAM_SECONDS, 1.0)).encode()
     head = (
         f"POST {CHAT} HTTP/1.1\r\nHost: registry\r\nAuthorization: Bearer {secret}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"

@@ -94,6 +94,11 @@ def knobs_of(body):
     return dict(word.split("=", 1) for word in words if word.startswith(("fake_pieces=", "fake_interval=")))
 
 
+def long_stream_prompt(pieces, interval):
+    """A prompt whose streamed answer is `pieces` chunks, `interval` seconds apart."""
+    return f"Hi fake_pieces={pieces} fake_interval={interval}"
+
+
 def pieces_of(upstream, body):
     """The upstream's pieces; a benchmark's `fake_pieces` asks for that many."""
     pieces = knobs_of(body).get("fake_pieces")
