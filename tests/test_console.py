@@ -302,6 +302,27 @@ def test_a_token_secret_is_shown_once_and_revoked_tokens_stop_working(app, conso
     assert bearer.get(PROVIDERS, headers={"Authorization": f"Bearer {secret}"}).status_code == 401
 
 
+def test_a_token_is_made_with_limits_and_listed_with_them(app, console):
+    client = console("service")
+    limits = {"requests_per_minute": "60", "max_parallel": "2", "tokens_per_minute": "", "tokens_per_day": ""}
+    made = post_form(client, "/ui/tokens", "/ui/tokens", name="agent", role="caller", **limits)
+    assert made.status_code == 201
+    [listed] = client_as(app, "service").get("/api/v1/tokens").get_json()["items"]
+    assert listed["limits"] == {
+        "requests_per_minute": 60,
+        "tokens_per_minute": None,
+        "tokens_per_day": None,
+        "max_parallel": 2,
+    }
+    assert "agent caller" in main_text(made) and "Requests per minute 60, Calls at once 2" in main_text(made)
+
+    refused = post_form(client, "/ui/tokens", "/ui/tokens", name="greedy", **{**limits, "max_parallel": "0"})
+    assert refused.status_code == 422
+    assert re.search(r'id="max_parallel"[^>]*aria-invalid="true"', refused.text)
+    assert "Must be greater than or equal to 1" in main_text(refused)
+    assert len(client_as(app, "service").get("/api/v1/tokens").get_json()["items"]) == 1
+
+
 def test_an_admin_sets_the_default_models_with_the_apis_rules(app, console):
     admin = console("admin")
     saved = post_form(admin, "/ui/catalog/defaults", "/ui/catalog", default_llm_model="openai:gpt-4o")

@@ -58,9 +58,14 @@ class FormProblem(NamedTuple):
     headers: dict
 
 
-def form_problem(error):
+def form_problem(error, nested_in=None):
+    """The refusal a form shows; the messages of fields under `nested_in` (a part of the API's
+    body the form spreads over fields of its own) named by their own field."""
     if isinstance(error, ValidationError):
-        return FormProblem(422, "Some fields are invalid.", flatten_messages(error.messages), {})
+        messages = flatten_messages(error.messages)
+        if nested_in is not None:
+            messages = {name.removeprefix(f"{nested_in}."): texts for name, texts in messages.items()}
+        return FormProblem(422, "Some fields are invalid.", messages, {})
     kept = {name: value for name, value in error.get_headers() if name == "Retry-After"}
     return FormProblem(error.code, error.description, {}, kept)
 
