@@ -15,8 +15,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from tests.conftest import SQLITE_ONLY, provider_body, wait_for
+
+pytestmark = pytest.mark.timed
 
 PROVIDERS = "/api/v1/model_providers"
 RESPONSIVE_SECONDS = 0.1

@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import pytest
 import sqlalchemy as sa
 
 from access.crypto import cipher
@@ -84,6 +85,7 @@ def p99(seconds):
     return sorted(seconds)[math.ceil(0.99 * len(seconds)) - 1]
 
 
+@pytest.mark.timed
 def test_a_probe_round_of_silent_providers_delays_no_worker(start_gunicorn, make_app, black_hole, fake_upstream):
     app = make_app(REGISTRY_VERIFY_ON_CREATE="true")
     add_silent_providers(app, black_hole, SILENT_PROVIDERS)

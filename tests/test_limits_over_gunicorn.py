@@ -170,6 +170,7 @@ def median_seconds(call, rounds):
     return statistics.median(timings), timings
 
 
+@pytest.mark.timed
 def test_a_flood_of_streams_from_one_token_leaves_health_and_admin_reads_answering(start_gunicorn, registry, upstream):
     server = start_gunicorn(workers=2)
     secret = caller_token(registry)  # no max_parallel: the default, 32 a worker
