@@ -23,8 +23,9 @@ STOP_REASONS = {
     "content_filter": "refusal",
 }
 TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
-# Passed on under the same name; stop_sequences as `stop`.
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k")
+# Passed on under the same name; stop_sequences as `stop`. `top_k` is Anthropic's alone: OpenAI's
+# API refuses fields it does not know (an Anthropic upstream gets it in the body as sent).
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p")
 NATIVE_HEADERS = ("anthropic-beta",)
 
 

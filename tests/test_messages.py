@@ -416,6 +416,14 @@ def test_an_anthropic_upstream_gets_the_body_as_sent_with_the_beta_header(regist
     assert sent == {**body, "model": MODELS["anthropic"], "stream": False}
 
 
+@pytest.mark.parametrize("flavor, passed_on", [("openai", False), ("watsonx", False), ("anthropic", True)])
+def test_top_k_reaches_only_anthropic_upstreams(registry, make_app, fake_upstream, flavor, passed_on):
+    upstream, model, _ = provider_of(registry, fake_upstream, flavor)
+    assert post_messages(app_for(make_app, upstream), messages_body(model, top_k=5)).status_code == 200
+    sent = last_call(upstream)[2]
+    assert ("top_k" in sent) is passed_on and sent.get("top_k", 5) == 5
+
+
 def test_a_non_anthropic_upstream_gets_the_translation_without_what_it_has_no_equivalent_for(registry, fake_upstream):
     upstream, model, _ = provider_of(registry, fake_upstream, "openai")
     image_url = {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}}
@@ -456,7 +464,6 @@ def test_a_non_anthropic_upstream_gets_the_translation_without_what_it_has_no_eq
         "max_tokens": 100,
         "temperature": 0.5,
         "top_p": 0.9,
-        "top_k": 5,
         "stop": ["END"],
         "tool_choice": "required",
         "parallel_tool_calls": False,
