@@ -766,17 +766,33 @@ class AnthropicToolChoiceSchema(ma.Schema):
             raise ValidationError({"name": ["A tool choice of type tool names the tool."]})
 
 
-class MessagesRequestSchema(GatewayRequestSchema):
-    """Anthropic's Messages body: the fields the registry reads are checked; every other field
-    (cache_control, thinking, context_management, ...) reaches Anthropic upstreams as sent."""
+class TokenCountRequestSchema(GatewayRequestSchema):
+    """What Anthropic counts the input tokens of: a Messages body's conversation and tools. The
+    fields the registry reads are checked; every other field (thinking, ...) reaches Anthropic
+    upstreams as sent."""
 
-    max_tokens = fields.Integer(required=True, strict=True, validate=Range(min=1))
     messages = fields.List(fields.Nested(AnthropicMessageSchema), required=True, validate=Length(min=1))
     system = BlockContent(
         {"text": TextBlockSchema}, only_known=True, metadata={"description": "A string or text blocks"}
     )
     tools = fields.List(fields.Nested(AnthropicToolSchema))
     tool_choice = fields.Nested(AnthropicToolChoiceSchema)
+
+
+class TokenCountSchema(ma.Schema):
+    """Anthropic's count of a body's input tokens, as the provider answered it."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    input_tokens = fields.Integer(required=True)
+
+
+class MessagesRequestSchema(TokenCountRequestSchema):
+    """Anthropic's Messages body: the fields the registry reads are checked; every other field
+    (cache_control, thinking, context_management, ...) reaches Anthropic upstreams as sent."""
+
+    max_tokens = fields.Integer(required=True, strict=True, validate=Range(min=1))
     stop_sequences = fields.List(fields.String())
     temperature = fields.Float(validate=Range(min=0, max=1))
     top_p = fields.Float(validate=Range(min=0, max=1))

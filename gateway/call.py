@@ -93,8 +93,9 @@ class GatewayCall:
     call_finished runs."""
 
     model: str
-    kind: str  # "chat", "responses", "messages" or "embeddings"; ENDPOINTS names it in usage events
+    kind: str  # "chat", "responses", "messages", "embeddings" or "count_tokens"; ENDPOINTS names it in usage events
     stream: bool = False
+    asks_model: bool = True  # False for a token count: logged, but no model call in the metrics nor in usage
     provider_type: str = ""
     provider_id: str | None = None
     outcome: str = "ok"  # ok, client_error, not_found, unavailable, upstream_error, timeout or cancelled
@@ -123,7 +124,8 @@ class GatewayCall:
 def call_started(call):
     """Counted once routing knows its provider type and model, as call_finished counts it:
     the calls started and not finished are those in flight, or cut off by a worker's death."""
-    record_gateway_call_started(call.provider_type, call.counted_model)
+    if call.asks_model:
+        record_gateway_call_started(call.provider_type, call.counted_model)
 
 
 def count_of(usage, *names):
@@ -178,12 +180,13 @@ def record_usage(call, latency, tokens):
 def call_finished(call):
     """The one place where a call's outcome, latency, time to first chunk and usage are all
     known: counted in the metrics (the model as the index knows it, else unknown), recorded
-    as a usage event and logged."""
+    as a usage event and logged (a call that asks no model, logged only)."""
     latency = time.monotonic() - call.started
     model_id = call.counted_model
     reported = reported_tokens(call.usage)
-    record_gateway_call(call.provider_type, model_id, call.outcome, latency, call.first_chunk_after, reported)
-    record_usage(call, latency, reported)
+    if call.asks_model:
+        record_gateway_call(call.provider_type, model_id, call.outcome, latency, call.first_chunk_after, reported)
+        record_usage(call, latency, reported)
     first_chunk = f"{call.first_chunk_after * 1000:.1f}" if call.first_chunk_after is not None else "-"
     tokens = (call.usage or {}).get("total_tokens", "-")
     log.info(

@@ -10,9 +10,11 @@ fields it has no equivalent for (cache_control, thinking, server tools, ...).
 
 import json
 import uuid
+from functools import partial
 
 from api.errors import anthropic_error_document
-from gateway.call import ChatRequest, NativeBody
+from gateway.call import ChatRequest, GatewayCall, NativeBody, call_finished
+from gateway.routing import served_answer
 from gateway.stream import sse
 from upstreams.anthropic import EMPTY_INPUT_SCHEMA, NATIVE, NATIVE_PROTOCOL
 
@@ -144,6 +146,12 @@ def tool_options(tool_choice):
     return options
 
 
+def native_body(body, headers):
+    """The body as sent, with the request's headers that go with it, for Anthropic upstreams."""
+    native_headers = {name: headers[name] for name in NATIVE_HEADERS if headers.get(name)}
+    return NativeBody(NATIVE_PROTOCOL, body, native_headers)
+
+
 def chat_request_of(body, headers):
     """A Messages body (as the schema loaded it) and the request's headers as the gateway's
     ChatRequest, which carries the body as sent for Anthropic upstreams."""
@@ -153,15 +161,32 @@ def chat_request_of(body, headers):
     tools = openai_tools(body["tools"]) if body.get("tools") else None
     if tools:
         options.update(tool_options(body.get("tool_choice")))
-    native_headers = {name: headers[name] for name in NATIVE_HEADERS if headers.get(name)}
     return ChatRequest(
         model=body["model"],
         messages=openai_messages(body),
         tools=tools or None,
         options=options,
         stream=body["stream"],
-        native=NativeBody(NATIVE_PROTOCOL, body, native_headers),
+        native=native_body(body, headers),
     )
+
+
+# Counting a body's input tokens ---------------------------------------------------------------
+
+
+def ask_count(native, adapter, target, model, deadline):
+    return adapter.count_tokens(target, model, native, deadline)
+
+
+def count_tokens(body, headers, settings):
+    """(target, the provider's count of the body's input tokens): routed and failed over as a
+    model call is, but asking no model, so neither counted as one nor recorded as usage. Only
+    a wire format with a counting endpoint counts (Anthropic's); the others refuse, as the
+    registry never estimates a count."""
+    call = GatewayCall(body["model"], "count_tokens", asks_model=False)
+    target, count, _ = served_answer(call, "llm", partial(ask_count, native_body(body, headers)), settings)
+    call_finished(call)
+    return target, count
 
 
 # The canonical answer as a message ----------------------------------------------------------

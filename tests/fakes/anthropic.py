@@ -3,8 +3,10 @@
 as Anthropic's stream of named events (`message_start`; per content block
 `content_block_start`, its `text_delta` or `input_json_delta` parts, `content_block_stop`,
 with a `ping` after the first start; `message_delta` with the stop reason and output
-tokens; `message_stop`). Errors in Anthropic's shape. Like the real API, it also serves
-OpenAI's chat completions at `{base}/chat/completions` (Bearer key, OpenAI's shapes)."""
+tokens; `message_stop`); `POST {base}/messages/count_tokens` answers `{"input_tokens": N}`,
+N the words of the body's texts (system and messages). Errors in Anthropic's shape. Like the
+real API, it also serves OpenAI's chat completions at `{base}/chat/completions` (Bearer key,
+OpenAI's shapes)."""
 
 import json
 
@@ -17,7 +19,8 @@ STOP_REASONS = {"stop": "end_turn", "stop_sequence": "stop_sequence", "length": 
 # the registry's translation is what the tests check against it).
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error"}
 ERROR_TYPES |= {404: "not_found_error", 429: "rate_limit_error", 529: "overloaded_error"}
-REQUIRED_FIELDS = ("model", "max_tokens", "messages")
+COUNT_TOKENS = "/messages/count_tokens"
+REQUIRED_FIELDS = {"/messages": ("model", "max_tokens", "messages"), COUNT_TOKENS: ("model", "messages")}
 CHAT_COMPLETIONS = "/chat/completions"
 
 
@@ -54,6 +57,20 @@ def messages_question(body):
         max_tokens=body["max_tokens"],
         stop_sequences=tuple(body.get("stop_sequences") or ()),
     )
+
+
+def texts_of(content):
+    if isinstance(content, str):
+        return [content]
+    return [block.get("text", "") for block in content or [] if isinstance(block, dict)]
+
+
+def words_in(body):
+    """The fake's token count of a body: the words of its system text and its messages' texts."""
+    texts = texts_of(body.get("system")) + [
+        text for message in body["messages"] for text in texts_of(message.get("content"))
+    ]
+    return sum(len(text.split()) for text in texts)
 
 
 def content_blocks(answer):
@@ -99,7 +116,7 @@ class AnthropicHandler(OpenAIHandler):
         return self.answer(200, {"data": data, "has_more": has_more, "first_id": page[0], "last_id": page[-1]})
 
     def call_routes(self):
-        return {"/messages": self.serve_messages, CHAT_COMPLETIONS: self.serve_chat}
+        return {"/messages": self.serve_messages, COUNT_TOKENS: self.serve_count, CHAT_COMPLETIONS: self.serve_chat}
 
     def api_key_refusal(self):
         """401 unless the key came as `x-api-key` (or as a Bearer token, as the current SDK
@@ -117,7 +134,7 @@ class AnthropicHandler(OpenAIHandler):
         refusal = self.api_key_refusal()
         if refusal:
             return refusal
-        missing = [name for name in REQUIRED_FIELDS if not body.get(name)]
+        missing = [name for name in REQUIRED_FIELDS[path] if not body.get(name)]
         if missing:
             return 400, anthropic_error(400, f"{missing[0]}: Field required")
         if body["model"] not in self.upstream.models:
@@ -128,6 +145,9 @@ class AnthropicHandler(OpenAIHandler):
         if path == CHAT_COMPLETIONS:
             return super().error_document(path, status, message)
         return anthropic_error(status, message)
+
+    def serve_count(self, body):
+        return self.answer(200, {"input_tokens": words_in(body)})
 
     def serve_messages(self, body):
         answer = answer_to(messages_question(body), pieces_of(self.upstream, body))
