@@ -10,7 +10,7 @@ OpenAI's shapes)."""
 
 import json
 
-from tests.fakes.model import TOOL_ARGUMENTS, USAGE, Question, answer_to, argument_parts, pieces_of, unique_id
+from tests.fakes.model import USAGE, Question, answer_to, argument_parts, pieces_of, takes_free_text, unique_id
 from tests.fakes.openai import OpenAIHandler
 from tests.fakes.server import sse_event
 
@@ -51,6 +51,9 @@ def messages_question(body):
     last = body["messages"][-1]
     return Question(
         tools=tuple(tool["name"] for tool in body.get("tools") or []),
+        free_text_tools=tuple(
+            tool["name"] for tool in body.get("tools") or [] if takes_free_text(tool.get("input_schema"))
+        ),
         forced_tool=choice.get("name") if choice["type"] == "tool" else None,
         tool_choice={"auto": "auto", "none": "none"}.get(choice["type"], "required"),
         last_is_users=last.get("role") == "user" and not is_tool_result(last),
@@ -76,7 +79,7 @@ def words_in(body):
 def content_blocks(answer):
     """The answer's content: its text, or a sentence and the tool call, as Claude answers."""
     if answer.tool:
-        call = {"type": "tool_use", "id": "toolu_01", "name": answer.tool, "input": json.loads(TOOL_ARGUMENTS)}
+        call = {"type": "tool_use", "id": "toolu_01", "name": answer.tool, "input": json.loads(answer.arguments)}
         return [{"type": "text", "text": f"Let me call {answer.tool}."}, call]
     return [{"type": "text", "text": answer.text}]
 
@@ -88,7 +91,9 @@ def block_events(index, block, answer):
     if index == 0:
         yield sse_event({"type": "ping"}, "ping")
     if block["type"] == "tool_use":
-        deltas = [{"type": "input_json_delta", "partial_json": part} for part in ["", *argument_parts()]]
+        deltas = [
+            {"type": "input_json_delta", "partial_json": part} for part in ["", *argument_parts(answer.arguments)]
+        ]
     else:
         pieces = [block["text"]] if answer.tool else answer.pieces
         deltas = [{"type": "text_delta", "text": piece} for piece in pieces]
