@@ -209,6 +209,7 @@ class Settings:
     connect_timeout: float
     attempt_timeout: float  # for one provider to start its answer; 0: only the total bounds it
     cooldown: float  # seconds a provider that failed a call is tried after the others
+    keepalive: float  # seconds of an upstream's silence before a stream's keep-alive event; 0: none
 
     @classmethod
     def of_app(cls):
@@ -218,6 +219,7 @@ class Settings:
             config["UPSTREAM_TIMEOUT"],
             config["GATEWAY_ATTEMPT_TIMEOUT"],
             config["GATEWAY_COOLDOWN"],
+            config["GATEWAY_KEEPALIVE"],
         )
 
     def deadline(self):

@@ -15,7 +15,7 @@ from functools import partial
 from api.errors import anthropic_error_document
 from gateway.call import ChatRequest, GatewayCall, NativeBody, call_finished
 from gateway.routing import served_answer
-from gateway.stream import sse
+from gateway.stream import Encoder, sse
 from upstreams.anthropic import EMPTY_INPUT_SCHEMA, NATIVE, NATIVE_PROTOCOL
 
 STOP_REASONS = {
@@ -284,11 +284,12 @@ def relayed(native_event, model):
     return native_event
 
 
-class MessageEvents:
+class MessageEvents(Encoder):
     """The stream encoder of the Messages API: message_start and a ping, then each content
     block (text, or a tool call's tool_use) as it starts, its deltas and its stop, then
     message_delta with the stop reason and the usage, and message_stop; a failure is an
-    error event. Anthropic's own events, when it answered, are relayed as they came."""
+    error event; a ping whenever the model keeps silent. Anthropic's own events, when it
+    answered, are relayed as they came."""
 
     def __init__(self, body):
         self.stop_sequences = body.get("stop_sequences") or ()
@@ -380,3 +381,6 @@ class MessageEvents:
 
     def failure(self, status, message, error_type):
         return sse(anthropic_error_document(status, message), event="error")
+
+    def keepalive(self):
+        return event({"type": "ping"})

@@ -23,7 +23,7 @@ import uuid
 
 from api.errors import GatewayError
 from gateway.call import ChatRequest
-from gateway.stream import sse
+from gateway.stream import Encoder, sse
 from upstreams.http import is_count
 
 CHAT_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
@@ -448,7 +448,7 @@ def response_of(completion, body):
     return response.document("completed", output, completion.get("usage"), choice.get("finish_reason"))
 
 
-class ResponseEvents:
+class ResponseEvents(Encoder):
     """The stream encoder of the Responses API: `response.created` and `.in_progress` with the
     first chunk; an output item for the text (a message with one output_text part) and one for
     each tool call (a custom tool's its `input`), their deltas as they come; at the end each
