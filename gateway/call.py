@@ -98,7 +98,7 @@ class GatewayCall:
     asks_model: bool = True  # False for a token count: logged, but no model call in the metrics nor in usage
     provider_type: str = ""
     provider_id: str | None = None
-    outcome: str = "ok"  # ok, client_error, not_found, unavailable, upstream_error, timeout or cancelled
+    outcome: str = "ok"  # ok, client_error, not_found, unavailable, upstream_error, timeout, cancelled, interrupted
     indexed: bool = False  # the model is one the registry knows (else `model` is whatever was sent)
     started: float = field(default_factory=time.monotonic)
     first_chunk_after: float | None = None
@@ -143,8 +143,9 @@ def reported_tokens(usage):
 # The endpoint a usage event names, where it is not the call's kind.
 ENDPOINTS = {"chat": "chat.completions"}
 # A stream that fails after its answer began keeps its 200; its usage event names the status
-# its error event stands for (499, as proxies log it, for a client that went away).
-MID_STREAM_STATUS = {"timeout": 504, "upstream_error": 502, "cancelled": 499}
+# its error event stands for (499, as proxies log it, for a client that went away; 503 for
+# the registry's worker stopping under it).
+MID_STREAM_STATUS = {"timeout": 504, "upstream_error": 502, "cancelled": 499, "interrupted": 503}
 
 
 def usage_outcome(call):

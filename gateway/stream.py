@@ -5,8 +5,8 @@ The canonical stream is the adapter's iterator of OpenAI chat chunks (upstreams/
 each a checked object with `choices` (deltas of text and tool calls, finish reasons) and,
 in one chunk, the call's `usage`. `relay` owns what every protocol shares: the deadline,
 the usage kept for the call, the time to the first event, the keep-alive while the upstream
-is silent, the failure after the first event, the client that goes away, and
-`call_finished`. An encoder (an Encoder) turns the events into
+is silent, the failure after the first event, the client that goes away, the worker that
+stops under the stream, and `call_finished`. An encoder (an Encoder) turns the events into
 its protocol's bytes:
 
 - `events(chunk)`: the protocol's events (bytes) for one chunk (none is fine);
@@ -93,6 +93,12 @@ def relay(chunks, call, deadline, encoder, keepalive=0):
             yield encoder.failure(502, "The gateway met an unexpected error; it has been logged.", "api_error")
     except GeneratorExit:
         call.outcome = "cancelled"
+        raise
+    except BaseException:
+        # The worker stopping under the stream: gevent's worker kills the greenlets still
+        # serving past its graceful timeout (GreenletExit), a quit signal exits (SystemExit,
+        # KeyboardInterrupt). Recorded as such, and let through.
+        call.outcome = "interrupted"
         raise
     finally:
         call_finished(call)

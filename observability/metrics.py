@@ -33,7 +33,16 @@ own_metrics = CollectorRegistry(auto_describe=True)
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 UNMATCHED_ROUTE = "unmatched"
 UNKNOWN = "unknown"
-GATEWAY_OUTCOMES = ("ok", "client_error", "not_found", "unavailable", "upstream_error", "timeout", "cancelled")
+GATEWAY_OUTCOMES = (
+    "ok",
+    "client_error",
+    "not_found",
+    "unavailable",
+    "upstream_error",
+    "timeout",
+    "cancelled",
+    "interrupted",
+)
 TOKEN_KINDS = ("prompt", "completion")  # the input and the output tokens
 # Counters are doubles: a larger count would lose units, or overflow (a 400-digit one raises,
 # a 308-digit one sticks the counter at +Inf). The gateway refuses such usage from upstreams.
