@@ -571,11 +571,19 @@ class ResponsesRequestSchema(GatewayRequestSchema):
 
     input = ResponsesInput(
         required=True,
-        metadata={"description": "A string, or a list of items: messages, function_call and function_call_output"},
+        metadata={
+            "description": "A string, or a list of items: messages, function_call and function_call_output, "
+            "custom_tool_call and custom_tool_call_output"
+        },
     )
     instructions = fields.String(allow_none=True, metadata={"description": "Given to the model as a system message"})
     tools = fields.List(
-        fields.Dict(), allow_none=True, metadata={"description": "Tools of type function; other types are left out"}
+        fields.Dict(),
+        allow_none=True,
+        metadata={
+            "description": "Tools of type function, and custom (free text, as a function of one string, `input`); "
+            "other types are left out"
+        },
     )
     tool_choice = fields.Raw(allow_none=True, metadata={"description": "auto, none, required or a function"})
     parallel_tool_calls = fields.Boolean(allow_none=True)
@@ -623,7 +631,9 @@ class ResponseSchema(OpenAIAnswerSchema):
     id = fields.String(metadata={"description": "resp_..."})
     created_at = fields.Integer()
     status = fields.String(metadata={"description": "completed, incomplete (cut off) or failed"})
-    output = fields.List(fields.Dict(), required=True, metadata={"description": "message and function_call items"})
+    output = fields.List(
+        fields.Dict(), required=True, metadata={"description": "message, function_call and custom_tool_call items"}
+    )
     usage = fields.Dict(allow_none=True, metadata={"description": "input_tokens, output_tokens, total_tokens"})
 
 

@@ -27,7 +27,8 @@ def create_message(messages_body):
     Any registry model, routed and failed over as chat completions are. Providers of type
     anthropic get the body as sent (with its `anthropic-beta` header); others get it
     translated, without the fields they have no equivalent for. With `"stream": true` the
-    answer is Anthropic's events as the upstream's chunks arrive. The token may also come as
+    answer is Anthropic's events as the upstream's chunks arrive, and a `ping` whenever the
+    model keeps silent for REGISTRY_GATEWAY_KEEPALIVE seconds. The token may also come as
     `x-api-key`; `anthropic-version`, `anthropic-beta` and `?beta=true` are accepted.
     `X-Registry-Provider-Id` names the provider.
     """

@@ -71,8 +71,9 @@ def encoded(chunks, call, deadline, encoder, keepalive):
                 raise UpstreamTimeout("the stream took longer than the gateway allows")
 
 
-def relay(chunks, call, deadline, encoder, keepalive=0):
-    """The encoder's events for each canonical chunk as soon as it arrives, then its end.
+def relay(chunks, call, deadline, encoder, keepalive):
+    """The encoder's events for each canonical chunk as soon as it arrives, then its end; its
+    keep-alive for each `keepalive` seconds the upstream keeps silent (0: none).
 
     A failure after the first event is the encoder's failure event; a client that goes
     away closes this generator, which closes the upstream call.
