@@ -164,6 +164,7 @@ def load_config(environ):
         "PROXY_HOPS": read_number(environ, "REGISTRY_PROXY_HOPS", 0),
         "GATEWAY_ATTEMPT_TIMEOUT": read_number(environ, "REGISTRY_GATEWAY_ATTEMPT_TIMEOUT", 120.0, float),
         "GATEWAY_COOLDOWN": read_number(environ, "REGISTRY_GATEWAY_COOLDOWN", 30.0, float),
+        "GATEWAY_KEEPALIVE": read_number(environ, "REGISTRY_GATEWAY_KEEPALIVE", 15.0, float),
         "WATSONX_IAM_URL": environ.get("REGISTRY_WATSONX_IAM_URL") or "https://iam.cloud.ibm.com/identity/token",
         "PROBE_INTERVAL": read_number(environ, "REGISTRY_PROBE_INTERVAL", 60.0, float),
         "PROBE_FAILURES": max(1, read_number(environ, "REGISTRY_PROBE_FAILURES", 2)),

@@ -572,11 +572,19 @@ class ResponsesRequestSchema(GatewayRequestSchema):
 
     input = ResponsesInput(
         required=True,
-        metadata={"description": "A string, or a list of items: messages, function_call and function_call_output"},
+        metadata={
+            "description": "A string, or a list of items: messages, function_call and function_call_output, "
+            "custom_tool_call and custom_tool_call_output"
+        },
     )
     instructions = fields.String(allow_none=True, metadata={"description": "Given to the model as a system message"})
     tools = fields.List(
-        fields.Dict(), allow_none=True, metadata={"description": "Tools of type function; other types are left out"}
+        fields.Dict(),
+        allow_none=True,
+        metadata={
+            "description": "Tools of type function, and custom (free text, as a function of one string, `input`); "
+            "other types are left out"
+        },
     )
     tool_choice = fields.Raw(allow_none=True, metadata={"description": "auto, none, required or a function"})
     parallel_tool_calls = fields.Boolean(allow_none=True)
@@ -624,7 +632,9 @@ class ResponseSchema(OpenAIAnswerSchema):
     id = fields.String(metadata={"description": "resp_..."})
     created_at = fields.Integer()
     status = fields.String(metadata={"description": "completed, incomplete (cut off) or failed"})
-    output = fields.List(fields.Dict(), required=True, metadata={"description": "message and function_call items"})
+    output = fields.List(
+        fields.Dict(), required=True, metadata={"description": "message, function_call and custom_tool_call items"}
+    )
     usage = fields.Dict(allow_none=True, metadata={"description": "input_tokens, output_tokens, total_tokens"})
 
 
@@ -767,17 +777,33 @@ class AnthropicToolChoiceSchema(ma.Schema):
             raise ValidationError({"name": ["A tool choice of type tool names the tool."]})
 
 
-class MessagesRequestSchema(GatewayRequestSchema):
-    """Anthropic's Messages body: the fields the registry reads are checked; every other field
-    (cache_control, thinking, context_management, ...) reaches Anthropic upstreams as sent."""
+class TokenCountRequestSchema(GatewayRequestSchema):
+    """What Anthropic counts the input tokens of: a Messages body's conversation and tools. The
+    fields the registry reads are checked; every other field (thinking, ...) reaches Anthropic
+    upstreams as sent."""
 
-    max_tokens = fields.Integer(required=True, strict=True, validate=Range(min=1))
     messages = fields.List(fields.Nested(AnthropicMessageSchema), required=True, validate=Length(min=1))
     system = BlockContent(
         {"text": TextBlockSchema}, only_known=True, metadata={"description": "A string or text blocks"}
     )
     tools = fields.List(fields.Nested(AnthropicToolSchema))
     tool_choice = fields.Nested(AnthropicToolChoiceSchema)
+
+
+class TokenCountSchema(ma.Schema):
+    """Anthropic's count of a body's input tokens, as the provider answered it."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    input_tokens = fields.Integer(required=True)
+
+
+class MessagesRequestSchema(TokenCountRequestSchema):
+    """Anthropic's Messages body: the fields the registry reads are checked; every other field
+    (cache_control, thinking, context_management, ...) reaches Anthropic upstreams as sent."""
+
+    max_tokens = fields.Integer(required=True, strict=True, validate=Range(min=1))
     stop_sequences = fields.List(fields.String())
     temperature = fields.Float(validate=Range(min=0, max=1))
     top_p = fields.Float(validate=Range(min=0, max=1))

@@ -93,11 +93,13 @@ class GatewayCall:
     call_finished runs."""
 
     model: str
-    kind: str  # "chat", "responses", "messages" or "embeddings"; ENDPOINTS names it in usage events
+    kind: str  # "chat", "responses", "messages", "embeddings" or "count_tokens"; ENDPOINTS names it in usage events
     stream: bool = False
+    asks_model: bool = True  # False for a token count: logged, but no model call in the metrics nor in usage
     provider_type: str = ""
     provider_id: str | None = None
-    outcome: str = "ok"  # ok, client_error, not_found, unavailable, upstream_error, timeout, cancelled or limited
+    outcome: str = "ok"  # ok, client_error, not_found, unavailable, upstream_error, timeout, cancelled,
+    # interrupted or limited
     indexed: bool = False  # the model is one the registry knows (else `model` is whatever was sent)
     started: float = field(default_factory=time.monotonic)
     first_chunk_after: float | None = None
@@ -124,7 +126,8 @@ class GatewayCall:
 def call_started(call):
     """Counted once routing knows its provider type and model, as call_finished counts it:
     the calls started and not finished are those in flight, or cut off by a worker's death."""
-    record_gateway_call_started(call.provider_type, call.counted_model)
+    if call.asks_model:
+        record_gateway_call_started(call.provider_type, call.counted_model)
 
 
 def count_of(usage, *names):
@@ -142,8 +145,9 @@ def reported_tokens(usage):
 # The endpoint a usage event names, where it is not the call's kind.
 ENDPOINTS = {"chat": "chat.completions"}
 # A stream that fails after its answer began keeps its 200; its usage event names the status
-# its error event stands for (499, as proxies log it, for a client that went away).
-MID_STREAM_STATUS = {"timeout": 504, "upstream_error": 502, "cancelled": 499}
+# its error event stands for (499, as proxies log it, for a client that went away; 503 for
+# the registry's worker stopping under it).
+MID_STREAM_STATUS = {"timeout": 504, "upstream_error": 502, "cancelled": 499, "interrupted": 503}
 
 
 def usage_outcome(call):
@@ -179,14 +183,16 @@ def record_usage(call, latency, tokens):
 def call_finished(call):
     """The one place where a call's outcome, latency, time to first chunk and usage are all
     known: counted in the metrics (the model as the index knows it, else unknown), recorded
-    as a usage event and logged, and its place within its caller's limits given back."""
+    as a usage event and logged (a call that asks no model, logged only); its place within its
+    caller's limits given back."""
     latency = time.monotonic() - call.started
     model_id = call.counted_model
     reported = reported_tokens(call.usage)
     if call.admission is not None:
         call.admission.end(sum(count or 0 for count in reported))
-    record_gateway_call(call.provider_type, model_id, call.outcome, latency, call.first_chunk_after, reported)
-    record_usage(call, latency, reported)
+    if call.asks_model:
+        record_gateway_call(call.provider_type, model_id, call.outcome, latency, call.first_chunk_after, reported)
+        record_usage(call, latency, reported)
     first_chunk = f"{call.first_chunk_after * 1000:.1f}" if call.first_chunk_after is not None else "-"
     tokens = (call.usage or {}).get("total_tokens", "-")
     log.info(
@@ -209,6 +215,7 @@ class Settings:
     connect_timeout: float
     attempt_timeout: float  # for one provider to start its answer; 0: only the total bounds it
     cooldown: float  # seconds a provider that failed a call is tried after the others
+    keepalive: float  # seconds of an upstream's silence before a stream's keep-alive event; 0: none
 
     @classmethod
     def of_app(cls):
@@ -218,6 +225,7 @@ class Settings:
             config["UPSTREAM_TIMEOUT"],
             config["GATEWAY_ATTEMPT_TIMEOUT"],
             config["GATEWAY_COOLDOWN"],
+            config["GATEWAY_KEEPALIVE"],
         )
 
     def deadline(self):

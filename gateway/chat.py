@@ -34,7 +34,7 @@ def open_stream(call, chat_request, settings, encoder):
     """(target, the stream's events): the stream of the first provider that accepts the call,
     in the protocol of `encoder` (gateway/stream.py)."""
     target, chunks, deadline = served_answer(call, "llm", partial(ask_chat_stream, chat_request), settings)
-    return target, relay(chunks, call, deadline, encoder)
+    return target, relay(chunks, call, deadline, encoder, settings.keepalive)
 
 
 def answer(call, chat_request, settings, encoder, document_of):

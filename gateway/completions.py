@@ -3,7 +3,7 @@ the canonical completion itself, and a stream's events the canonical chunks as t
 
 from api.errors import openai_error_document
 from gateway.call import ChatRequest
-from gateway.stream import sse
+from gateway.stream import Encoder, sse
 
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -24,7 +24,7 @@ def chat_request_of(body):
     )
 
 
-class ChatChunks:
+class ChatChunks(Encoder):
     """The stream encoder of chat completions: each chunk as it came, then the usage chunk
     when the client asked for it, then `[DONE]`; a failure is an error event."""
 

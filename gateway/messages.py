@@ -10,10 +10,12 @@ fields it has no equivalent for (cache_control, thinking, server tools, ...).
 
 import json
 import uuid
+from functools import partial
 
 from api.errors import anthropic_error_document
-from gateway.call import ChatRequest, NativeBody
-from gateway.stream import sse
+from gateway.call import ChatRequest, GatewayCall, NativeBody, call_finished
+from gateway.routing import served_answer
+from gateway.stream import Encoder, sse
 from upstreams.anthropic import EMPTY_INPUT_SCHEMA, NATIVE, NATIVE_PROTOCOL
 
 STOP_REASONS = {
@@ -23,8 +25,9 @@ STOP_REASONS = {
     "content_filter": "refusal",
 }
 TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
-# Passed on under the same name; stop_sequences as `stop`.
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k")
+# Passed on under the same name; stop_sequences as `stop`. `top_k` is Anthropic's alone: OpenAI's
+# API refuses fields it does not know (an Anthropic upstream gets it in the body as sent).
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p")
 NATIVE_HEADERS = ("anthropic-beta",)
 
 
@@ -143,6 +146,12 @@ def tool_options(tool_choice):
     return options
 
 
+def native_body(body, headers):
+    """The body as sent, with the request's headers that go with it, for Anthropic upstreams."""
+    native_headers = {name: headers[name] for name in NATIVE_HEADERS if headers.get(name)}
+    return NativeBody(NATIVE_PROTOCOL, body, native_headers)
+
+
 def chat_request_of(body, headers):
     """A Messages body (as the schema loaded it) and the request's headers as the gateway's
     ChatRequest, which carries the body as sent for Anthropic upstreams."""
@@ -152,15 +161,32 @@ def chat_request_of(body, headers):
     tools = openai_tools(body["tools"]) if body.get("tools") else None
     if tools:
         options.update(tool_options(body.get("tool_choice")))
-    native_headers = {name: headers[name] for name in NATIVE_HEADERS if headers.get(name)}
     return ChatRequest(
         model=body["model"],
         messages=openai_messages(body),
         tools=tools or None,
         options=options,
         stream=body["stream"],
-        native=NativeBody(NATIVE_PROTOCOL, body, native_headers),
+        native=native_body(body, headers),
     )
+
+
+# Counting a body's input tokens ---------------------------------------------------------------
+
+
+def ask_count(native, adapter, target, model, deadline):
+    return adapter.count_tokens(target, model, native, deadline)
+
+
+def count_tokens(body, headers, settings):
+    """(target, the provider's count of the body's input tokens): routed and failed over as a
+    model call is, but asking no model, so neither counted as one nor recorded as usage. Only
+    a wire format with a counting endpoint counts (Anthropic's); the others refuse, as the
+    registry never estimates a count."""
+    call = GatewayCall(body["model"], "count_tokens", asks_model=False)
+    target, count, _ = served_answer(call, "llm", partial(ask_count, native_body(body, headers)), settings)
+    call_finished(call)
+    return target, count
 
 
 # The canonical answer as a message ----------------------------------------------------------
@@ -258,11 +284,12 @@ def relayed(native_event, model):
     return native_event
 
 
-class MessageEvents:
+class MessageEvents(Encoder):
     """The stream encoder of the Messages API: message_start and a ping, then each content
     block (text, or a tool call's tool_use) as it starts, its deltas and its stop, then
     message_delta with the stop reason and the usage, and message_stop; a failure is an
-    error event. Anthropic's own events, when it answered, are relayed as they came."""
+    error event; a ping whenever the model keeps silent. Anthropic's own events, when it
+    answered, are relayed as they came."""
 
     def __init__(self, body):
         self.stop_sequences = body.get("stop_sequences") or ()
@@ -354,3 +381,6 @@ class MessageEvents:
 
     def failure(self, status, message, error_type):
         return sse(anthropic_error_document(status, message), event="error")
+
+    def keepalive(self):
+        return event({"type": "ping"})

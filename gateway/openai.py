@@ -54,7 +54,8 @@ def chat_completions(chat_body):
     answer within REGISTRY_GATEWAY_ATTEMPT_TIMEOUT, before anything was sent; a provider
     that failed a call within REGISTRY_GATEWAY_COOLDOWN is tried after the others. With
     `"stream": true` the answer is `text/event-stream`: each upstream chunk as it arrives,
-    ending with `data: [DONE]`. `X-Registry-Provider-Id` names the provider.
+    ending with `data: [DONE]`, and an SSE comment (`: keep-alive`) whenever the model keeps
+    silent for REGISTRY_GATEWAY_KEEPALIVE seconds. `X-Registry-Provider-Id` names the provider.
     """
     chat_request = completions.chat_request_of(chat_body)
     return chat_answer(chat_request, "chat", completions.ChatChunks(chat_request.include_usage), as_sent)
@@ -68,8 +69,10 @@ def create_response(responses_body):
     """Call a model through OpenAI's Responses API
 
     Any model of the registry, whatever its provider's type: the body is translated to a chat
-    call and routed as chat completions are. Nothing is stored: send the whole conversation
-    in `input` (`previous_response_id` is a 400). With `"stream": true` the answer is the
+    call and routed as chat completions are; custom tools (Codex's `apply_patch`) go upstream
+    as functions of one string, `input`, and their calls come back as `custom_tool_call`
+    items. Nothing is stored: send the whole conversation in `input`
+    (`previous_response_id` is a 400). With `"stream": true` the answer is the
     Responses event sequence (`response.created` ... `response.completed`), relayed as the
     model's chunks arrive; a failure after the first event is `response.failed`.
     """

@@ -6,17 +6,24 @@ a string (one user message) or a list of items. Messages become chat messages (`
 ones system messages, text parts joined into one text, images kept as image parts),
 `function_call` items the assistant's tool calls, `function_call_output` items tool
 messages. `reasoning` items and the items of tools run by OpenAI itself (web search, file
-search, ...) are left out, as are tools other than functions: no upstream here runs them.
+search, ...) are left out, as are those tools: no upstream here runs them.
+
+Custom tools (free text in, in a format or grammar of their own, as Codex's `apply_patch`)
+are run by the client like functions, but chat knows only functions: each goes upstream as a
+function whose one string parameter, `input`, carries the text (the format told in its
+description), and a call of it comes back as a `custom_tool_call` item with that text, its
+`input` streamed as it is decoded from the arguments' JSON.
 """
 
 import itertools
 import json
+import re
 import time
 import uuid
 
 from api.errors import GatewayError
 from gateway.call import ChatRequest
-from gateway.stream import sse
+from gateway.stream import Encoder, sse
 from upstreams.http import is_count
 
 CHAT_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
@@ -28,6 +35,20 @@ SAME_NAMED_OPTIONS = ("temperature", "top_p")
 PARAGRAPH_BREAK = "\n\n"
 # A finish reason that ends the response before the model was done, as Responses tells it.
 INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+# A custom tool as a chat function: its free text is the one string parameter, `input`.
+CUSTOM_TOOL_PARAMETERS = {
+    "type": "object",
+    "properties": {"input": {"type": "string", "description": "The tool's input, as free text in its format"}},
+    "required": ["input"],
+}
+# The arguments of a custom tool's call as a model writes them, up to where `input`'s string starts.
+INPUT_OPENING = re.compile(r'\s*\{\s*"input"\s*:\s*"')
+# The longest run of a JSON string's body that decodes whole: characters but the quote and the
+# backslash, and whole escapes (a surrogate pair's two together).
+WHOLE_STRING_RUN = re.compile(
+    r'(?:[^"\\]|\\["\\/bfnrt]|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}'
+    r"|\\u(?![dD][89abAB])[0-9a-fA-F]{4})*"
+)
 
 
 def bad_input(param, message):
@@ -106,15 +127,24 @@ def add_message(messages, item, param):
     messages.append({"role": role, "content": chat_content(item.get("content"), f"{param}.content")})
 
 
-def add_function_call(messages, item, param):
+def add_tool_call(messages, item, arguments, param):
     """The assistant's tool call, in the assistant message it follows (one turn in chat's terms)."""
-    function = {"name": required_text(item, "name", param), "arguments": required_text(item, "arguments", param)}
+    function = {"name": required_text(item, "name", param), "arguments": arguments}
     tool_call = {"id": required_text(item, "call_id", param), "type": "function", "function": function}
     last = messages[-1] if messages else {}
     if last.get("role") == "assistant":
         last.setdefault("tool_calls", []).append(tool_call)
     else:
         messages.append({"role": "assistant", "content": None, "tool_calls": [tool_call]})
+
+
+def add_function_call(messages, item, param):
+    add_tool_call(messages, item, required_text(item, "arguments", param), param)
+
+
+def add_custom_tool_call(messages, item, param):
+    """A custom tool's call, as the call of its function: its text as the `input` argument."""
+    add_tool_call(messages, item, json.dumps({"input": required_text(item, "input", param)}), param)
 
 
 def add_function_call_output(messages, item, param):
@@ -134,6 +164,8 @@ ITEM_TRANSLATIONS = {
     "message": add_message,
     "function_call": add_function_call,
     "function_call_output": add_function_call_output,
+    "custom_tool_call": add_custom_tool_call,
+    "custom_tool_call_output": add_function_call_output,
     "item_reference": refuse_reference,
 }
 
@@ -162,11 +194,39 @@ def chat_tool(tool, param):
     return {"type": "function", "function": function}
 
 
+def format_note(tool_format):
+    """What a custom tool's description says of its input's format: its grammar, if any."""
+    if not (isinstance(tool_format, dict) and isinstance(tool_format.get("definition"), str)):
+        return None
+    syntax = tool_format.get("syntax") if isinstance(tool_format.get("syntax"), str) else ""
+    return f"Its `input` follows this {syntax} grammar:\n```{syntax}\n{tool_format['definition']}\n```"
+
+
+def custom_tool_function(tool, param):
+    """A custom tool as a chat function of one string parameter, `input`; its format described."""
+    function = {"name": required_text(tool, "name", param), "parameters": CUSTOM_TOOL_PARAMETERS}
+    notes = [tool.get("description"), format_note(tool.get("format"))]
+    description = PARAGRAPH_BREAK.join(note for note in notes if isinstance(note, str) and note)
+    if description:
+        function["description"] = description
+    return {"type": "function", "function": function}
+
+
+# The tools the client runs, as chat functions; the others (run by OpenAI itself) are left out.
+CHAT_FUNCTIONS = {"function": chat_tool, "custom": custom_tool_function}
+
+
 def chat_tools(tools):
-    """The function tools, in chat's shape; the tools OpenAI itself runs are left out."""
+    """The tools the client runs, as chat's function tools."""
     return [
-        chat_tool(tool, f"tools[{number}]") for number, tool in enumerate(tools or []) if tool.get("type") == "function"
+        named(CHAT_FUNCTIONS, tool.get("type"))(tool, f"tools[{number}]")
+        for number, tool in enumerate(tools or [])
+        if named(CHAT_FUNCTIONS, tool.get("type"))
     ]
+
+
+def custom_tool_names(tools):
+    return {tool.get("name") for tool in tools or [] if tool.get("type") == "custom"}
 
 
 def chat_tool_choice(tool_choice):
@@ -175,7 +235,7 @@ def chat_tool_choice(tool_choice):
         return tool_choice
     if not isinstance(tool_choice, dict):
         return None
-    if tool_choice.get("type") == "function" and isinstance(tool_choice.get("name"), str):
+    if named(CHAT_FUNCTIONS, tool_choice.get("type")) and isinstance(tool_choice.get("name"), str):
         return {"type": "function", "function": {"name": tool_choice["name"]}}
     if tool_choice.get("type") == "allowed_tools" and tool_choice.get("mode") in TOOL_CHOICE_WORDS:
         return tool_choice["mode"]
@@ -279,22 +339,54 @@ def message_item(text, status="completed"):
     }
 
 
-def function_call_item(call_id, name, arguments, status="completed"):
-    return {
-        "id": new_id("fc"),
-        "type": "function_call",
+def tool_call_item(call_id, name, arguments, custom_tools, status="completed"):
+    """A function_call item, or a custom_tool_call item when `name` is one of the custom tools
+    (its `input` the text of the arguments)."""
+    call = {
         "status": status,
         "call_id": call_id if isinstance(call_id, str) and call_id else new_id("call"),
         "name": name,
-        "arguments": arguments,
     }
+    if name in custom_tools:
+        return {"id": new_id("ctc"), "type": "custom_tool_call", **call, "input": custom_input(arguments)}
+    return {"id": new_id("fc"), "type": "function_call", **call, "arguments": arguments}
+
+
+def custom_input(arguments):
+    """A custom tool's input: the `input` of its call's arguments, else the arguments as they
+    are (a model that did not write the JSON asked for)."""
+    try:
+        parsed = json.loads(arguments) if arguments else {}
+    except (ValueError, RecursionError):
+        return arguments
+    return parsed["input"] if isinstance(parsed, dict) and isinstance(parsed.get("input"), str) else arguments
+
+
+class StreamedInput:
+    """A custom tool's input as its call's arguments (`{"input": "..."}`) arrive in parts: each
+    part's newly decoded text, as soon as it decodes whole."""
+
+    def __init__(self):
+        self.arguments = ""
+        self.decoded_to = None  # where the input's string is decoded up to, once its opening came
+
+    def add(self, part):
+        self.arguments += part
+        if self.decoded_to is None:
+            opening = INPUT_OPENING.match(self.arguments)
+            if opening is None:
+                return ""
+            self.decoded_to = opening.end()
+        run = WHOLE_STRING_RUN.match(self.arguments, self.decoded_to)
+        self.decoded_to = run.end()
+        return json.loads(f'"{run.group()}"', strict=False) if run.group() else ""
 
 
 def arguments_text(arguments):
     return arguments if isinstance(arguments, str) else json.dumps(arguments)
 
 
-def output_of(message):
+def output_of(message, custom_tools):
     """A completion's message as Responses output items: its text, then each tool call."""
     message = message if isinstance(message, dict) else {}
     text = text_of(message.get("content"))
@@ -304,7 +396,8 @@ def output_of(message):
         function = tool_call.get("function") if isinstance(tool_call, dict) else None
         if isinstance(function, dict):
             name = function.get("name") if isinstance(function.get("name"), str) else ""
-            items.append(function_call_item(tool_call.get("id"), name, arguments_text(function.get("arguments", ""))))
+            arguments = arguments_text(function.get("arguments", ""))
+            items.append(tool_call_item(tool_call.get("id"), name, arguments, custom_tools))
     return items
 
 
@@ -315,6 +408,7 @@ class ResponseObject:
         self.id = new_id("resp")
         self.created_at = int(time.time())
         self.body = body
+        self.custom_tools = custom_tool_names(body.get("tools"))
 
     def document(self, status, output, usage=None, finish_reason=None, error=None):
         body = self.body
@@ -338,7 +432,7 @@ class ResponseObject:
             "top_p": body.get("top_p"),
             "max_output_tokens": body.get("max_output_tokens"),
             "tool_choice": body.get("tool_choice") or "auto",
-            "tools": [tool for tool in body.get("tools") or [] if tool.get("type") == "function"],
+            "tools": [tool for tool in body.get("tools") or [] if named(CHAT_FUNCTIONS, tool.get("type"))],
             "text": body.get("text") or {"format": {"type": "text"}},
             "previous_response_id": None,
             "store": False,
@@ -349,15 +443,16 @@ def response_of(completion, body):
     """A chat completion as the response object."""
     choices = completion.get("choices") or [{}]
     choice = choices[0]
-    output = output_of(choice.get("message"))
-    finish_reason = choice.get("finish_reason")
-    return ResponseObject(body).document("completed", output, completion.get("usage"), finish_reason)
+    response = ResponseObject(body)
+    output = output_of(choice.get("message"), response.custom_tools)
+    return response.document("completed", output, completion.get("usage"), choice.get("finish_reason"))
 
 
-class ResponseEvents:
+class ResponseEvents(Encoder):
     """The stream encoder of the Responses API: `response.created` and `.in_progress` with the
     first chunk; an output item for the text (a message with one output_text part) and one for
-    each tool call, their deltas as they come; at the end each item's `.done` events, then
+    each tool call (a custom tool's its `input`), their deltas as they come; at the end each
+    item's `.done` events, then
     `response.completed` (`response.incomplete` when the model was cut off). A failure after
     the first event is `response.failed`."""
 
@@ -368,6 +463,7 @@ class ResponseEvents:
         self.positions = {}  # an item's id -> its output index
         self.message = None  # the item of the text, once text came
         self.calls = {}  # the stream's tool call index -> its item
+        self.custom_inputs = {}  # a custom tool call's item id -> its StreamedInput
         self.finish_reason = None
         self.begun = False
 
@@ -414,16 +510,26 @@ class ResponseEvents:
         item = self.calls.get(index)
         events = []
         if item is None:
-            item = function_call_item(tool_call.get("id"), name, "", status="in_progress")
+            item = tool_call_item(tool_call.get("id"), name, "", self.response.custom_tools, status="in_progress")
             self.calls[index] = item
+            if item["type"] == "custom_tool_call":
+                self.custom_inputs[item["id"]] = StreamedInput()
             events.append(self.added(item))
         elif name and not item["name"]:
             item["name"] = name
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
-            item["arguments"] += arguments
-            events.append(self.event("response.function_call_arguments.delta", delta=arguments, **self.place(item)))
+            events += self.arguments_events(item, arguments)
         return events
+
+    def arguments_events(self, item, arguments):
+        """The delta of a function's arguments, or of a custom tool's input (once it decodes)."""
+        if item["type"] == "function_call":
+            item["arguments"] += arguments
+            return [self.event("response.function_call_arguments.delta", delta=arguments, **self.place(item))]
+        text = self.custom_inputs[item["id"]].add(arguments)
+        item["input"] += text
+        return [self.event("response.custom_tool_call_input.delta", delta=text, **self.place(item))] if text else []
 
     def events(self, chunk):
         events = self.beginning()
@@ -443,10 +549,21 @@ class ResponseEvents:
             text = item["content"][0]["text"]
             yield self.event("response.output_text.done", text=text, logprobs=[], content_index=0, **place)
             yield self.event("response.content_part.done", part=item["content"][0], content_index=0, **place)
+        elif item["type"] == "custom_tool_call":
+            yield from self.custom_input_done_events(item, place)
         else:
             yield self.event("response.function_call_arguments.done", arguments=item["arguments"], **place)
         item["status"] = "completed"
         yield self.event("response.output_item.done", output_index=output_index, item=item)
+
+    def custom_input_done_events(self, item, place):
+        """The input's last delta (what the decoding could not stream, if anything) and its whole."""
+        whole = custom_input(self.custom_inputs[item["id"]].arguments)
+        rest = whole.removeprefix(item["input"]) if whole.startswith(item["input"]) else ""
+        if rest:
+            yield self.event("response.custom_tool_call_input.delta", delta=rest, **place)
+        item["input"] = whole
+        yield self.event("response.custom_tool_call_input.done", input=whole, **place)
 
     def end(self, call):
         yield from self.beginning()

@@ -42,6 +42,7 @@ GATEWAY_OUTCOMES = (
     "timeout",
     "cancelled",
     "limited",
+    "interrupted",
 )
 REFUSAL_LIMITS = (
     "requests_per_minute",

@@ -1,6 +1,8 @@
 """How work shares a gevent worker (docs/production.md)."""
 
-from gevent import get_hub, monkey
+import threading
+
+from gevent import get_hub, monkey, spawn
 
 
 def off_the_hub(function, *args):
@@ -15,3 +17,17 @@ def off_the_hub(function, *args):
     if not monkey.is_module_patched("threading"):
         return function(*args)
     return get_hub().threadpool.apply(function, args)
+
+
+def beside(function, *args):
+    """Start `function(*args)` beside the caller, which goes on, and return what interrupts it.
+
+    When gevent drives this process it is a greenlet (a little memory), which the interrupt
+    kills where it waits (GreenletExit raised there). Otherwise it is a daemon thread, which
+    nothing can interrupt: `function` must end on its own.
+    """
+    if monkey.is_module_patched("threading"):
+        greenlet = spawn(function, *args)
+        return lambda: greenlet.kill(block=False)
+    threading.Thread(target=function, args=args, daemon=True).start()
+    return lambda: None

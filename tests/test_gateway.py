@@ -5,6 +5,7 @@ Upstreams are faked by tests/fakes/, which speak the real wire formats.
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import re
@@ -15,14 +16,15 @@ import uuid
 from urllib.parse import unquote
 
 import httpx
+import httpx2
 import openai
 import pytest
 import sqlalchemy as sa
 
 from models import ModelProvider, db
-from tests.conftest import PASSWORDS, basic_auth, client_as, provider_body, token_of
+from tests.conftest import PASSWORDS, basic_auth, client_as, provider_body, token_of, wait_for
 from tests.fakes.model import USAGE
-from tests.protocols import sse_documents
+from tests.protocols import PROTOCOLS, keepalives, sse_documents
 from tests.test_metrics import delta, parse, scrape
 
 PROVIDERS = "/api/v1/model_providers"
@@ -487,17 +489,127 @@ def test_a_call_over_the_gateway_timeout_is_504(registry, make_app, fake_upstrea
 # Streams and clients ------------------------------------------------------------------------
 
 
-def test_a_client_that_goes_away_ends_the_upstream_stream(registry, gateway, fake_upstream, protocol):
+@pytest.mark.parametrize("keepalive", ["15", "0"], ids=["read-beside", "read-here"])
+def test_a_client_that_goes_away_ends_the_upstream_stream(registry, gateway, fake_upstream, protocol, keepalive):
     upstream = fake_upstream(api_key=MODEL_KEY)
     upstream.pieces = ["tick "] * 200
     upstream.chunk_interval = 0.05
     register(registry, upstream)
-    with gateway().client(CALLER) as client, stream_from(client, protocol) as response:
+    with (
+        gateway(REGISTRY_GATEWAY_KEEPALIVE=keepalive).client(CALLER) as client,
+        stream_from(client, protocol) as response,
+    ):
         assert next(line for line in response.iter_lines() if line.startswith("data:"))
     deadline = time.monotonic() + 5
     while upstream.streams_cut_by_client == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert upstream.streams_cut_by_client == 1
+
+
+class Watched(httpx2.SyncByteStream):
+    """An answer's stream, each part of it shown to `watch` as the client reads it."""
+
+    def __init__(self, stream, watch):
+        self.stream, self.watch = stream, watch
+
+    def __iter__(self):
+        for part in self.stream:
+            self.watch(part)
+            yield part
+
+    def close(self):
+        self.stream.close()
+
+
+class WatchingTransport(httpx2.HTTPTransport):
+    """An official client's transport (their HTTP library is httpx2) that keeps the text of
+    the answers it reads (`text`), and calls `then()` once `reached(text)` is true."""
+
+    def __init__(self, reached, then):
+        super().__init__()
+        self.text, self.reached, self.then = "", reached, then
+
+    def handle_request(self, request):
+        response = super().handle_request(request)
+        response.stream = Watched(response.stream, self.watch)
+        return response
+
+    def watch(self, part):
+        self.text += part.decode()
+        if self.reached(self.text):
+            self.then()
+
+
+def silent_after_first_chunk(resumed):
+    """A script: a stream's first chunk, then silence until `resumed` is set (or 5 s), then the rest."""
+
+    def script(handler, body):
+        handler.start_stream()
+        handler.send_events([openai_chunk({"role": "assistant", "content": "Hel"})], 0)
+        resumed.wait(timeout=5)
+        handler.send_events([openai_chunk({"content": "lo!"}), openai_chunk({}, "stop"), b"data: [DONE]\n\n"], 0)
+
+    return script
+
+
+def test_a_silent_model_keeps_the_stream_alive_and_the_official_clients_read_on(
+    registry, gateway, fake_upstream, protocol
+):
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    resumed = threading.Event()
+    upstream.script = silent_after_first_chunk(resumed)
+    register(registry, upstream)
+    server = gateway(REGISTRY_GATEWAY_KEEPALIVE="0.05")
+    # The model goes on once the client has seen two keep-alives come while it was silent.
+    transport = WatchingTransport(lambda text: keepalives(protocol, text) >= 2, resumed.set)
+    with httpx2.Client(transport=transport, timeout=30) as http_client:
+        text = protocol.client_stream_text(server.base_url, server.caller_token, http_client, "openai:gpt-4o")
+    assert text == "Hello!" and resumed.is_set()
+    assert keepalives(protocol, transport.text) >= 2
+
+
+def test_a_client_gone_while_the_model_is_silent_ends_the_upstream_call_at_once(
+    registry, fake_upstream, start_gunicorn
+):
+    """Under gunicorn's gevent worker: the keep-alive finds the client gone, and the stream's
+    reader is interrupted where it waits for the silent upstream."""
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    hung_up = threading.Event()
+
+    def script(handler, body):
+        handler.start_stream()
+        handler.send_events([openai_chunk({"role": "assistant", "content": "Hel"})], 0)
+        handler.connection.settimeout(30)
+        with contextlib.suppress(ConnectionError):  # a reset is a hang-up too
+            if handler.connection.recv(1):
+                return
+        hung_up.set()
+
+    upstream.script = script
+    register(registry, upstream)
+    server = start_gunicorn(workers=1, REGISTRY_GATEWAY_KEEPALIVE="0.1")
+    protocol = PROTOCOLS[-1]  # Anthropic's Messages, as Claude Code streams them
+    with server.client(CALLER) as client, stream_from(client, protocol) as response:
+        text = ""
+        for part in response.iter_text():
+            text += part
+            if keepalives(protocol, text) >= 2:
+                break
+    assert wait_for(hung_up.is_set, timeout=10)
+
+
+@pytest.mark.slow
+def test_keep_alives_end_with_the_stream_at_the_gateway_timeout(registry, make_app, fake_upstream, protocol):
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    upstream.script = silent_after_first_chunk(threading.Event())
+    register(registry, upstream)
+    app = make_app(REGISTRY_GATEWAY_TIMEOUT="1", REGISTRY_GATEWAY_KEEPALIVE="0.2")
+    started = time.monotonic()
+    text = ask(app, protocol, stream=True).get_data(as_text=True)
+    assert time.monotonic() - started < 4  # the gateway's 1 s, not the model's 5 s of silence
+    assert keepalives(protocol, text) >= 2
+    assert protocol.stream_error(sse_documents(text)).startswith("The model did not answer in time")
+    assert protocol.ends_properly(text)
 
 
 @pytest.mark.slow

@@ -10,7 +10,9 @@ import anthropic
 import httpx
 import openai
 import pytest
+import sqlalchemy as sa
 
+from models import USAGE_EVENTS, db
 from tests.conftest import PASSWORDS, basic_auth, client_as, token_of
 from tests.fakes.model import TOOL_ARGUMENTS, USAGE
 from tests.fakes.server import sse_event
@@ -416,6 +418,14 @@ def test_an_anthropic_upstream_gets_the_body_as_sent_with_the_beta_header(regist
     assert sent == {**body, "model": MODELS["anthropic"], "stream": False}
 
 
+@pytest.mark.parametrize("flavor, passed_on", [("openai", False), ("watsonx", False), ("anthropic", True)])
+def test_top_k_reaches_only_anthropic_upstreams(registry, make_app, fake_upstream, flavor, passed_on):
+    upstream, model, _ = provider_of(registry, fake_upstream, flavor)
+    assert post_messages(app_for(make_app, upstream), messages_body(model, top_k=5)).status_code == 200
+    sent = last_call(upstream)[2]
+    assert ("top_k" in sent) is passed_on and sent.get("top_k", 5) == 5
+
+
 def test_a_non_anthropic_upstream_gets_the_translation_without_what_it_has_no_equivalent_for(registry, fake_upstream):
     upstream, model, _ = provider_of(registry, fake_upstream, "openai")
     image_url = {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}}
@@ -456,7 +466,6 @@ def test_a_non_anthropic_upstream_gets_the_translation_without_what_it_has_no_eq
         "max_tokens": 100,
         "temperature": 0.5,
         "top_p": 0.9,
-        "top_k": 5,
         "stop": ["END"],
         "tool_choice": "required",
         "parallel_tool_calls": False,
@@ -567,6 +576,100 @@ def test_a_stop_sequence_named_by_the_upstream_is_the_stop_reason(registry, fake
     message = post_messages(registry, messages_body(model, stop_sequences=["lo"])).get_json()
     assert (message["stop_reason"], message["stop_sequence"]) == ("stop_sequence", "lo")
     assert message["usage"] == {"input_tokens": 0, "output_tokens": 0}  # the upstream reported none
+
+
+# Counting tokens ---------------------------------------------------------------------------------
+
+COUNT_TOKENS = f"{MESSAGES}/count_tokens"
+
+
+def count_body(model, **fields):
+    return {"model": model, "messages": [QUESTION], **fields}
+
+
+def test_the_anthropic_client_counts_tokens_with_an_anthropic_provider(registry, gateway, fake_upstream):
+    upstream, model, provider_id = provider_of(registry, fake_upstream, "anthropic")
+    with anthropic_client(gateway()) as client:
+        raw = client.beta.messages.with_raw_response.count_tokens(
+            model=model,
+            system="Be brief.",
+            messages=[QUESTION],
+            tools=[WEATHER_TOOL],
+            thinking={"type": "enabled", "budget_tokens": 1024},
+            betas=["context-management-2025-06-27"],
+        )
+    assert raw.headers["X-Registry-Provider-Id"] == provider_id
+    assert raw.parse().input_tokens == 8  # the fake's count: the words of the system text and the question
+    path, headers, sent = last_call(upstream)
+    assert path == "/v1/messages/count_tokens"
+    assert headers["x-api-key"] == upstream.api_key and headers["anthropic-version"] == "2023-06-01"
+    assert "context-management-2025-06-27" in headers["anthropic-beta"].split(",")  # as the client sent it
+    assert sent == {
+        "model": MODELS["anthropic"],
+        "system": "Be brief.",
+        "messages": [QUESTION],
+        "tools": [WEATHER_TOOL],
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+    }
+
+
+@pytest.mark.parametrize("flavor", ["openai", "watsonx"])
+def test_models_of_providers_without_a_counting_endpoint_cannot_count_tokens(registry, gateway, fake_upstream, flavor):
+    upstream, model, _ = provider_of(registry, fake_upstream, flavor)
+    with anthropic_client(gateway(iam=upstream)) as client, pytest.raises(anthropic.BadRequestError) as raised:
+        client.messages.count_tokens(model=model, messages=[QUESTION])
+    assert raised.value.body["error"]["type"] == "invalid_request_error"
+    assert "token counts" in raised.value.body["error"]["message"]
+    assert not upstream.calls  # no estimate from a model call either
+
+
+def test_a_token_count_is_no_model_call_yet_a_counted_request(registry, fake_upstream):
+    _, model, _ = provider_of(registry, fake_upstream, "anthropic")
+    before = parse(registry.test_client().get("/metrics").get_data(as_text=True))
+    response = post_messages(registry, count_body(model), path=COUNT_TOKENS)
+    assert response.status_code == 200 and response.get_json() == {"input_tokens": len(QUESTION["content"].split())}
+    after = parse(registry.test_client().get("/metrics").get_data(as_text=True))
+    route = {"method": "POST", "route": "/api/v1/anthropic/v1/messages/count_tokens"}
+    assert delta(before, after, "registry_http_requests_total", **route, status="200") == 1
+    labels = {"type": "anthropic", "model": model}
+    assert delta(before, after, "registry_gateway_requests_started_total", **labels) == 0
+    assert delta(before, after, "registry_gateway_requests_total", **labels, outcome="ok") == 0
+    assert registry.extensions["usage"].flush()
+    with registry.app_context():
+        assert db.session.execute(sa.select(sa.func.count()).select_from(USAGE_EVENTS)).scalar() == 0
+
+
+def test_a_token_count_fails_over_like_a_message(registry, fake_upstream):
+    first, model, _ = provider_of(registry, fake_upstream, "anthropic")
+    second_id = second_anthropic_provider(registry, fake_upstream, first)
+    first.fail_with(529, "overloaded")
+    response = post_messages(registry, count_body(model), path=COUNT_TOKENS)
+    assert response.status_code == 200 and response.headers["X-Registry-Provider-Id"] == second_id
+
+
+@pytest.mark.parametrize(
+    "body, status, error_type",
+    [
+        ({"model": "anthropic:claude-sonnet-4"}, 400, "invalid_request_error"),
+        (
+            count_body("anthropic:claude-sonnet-4", messages=[{"role": "tool", "content": "x"}]),
+            400,
+            "invalid_request_error",
+        ),
+        (count_body("anthropic:no-such-model"), 404, "not_found_error"),
+    ],
+)
+def test_a_bad_token_count_is_refused_in_anthropics_shape(registry, fake_upstream, body, status, error_type):
+    provider_of(registry, fake_upstream, "anthropic")
+    assert_anthropic_error(post_messages(registry, body, path=COUNT_TOKENS), status, error_type)
+
+
+def test_a_count_of_the_wrong_shape_fails_the_provider(registry, fake_upstream):
+    upstream, model, provider_id = provider_of(registry, fake_upstream, "anthropic")
+    upstream.answer_with(200, {"input_tokens": 2**60})
+    response = post_messages(registry, count_body(model), path=COUNT_TOKENS)
+    assert_anthropic_error(response, 502, "api_error")
+    assert provider_id in response.get_json()["error"]["message"]
 
 
 # Streams ---------------------------------------------------------------------------------------

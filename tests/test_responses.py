@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests.conftest import client_as
-from tests.fakes.model import USAGE
+from tests.fakes.model import FREE_TEXT_ARGUMENTS, FREE_TEXT_INPUT, USAGE
 from tests.protocols import sse_documents
 from tests.test_gateway import (
     CALLER,
@@ -38,6 +38,14 @@ WEATHER_TOOL = {
 CHAT_WEATHER_TOOL = {
     "type": "function",
     "function": {name: WEATHER_TOOL[name] for name in ("name", "description", "parameters")},
+}
+# Codex's file editing tool, as it sends it: free text in a grammar of its own.
+PATCH_GRAMMAR = 'start: "*** Begin Patch" LF hunk+ "*** End Patch" LF?\nhunk: /(.+\\n)+/'
+APPLY_PATCH_TOOL = {
+    "type": "custom",
+    "name": "apply_patch",
+    "description": "Use the `apply_patch` tool to edit files.",
+    "format": {"type": "grammar", "syntax": "lark", "definition": PATCH_GRAMMAR},
 }
 
 
@@ -203,6 +211,54 @@ def test_stored_state_is_a_400_saying_to_send_the_whole_conversation(registry, u
     assert response.status_code == 400 and error["param"] == field
     assert "send the whole conversation" in error["message"]
     assert upstream.calls == []
+
+
+def test_a_custom_tool_is_a_function_of_one_string_input_its_grammar_described(registry, upstream):
+    free_text = {"type": "custom", "name": "note", "format": {"type": "text"}}
+    choice = {"type": "custom", "name": "apply_patch"}
+    assert respond(registry, tools=[APPLY_PATCH_TOOL, free_text], tool_choice=choice).status_code == 200
+    body = sent_upstream(upstream)
+    parameters = {
+        "type": "object",
+        "properties": {"input": {"type": "string", "description": "The tool's input, as free text in its format"}},
+        "required": ["input"],
+    }
+    grammar = f"Its `input` follows this lark grammar:\n```lark\n{PATCH_GRAMMAR}\n```"
+    description = f"Use the `apply_patch` tool to edit files.\n\n{grammar}"
+    assert body["tools"] == [
+        {"type": "function", "function": {"name": "apply_patch", "parameters": parameters, "description": description}},
+        {"type": "function", "function": {"name": "note", "parameters": parameters}},
+    ]
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "apply_patch"}}
+
+
+def test_custom_tool_calls_and_their_outputs_become_tool_calls_and_tool_messages(registry, upstream):
+    items = [
+        {"role": "user", "content": "Add hello.txt"},
+        {"type": "custom_tool_call", "call_id": "call_p", "name": "apply_patch", "input": FREE_TEXT_INPUT},
+        {"type": "custom_tool_call_output", "call_id": "call_p", "output": [{"type": "input_text", "text": "Done!"}]},
+    ]
+    assert respond(registry, input=items, tools=[APPLY_PATCH_TOOL]).status_code == 200
+    assert sent_upstream(upstream)["messages"][1:] == [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_p",
+                    "type": "function",
+                    "function": {"name": "apply_patch", "arguments": FREE_TEXT_ARGUMENTS},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_p", "content": "Done!"},
+    ]
+
+
+def test_a_custom_tool_call_missing_its_input_is_a_400_naming_it(registry, upstream):
+    items = [{"role": "user", "content": "Hi"}, {"type": "custom_tool_call", "call_id": "c", "name": "apply_patch"}]
+    response = respond(registry, input=items)
+    assert response.status_code == 400 and response.get_json()["error"]["param"] == "input[1].input"
 
 
 # The answer ----------------------------------------------------------------------------------
@@ -394,6 +450,10 @@ def provider_of(flavor, registry, fake_upstream):
     """(upstream, registry model id) of a registered provider of that flavor."""
     if flavor == "watsonx":
         return watsonx_server(registry, fake_upstream), WATSONX_MODEL
+    if flavor == "anthropic":
+        upstream = fake_upstream("anthropic", api_key=MODEL_KEY, models=["claude-sonnet-4"])
+        register(registry, upstream)
+        return upstream, "anthropic:claude-sonnet-4"
     upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)
     return upstream, MODEL
@@ -453,6 +513,64 @@ def test_a_function_tool_round_trip(registry, gateway, fake_upstream, flavor, st
     answer = create(conversation)
     assert answer.output_text == "Hello!"
     assert sent_upstream(upstream)["messages"][-1] == {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [('{"input": "x"}', "x"), ('{"city": "Paris"}', '{"city": "Paris"}'), ("*** Begin Patch", "*** Begin Patch")],
+    ids=["input", "other-json", "not-json"],
+)
+def test_a_custom_tool_call_is_a_custom_tool_call_item_with_its_input(registry, upstream, arguments, expected):
+    call = {"id": "call_9", "type": "function", "function": {"name": "apply_patch", "arguments": arguments}}
+    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    choice = {"index": 0, "message": message, "finish_reason": "tool_calls"}
+    upstream.answer_with(200, json.dumps({"object": "chat.completion", "choices": [choice]}).encode())
+    answer = respond(registry, tools=[APPLY_PATCH_TOOL]).get_json()
+    assert answer["tools"] == [APPLY_PATCH_TOOL]
+    [item] = answer["output"]
+    assert item["type"] == "custom_tool_call" and item["id"].startswith("ctc_") and item["status"] == "completed"
+    assert (item["call_id"], item["name"], item["input"]) == ("call_9", "apply_patch", expected)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("flavor", [*FLAVORS, "anthropic"])
+def test_a_custom_tool_round_trip(registry, gateway, fake_upstream, flavor, stream):
+    """Codex's apply_patch: its call comes back as a custom_tool_call, its input streamed as it comes."""
+    upstream, model = provider_of(flavor, registry, fake_upstream)
+    client = openai_client(gateway(iam=upstream))
+    streamed = {}  # the last stream's custom tool input events: type -> [delta or input]
+
+    def create(conversation):
+        tools = [APPLY_PATCH_TOOL, WEATHER_TOOL]
+        if not stream:
+            return client.responses.create(model=model, input=conversation, tools=tools)
+        events = list(client.responses.create(model=model, input=conversation, tools=tools, stream=True))
+        streamed.clear()
+        for event in events:
+            if event.type.startswith("response.custom_tool_call_input."):
+                streamed.setdefault(event.type, []).append(getattr(event, "delta", None) or event.input)
+        return events[-1].response
+
+    conversation = [{"role": "user", "content": "Add hello.txt"}]
+    call = create(conversation).output[-1]  # after what Claude says first
+    assert call.type == "custom_tool_call" and call.name == "apply_patch" and call.input == FREE_TEXT_INPUT
+    if stream:  # in parts, as the arguments came
+        deltas = streamed["response.custom_tool_call_input.delta"]
+        assert len(deltas) > 3 and "".join(deltas) == FREE_TEXT_INPUT
+        assert streamed["response.custom_tool_call_input.done"] == [FREE_TEXT_INPUT]
+    conversation += [
+        call.model_dump(exclude_none=True),
+        {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "Done!"},
+    ]
+    answer = create(conversation)
+    assert answer.output_text == "Hello!"
+    sent = sent_upstream(upstream)["messages"]
+    if flavor == "anthropic":
+        assert sent[-2]["content"][0]["input"] == {"input": FREE_TEXT_INPUT}
+        assert sent[-1]["content"] == [{"type": "tool_result", "tool_use_id": call.call_id, "content": "Done!"}]
+    else:
+        assert sent[-2]["tool_calls"][0]["function"] == {"name": "apply_patch", "arguments": FREE_TEXT_ARGUMENTS}
+        assert sent[-1] == {"role": "tool", "tool_call_id": call.call_id, "content": "Done!"}
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)

@@ -4,6 +4,7 @@ last second to a killed worker."""
 
 import json
 import logging
+import os
 import random
 import signal
 import threading
@@ -20,7 +21,7 @@ from models import USAGE_DAYS, USAGE_EVENTS, db, utcnow
 from observability.usage import MAX_PENDING, prune_old_usage
 from tests.conftest import SQLITE_ONLY, client_as, provider_body, wait_for
 from tests.fakes.model import USAGE
-from tests.test_gateway import CALLER, ask
+from tests.test_gateway import CALLER, ask, silent_after_first_chunk
 from tests.test_metrics import delta, parse, scrape
 
 PROVIDERS = "/api/v1/model_providers"
@@ -502,6 +503,30 @@ def test_a_graceful_stop_writes_the_events_of_the_calls_it_waited_for(registry, 
     [event] = stored_events(registry)
     assert (event["token_id"], event["outcome"]) == (token_id, "ok")
     assert (event["input_tokens"], event["output_tokens"]) == (USAGE["prompt_tokens"], USAGE["completion_tokens"])
+
+
+def test_a_stream_cut_by_its_workers_stop_records_it_as_a_503(registry, fake_upstream, start_gunicorn):
+    """A worker told to stop (a reload, max_requests, a signal of its own) waits for its calls
+    as long as the graceful timeout, then gevent's worker kills the greenlets still serving."""
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    upstream.script = silent_after_first_chunk(threading.Event())  # 5 s of silence
+    register(registry, upstream)
+    token_id, secret = new_token(registry, "service", "caller")
+    server = start_gunicorn(workers=1, GUNICORN_CMD_ARGS="--graceful-timeout 1")
+    [worker] = server.worker_pids()
+    headers = {"Authorization": f"Bearer {secret}"}
+    with (
+        httpx.Client(base_url=server.base_url, headers=headers, timeout=30) as client,
+        client.stream("POST", CHAT, json=chat_body(stream=True)) as response,
+    ):
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))  # the stream is under way
+        os.kill(worker, signal.SIGTERM)
+        with pytest.raises(httpx.RemoteProtocolError):  # cut before its end
+            list(lines)
+    assert wait_for(lambda: worker not in server.worker_pids())
+    [event] = stored_events(registry)
+    assert (event["token_id"], event["outcome"]) == (token_id, "503")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])

@@ -1,5 +1,5 @@
-"""Anthropic's own API: `GET {base_url}/models` (in pages) and `POST {base_url}/messages`,
-with `x-api-key` and `anthropic-version`.
+"""Anthropic's own API: `GET {base_url}/models` (in pages), `POST {base_url}/messages` and
+`POST {base_url}/messages/count_tokens`, with `x-api-key` and `anthropic-version`.
 
 A canonical chat request is translated to a Messages body, and the message, or its stream
 of events, back to the canonical completion or chunks. A request that carries a Messages
@@ -451,18 +451,15 @@ class Anthropic(WireFormat):
             params = {"limit": 1000, "after_id": last_id}
         return usable_models(target, entries, entry_model)
 
+    def post(self, target, path, body, native_headers, deadline):
+        headers = {**self.auth_headers(target), **native_headers}
+        return open_response(target, "POST", f"{target.base_url}{path}", deadline, headers=headers, json_body=body)
+
     def post_messages(self, target, model, request, stream, deadline):
         native = native_body(request)
         body = native.body if native else messages_body(request)
-        headers = {**self.auth_headers(target), **(native.headers if native else {})}
-        return open_response(
-            target,
-            "POST",
-            f"{target.base_url}/messages",
-            deadline,
-            headers=headers,
-            json_body={**body, "model": model, "stream": stream},
-        )
+        headers = native.headers if native else {}
+        return self.post(target, "/messages", {**body, "model": model, "stream": stream}, headers, deadline)
 
     def chat(self, target, model, request, deadline):
         response = self.post_messages(target, model, request, False, deadline)
@@ -481,3 +478,14 @@ class Anthropic(WireFormat):
                 yield from stream_chunks(response, target, model, native_body(request) is not None)
 
         return started(chunks(), target)
+
+    def count_tokens(self, target, model, native, deadline):
+        """Anthropic's count of the body's input tokens (`{"input_tokens": N}` and whatever
+        else it answers), the body sent as it is with its beta headers."""
+        response = self.post(
+            target, "/messages/count_tokens", {**native.body, "model": model}, native.headers, deadline
+        )
+        count = read_json(response, target)
+        if not (isinstance(count, dict) and is_count(count.get("input_tokens"))):
+            raise wrong_shape(target, "a token count")
+        return count

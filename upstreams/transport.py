@@ -11,18 +11,28 @@ A gateway call's attempt at one provider (`with deadline.attempt():`) is bounded
 until the provider starts its answer: its status and headers, or for a stream its first
 event. The body of an answer whose headers came is read within `answer_begun()`, bounded by
 the deadline alone.
+
+A stream's reads block (httpx's sockets): a caller that must act while the upstream is
+silent (keep its own client's connection alive) has the stream read beside it
+(`each_within(items, silence=...)`), handed over through a queue it waits on for at most
+that silence.
 """
 
 import contextlib
 import contextvars
+import queue
 import time
 
 import httpcore
 import httpx
 
+from serving.hub import beside
+from upstreams.errors import UpstreamTimeout
+
 # (when the deadline ends, when the answer must have started or None), of the work under way
 _bounds = contextvars.ContextVar("upstream_deadline", default=None)
 _END = object()
+SILENCE = object()  # what each_within(items, silence) yields for each silence of the items
 
 
 @contextlib.contextmanager
@@ -59,14 +69,81 @@ class Deadline:
         answer_by = None if self.answer_seconds is None else time.monotonic() + self.answer_seconds
         return _bounded(self.ends_at, answer_by)
 
-    def each_within(self, items):
-        """The iterator's items, each read within the deadline (so each read of a stream is)."""
+    def each_within(self, items, silence=None):
+        """The iterator's items, each read within the deadline (so each read of a stream is),
+        and the iterator closed when they end or when this generator is closed.
+
+        With `silence` (seconds), SILENCE comes instead of an item whenever none came for that
+        long: the items are then read beside the caller (ReadBeside).
+        """
+        if silence:
+            yield from ReadBeside(items, self).handed_over(silence)
+            return
+        with contextlib.closing(items):
+            yield from self.read(items)
+
+    def read(self, items):
         while True:
             with self.bounding():
                 item = next(items, _END)
             if item is _END:
                 return
             yield item
+
+
+class Ended:
+    """The end of the items read beside: the error that ended them, or None."""
+
+    def __init__(self, error):
+        self.error = error
+
+
+class ReadBeside:
+    """An iterator's items read beside the caller (serving.hub.beside), each within the
+    deadline, and handed over through a queue that the caller waits on for at most a silence
+    (and the deadline); the items are closed by their reader, when they end or it is stopped.
+    A stopped reader under gevent is interrupted where it waits; a thread stops after the
+    item it is reading, whose read keeps the deadline."""
+
+    def __init__(self, items, deadline):
+        self.deadline = deadline
+        self.queue = queue.SimpleQueue()  # the items, then an Ended
+        self.stopped = False
+        self.interrupt = beside(self.read, items)
+
+    def read(self, items):
+        error = None
+        try:
+            with contextlib.closing(items):
+                for item in self.deadline.read(items):
+                    if self.stopped:
+                        return
+                    self.queue.put(item)
+        except BaseException as failure:  # handed over, or the reader interrupted
+            error = failure
+        finally:
+            self.queue.put(Ended(error))
+
+    def handed_over(self, silence):
+        """Each item as it is handed over, SILENCE for each `silence` seconds without one."""
+        try:
+            while True:
+                wait = min(silence, self.deadline.remaining())
+                try:
+                    item = self.queue.get(timeout=max(wait, 0))
+                except queue.Empty:
+                    if self.deadline.remaining() <= 0:
+                        raise UpstreamTimeout("the stream took longer than the gateway allows") from None
+                    yield SILENCE
+                    continue
+                if isinstance(item, Ended):
+                    if item.error is not None:
+                        raise item.error
+                    return
+                yield item
+        finally:
+            self.stopped = True
+            self.interrupt()
 
 
 def deadline(seconds):

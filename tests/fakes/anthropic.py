@@ -3,12 +3,14 @@
 as Anthropic's stream of named events (`message_start`; per content block
 `content_block_start`, its `text_delta` or `input_json_delta` parts, `content_block_stop`,
 with a `ping` after the first start; `message_delta` with the stop reason and output
-tokens; `message_stop`). Errors in Anthropic's shape. Like the real API, it also serves
-OpenAI's chat completions at `{base}/chat/completions` (Bearer key, OpenAI's shapes)."""
+tokens; `message_stop`); `POST {base}/messages/count_tokens` answers `{"input_tokens": N}`,
+N the words of the body's texts (system and messages). Errors in Anthropic's shape. Like the
+real API, it also serves OpenAI's chat completions at `{base}/chat/completions` (Bearer key,
+OpenAI's shapes)."""
 
 import json
 
-from tests.fakes.model import TOOL_ARGUMENTS, USAGE, Question, answer_to, argument_parts, pieces_of, unique_id
+from tests.fakes.model import USAGE, Question, answer_to, argument_parts, pieces_of, takes_free_text, unique_id
 from tests.fakes.openai import OpenAIHandler
 from tests.fakes.server import sse_event
 
@@ -17,7 +19,8 @@ STOP_REASONS = {"stop": "end_turn", "stop_sequence": "stop_sequence", "length": 
 # the registry's translation is what the tests check against it).
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error"}
 ERROR_TYPES |= {404: "not_found_error", 429: "rate_limit_error", 529: "overloaded_error"}
-REQUIRED_FIELDS = ("model", "max_tokens", "messages")
+COUNT_TOKENS = "/messages/count_tokens"
+REQUIRED_FIELDS = {"/messages": ("model", "max_tokens", "messages"), COUNT_TOKENS: ("model", "messages")}
 CHAT_COMPLETIONS = "/chat/completions"
 
 
@@ -48,6 +51,9 @@ def messages_question(body):
     last = body["messages"][-1]
     return Question(
         tools=tuple(tool["name"] for tool in body.get("tools") or []),
+        free_text_tools=tuple(
+            tool["name"] for tool in body.get("tools") or [] if takes_free_text(tool.get("input_schema"))
+        ),
         forced_tool=choice.get("name") if choice["type"] == "tool" else None,
         tool_choice={"auto": "auto", "none": "none"}.get(choice["type"], "required"),
         last_is_users=last.get("role") == "user" and not is_tool_result(last),
@@ -56,10 +62,24 @@ def messages_question(body):
     )
 
 
+def texts_of(content):
+    if isinstance(content, str):
+        return [content]
+    return [block.get("text", "") for block in content or [] if isinstance(block, dict)]
+
+
+def words_in(body):
+    """The fake's token count of a body: the words of its system text and its messages' texts."""
+    texts = texts_of(body.get("system")) + [
+        text for message in body["messages"] for text in texts_of(message.get("content"))
+    ]
+    return sum(len(text.split()) for text in texts)
+
+
 def content_blocks(answer):
     """The answer's content: its text, or a sentence and the tool call, as Claude answers."""
     if answer.tool:
-        call = {"type": "tool_use", "id": "toolu_01", "name": answer.tool, "input": json.loads(TOOL_ARGUMENTS)}
+        call = {"type": "tool_use", "id": "toolu_01", "name": answer.tool, "input": json.loads(answer.arguments)}
         return [{"type": "text", "text": f"Let me call {answer.tool}."}, call]
     return [{"type": "text", "text": answer.text}]
 
@@ -71,7 +91,9 @@ def block_events(index, block, answer):
     if index == 0:
         yield sse_event({"type": "ping"}, "ping")
     if block["type"] == "tool_use":
-        deltas = [{"type": "input_json_delta", "partial_json": part} for part in ["", *argument_parts()]]
+        deltas = [
+            {"type": "input_json_delta", "partial_json": part} for part in ["", *argument_parts(answer.arguments)]
+        ]
     else:
         pieces = [block["text"]] if answer.tool else answer.pieces
         deltas = [{"type": "text_delta", "text": piece} for piece in pieces]
@@ -99,7 +121,7 @@ class AnthropicHandler(OpenAIHandler):
         return self.answer(200, {"data": data, "has_more": has_more, "first_id": page[0], "last_id": page[-1]})
 
     def call_routes(self):
-        return {"/messages": self.serve_messages, CHAT_COMPLETIONS: self.serve_chat}
+        return {"/messages": self.serve_messages, COUNT_TOKENS: self.serve_count, CHAT_COMPLETIONS: self.serve_chat}
 
     def api_key_refusal(self):
         """401 unless the key came as `x-api-key` (or as a Bearer token, as the current SDK
@@ -117,7 +139,7 @@ class AnthropicHandler(OpenAIHandler):
         refusal = self.api_key_refusal()
         if refusal:
             return refusal
-        missing = [name for name in REQUIRED_FIELDS if not body.get(name)]
+        missing = [name for name in REQUIRED_FIELDS[path] if not body.get(name)]
         if missing:
             return 400, anthropic_error(400, f"{missing[0]}: Field required")
         if body["model"] not in self.upstream.models:
@@ -128,6 +150,9 @@ class AnthropicHandler(OpenAIHandler):
         if path == CHAT_COMPLETIONS:
             return super().error_document(path, status, message)
         return anthropic_error(status, message)
+
+    def serve_count(self, body):
+        return self.answer(200, {"input_tokens": words_in(body)})
 
     def serve_messages(self, body):
         answer = answer_to(messages_question(body), pieces_of(self.upstream, body))

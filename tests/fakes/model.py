@@ -3,16 +3,21 @@ into a Question and writes the Answer in its own shapes.
 
 The model calls a tool when tools are offered and the tool choice asks for one (a named
 tool, `required` or `any`), or allows one (`auto` or none given) and the last message is
-the user's; after a tool's result it answers text. Its text is the upstream's `pieces`
+the user's; after a tool's result it answers text. A tool's arguments are TOOL_ARGUMENTS,
+or for a tool of free text (one string parameter, `input`) FREE_TEXT_ARGUMENTS. Its text is the upstream's `pieces`
 (one stream chunk each), JSON in JSON mode, cut before the first stop sequence it holds
 and after `max_tokens` pieces (a piece counts as a token).
 """
 
+import json
 import time
 from dataclasses import dataclass
 
 USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
 TOOL_ARGUMENTS = '{"city": "Paris"}'
+# A patch as Codex's apply_patch takes it: lines, quotes, a backslash, a character beyond ASCII.
+FREE_TEXT_INPUT = '*** Begin Patch\n*** Add File: hello.txt\n+print("Hello \\ world") # café\n*** End Patch\n'
+FREE_TEXT_ARGUMENTS = json.dumps({"input": FREE_TEXT_INPUT})
 JSON_ANSWER = '{"answer": "Hello!"}'
 ARGUMENT_PART_LENGTH = 7  # a stream sends the tool's arguments in parts of this many characters
 
@@ -20,6 +25,7 @@ ARGUMENT_PART_LENGTH = 7  # a stream sends the tool's arguments in parts of this
 @dataclass(frozen=True)
 class Question:
     tools: tuple = ()  # the names of the tools offered
+    free_text_tools: tuple = ()  # those taking free text: one string parameter, `input`
     forced_tool: str | None = None  # the tool the choice names
     tool_choice: str = "auto"  # auto, none or required
     last_is_users: bool = True  # the last message is the user's, not a tool's result
@@ -34,6 +40,7 @@ class Answer:
     tool: str | None = None  # the tool called
     finish: str = "stop"  # stop, length, stop_sequence or tool_calls
     stop_sequence: str | None = None
+    arguments: str = TOOL_ARGUMENTS  # the tool call's
 
     @property
     def text(self):
@@ -66,7 +73,8 @@ def answer_to(question, pieces):
     """What the model says to the question, its text made of `pieces`."""
     tool = called_tool(question)
     if tool:
-        return Answer((), tool=tool, finish="tool_calls")
+        arguments = FREE_TEXT_ARGUMENTS if tool in question.free_text_tools else TOOL_ARGUMENTS
+        return Answer((), tool=tool, finish="tool_calls", arguments=arguments)
     pieces = [JSON_ANSWER] if question.json_mode else list(pieces)
     text = "".join(pieces)
     found = [(text.find(stop), stop) for stop in question.stop_sequences if stop and stop in text]
@@ -110,7 +118,13 @@ def interval_of(upstream, body):
     return float(knobs_of(body).get("fake_interval", upstream.chunk_interval))
 
 
-def argument_parts(arguments=TOOL_ARGUMENTS):
+def takes_free_text(parameters):
+    """Whether a tool's parameters (a JSON schema) are one string, `input`."""
+    properties = (parameters or {}).get("properties") or {}
+    return list(properties) == ["input"] and properties["input"].get("type") == "string"
+
+
+def argument_parts(arguments):
     """A tool call's arguments as a stream sends them: in several parts."""
     return [arguments[at : at + ARGUMENT_PART_LENGTH] for at in range(0, len(arguments), ARGUMENT_PART_LENGTH)]
 

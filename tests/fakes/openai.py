@@ -6,7 +6,7 @@ chunks (tool calls with their arguments in parts, the usage chunk when asked for
 
 import time
 
-from tests.fakes.model import TOOL_ARGUMENTS, USAGE, Question, answer_to, argument_parts, pieces_of, unique_id
+from tests.fakes.model import USAGE, Question, answer_to, argument_parts, pieces_of, takes_free_text, unique_id
 from tests.fakes.server import FakeHandler, sse_event
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -17,12 +17,15 @@ TOOL_CALL_ID = "call_1"
 
 def chat_question(body):
     """An OpenAI chat body (watsonx's too: `tool_choice_option` is its word for a string choice)."""
-    tools = tuple(tool["function"]["name"] for tool in body.get("tools") or [])
+    functions = [tool["function"] for tool in body.get("tools") or []]
     choice = body.get("tool_choice") or body.get("tool_choice_option") or "auto"
     stop = body.get("stop") or ()
     messages = body.get("messages") or [{}]
     return Question(
-        tools=tools,
+        tools=tuple(function["name"] for function in functions),
+        free_text_tools=tuple(
+            function["name"] for function in functions if takes_free_text(function.get("parameters"))
+        ),
         forced_tool=choice["function"]["name"] if isinstance(choice, dict) else None,
         tool_choice=choice if isinstance(choice, str) else "required",
         last_is_users=messages[-1].get("role") == "user",
@@ -39,7 +42,8 @@ def chat_answer(upstream, body):
 def chat_message(answer):
     """The answer as a chat completion's message."""
     if answer.tool:
-        call = {"id": TOOL_CALL_ID, "type": "function", "function": {"name": answer.tool, "arguments": TOOL_ARGUMENTS}}
+        function = {"name": answer.tool, "arguments": answer.arguments}
+        call = {"id": TOOL_CALL_ID, "type": "function", "function": function}
         return {"role": "assistant", "content": None, "tool_calls": [call]}
     return {"role": "assistant", "content": answer.text}
 
@@ -53,7 +57,7 @@ def chat_deltas(answer):
             "role": "assistant",
             "tool_calls": [{"index": 0, "id": TOOL_CALL_ID, "type": "function", "function": function}],
         }
-        for part in argument_parts():
+        for part in argument_parts(answer.arguments):
             yield {"tool_calls": [{"index": 0, "function": {"arguments": part}}]}
         return
     yield {"role": "assistant", "content": ""}
