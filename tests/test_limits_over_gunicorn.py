@@ -78,6 +78,7 @@ def test_a_slot_held_by_a_killed_worker_comes_back_after_the_gateway_timeout(sta
             admitted_at = time.monotonic()
             os.kill(worker, signal.SIGKILL)  # the call's slot is left held in the database
         assert wait_for(lambda: server.worker_pids() not in ([], [worker]))
+        server.wait_until_ready()  # the new worker listening
         refused = client.post(CHAT, json=chat_body(), headers=headers)
         assert refused.status_code == 429, refused.text
         while client.post(CHAT, json=chat_body(), headers=headers).status_code == 429:
@@ -117,7 +118,7 @@ def test_the_openai_clients_retry_waits_for_retry_after(start_gunicorn, registry
 # A flood of streams from one token ------------------------------------------------------------
 
 FLOOD_STREAMS = 2300
-STREAM_SECONDS = 40  # each admitted stream is held this long: every measurement falls within it
+STREAM_SECONDS = 25  # each admitted stream is held this long: every measurement falls within it
 
 
 def flood(port, secret, count, sent, statuses):
