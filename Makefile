@@ -22,17 +22,18 @@ run: $(INSTALLED)
 	$(BIN)/flask --app app users bootstrap
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
-# Two processes for every test but those that time answers under load; then those, one at
-# a time, with nothing else running.
+# Three processes (on two cores: the server tests spend much of their time waiting on their
+# servers) for every test but those that time answers under load; then those, one at a time,
+# with nothing else running.
 test: $(INSTALLED) lint $(CHROMIUM)
-	$(BIN)/python -m pytest -m "not timed" -n 2
+	$(BIN)/python -m pytest -m "not timed" -n 3
 	$(BIN)/python -m pytest -m timed
 
 # The suite on PostgreSQL: a database per test, copied from a migrated template. The
 # default is what `.ci/start-postgres` sets up on this machine's PostgreSQL 15.
 TEST_DATABASE_URL ?= postgresql+psycopg://registry_test:registry_test@127.0.0.1:5432/registry_test
 test-postgres: $(INSTALLED) $(CHROMIUM)
-	TEST_DATABASE_URL='$(TEST_DATABASE_URL)' $(BIN)/python -m pytest -m "not timed" -n 2
+	TEST_DATABASE_URL='$(TEST_DATABASE_URL)' $(BIN)/python -m pytest -m "not timed" -n 3
 	TEST_DATABASE_URL='$(TEST_DATABASE_URL)' $(BIN)/python -m pytest -m timed
 
 lint: $(INSTALLED)
