@@ -3,8 +3,18 @@
 gunicorn.conf.py names it (`worker_class`); the gunicorn modules themselves stay untouched.
 """
 
+import gevent
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
+
+# Seconds before the graceful timeout (at most half of it) at which a stopping worker ends the
+# connections it still serves: the master kills it at the timeout, and its calls, ended
+# first, still record their outcome and usage, which the worker writes as it exits.
+INTERRUPT_MARGIN = 2.0
+
+
+def interrupt_after(graceful_timeout):
+    return max(graceful_timeout - INTERRUPT_MARGIN, graceful_timeout / 2)
 
 
 class RefusalRecorder:
@@ -42,6 +52,10 @@ def closing_when_asked(wsgi_app, close_connection_key):
 
 
 class RegistryWorker(GeventWorker):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.connections = set()  # the greenlets serving a connection
+
     def load_wsgi(self):
         super().load_wsgi()
         from access.limits import CLOSE_CONNECTION_KEY  # an app module: imported once gevent has patched
@@ -76,3 +90,21 @@ class RegistryWorker(GeventWorker):
         except StopIteration:  # the answer ends the connection
             util.close_graceful(sock)
             raise
+
+    def handle(self, listener, client, addr):
+        self.connections.add(gevent.getcurrent())
+        try:
+            super().handle(listener, client, addr)
+        finally:
+            self.connections.discard(gevent.getcurrent())
+
+    def handle_exit(self, sig, frame):
+        """A graceful stop: the connections still open near its end are ended by this worker
+        (GreenletExit in each), before the master's kill ends them unrecorded."""
+        super().handle_exit(sig, frame)
+        gevent.spawn_later(interrupt_after(self.cfg.graceful_timeout), self.end_connections)
+
+    def end_connections(self):
+        if self.connections:
+            self.log.warning("ending %d connections before the graceful timeout", len(self.connections))
+            gevent.killall(list(self.connections), block=False)

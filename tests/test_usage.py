@@ -505,14 +505,16 @@ def test_a_graceful_stop_writes_the_events_of_the_calls_it_waited_for(registry, 
     assert (event["input_tokens"], event["output_tokens"]) == (USAGE["prompt_tokens"], USAGE["completion_tokens"])
 
 
-def test_a_stream_cut_by_its_workers_stop_records_it_as_a_503(registry, fake_upstream, start_gunicorn):
-    """A worker told to stop (a reload, max_requests, a signal of its own) waits for its calls
-    as long as the graceful timeout, then gevent's worker kills the greenlets still serving."""
+@pytest.mark.parametrize("stopped", ["worker", "server"])
+def test_a_stream_cut_by_a_graceful_stop_records_it_as_a_503(registry, fake_upstream, start_gunicorn, stopped):
+    """A worker told to stop (a reload, max_requests, a signal of its own, the server's stop)
+    waits for its calls for most of the graceful timeout, then ends those still running, so
+    that they are recorded before the master kills it at the timeout."""
     upstream = fake_upstream(api_key=MODEL_KEY)
     upstream.script = silent_after_first_chunk(threading.Event())  # 5 s of silence
     register(registry, upstream)
     token_id, secret = new_token(registry, "service", "caller")
-    server = start_gunicorn(workers=1, GUNICORN_CMD_ARGS="--graceful-timeout 1")
+    server = start_gunicorn(workers=1, GUNICORN_CMD_ARGS="--graceful-timeout 3")
     [worker] = server.worker_pids()
     headers = {"Authorization": f"Bearer {secret}"}
     with (
@@ -521,7 +523,7 @@ def test_a_stream_cut_by_its_workers_stop_records_it_as_a_503(registry, fake_ups
     ):
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))  # the stream is under way
-        os.kill(worker, signal.SIGTERM)
+        os.kill(worker if stopped == "worker" else server.process.pid, signal.SIGTERM)
         with pytest.raises(httpx.RemoteProtocolError):  # cut before its end
             list(lines)
     assert wait_for(lambda: worker not in server.worker_pids())
