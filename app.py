@@ -1,6 +1,7 @@
 """Model Provider Registry: where an organisation's LLM and embedding model providers live,
 what they serve, and whether they answer."""
 
+import functools
 import logging
 import math
 import os
@@ -192,6 +193,7 @@ def load_config(environ):
     }
 
 
+@functools.cache  # the migrations ship with the code: read once per process
 def schema_head():
     return ScriptDirectory(MIGRATIONS_DIRECTORY).get_current_head()
 

@@ -9,7 +9,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, registry_environ
+
+pytestmark = pytest.mark.slow  # each test runs a CLI process of its own: seconds
 
 LOG_FIELDS = {"time", "level", "logger", "message"}
 MANIFEST = """\

@@ -43,6 +43,7 @@ def old_key_and_new_key():
     return Fernet.generate_key().decode(), Fernet.generate_key().decode()
 
 
+@pytest.mark.slow  # a CLI process of its own: seconds
 def test_rotation_lets_the_old_key_be_dropped(make_app, instance_path, old_key_and_new_key):
     old_key, new_key = old_key_and_new_key
     before = stored_keys(app_with_providers(make_app, old_key))
@@ -63,6 +64,7 @@ def test_rotation_lets_the_old_key_be_dropped(make_app, instance_path, old_key_a
     assert client_as(app, "admin").get("/api/v1/model_providers").get_json()["total_count"] == 2
 
 
+@pytest.mark.slow  # a CLI process of its own: seconds
 def test_rotation_without_the_old_key_changes_nothing(make_app, instance_path, old_key_and_new_key):
     old_key, new_key = old_key_and_new_key
     before = stored_keys(app_with_providers(make_app, old_key))

@@ -732,12 +732,14 @@ def run_cli(instance_path, *locations):
     )
 
 
+@pytest.mark.slow  # a CLI process of its own: seconds
 def test_cli_sync_prints_the_summary_and_exits_0(instance_path, manifest_path):
     done = run_cli(instance_path, manifest_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{manifest_path.as_uri()}: 2 added, 0 updated, 0 removed, 0 unchanged\n"
 
 
+@pytest.mark.slow  # a CLI process of its own: seconds
 def test_cli_sync_exits_non_zero_when_a_manifest_fails(instance_path, manifest_path, tmp_path):
     broken_path = write_manifest(tmp_path / "broken.yaml", BROKEN_MANIFESTS["invalid entry"][0])
     done = run_cli(instance_path, manifest_path, broken_path)
@@ -748,6 +750,7 @@ def test_cli_sync_exits_non_zero_when_a_manifest_fails(instance_path, manifest_p
     assert LITERAL_KEY not in done.stdout + done.stderr
 
 
+@pytest.mark.slow  # a CLI process of its own: seconds
 def test_cli_sync_with_nothing_configured_says_so(instance_path):
     done = run_cli(instance_path)
     assert (done.returncode, done.stdout) == (0, "No manifests are configured.\n")
