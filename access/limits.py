@@ -32,7 +32,7 @@ from api.errors import LimitExceeded
 from models import utcnow
 from observability.metrics import record_gateway_refusal
 from storage import limits as ledger
-from storage.connections import direct_transaction
+from storage.connections import direct_transaction, no_connection
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,10 @@ def admit(call):
             raise refused_in_worker(refusal, in_flight)
         call.admission = g.admission = Admission(current_app._get_current_object(), in_flight, key)
         if caller.limits:
-            admit_within_token_limits(call.admission, caller.token_id, caller.limits)
+            # The admission takes a connection of its own: the request's are given back first,
+            # or a burst of calls, each holding one while it waits for another, empties the pool.
+            with no_connection():
+                admit_within_token_limits(call.admission, caller.token_id, caller.limits)
     except LimitExceeded:
         request.environ[CLOSE_CONNECTION_KEY] = True
         raise

@@ -163,6 +163,7 @@ def test_limit_over_a_socket_keys_on_the_client_address(start_gunicorn):
         assert admin_elsewhere.get(PROVIDERS).status_code == 200
 
 
+@pytest.mark.timed
 def test_a_flood_of_random_names_leaves_a_known_reader_answered_promptly(start_gunicorn):
     """16 clients sending random user names: after the per-address limit they cost no
     slow hash, and a reader whose password each worker has verified keeps its answers."""
