@@ -108,7 +108,7 @@ class DirectStatement:
     default).
 
     The hot path of every request is one or two reads (its credentials, the provider it
-    names). Through SQLAlchemy's execution such a read costs several times what the driver
+    names, the providers of the model a gateway call names). Through SQLAlchemy's execution such a read costs several times what the driver
     does with it (bench/README.md); every other statement, and every write, goes through
     SQLAlchemy.
     """
@@ -121,33 +121,48 @@ class DirectStatement:
     def first(self, **parameters):
         """The first row a read finds, or None. On SQLite the read runs on a connection kept
         for such reads (sqlite.LookupConnections), elsewhere on the request's read connection."""
-        engine = db.engine
-        lookup_connections = LOOKUP_CONNECTIONS.get(engine)
-        if lookup_connections is None:
-            return self._first(read_connection().connection, engine.dialect, parameters)
-        dbapi_connection = lookup_connections.take()
-        try:
-            return self._first(dbapi_connection, engine.dialect, parameters)
-        finally:
-            lookup_connections.give_back(dbapi_connection)
+        rows = self._read(parameters, every_row=False)
+        return rows[0] if rows else None
+
+    def all(self, **parameters):
+        """Every row a read finds, in its order, read as `first` reads."""
+        return self._read(parameters, every_row=True)
 
     def first_on(self, dbapi_connection, **parameters):
         """The first row on this DBAPI connection, in its transaction (direct_transaction's)."""
-        return self._first(dbapi_connection, db.engine.dialect, parameters)
+        rows = self._rows(dbapi_connection, db.engine.dialect, parameters, every_row=False)
+        return rows[0] if rows else None
 
-    def _first(self, dbapi_connection, dialect, parameters):
+    def _read(self, parameters, every_row):
+        engine = db.engine
+        lookup_connections = LOOKUP_CONNECTIONS.get(engine)
+        if lookup_connections is None:
+            return self._rows(read_connection().connection, engine.dialect, parameters, every_row)
+        dbapi_connection = lookup_connections.take()
+        try:
+            return self._rows(dbapi_connection, engine.dialect, parameters, every_row)
+        finally:
+            lookup_connections.give_back(dbapi_connection)
+
+    def _rows(self, dbapi_connection, dialect, parameters, every_row):
+        """The rows the statement returns (with `every_row` False, at most the first)."""
         compiled = self._compiled_for(dialect, parameters)
         driver_parameters = compiled.driver_parameters(parameters)
         dbapi_error = dialect.loaded_dbapi.Error
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(compiled.sql, driver_parameters)
-            row = cursor.fetchone() if compiled.result_processors else None
+            if not compiled.result_processors:  # a write that returns nothing
+                rows = []
+            elif every_row:
+                rows = cursor.fetchall()
+            else:
+                rows = [row] if (row := cursor.fetchone()) is not None else []
         except dbapi_error as error:  # as SQLAlchemy raises it, for api/errors.py to answer
             raise sa.exc.DBAPIError.instance(compiled.sql, driver_parameters, error, dbapi_error) from error
         finally:
             cursor.close()
-        return None if row is None else self.make_row(*compiled.values_of(row))
+        return [self.make_row(*compiled.values_of(row)) for row in rows]
 
     def _compiled_for(self, dialect, parameters):
         key = (dialect.name, dialect.driver, frozenset(parameters))
