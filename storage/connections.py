@@ -283,8 +283,10 @@ def no_connection():
 
     Ends the session's transaction (a commit: nothing is pending before a wait; objects keep
     their values, expire_on_commit being off) and closes the read connection; the next
-    statement, after the wait, checks a connection out anew.
+    statement, after the wait, checks a connection out anew. A request that has not used
+    the session (a gateway call reads through direct statements) has none to end.
     """
-    db.session.commit()
+    if db.session.registry.has():
+        db.session.commit()
     close_read_connection()
     yield
