@@ -108,9 +108,9 @@ class DirectStatement:
     default).
 
     The hot path of every request is one or two reads (its credentials, the provider it
-    names, the providers of the model a gateway call names). Through SQLAlchemy's execution such a read costs several times what the driver
-    does with it (bench/README.md); every other statement, and every write, goes through
-    SQLAlchemy.
+    names, the providers of the model a gateway call names). Through SQLAlchemy's execution
+    such a read costs several times what the driver does with it (bench/README.md); every
+    other statement, and every write, goes through SQLAlchemy.
     """
 
     def __init__(self, statement, make_row=None):
