@@ -4,7 +4,6 @@ reader < caller < service < admin."""
 
 import contextlib
 import hashlib
-import hmac
 import logging
 import math
 import os
@@ -133,7 +132,8 @@ class VerifiedPasswords:
         self._memory = BoundedMemory(capacity)
 
     def key(self, username, password):
-        return username, hmac.new(self._secret, password.encode(), hashlib.sha256).digest()
+        # BLAKE2's keyed mode: a MAC in one call, where an HMAC object costs several on every request.
+        return username, hashlib.blake2b(password.encode(), key=self._secret).digest()
 
     def matches(self, key, user):
         return self._memory.get(key) == (user.id, user.password_hash)
