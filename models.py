@@ -138,6 +138,8 @@ def canonical_username(username):
 
 
 def is_printable(text):
+    if text.isascii():  # every Basic login asks: in ASCII only the control characters are unprintable
+        return text.isprintable()
     return not any(unicodedata.category(char) in UNPRINTABLE_CATEGORIES for char in text)
 
 
