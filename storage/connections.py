@@ -152,7 +152,7 @@ class DirectStatement:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(compiled.sql, driver_parameters)
-            if not compiled.result_processors:  # a write that returns nothing
+            if not compiled.returns_rows:  # a write that returns nothing
                 rows = []
             elif every_row:
                 rows = cursor.fetchall()
@@ -179,7 +179,8 @@ class CompiledStatement:
     positional: bool
     fixed_values: dict  # parameter name -> the value the statement holds (a literal)
     bind_processors: dict  # parameter name -> function or None
-    result_processors: tuple  # per returned column: function or None
+    returns_rows: bool
+    converted_columns: tuple  # (position, function) of each returned column whose values are converted
 
     @classmethod
     def of(cls, statement, dialect, parameter_names):
@@ -192,9 +193,11 @@ class CompiledStatement:
             compiled.positiontup is not None,
             {name: bind.value for name, bind in binds.items() if not bind.required},
             {name: bind.type.dialect_impl(dialect).bind_processor(dialect) for name, bind in binds.items()},
+            bool(statement.exported_columns),
             tuple(
-                column.type.dialect_impl(dialect).result_processor(dialect, None)
-                for column in statement.exported_columns
+                (position, process)
+                for position, column in enumerate(statement.exported_columns)
+                if (process := column.type.dialect_impl(dialect).result_processor(dialect, None)) is not None
             ),
         )
 
@@ -208,10 +211,10 @@ class CompiledStatement:
         return converted if self.positional else dict(zip(self.parameter_names, converted, strict=True))
 
     def values_of(self, row):
-        return [
-            value if process is None else process(value)
-            for process, value in zip(self.result_processors, row, strict=True)
-        ]
+        values = list(row)
+        for position, process in self.converted_columns:
+            values[position] = process(values[position])
+        return values
 
 
 @contextmanager
