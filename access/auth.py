@@ -82,6 +82,15 @@ class BasicOrBearerAuth(HTTPBasicAuth):
                 return Authorization("bearer", token=api_key.strip())  # as Anthropic's clients send their key
         return super().get_auth()
 
+    # Two of flask-httpauth's steps that cost on every request and do nothing here: the
+    # stored password it would fetch (verify_password checks the password itself), and
+    # Flask's check, for each callback and view, of whether it is a coroutine (none is).
+    def get_auth_password(self, auth):
+        return None
+
+    def ensure_sync(self, f):
+        return f
+
     def authenticate(self, auth, stored_password):
         if auth is not None and auth.type == "bearer":
             return self.verify_token_callback(auth.token) if auth.token else None
