@@ -250,11 +250,10 @@ def refuse_if_address_limited(state):
     state.login_failures_by_address.refuse_if_limited(request.remote_addr, "logins from your address")
 
 
-def check_credentials(key, username, password, name_key):
+def check_credentials(state, key, username, password, name_key):
     """The caller when the password is right, else None; the slow hash only for a password
     this process has not verified for this user's current hash, and the limits only for such a
     password: one a worker has verified is never refused for the guesses of others."""
-    state = auth_state()
     user = credentials_of(username)
     if user is not None and state.verified_passwords.matches(key, user):
         return caller_of(user)
@@ -279,7 +278,8 @@ def verify_password(username, password):
         return None
     state = auth_state()
     name_key = (request.remote_addr, hashlib.sha256(username.encode()).digest())  # bounded, whatever was sent
-    caller = check_credentials(state.verified_passwords.key(username, password), username, password, name_key)
+    key = state.verified_passwords.key(username, password)
+    caller = check_credentials(state, key, username, password, name_key)
     if caller is None:
         state.login_failures_by_name.record(name_key)
         state.login_failures_by_address.record(request.remote_addr)

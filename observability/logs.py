@@ -61,8 +61,9 @@ class RequestIds:
 
 def remember_user(username, token_id=None):
     """Name the authenticated user (and the API token used) in the request's log lines and audit events."""
-    request.environ[USER_KEY] = username
-    request.environ[TOKEN_ID_KEY] = token_id
+    environ = request.environ  # read once: each access through Flask's proxy costs about a microsecond
+    environ[USER_KEY] = username
+    environ[TOKEN_ID_KEY] = token_id
 
 
 class RequestFields(logging.Filter):

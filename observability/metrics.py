@@ -147,7 +147,8 @@ def known_or_unknown(value, known):
 
 
 def route_template():
-    return request.url_rule.rule if request.url_rule is not None else UNMATCHED_ROUTE
+    rule = request.url_rule
+    return rule.rule if rule is not None else UNMATCHED_ROUTE
 
 
 def start_timer():
