@@ -2,6 +2,7 @@
 
 import hashlib
 import ipaddress
+import re
 import secrets
 import socket
 import unicodedata
@@ -100,12 +101,13 @@ def new_id():
     return str(uuid.uuid4())
 
 
+# What str(uuid.UUID(...)) writes; matched, not parsed, since every GET of a resource asks.
+CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def is_canonical_id(text):
     """True for a UUID in the lower-case canonical form every id is stored in."""
-    try:
-        return str(uuid.UUID(text)) == text
-    except ValueError:
-        return False
+    return CANONICAL_ID.fullmatch(text) is not None
 
 
 def is_storable_text(text):
@@ -136,6 +138,8 @@ def canonical_username(username):
 
 
 def is_printable(text):
+    if text.isascii():  # every Basic login asks: in ASCII only the control characters are unprintable
+        return text.isprintable()
     return not any(unicodedata.category(char) in UNPRINTABLE_CATEGORIES for char in text)
 
 

@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+from functools import lru_cache
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from flask import current_app
@@ -55,10 +56,7 @@ class ApiKeyCipher:
         return self._fernet.encrypt(api_key.encode()).decode()
 
     def open(self, sealed_api_key):
-        try:
-            return self._fernet.decrypt(sealed_api_key.encode()).decode()
-        except InvalidToken:
-            raise UnopenableApiKey("A stored API key cannot be decrypted with the configured keys.") from None
+        return opened_api_key(self._fernet, sealed_api_key)
 
     def reseal(self, sealed_api_key):
         """The same key sealed under the first configured key."""
@@ -66,6 +64,18 @@ class ApiKeyCipher:
             return self._fernet.rotate(sealed_api_key.encode()).decode()
         except InvalidToken:
             raise UnopenableApiKey("A stored API key cannot be decrypted with the configured keys.") from None
+
+
+@lru_cache(maxsize=1024)
+def opened_api_key(fernet, sealed_api_key):
+    """A sealed key opened once per process (and set of encryption keys): every gateway call
+    opens its provider's key, and Fernet's check and decryption cost more than its routing.
+    The opened keys stay in this process's memory, which holds the keys that open them
+    anyway; a key that cannot be opened is tried again each time."""
+    try:
+        return fernet.decrypt(sealed_api_key.encode()).decode()
+    except InvalidToken:
+        raise UnopenableApiKey("A stored API key cannot be decrypted with the configured keys.") from None
 
 
 cipher = ApiKeyCipher()

@@ -199,7 +199,6 @@ class Admission:
 
 def init_limits(app):
     app.extensions["limits"] = InFlight(app.config["GATEWAY_CALLS_PER_WORKER"], app.config["DEFAULT_MAX_PARALLEL"])
-    app.after_request(with_rate_limit_headers)
 
 
 def with_rate_limit_headers(response):

@@ -1,9 +1,11 @@
-"""What every gateway route shares, whichever protocol it speaks: the body cap, the errors the
-OpenAPI document names, and the HTTP answer of a call: its document, or its stream's events
-with the stream's headers, and the provider that served it."""
+"""What every gateway route shares, whichever protocol it speaks: its blueprint's hooks (the
+body cap, a limited token's rate limit headers), the errors the OpenAPI document names, and
+the HTTP answer of a call: its document, or its stream's events with the stream's headers,
+and the provider that served it."""
 
-from flask import request
+from flask import Blueprint, request
 
+from access.limits import with_rate_limit_headers
 from gateway.call import GatewayCall, Settings
 from gateway.chat import answer
 
@@ -26,6 +28,14 @@ GATEWAY_ERRORS = {
 
 def allow_prompt_sized_bodies():
     request.max_content_length = GATEWAY_MAX_BODY_BYTES
+
+
+def gateway_blueprint(name, import_name):
+    """A blueprint of gateway routes; the other routes pay nothing for the gateway's hooks."""
+    blueprint = Blueprint(name, import_name)
+    blueprint.before_request(allow_prompt_sized_bodies)
+    blueprint.after_request(with_rate_limit_headers)
+    return blueprint
 
 
 def served_by(target):

@@ -5,16 +5,15 @@ comes as `x-api-key` or Bearer; errors are in Anthropic's shape."""
 from functools import partial
 
 from apifairy import authenticate, body, other_responses
-from flask import Blueprint, request
+from flask import request
 
 from access.auth import auth
-from gateway.answers import GATEWAY_ERRORS, allow_prompt_sized_bodies, chat_answer, served_by
+from gateway.answers import GATEWAY_ERRORS, chat_answer, gateway_blueprint, served_by
 from gateway.call import Settings
 from gateway.messages import MessageEvents, chat_request_of, count_tokens, message_of
 from schemas import MessageSchema, MessagesRequestSchema, TokenCountRequestSchema, TokenCountSchema
 
-anthropic_bp = Blueprint("anthropic", __name__)
-anthropic_bp.before_request(allow_prompt_sized_bodies)
+anthropic_bp = gateway_blueprint("anthropic", __name__)
 
 
 @anthropic_bp.route("/anthropic/v1/messages", methods=["POST"])

@@ -4,12 +4,11 @@ and embeddings, which call the providers' models without handing out their keys.
 from functools import partial
 
 from apifairy import authenticate, body, other_responses, response
-from flask import Blueprint
 
 from access.auth import auth
 from catalog.index import available_models
 from gateway import completions, responses
-from gateway.answers import GATEWAY_ERRORS, allow_prompt_sized_bodies, chat_answer, served_by
+from gateway.answers import GATEWAY_ERRORS, chat_answer, gateway_blueprint, served_by
 from gateway.call import GatewayCall, Settings
 from gateway.embeddings import embeddings
 from schemas import (
@@ -22,8 +21,7 @@ from schemas import (
     ResponsesRequestSchema,
 )
 
-openai_bp = Blueprint("openai", __name__)
-openai_bp.before_request(allow_prompt_sized_bodies)
+openai_bp = gateway_blueprint("openai", __name__)
 
 
 @openai_bp.route("/openai/models", methods=["GET"])

@@ -8,7 +8,7 @@ access line (AccessLogger) both find it, as they find the authenticated user's n
 import json
 import logging
 import re
-import uuid
+import secrets
 from datetime import UTC, datetime
 
 from flask import has_request_context, request
@@ -38,8 +38,8 @@ def escape(text):
 
 
 def request_id_for(sent):
-    """The client's X-Request-ID when it is sane, else a new one."""
-    return sent if sent is not None and SANE_REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
+    """The client's X-Request-ID when it is sane, else a new one: 128 random bits in 32 hex digits."""
+    return sent if sent is not None and SANE_REQUEST_ID.fullmatch(sent) else secrets.token_hex(16)
 
 
 class RequestIds:
@@ -61,8 +61,9 @@ class RequestIds:
 
 def remember_user(username, token_id=None):
     """Name the authenticated user (and the API token used) in the request's log lines and audit events."""
-    request.environ[USER_KEY] = username
-    request.environ[TOKEN_ID_KEY] = token_id
+    environ = request.environ  # read once: each access through Flask's proxy costs about a microsecond
+    environ[USER_KEY] = username
+    environ[TOKEN_ID_KEY] = token_id
 
 
 class RequestFields(logging.Filter):

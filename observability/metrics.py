@@ -147,8 +147,8 @@ def known_or_unknown(value, known):
 # Requests
 
 
-def route_template():
-    return request.url_rule.rule if request.url_rule is not None else UNMATCHED_ROUTE
+def route_template(served):
+    return served.url_rule.rule if served.url_rule is not None else UNMATCHED_ROUTE
 
 
 def start_timer():
@@ -163,8 +163,9 @@ def request_series(method, route, status):
 
 
 def count_request(response):
+    served = request._get_current_object()  # one read through the proxy, not one per attribute
     requests, seconds = request_series(
-        known_or_unknown(request.method, HTTP_METHODS), route_template(), response.status_code
+        known_or_unknown(served.method, HTTP_METHODS), route_template(served), response.status_code
     )
     requests.inc()
     started = g.pop("metrics_started", None)

@@ -3,6 +3,8 @@
 gunicorn.conf.py names it (`worker_class`); the gunicorn modules themselves stay untouched.
 """
 
+import gc
+
 import gevent
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
@@ -61,6 +63,9 @@ class RegistryWorker(GeventWorker):
         from access.limits import CLOSE_CONNECTION_KEY  # an app module: imported once gevent has patched
 
         self.wsgi = closing_when_asked(self.wsgi, CLOSE_CONNECTION_KEY)
+        # What loading the app made lives as long as the worker: frozen, the collector's full
+        # runs stop walking those objects (over 100,000) again and again as requests come.
+        gc.freeze()
 
     def handle_error(self, req, client, addr, exc):
         """gunicorn's refusals (414, 431, a request line that is not HTTP) as problem documents.

@@ -108,9 +108,9 @@ class DirectStatement:
     default).
 
     The hot path of every request is one or two reads (its credentials, the provider it
-    names). Through SQLAlchemy's execution such a read costs several times what the driver
-    does with it (bench/README.md); every other statement, and every write, goes through
-    SQLAlchemy.
+    names, the providers of the model a gateway call names). Through SQLAlchemy's execution
+    such a read costs several times what the driver does with it (bench/README.md); every
+    other statement, and every write, goes through SQLAlchemy.
     """
 
     def __init__(self, statement, make_row=None):
@@ -121,33 +121,48 @@ class DirectStatement:
     def first(self, **parameters):
         """The first row a read finds, or None. On SQLite the read runs on a connection kept
         for such reads (sqlite.LookupConnections), elsewhere on the request's read connection."""
-        engine = db.engine
-        lookup_connections = LOOKUP_CONNECTIONS.get(engine)
-        if lookup_connections is None:
-            return self._first(read_connection().connection, engine.dialect, parameters)
-        dbapi_connection = lookup_connections.take()
-        try:
-            return self._first(dbapi_connection, engine.dialect, parameters)
-        finally:
-            lookup_connections.give_back(dbapi_connection)
+        rows = self._read(parameters, every_row=False)
+        return rows[0] if rows else None
+
+    def all(self, **parameters):
+        """Every row a read finds, in its order, read as `first` reads."""
+        return self._read(parameters, every_row=True)
 
     def first_on(self, dbapi_connection, **parameters):
         """The first row on this DBAPI connection, in its transaction (direct_transaction's)."""
-        return self._first(dbapi_connection, db.engine.dialect, parameters)
+        rows = self._rows(dbapi_connection, db.engine.dialect, parameters, every_row=False)
+        return rows[0] if rows else None
 
-    def _first(self, dbapi_connection, dialect, parameters):
+    def _read(self, parameters, every_row):
+        engine = db.engine
+        lookup_connections = LOOKUP_CONNECTIONS.get(engine)
+        if lookup_connections is None:
+            return self._rows(read_connection().connection, engine.dialect, parameters, every_row)
+        dbapi_connection = lookup_connections.take()
+        try:
+            return self._rows(dbapi_connection, engine.dialect, parameters, every_row)
+        finally:
+            lookup_connections.give_back(dbapi_connection)
+
+    def _rows(self, dbapi_connection, dialect, parameters, every_row):
+        """The rows the statement returns (with `every_row` False, at most the first)."""
         compiled = self._compiled_for(dialect, parameters)
         driver_parameters = compiled.driver_parameters(parameters)
         dbapi_error = dialect.loaded_dbapi.Error
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(compiled.sql, driver_parameters)
-            row = cursor.fetchone() if compiled.result_processors else None
+            if not compiled.returns_rows:  # a write that returns nothing
+                rows = []
+            elif every_row:
+                rows = cursor.fetchall()
+            else:
+                rows = [row] if (row := cursor.fetchone()) is not None else []
         except dbapi_error as error:  # as SQLAlchemy raises it, for api/errors.py to answer
             raise sa.exc.DBAPIError.instance(compiled.sql, driver_parameters, error, dbapi_error) from error
         finally:
             cursor.close()
-        return None if row is None else self.make_row(*compiled.values_of(row))
+        return [self.make_row(*compiled.values_of(row)) for row in rows]
 
     def _compiled_for(self, dialect, parameters):
         key = (dialect.name, dialect.driver, frozenset(parameters))
@@ -164,7 +179,8 @@ class CompiledStatement:
     positional: bool
     fixed_values: dict  # parameter name -> the value the statement holds (a literal)
     bind_processors: dict  # parameter name -> function or None
-    result_processors: tuple  # per returned column: function or None
+    returns_rows: bool
+    converted_columns: tuple  # (position, function) of each returned column whose values are converted
 
     @classmethod
     def of(cls, statement, dialect, parameter_names):
@@ -177,9 +193,11 @@ class CompiledStatement:
             compiled.positiontup is not None,
             {name: bind.value for name, bind in binds.items() if not bind.required},
             {name: bind.type.dialect_impl(dialect).bind_processor(dialect) for name, bind in binds.items()},
+            bool(statement.exported_columns),
             tuple(
-                column.type.dialect_impl(dialect).result_processor(dialect, None)
-                for column in statement.exported_columns
+                (position, process)
+                for position, column in enumerate(statement.exported_columns)
+                if (process := column.type.dialect_impl(dialect).result_processor(dialect, None)) is not None
             ),
         )
 
@@ -193,10 +211,10 @@ class CompiledStatement:
         return converted if self.positional else dict(zip(self.parameter_names, converted, strict=True))
 
     def values_of(self, row):
-        return [
-            value if process is None else process(value)
-            for process, value in zip(self.result_processors, row, strict=True)
-        ]
+        values = list(row)
+        for position, process in self.converted_columns:
+            values[position] = process(values[position])
+        return values
 
 
 @contextmanager
@@ -268,8 +286,10 @@ def no_connection():
 
     Ends the session's transaction (a commit: nothing is pending before a wait; objects keep
     their values, expire_on_commit being off) and closes the read connection; the next
-    statement, after the wait, checks a connection out anew.
+    statement, after the wait, checks a connection out anew. A request that has not used
+    the session (a gateway call reads through direct statements) has none to end.
     """
-    db.session.commit()
+    if db.session.registry.has():
+        db.session.commit()
     close_read_connection()
     yield

@@ -210,10 +210,12 @@ ONLINE_MODEL_REFS_OF_TYPES = (
     .where(PROVIDERS.c.state == "online", PROVIDERS.c.type.in_(sa.bindparam("types", expanding=True)))
     .distinct()
 )
-PROVIDERS_LISTING = (
+# Read on every gateway call: a direct statement.
+PROVIDERS_LISTING = DirectStatement(
     PROVIDER_ROWS.join_from(PROVIDERS, PROVIDER_MODELS)
     .where(PROVIDERS.c.type == sa.bindparam("type"), PROVIDER_MODELS.c.upstream_id == sa.bindparam("upstream_id"))
-    .order_by(PROVIDERS.c.created_at, PROVIDERS.c.id)
+    .order_by(PROVIDERS.c.created_at, PROVIDERS.c.id),
+    Provider,
 )
 
 
@@ -248,8 +250,7 @@ def online_model_refs(types):
 
 def providers_listing(provider_type, upstream_id):
     """The providers of the type whose indexed list has the upstream id, oldest first."""
-    rows = read_connection().execute(PROVIDERS_LISTING, {"type": provider_type, "upstream_id": upstream_id})
-    return providers_of(rows)
+    return PROVIDERS_LISTING.all(type=provider_type, upstream_id=upstream_id)
 
 
 # Probe outcomes

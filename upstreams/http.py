@@ -13,6 +13,7 @@ import re
 import string
 import threading
 from contextlib import closing
+from functools import lru_cache
 from urllib.parse import unquote
 
 import httpx
@@ -226,9 +227,15 @@ class Secret:
         return shift + start, shift + end
 
 
+@lru_cache(maxsize=1024)
+def secret(text, min_run):
+    """The Secret of a text, made once per process: a provider's key is looked for on every call."""
+    return Secret(text, min_run)
+
+
 def secrets_of(target, *tokens):
     """What an upstream's text must lose: the provider's key, and the tokens (its IAM tokens) whole."""
-    wanted = [Secret(target.api_key, MIN_KEY_RUN), *(Secret(token, len(token)) for token in tokens)]
+    wanted = [secret(target.api_key, MIN_KEY_RUN), *(secret(token, len(token)) for token in tokens)]
     return [secret for secret in wanted if secret.length]
 
 
