@@ -438,40 +438,26 @@ class TokenLimits:
         )
 
 
-class LimitAdmission(db.Model):
-    """A call of a token with requests_per_minute or max_parallel, admitted within them: the
-    requests of the last minute are these rows, the calls in flight those whose slot has
-    not expired (its call ended: null; its process died: it expires)."""
+class LimitBucket(db.Model):
+    """What a limited token's calls did in one second (`span` 1) or one minute (`span` 60):
+    the calls admitted in it, the slots they hold (a call's slot is given back when it ends;
+    if its process dies, it stops counting a while after the call's deadline), and the
+    tokens (input + output) of the calls that ended in it. A window's counts are the sums of
+    at most 61 rows (a minute's, of seconds) or 1441 (a day's, of minutes), however many
+    calls there were."""
 
-    __tablename__ = "limit_admissions"
-    __table_args__ = (
-        sa.Index("ix_limit_admissions_token_admitted", "token_id", "admitted_at"),
-        sa.Index("ix_limit_admissions_token_slot", "token_id", "slot_expires_at"),
-    )
-
-    id = sa.Column(sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True)
-    token_id = sa.Column(sa.String(36), sa.ForeignKey("api_tokens.id", ondelete="CASCADE"), nullable=False)
-    admitted_at = sa.Column(sa.DateTime, nullable=False)
-    slot_expires_at = sa.Column(sa.DateTime)
-
-
-LIMIT_ADMISSIONS = LimitAdmission.__table__
-
-
-class LimitTokens(db.Model):
-    """Tokens (input + output) the calls of a limited token used, by the second (`span` 1)
-    and by the minute (`span` 60) in which each call ended: a window's tokens are the sum of
-    at most 61 or 1441 rows, however many calls there were."""
-
-    __tablename__ = "limit_tokens"
+    __tablename__ = "limit_buckets"
+    __table_args__ = {"sqlite_with_rowid": False}
 
     token_id = sa.Column(sa.String(36), sa.ForeignKey("api_tokens.id", ondelete="CASCADE"), primary_key=True)
     span = sa.Column(sa.Integer, primary_key=True)
     starts_at = sa.Column(sa.DateTime, primary_key=True)
-    tokens = sa.Column(sa.BigInteger, nullable=False)
+    requests = sa.Column(sa.Integer, nullable=False, server_default="0")
+    slots = sa.Column(sa.Integer, nullable=False, server_default="0")
+    tokens = sa.Column(sa.BigInteger, nullable=False, server_default="0")
 
 
-LIMIT_TOKENS = LimitTokens.__table__
+LIMIT_BUCKETS = LimitBucket.__table__
 
 
 class AuditEvent(db.Model):

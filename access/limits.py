@@ -39,11 +39,9 @@ log = logging.getLogger(__name__)
 # The WSGI environ's flag asking the server to close the connection after this answer
 # (serving/worker.py): a refused flood of calls gives its connections back at once.
 CLOSE_CONNECTION_KEY = "registry.close_connection"
-# A slot whose process died comes back this long after its call's deadline.
-SLOT_MARGIN = timedelta(seconds=60)
 # Seconds between two deletions of a token's rows that no window counts any more, per process.
 PRUNE_INTERVAL = 10
-# Seconds an end waits to be written with an admission of this process before its own write.
+# Seconds the first end of a batch waits for others before they are written together.
 WRITE_DELAY = 0.05
 PRUNED_MEMORY = 10000
 
@@ -84,17 +82,17 @@ class InFlight:
 class CallEnd:
     app: Flask
     token_id: str
-    admission_id: int | None  # its slot or request, if it had one
+    admitted_in: datetime | None  # the bucket of its slot, if it has one
     tokens: int
     ended_at: datetime
 
 
 class CallEnds:
     """The ends of limited tokens' calls, written off the calls' path (none waits for them, no
-    transaction runs while a call streams): by the next admission of a locked token in this
-    process, in its transaction, or else by a thread of this process WRITE_DELAY later, in
-    batches. Until an end is written, this process's admissions count it (`pending`);
-    another process may see its slot held that much longer."""
+    transaction runs while a call streams) by a thread of this process, in batches: the
+    first end waits WRITE_DELAY for others to join it. Until an end is written, this
+    process's admissions count it (`pending`); another process may see its slot held that
+    much longer."""
 
     def __init__(self):
         self._waiting = []
@@ -115,38 +113,26 @@ class CallEnds:
         """(slots, tokens) of the token's calls ended in this process and not yet written."""
         with self._condition:
             ends = [end for end in self._waiting + self._writing if end.token_id == token_id]
-        return sum(end.admission_id is not None for end in ends), sum(end.tokens for end in ends)
-
-    def take(self, app=None):
-        """The ends waiting (of `app`'s calls, or of all), now being written."""
-        with self._condition:
-            taken = [end for end in self._waiting if app is None or end.app is app]
-            self._waiting = [end for end in self._waiting if end not in taken]
-            self._writing += taken
-        return taken
-
-    def write_in(self, transaction, ends):
-        """Write taken ends in a transaction that its caller commits. They stop counting as
-        pending before the commit: on SQLite an admission, which holds the write lock, then
-        finds them in the database."""
-        try:
-            if ends:
-                ledger.write_ends(transaction, ends, self._due_for_pruning(ends))
-        finally:
-            with self._condition:
-                self._writing = [end for end in self._writing if end not in ends]
+        return sum(end.admitted_in is not None for end in ends), sum(end.tokens for end in ends)
 
     def flush(self):
         """Write what is waiting now, in this thread (at the process's exit)."""
-        self._write(self.take())
+        self._write(self._take())
+
+    def _take(self):
+        """The ends waiting, now being written."""
+        with self._condition:
+            taken, self._waiting = self._waiting, []
+            self._writing += taken
+        return taken
 
     def _write_forever(self):
         while True:
             with self._condition:
                 while not self._waiting:
                     self._condition.wait()
-            time.sleep(WRITE_DELAY)  # the admissions made meanwhile take the ends with them
-            self._write(self.take())
+            time.sleep(WRITE_DELAY)  # the calls that end meanwhile join the batch
+            self._write(self._take())
 
     def _write(self, ends):
         """Write ends in transactions of their own, one per app. One that fails is logged: its
@@ -156,11 +142,22 @@ class CallEnds:
             with app.app_context():
                 try:
                     with direct_transaction() as transaction:
-                        self.write_in(transaction, batch)
+                        self._write_in(transaction, batch)
                 except sa.exc.SQLAlchemyError as error:
                     log.warning("could not write the ends of %d calls (their slots expire): %s", len(batch), error)
                 except Exception:
                     log.exception("could not write the ends of %d calls (their slots expire)", len(batch))
+
+    def _write_in(self, transaction, ends):
+        """Write taken ends in a transaction committed right after. They stop counting as
+        pending before the commit: on SQLite an admission, which waits for the write lock
+        the transaction holds, then finds them in the database; elsewhere one that reads
+        meanwhile counts their slots as still held, which refuses, never admits, too many."""
+        try:
+            ledger.write_ends(transaction, ends, self._due_for_pruning(ends), slot_lifetime())
+        finally:
+            with self._condition:
+                self._writing = [end for end in self._writing if end not in ends]
 
     def _due_for_pruning(self, ends):
         """The tokens of the ends whose old rows this process has not deleted for a while."""
@@ -185,7 +182,7 @@ class Admission:
     in_flight: InFlight
     caller_key: tuple | None
     token_id: str | None = None  # a limited token's, once admitted within its limits
-    admission_id: int | None = None
+    admitted_in: datetime | None = None
     ended: bool = field(default=False)
 
     def end(self, tokens=0):
@@ -194,7 +191,7 @@ class Admission:
         self.ended = True
         self.in_flight.leave(self.caller_key)
         if self.token_id is not None:
-            call_ends.add(CallEnd(self.app, self.token_id, self.admission_id, tokens, utcnow()))
+            call_ends.add(CallEnd(self.app, self.token_id, self.admitted_in, tokens, utcnow()))
 
 
 def init_limits(app):
@@ -262,14 +259,14 @@ def admit_within_token_limits(admission, token_id, limits):
     A change of its limits since the request's credentials were read applies."""
     now = utcnow()
     names = ledger.limit_names_of(limits)
+    window_of = partial(ledger.window_of, slot_lifetime=slot_lifetime())
     if limits.requests_per_minute is None and limits.max_parallel is None:
-        limits, window, exceeded = judged(ledger.window_of, token_id, names, now)
+        limits, window, exceeded = judged(window_of, token_id, names, now)
     else:
         with ledger.locked_token(token_id) as transaction:
-            call_ends.write_in(transaction, call_ends.take(admission.app))
-            limits, window, exceeded = judged(partial(ledger.window_of, transaction=transaction), token_id, names, now)
+            limits, window, exceeded = judged(partial(window_of, transaction=transaction), token_id, names, now)
             if limits and not exceeded:
-                admission.admission_id = ledger.admit(transaction, token_id, now, slot_expiry(limits, now))
+                admission.admitted_in = ledger.admit(transaction, token_id, now)
     if not limits:  # gone, or its limits lifted meanwhile
         return
     g.rate_limit_headers = rate_limit_headers(limits, window, now, admitted=not exceeded)
@@ -278,11 +275,9 @@ def admit_within_token_limits(admission, token_id, limits):
     admission.token_id = token_id
 
 
-def slot_expiry(limits, now):
-    """When a slot is given back if its process dies before its call ends (None: no slot)."""
-    if limits.max_parallel is None:
-        return None
-    return now + timedelta(seconds=current_app.config["GATEWAY_TIMEOUT"]) + SLOT_MARGIN
+def slot_lifetime():
+    """How long a slot counts if its process dies before its call ends."""
+    return timedelta(seconds=current_app.config["GATEWAY_TIMEOUT"]) + ledger.SLOT_MARGIN
 
 
 def judged(window_of, token_id, limit_names, now):
@@ -326,27 +321,22 @@ def waits(token_id, exceeded, limits, window, now):
     """{limit name: seconds until it would admit a call} of each limit the call is over."""
     seconds = {}
     for name in exceeded:
-        if name == "requests_per_minute":
-            leaving = ledger.nth_oldest_request(token_id, now, window.requests - limits.requests_per_minute)
-            seconds[name] = seconds_until(leaving + ledger.MINUTE, now) if leaving else 1
-        elif name == "max_parallel":
+        if name == "max_parallel":
             seconds[name] = 1  # a slot comes free when a call ends
         else:
-            by_minute = name == "tokens_per_minute"
-            tokens = window.minute_tokens if by_minute else window.day_tokens
-            window_length = ledger.MINUTE if by_minute else ledger.DAY
-            below_at = below_limit_at(token_id, window_length, tokens, getattr(limits, name), now)
-            seconds[name] = seconds_until(below_at, now)
+            counted = getattr(window, ledger.COUNTED[name][2])
+            seconds[name] = seconds_until(below_limit_at(token_id, name, counted, getattr(limits, name), now), now)
     return seconds
 
 
-def below_limit_at(token_id, window_length, tokens, limit, now):
-    """When the window's tokens will have fallen below the limit, its oldest buckets gone
+def below_limit_at(token_id, limit_name, counted, limit, now):
+    """When the window's count will have fallen below the limit, its oldest buckets gone
     (the tokens of this process's ends not yet written last: they are in the current bucket)."""
+    window_length = ledger.COUNTED[limit_name][1]
     span = timedelta(seconds=ledger.SPANS[window_length])
-    for starts_at, bucket_tokens in ledger.token_buckets(token_id, window_length, now):
-        tokens -= bucket_tokens
-        if tokens < limit:
+    for starts_at, bucket_count in ledger.buckets_of(token_id, limit_name, now):
+        counted -= bucket_count
+        if counted < limit:
             return starts_at + span + window_length
     return ledger.bucket_start(now, span.seconds) + span + window_length
 
@@ -389,12 +379,13 @@ def rate_limit_headers(limits, window, now, admitted):
     headers = {}
     if limits.requests_per_minute is not None:
         used = window.requests + admitted
-        oldest = window.oldest_request or now
+        oldest_bucket = window.oldest_request_bucket or ledger.bucket_start(now, ledger.SECOND_SPAN)
+        leaves_at = oldest_bucket + timedelta(seconds=ledger.SECOND_SPAN) + ledger.MINUTE
         headers.update(
             {
                 "x-ratelimit-limit-requests": str(limits.requests_per_minute),
                 "x-ratelimit-remaining-requests": str(max(0, limits.requests_per_minute - used)),
-                "x-ratelimit-reset-requests": duration((oldest + ledger.MINUTE - now).total_seconds()),
+                "x-ratelimit-reset-requests": duration((leaves_at - now).total_seconds()),
             }
         )
     tokens_limits = (

@@ -26,6 +26,8 @@ sys.path.insert(0, ROOT)
 
 from access.tokens import create_token  # noqa: E402
 from app import create_app  # noqa: E402
+from bench.gateway import BENCH_LIMITS  # noqa: E402
+from models import TokenLimits  # noqa: E402
 from serving.cli import create_first_admin  # noqa: E402
 from storage.users import user_named  # noqa: E402
 from tests.conftest import basic_auth, provider_body  # noqa: E402
@@ -33,18 +35,20 @@ from tests.conftest import basic_auth, provider_body  # noqa: E402
 PROVIDERS = "/api/v1/model_providers"
 CHAT = "/api/v1/openai/chat/completions"
 MODEL_KEY = "sk-bench"  # the key the fake of `python -m tests.fakes` expects
+CHAT_BODY = {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
 # name: (method, path or None for one provider's, credentials, JSON body)
 SCENARIOS = {
     "get one": ("GET", None, "basic", None),
     "get one bearer": ("GET", None, "bearer", None),
     "list 50": ("GET", f"{PROVIDERS}?limit=50", "basic", None),
-    "chat": ("POST", CHAT, "bearer", {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}),
+    "chat": ("POST", CHAT, "bearer", CHAT_BODY),
     "chat stream": (
         "POST",
         CHAT,
         "bearer",
         {"model": "openai:gpt-4o", "messages": [{"role": "user", "content": "Hi fake_pieces=3"}], "stream": True},
     ),
+    "chat limited": ("POST", CHAT, "limited", CHAT_BODY),
 }
 
 
@@ -62,8 +66,13 @@ def seeded_client(instance, providers, fake_port):
         upgrade()
         create_first_admin(app)
         token = create_token(user_named("admin"), "bench")["token"]
+        limited = create_token(user_named("admin"), "bench-limited", limits=TokenLimits(**BENCH_LIMITS))["token"]
     client = app.test_client()
-    authorizations = {"basic": basic_auth("admin", "bench"), "bearer": f"Bearer {token}"}
+    authorizations = {
+        "basic": basic_auth("admin", "bench"),
+        "bearer": f"Bearer {token}",
+        "limited": f"Bearer {limited}",
+    }
     client.environ_base["HTTP_AUTHORIZATION"] = authorizations["basic"]
     fake = provider_body(base_url=f"http://127.0.0.1:{fake_port}/v1", api_key=MODEL_KEY)
     assert client.post(PROVIDERS, json=fake).status_code == 201  # verified: its models indexed

@@ -203,12 +203,13 @@ class CompiledStatement:
 
     def driver_parameters(self, parameters):
         values = self.fixed_values | parameters
-        # A parameter used twice stands twice among positional placeholders.
-        converted = [
-            value if (process := self.bind_processors[name]) is None else process(value)
-            for name, value in ((name, values[name]) for name in self.parameter_names)
-        ]
-        return converted if self.positional else dict(zip(self.parameter_names, converted, strict=True))
+        converted = {
+            name: value if (process := self.bind_processors[name]) is None else process(value)
+            for name, value in values.items()
+            if name in self.bind_processors
+        }
+        # A parameter used twice stands twice among positional placeholders (converted once).
+        return [converted[name] for name in self.parameter_names] if self.positional else converted
 
     def values_of(self, row):
         values = list(row)
