@@ -467,6 +467,16 @@ def test_a_rejected_provider_key_is_a_502_not_the_clients_401(registry, fake_ups
     assert MODEL_KEY not in response.get_data(as_text=True)
 
 
+def test_streams_one_after_another_reuse_the_upstreams_connection(registry, fake_upstream, protocol):
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    register(registry, upstream)
+    assert protocol.ends_properly(ask(registry, protocol, stream=True).get_data(as_text=True))
+    connections = upstream.connections
+    for _ in range(3):
+        assert protocol.ends_properly(ask(registry, protocol, stream=True).get_data(as_text=True))
+    assert upstream.connections == connections
+
+
 def test_a_failure_after_the_first_chunk_is_the_protocols_error_event(registry, fake_upstream, protocol):
     upstream = fake_upstream(api_key=MODEL_KEY)
     register(registry, upstream)

@@ -12,15 +12,16 @@ import json
 import re
 import string
 import threading
-from contextlib import closing
+from contextlib import closing, suppress
 from functools import lru_cache
+from itertools import islice
 from urllib.parse import unquote
 
 import httpx
 
 from serving.hub import off_the_hub
 from upstreams.errors import UpstreamError, UpstreamFailure, UpstreamRefusal, UpstreamTimeout
-from upstreams.transport import DeadlineTransport, answer_begun
+from upstreams.transport import DeadlineTransport, answer_begun, at_most
 
 UPSTREAM_TEXT_LIMIT = 2000  # an upstream error's message, as passed on
 UPSTREAM_FIELD_LIMIT = 200  # its type, param and code
@@ -28,6 +29,8 @@ MAX_ANSWER_BYTES = 16 * 1024 * 1024  # a non-streamed answer (or error)
 MAX_EVENT_BYTES = 1024 * 1024  # one line, and one event, of a stream
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_COUNT = 2**53  # the largest token count taken from an upstream
+# What is read after a stream's last event, to keep its connection (read_the_rest).
+REST_SECONDS, REST_EVENTS = 0.05, 4
 REDACTED = "[redacted]"
 
 
@@ -639,14 +642,25 @@ def has_finished(event):
     return any(choice.get("finish_reason") for choice in event["choices"])
 
 
+def read_the_rest(events):
+    """Read what follows a stream's last event (the end of its chunked body) for a moment,
+    so that its connection goes back to the pool instead of being closed: a new connection
+    for every stream costs a connect (and a TLS handshake). Whatever comes or fails is dropped."""
+    with suppress(UpstreamError), at_most(REST_SECONDS):
+        for _ in islice(events, REST_EVENTS):
+            pass
+
+
 def json_events(response, target, *tokens):
     """Each event of an SSE stream as a checked chunk without the key or the tokens, until
     `[DONE]`; an error event raises (without them too), and so does a stream that ends
     before the model finished (a cut connection)."""
     finished = False
     secrets = secrets_of(target, *tokens)
-    for data in sse_events(response, target):
+    events = sse_events(response, target)
+    for data in events:
         if data.strip() == b"[DONE]":
+            read_the_rest(events)
             return
         try:
             event = json_of(data, refuse_constant, secrets)

@@ -151,6 +151,13 @@ def deadline(seconds):
     return Deadline(seconds).bounding()
 
 
+def at_most(seconds):
+    """Bound the upstream work inside to `seconds`, or to the deadline under way if it ends sooner."""
+    bounds = _bounds.get()
+    ends_at = time.monotonic() + seconds
+    return _bounded(ends_at if bounds is None else min(ends_at, bounds[0]))
+
+
 def answer_begun():
     """The answer's status and headers came: what is read inside (its body) is bounded by
     the deadline alone, no longer by the wait for the answer to start."""

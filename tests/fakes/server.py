@@ -119,6 +119,11 @@ class FakeHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body go out as separate writes
     upstream = None
     base_path = ""
+    stream_open = False  # a stream's body begun and not ended
+
+    def setup(self):
+        super().setup()
+        self.upstream.count_connection()
 
     def log_message(self, format, *args):
         pass
@@ -165,9 +170,8 @@ class FakeHandler(BaseHTTPRequestHandler):
         refusal = self.refusal(path, body)
         if refusal:
             return self.answer(*refusal)
-        if self.upstream.script:
-            return self.upstream.script(self, body)
-        return route(body)
+        (self.upstream.script or (lambda handler, body: route(body)))(self, body)
+        self.end_stream()
 
     def path_under_base(self, path):
         return path.removeprefix(self.base_path) if path.startswith(self.base_path) else path
@@ -265,28 +269,39 @@ class FakeHandler(BaseHTTPRequestHandler):
             return
 
     def start_stream(self):
+        """A stream's headers: its body chunked, its connection kept for the next request, as
+        the real servers send them."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
+        self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        self.stream_open = True
 
     def send_events(self, events, interval):
-        """Each event as it is due (`break_after_chunks` cuts the stream short); a client gone
-        away (the registry closing its call) is counted."""
+        """Each event as it is due, in a chunk of its own (`break_after_chunks` closes the
+        connection short of the body's end); a client gone away (the registry closing its
+        call) is counted."""
         upstream = self.upstream
         try:
             for number, event in enumerate(events):
                 if upstream.break_after_chunks is not None and number >= upstream.break_after_chunks:
-                    return  # the connection closes without the stream's end
-                self.wfile.write(event)
+                    self.close_connection = True
+                    return
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
                 self.wfile.flush()
                 if interval:
                     time.sleep(interval)
         except (BrokenPipeError, ConnectionResetError):
             upstream.count_cut_stream()
-        finally:
             self.close_connection = True
+
+    def end_stream(self):
+        """The end of a stream's body, unless its connection is being closed short of it."""
+        if self.stream_open and not self.close_connection:
+            with contextlib.suppress(OSError):
+                self.wfile.write(b"0\r\n\r\n")
+        self.stream_open = False
 
     def stream(self, events, body):
         """Answer with these SSE events, `chunk_interval` (or a benchmark's `fake_interval`) apart."""

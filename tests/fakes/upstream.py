@@ -59,6 +59,7 @@ class FakeUpstream:
         self.break_after_chunks = None  # close a stream after this many events
         self.token_lifetime = 3600
         self.hits = 0
+        self.connections = 0  # accepted
         self.calls = []
         self.sent_bytes = 0
         self.iam_exchanges = 0
@@ -128,6 +129,10 @@ class FakeUpstream:
             self.hits += 1
             if body is not None:
                 self.calls.append((path, headers, body))
+
+    def count_connection(self):
+        with self._lock:
+            self.connections += 1
 
     def count_sent(self, size):
         with self._lock:
