@@ -191,7 +191,8 @@ def probe(targets):
     given_up = UpstreamTimeout(f"no answer within {deadline:g} s (timeout)")
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="probe")
     try:
-        target_of_future = {pool.submit(listing_or_error, target): target for target in targets}
+        with no_connection():  # the read of the targets ends before the first probe starts
+            target_of_future = {pool.submit(listing_or_error, target): target for target in targets}
         for outcomes in arrivals(target_of_future, time.monotonic() + deadline, given_up):
             write_outcomes(outcomes)
     finally:
