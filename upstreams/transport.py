@@ -119,6 +119,7 @@ class ReadBeside:
                     if self.stopped:
                         return
                     self.queue.put(item)
+                    time.sleep(0)  # the caller relays the item now, not after every item already received
         except BaseException as failure:  # handed over, or the reader interrupted
             error = failure
         finally:
