@@ -1188,3 +1188,12 @@ def test_a_provider_key_that_cannot_be_opened_fails_only_that_provider(registry,
 def test_an_empty_model_is_400(registry):
     response = call_model(registry, chat_body(""))
     assert response.status_code == 400 and response.get_json()["error"]["param"] == "model"
+
+
+def test_a_cookie_an_upstream_sets_is_not_sent_with_later_calls(registry, fake_upstream):
+    upstream = fake_upstream(api_key=MODEL_KEY)
+    register(registry, upstream)
+    upstream.fail_with(400, headers={"Set-Cookie": "affinity=the-first-caller; Path=/"})
+    for _ in range(2):
+        assert call_model(registry, chat_body()).status_code == 400
+    assert [headers.get("Cookie") for _, headers, _ in upstream.calls] == [None, None]

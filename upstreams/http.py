@@ -59,10 +59,29 @@ class Clients:
             return self._clients[purpose]
 
 
+class KeptNone(httpx.Cookies):
+    """A cookie jar that keeps no cookie (httpx's client has no switch for that)."""
+
+    def extract_cookies(self, response):
+        pass
+
+
+KEPT_NONE = KeptNone()
+
+
+class UpstreamClient(httpx.Client):
+    """httpx's client with a cookie jar that keeps nothing: a cookie an upstream sets (a
+    session, an affinity) came with one caller's call, and is never sent with another's."""
+
+    @property
+    def cookies(self):
+        return KEPT_NONE
+
+
 def new_client(max_connections):
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=20)
     # Uncompressed answers: the size cap then counts what the upstream really sent.
-    return httpx.Client(
+    return UpstreamClient(
         transport=DeadlineTransport(limits),
         headers={"Accept-Encoding": "identity"},
         follow_redirects=False,
