@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test test-postgres lint format bench bench-throughput bench-gateway bench-usage bench-console clean
+.PHONY: run test test-fast test-postgres lint format bench bench-throughput bench-gateway bench-usage bench-console clean
 
 # The virtual environment, rebuilt when the pinned requirements change.
 $(INSTALLED): requirements.txt requirements-dev.txt
@@ -28,6 +28,10 @@ run: $(INSTALLED)
 test: $(INSTALLED) lint $(CHROMIUM)
 	$(BIN)/python -m pytest -m "not timed" -n 3
 	$(BIN)/python -m pytest -m timed
+
+# Every test that runs in process (no server, nothing that runs for seconds): under a minute.
+test-fast: $(INSTALLED)
+	$(BIN)/python -m pytest -m "not slow" -n 3
 
 # The suite on PostgreSQL: a database per test, copied from a migrated template. The
 # default is what `.ci/start-postgres` sets up on this machine's PostgreSQL 15.

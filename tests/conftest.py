@@ -1,12 +1,12 @@
 """The suite's fixtures, and its lanes.
 
 A test marked `server` starts gunicorn: through start_gunicorn or start_instances (marked
-here), or through Gunicorn itself (marked in its module). Such tests time answers under
-load, so they run one at a time. Every server test is also `slow`, as is a test marked so
-for running for seconds in-process.
+here), or through Gunicorn itself (marked in its module). Every server test is also `slow`,
+as is a test marked so for running for seconds in-process; a test marked `timed` times
+answers under load.
 
-- Fast lane, under a minute on two cores: `pytest -m "not slow" -n 2`.
-- `make test`: lint, `pytest -m "not server" -n 2`, then `pytest -m server` alone.
+- Fast lane, under a minute on two cores: `make test-fast` (`pytest -m "not slow" -n 3`).
+- `make test`: lint, `pytest -m "not timed" -n 3`, then `pytest -m timed` alone.
 """
 
 import base64
