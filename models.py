@@ -439,12 +439,12 @@ class TokenLimits:
 
 
 class LimitBucket(db.Model):
-    """What a limited token's calls did in one second (`span` 1) or one minute (`span` 60):
-    the calls admitted in it, the slots they hold (a call's slot is given back when it ends;
-    if its process dies, it stops counting a while after the call's deadline), and the
-    tokens (input + output) of the calls that ended in it. A window's counts are the sums of
-    at most 61 rows (a minute's, of seconds) or 1441 (a day's, of minutes), however many
-    calls there were."""
+    """What a limited token's calls did in one second (`span` 1), minute (60) or hour
+    (3600): the calls admitted in it, the slots they hold (seconds only; a call's slot is
+    given back when it ends; if its process dies, it stops counting a while after the call's
+    deadline), and the tokens (input + output) of the calls that ended in it. A window's
+    counts are the sums of at most 61 rows (a minute's, of seconds) or 85 (a day's: the
+    minutes of its oldest hour, then whole hours), however many calls there were."""
 
     __tablename__ = "limit_buckets"
     __table_args__ = {"sqlite_with_rowid": False}

@@ -1,6 +1,6 @@
-"""The bookkeeping of token limits: buckets of a second and of a minute per limited token
-(models.LimitBucket), counting the calls admitted, the slots they hold and the tokens they
-used.
+"""The bookkeeping of token limits: buckets of a second, a minute and an hour per limited
+token (models.LimitBucket), counting the calls admitted, the slots they hold and the tokens
+they used.
 
 A token's admissions are made one at a time, in every worker and instance: on SQLite under
 the database's write lock (taken cooperatively, storage/sqlite.py), elsewhere under a lock
@@ -12,13 +12,15 @@ its current second. It is the one write of the registry made so, being on the pa
 call of a limited token; the ends of calls are written in batches, off the calls' path.
 
 A bucket counts in a window while any part of it is in the window, so a window never counts
-too few: a call admitted in a second counts for up to a second more than 60 s.
+too few: a call admitted in a second counts for up to a second more than 60 s. The day's
+edge is counted by the minute, its whole hours by the hour (window_parts).
 """
 
+import operator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import cache
+from functools import cache, reduce
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -28,8 +30,9 @@ from storage.connections import DirectStatement, direct_transaction, read_connec
 
 MINUTE = timedelta(minutes=1)
 DAY = timedelta(days=1)
-SECOND_SPAN, MINUTE_SPAN = 1, 60
-SPANS = {MINUTE: SECOND_SPAN, DAY: MINUTE_SPAN}
+HOUR = timedelta(hours=1)
+SECOND_SPAN, MINUTE_SPAN, HOUR_SPAN = 1, 60, 3600
+SPANS = {MINUTE: SECOND_SPAN, DAY: MINUTE_SPAN}  # the buckets that tell each window's edge
 # A slot whose process died stops counting this long after its call's deadline.
 SLOT_MARGIN = timedelta(seconds=60)
 
@@ -56,21 +59,30 @@ PRUNE = DirectStatement(
                 sa.or_(BUCKETS.slots <= 0, BUCKETS.starts_at <= sa.bindparam("slots_after")),
             ),
             sa.and_(BUCKETS.span == MINUTE_SPAN, BUCKETS.starts_at <= sa.bindparam(f"buckets_after_{MINUTE_SPAN}")),
+            sa.and_(BUCKETS.span == HOUR_SPAN, BUCKETS.starts_at <= sa.bindparam(f"buckets_after_{HOUR_SPAN}")),
         ),
     )
 )
 
 
 def bucket_start(moment, span):
-    return moment.replace(microsecond=0) if span == SECOND_SPAN else moment.replace(second=0, microsecond=0)
+    """The start of the bucket of `span` seconds (a second, a minute or an hour) that holds `moment`."""
+    if span == SECOND_SPAN:
+        return moment.replace(microsecond=0)
+    if span == MINUTE_SPAN:
+        return moment.replace(second=0, microsecond=0)
+    return moment.replace(minute=0, second=0, microsecond=0)
 
 
 def window_parameters(token_id, now, slot_lifetime):
     """The parameters of the token's windows now; `slot_lifetime`: a call's deadline and SLOT_MARGIN."""
+    day_buckets_after = now - DAY - timedelta(seconds=MINUTE_SPAN)
     return {
         "token_id": token_id,
         f"buckets_after_{SECOND_SPAN}": now - MINUTE - timedelta(seconds=SECOND_SPAN),
-        f"buckets_after_{MINUTE_SPAN}": now - DAY - timedelta(seconds=MINUTE_SPAN),
+        f"buckets_after_{MINUTE_SPAN}": day_buckets_after,
+        f"buckets_after_{HOUR_SPAN}": now - DAY - HOUR,
+        "whole_hours_from": bucket_start(day_buckets_after, HOUR_SPAN) + HOUR,
         "slots_after": now - slot_lifetime,
     }
 
@@ -102,11 +114,28 @@ def in_window(window):
     return sa.and_(BUCKETS.span == span, BUCKETS.starts_at > sa.bindparam(f"buckets_after_{span}"))
 
 
+def window_parts(window):
+    """The conditions of the buckets whose sums make the window's: a minute's seconds; a day's
+    minutes up to its first whole hour, then its whole hours (at most 84 rows, not 1441)."""
+    if window == MINUTE:
+        return [in_window(MINUTE)]
+    whole_hours_from = sa.bindparam("whole_hours_from")
+    return [
+        sa.and_(in_window(DAY), BUCKETS.starts_at < whole_hours_from),
+        sa.and_(BUCKETS.span == HOUR_SPAN, BUCKETS.starts_at >= whole_hours_from),
+    ]
+
+
 def oldest_counted(column, window):
     """The start of the oldest bucket counting in the window with some of `column`: found
     at the start of the key's range, however many there are."""
     counted = (BUCKETS.token_id == TOKEN_ID, in_window(window), column > 0)
     return sa.select(sa.func.min(BUCKETS.starts_at)).where(*counted).scalar_subquery()
+
+
+def sum_of(subqueries, label):
+    """The sum of the column `label` of each of the one-row subqueries, labelled so."""
+    return reduce(operator.add, (subquery.c[label] for subquery in subqueries)).label(label)
 
 
 def sums_in(condition, labelled_columns):
@@ -126,11 +155,15 @@ def window_statement(limit_names):
         column, window, total_label, oldest_label = COUNTED[name]
         sums[window][total_label] = column
         oldest.append(oldest_counted(column, window).label(oldest_label))
-    windows = [sums_in(in_window(window), columns) for window, columns in sums.items() if columns]
+    parts = {window: window_parts(window) for window, columns in sums.items() if columns}
     if "max_parallel" in limit_names:
-        holding = sa.and_(BUCKETS.span == SECOND_SPAN, BUCKETS.starts_at > sa.bindparam("slots_after"))
-        windows.append(sums_in(holding, {"in_flight": BUCKETS.slots}))
-    counts = [column for window in windows for column in window.c]
+        sums["slots"] = {"in_flight": BUCKETS.slots}
+        parts["slots"] = [sa.and_(BUCKETS.span == SECOND_SPAN, BUCKETS.starts_at > sa.bindparam("slots_after"))]
+    windows, counts = [], []
+    for window, conditions in parts.items():
+        subqueries = [sums_in(condition, sums[window]) for condition in conditions]
+        windows += subqueries
+        counts += [sum_of(subqueries, label) for label in sums[window]]
     return DirectStatement(
         sa.select(*LIMIT_COLUMNS, *counts, *oldest).select_from(TOKENS, *windows).where(TOKENS.c.id == TOKEN_ID)
     )
@@ -202,7 +235,7 @@ def write_ends(transaction, ends, pruned_token_ids, slot_lifetime):
     for end in ends:
         if end.admitted_in is not None:
             slots[end.token_id, end.admitted_in] = slots.get((end.token_id, end.admitted_in), 0) + 1
-        for span in (SECOND_SPAN, MINUTE_SPAN) if end.tokens else ():
+        for span in (SECOND_SPAN, MINUTE_SPAN, HOUR_SPAN) if end.tokens else ():
             key = (end.token_id, span, bucket_start(end.ended_at, span))
             tokens[key] = tokens.get(key, 0) + end.tokens
     for (token_id, admitted_in), count in slots.items():

@@ -240,6 +240,31 @@ def test_tokens_per_day_refuses_until_the_days_tokens_leave_it(registry, upstrea
     assert refused.headers["x-ratelimit-limit-tokens"] == str(CALL_TOKENS)
 
 
+def test_the_days_tokens_are_read_from_its_hours_and_the_minutes_of_its_oldest_hour(registry, upstream):
+    limit = 10**6
+    secret = caller_token(registry, tokens_per_day=limit)
+    token_id = client_as(registry, "admin").get(TOKENS).get_json()["items"][0]["id"]
+    five_hours_ago = utcnow() - timedelta(hours=5)
+    buckets = [  # the hour's tokens, and one of its minutes (the same tokens, counted once)
+        (3600, five_hours_ago.replace(minute=0, second=0, microsecond=0), 1000),
+        (60, five_hours_ago.replace(second=0, microsecond=0), 7),
+    ]
+    with registry.app_context():
+        for span, starts_at, tokens in buckets:
+            row = {"token_id": token_id, "span": span, "starts_at": starts_at, "tokens": tokens}
+            db.session.execute(sa.insert(LIMIT_BUCKETS).values(row))
+        db.session.commit()
+    answer = chat(registry, secret)
+    assert answer.status_code == 200 and answer.headers["x-ratelimit-remaining-tokens"] == str(limit - 1000)
+
+    def hours_tokens():
+        with registry.app_context():
+            hours = sa.select(sa.func.sum(LIMIT_BUCKETS.c.tokens)).where(LIMIT_BUCKETS.c.span == 3600)
+            return db.session.scalar(hours)
+
+    assert wait_for(lambda: hours_tokens() == 1000 + CALL_TOKENS, timeout=5)  # the call's end, in its hour
+
+
 def test_max_parallel_refuses_the_call_beyond_it_and_frees_slots_as_calls_end(registry, upstream):
     secret = caller_token(registry, max_parallel=2)
     chat(registry, secret)  # the first call of the process opens its connections
@@ -273,6 +298,7 @@ def test_the_ends_of_calls_delete_the_buckets_no_window_counts(registry, upstrea
     secret = caller_token(registry, max_parallel=5, tokens_per_day=10**6)
     token_id = client_as(registry, "admin").get(TOKENS).get_json()["items"][0]["id"]
     now = utcnow().replace(microsecond=0)
+    this_hour = now.replace(minute=0, second=0)
     slot_lifetime = timedelta(seconds=registry.config["GATEWAY_TIMEOUT"] + 60)
     buckets = {
         (1, now - timedelta(minutes=2), 0): False,  # out of the minute, no slot held
@@ -280,6 +306,8 @@ def test_the_ends_of_calls_delete_the_buckets_no_window_counts(registry, upstrea
         (1, now - slot_lifetime - timedelta(seconds=5), 1): False,  # a slot of a process that died
         (60, now - timedelta(hours=1), 0): True,
         (60, now - timedelta(days=1, minutes=2), 0): False,
+        (3600, this_hour - timedelta(hours=3), 0): True,
+        (3600, this_hour - timedelta(days=1, hours=2), 0): False,
     }
     with registry.app_context():
         for span, starts_at, slots in buckets:
@@ -291,8 +319,11 @@ def test_the_ends_of_calls_delete_the_buckets_no_window_counts(registry, upstrea
     def old_buckets():
         with registry.app_context():
             columns = (LIMIT_BUCKETS.c.span, LIMIT_BUCKETS.c.starts_at, LIMIT_BUCKETS.c.slots)
-            rows = db.session.execute(sa.select(*columns).where(LIMIT_BUCKETS.c.starts_at < now - timedelta(minutes=1)))
-            return set(map(tuple, rows))
+            old = (  # not the buckets of the call: its second, minute and hour
+                LIMIT_BUCKETS.c.starts_at < now - timedelta(minutes=1),
+                sa.or_(LIMIT_BUCKETS.c.span != 3600, LIMIT_BUCKETS.c.starts_at < this_hour),
+            )
+            return set(map(tuple, db.session.execute(sa.select(*columns).where(*old))))
 
     wait_for(lambda: old_buckets() == {bucket for bucket, kept in buckets.items() if kept}, timeout=5)
     assert old_buckets() == {bucket for bucket, kept in buckets.items() if kept}
