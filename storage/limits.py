@@ -65,13 +65,17 @@ PRUNE = DirectStatement(
 )
 
 
+# span -> the fields of a moment that its bucket's start sets to 0
+TRUNCATED = {
+    SECOND_SPAN: {"microsecond": 0},
+    MINUTE_SPAN: {"second": 0, "microsecond": 0},
+    HOUR_SPAN: {"minute": 0, "second": 0, "microsecond": 0},
+}
+
+
 def bucket_start(moment, span):
     """The start of the bucket of `span` seconds (a second, a minute or an hour) that holds `moment`."""
-    if span == SECOND_SPAN:
-        return moment.replace(microsecond=0)
-    if span == MINUTE_SPAN:
-        return moment.replace(second=0, microsecond=0)
-    return moment.replace(minute=0, second=0, microsecond=0)
+    return moment.replace(**TRUNCATED[span])
 
 
 def window_parameters(token_id, now, slot_lifetime):
@@ -155,15 +159,15 @@ def window_statement(limit_names):
         column, window, total_label, oldest_label = COUNTED[name]
         sums[window][total_label] = column
         oldest.append(oldest_counted(column, window).label(oldest_label))
-    parts = {window: window_parts(window) for window, columns in sums.items() if columns}
+    summed = [(window_parts(window), columns) for window, columns in sums.items() if columns]
     if "max_parallel" in limit_names:
-        sums["slots"] = {"in_flight": BUCKETS.slots}
-        parts["slots"] = [sa.and_(BUCKETS.span == SECOND_SPAN, BUCKETS.starts_at > sa.bindparam("slots_after"))]
+        holding = sa.and_(BUCKETS.span == SECOND_SPAN, BUCKETS.starts_at > sa.bindparam("slots_after"))
+        summed.append(([holding], {"in_flight": BUCKETS.slots}))
     windows, counts = [], []
-    for window, conditions in parts.items():
-        subqueries = [sums_in(condition, sums[window]) for condition in conditions]
+    for conditions, columns in summed:
+        subqueries = [sums_in(condition, columns) for condition in conditions]
         windows += subqueries
-        counts += [sum_of(subqueries, label) for label in sums[window]]
+        counts += [sum_of(subqueries, label) for label in columns]
     return DirectStatement(
         sa.select(*LIMIT_COLUMNS, *counts, *oldest).select_from(TOKENS, *windows).where(TOKENS.c.id == TOKEN_ID)
     )
