@@ -128,9 +128,9 @@ class DirectStatement:
         """Every row a read finds, in its order, read as `first` reads."""
         return self._read(parameters, every_row=True)
 
-    def first_on(self, dbapi_connection, **parameters):
-        """The first row on this DBAPI connection, in its transaction (direct_transaction's)."""
-        rows = self._rows(dbapi_connection, db.engine.dialect, parameters, every_row=False)
+    def first_on(self, transaction, **parameters):
+        """The first row in a DirectTransaction (direct_transaction's)."""
+        rows = self._rows(transaction.dbapi_connection, transaction.dialect, parameters, every_row=False)
         return rows[0] if rows else None
 
     def _read(self, parameters, every_row):
@@ -178,7 +178,7 @@ class CompiledStatement:
     parameter_names: tuple  # in the order of a positional paramstyle's placeholders
     positional: bool
     fixed_values: dict  # parameter name -> the value the statement holds (a literal)
-    bind_processors: dict  # parameter name -> function or None
+    bind_processors: tuple  # (parameter name, function) of each parameter whose values are converted
     returns_rows: bool
     converted_columns: tuple  # (position, function) of each returned column whose values are converted
 
@@ -192,7 +192,11 @@ class CompiledStatement:
             tuple(names),
             compiled.positiontup is not None,
             {name: bind.value for name, bind in binds.items() if not bind.required},
-            {name: bind.type.dialect_impl(dialect).bind_processor(dialect) for name, bind in binds.items()},
+            tuple(
+                (name, process)
+                for name, bind in binds.items()
+                if (process := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+            ),
             bool(statement.exported_columns),
             tuple(
                 (position, process)
@@ -203,13 +207,10 @@ class CompiledStatement:
 
     def driver_parameters(self, parameters):
         values = self.fixed_values | parameters
-        converted = {
-            name: value if (process := self.bind_processors[name]) is None else process(value)
-            for name, value in values.items()
-            if name in self.bind_processors
-        }
+        for name, process in self.bind_processors:
+            values[name] = process(values[name])
         # A parameter used twice stands twice among positional placeholders (converted once).
-        return [converted[name] for name in self.parameter_names] if self.positional else converted
+        return [values[name] for name in self.parameter_names] if self.positional else values
 
     def values_of(self, row):
         values = list(row)
@@ -240,10 +241,14 @@ def dbapi_connection_of(engine):
         lookup_connections.give_back(dbapi_connection)
 
 
+DirectTransaction = namedtuple("DirectTransaction", "dbapi_connection dialect")
+
+
 @contextmanager
 def direct_transaction():
     """One short transaction on a DBAPI connection of its own, outside the session, for
-    DirectStatements (`first_on`): committed when the block ends, rolled back if it raises.
+    DirectStatements (`first_on`), a DirectTransaction: committed when the block ends, rolled
+    back if it raises.
     On SQLite the write lock is taken first (cooperatively).
 
     The write every call of a limited token makes (storage/limits.py) runs so: through the
@@ -255,7 +260,7 @@ def direct_transaction():
         try:
             if engine.dialect.name == "sqlite":
                 take_write_lock(dbapi_connection)
-            yield dbapi_connection
+            yield DirectTransaction(dbapi_connection, engine.dialect)
             dbapi_connection.commit()
         except BaseException as error:
             with suppress(dbapi_error):

@@ -25,7 +25,7 @@ from functools import cache, reduce
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from models import LIMIT_BUCKETS, LIMIT_COLUMNS, TOKENS, TokenLimits, db
+from models import LIMIT_BUCKETS, LIMIT_COLUMNS, LIMIT_NAMES, TOKENS, TokenLimits
 from storage.connections import DirectStatement, direct_transaction, read_connection
 
 MINUTE = timedelta(minutes=1)
@@ -104,7 +104,6 @@ class Window:
     oldest_day_bucket: datetime | None = None
 
 
-WINDOW_FIELDS = frozenset(Window.__dataclass_fields__)
 # limit name -> (the bucket column it counts, its window, the Window fields of the sum and of its oldest bucket)
 COUNTED = {
     "requests_per_minute": (BUCKETS.requests, MINUTE, "requests", "oldest_request_bucket"),
@@ -151,8 +150,8 @@ def sums_in(condition, labelled_columns):
 @cache
 def window_statement(limit_names):
     """One SELECT of the token's limits and of every count the named limits need, each
-    window's buckets read once (a DirectStatement, built once per set of names); no row when
-    the token is gone."""
+    window's buckets read once (a DirectStatement, built once per set of names, whose row is
+    (TokenLimits, Window)); no row when the token is gone."""
     sums = {MINUTE: {}, DAY: {}}
     oldest = []
     for name in sorted(limit_names & COUNTED.keys()):
@@ -168,13 +167,20 @@ def window_statement(limit_names):
         subqueries = [sums_in(condition, columns) for condition in conditions]
         windows += subqueries
         counts += [sum_of(subqueries, label) for label in columns]
+    labels = [column.name for column in counts + oldest]
+
+    def limits_and_window(*values):
+        limits, counts = values[: len(LIMIT_COLUMNS)], values[len(LIMIT_COLUMNS) :]
+        return TokenLimits(*limits), Window(**dict(zip(labels, counts, strict=True)))
+
     return DirectStatement(
-        sa.select(*LIMIT_COLUMNS, *counts, *oldest).select_from(TOKENS, *windows).where(TOKENS.c.id == TOKEN_ID)
+        sa.select(*LIMIT_COLUMNS, *counts, *oldest).select_from(TOKENS, *windows).where(TOKENS.c.id == TOKEN_ID),
+        make_row=limits_and_window,
     )
 
 
 def limit_names_of(limits):
-    return frozenset(name for name, value in limits.as_dict().items() if value is not None)
+    return frozenset(name for name in LIMIT_NAMES if getattr(limits, name) is not None)
 
 
 @contextmanager
@@ -183,7 +189,7 @@ def locked_token(token_id):
     admissions are made one at a time: on SQLite the write lock does, elsewhere a lock of
     the token's row. Committed when the block ends."""
     with direct_transaction() as transaction:
-        if db.engine.dialect.name != "sqlite":
+        if transaction.dialect.name != "sqlite":
             LOCK_TOKEN.first_on(transaction, token_id=token_id)
         yield transaction
 
@@ -192,11 +198,7 @@ def window_of(token_id, limit_names, now, slot_lifetime, transaction=None):
     """(the token's limits, what the named limits count now), read in the token's locked
     transaction or as a plain read; None when the token is gone."""
     statement, parameters = window_statement(limit_names), window_parameters(token_id, now, slot_lifetime)
-    row = statement.first(**parameters) if transaction is None else statement.first_on(transaction, **parameters)
-    if row is None:
-        return None
-    counts = row._asdict()
-    return TokenLimits.of(row), Window(**{name: counts[name] for name in counts if name in WINDOW_FIELDS})
+    return statement.first(**parameters) if transaction is None else statement.first_on(transaction, **parameters)
 
 
 def buckets_of(token_id, limit_name, now):
@@ -224,7 +226,7 @@ def admit(transaction, token_id, now):
     """Count a call admitted now, holding a slot: the bucket (its second's start) whose slot
     its end gives back."""
     admitted_in = bucket_start(now, SECOND_SPAN)
-    upsert_statement(db.engine.dialect.name, "requests", "slots").first_on(
+    upsert_statement(transaction.dialect.name, "requests", "slots").first_on(
         transaction, token_id=token_id, span=SECOND_SPAN, starts_at=admitted_in, requests=1, slots=1, tokens=0
     )
     return admitted_in
@@ -244,7 +246,7 @@ def write_ends(transaction, ends, pruned_token_ids, slot_lifetime):
             tokens[key] = tokens.get(key, 0) + end.tokens
     for (token_id, admitted_in), count in slots.items():
         GIVE_BACK_SLOTS.first_on(transaction, of_token_id=token_id, admitted_in=admitted_in, slots_given_back=count)
-    add_tokens = upsert_statement(db.engine.dialect.name, "tokens")
+    add_tokens = upsert_statement(transaction.dialect.name, "tokens")
     for (token_id, span, starts_at), count in tokens.items():
         add_tokens.first_on(
             transaction, token_id=token_id, span=span, starts_at=starts_at, requests=0, slots=0, tokens=count
