@@ -241,15 +241,15 @@ def dbapi_connection_of(engine):
         lookup_connections.give_back(dbapi_connection)
 
 
+# What DirectStatement.first_on runs in: the DBAPI connection and its dialect, looked up once.
 DirectTransaction = namedtuple("DirectTransaction", "dbapi_connection dialect")
 
 
 @contextmanager
 def direct_transaction():
     """One short transaction on a DBAPI connection of its own, outside the session, for
-    DirectStatements (`first_on`), a DirectTransaction: committed when the block ends, rolled
-    back if it raises.
-    On SQLite the write lock is taken first (cooperatively).
+    DirectStatements (`first_on`): a DirectTransaction, committed when the block ends, rolled
+    back if it raises. On SQLite the write lock is taken first (cooperatively).
 
     The write every call of a limited token makes (storage/limits.py) runs so: through the
     session it cost several times as much (bench/README.md).

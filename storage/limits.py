@@ -185,9 +185,9 @@ def limit_names_of(limits):
 
 @contextmanager
 def locked_token(token_id):
-    """A transaction of its own (the DBAPI connection it runs on) in which the token's
-    admissions are made one at a time: on SQLite the write lock does, elsewhere a lock of
-    the token's row. Committed when the block ends."""
+    """A transaction of its own (a DirectTransaction) in which the token's admissions are
+    made one at a time: on SQLite the write lock does, elsewhere a lock of the token's row.
+    Committed when the block ends."""
     with direct_transaction() as transaction:
         if transaction.dialect.name != "sqlite":
             LOCK_TOKEN.first_on(transaction, token_id=token_id)
