@@ -170,8 +170,8 @@ def window_statement(limit_names):
     labels = [column.name for column in counts + oldest]
 
     def limits_and_window(*values):
-        limits, counts = values[: len(LIMIT_COLUMNS)], values[len(LIMIT_COLUMNS) :]
-        return TokenLimits(*limits), Window(**dict(zip(labels, counts, strict=True)))
+        limit_values, count_values = values[: len(LIMIT_COLUMNS)], values[len(LIMIT_COLUMNS) :]
+        return TokenLimits(*limit_values), Window(**dict(zip(labels, count_values, strict=True)))
 
     return DirectStatement(
         sa.select(*LIMIT_COLUMNS, *counts, *oldest).select_from(TOKENS, *windows).where(TOKENS.c.id == TOKEN_ID),
