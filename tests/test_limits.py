@@ -38,6 +38,18 @@ def caller_token(app, **limits):
     return new_token(client_as(app, "service"), role="caller", **({"limits": limits} if limits else {}))["token"]
 
 
+def only_token_id(app):
+    """The id of the one token there is: the test's caller token."""
+    return client_as(app, "admin").get(TOKENS).get_json()["items"][0]["id"]
+
+
+def add_buckets(app, rows):
+    """Limit buckets (dicts of their columns) as the ends of earlier calls would have left them."""
+    with app.app_context():
+        db.session.execute(sa.insert(LIMIT_BUCKETS), rows)
+        db.session.commit()
+
+
 def chat(app, secret, **fields):
     return app.test_client().post(CHAT, json=chat_body(**fields), headers=bearer(secret))
 
@@ -205,7 +217,7 @@ def test_a_limit_changed_by_an_admin_applies_to_the_next_call(registry, upstream
     secret = caller_token(registry, requests_per_minute=1)
     assert chat(registry, secret).status_code == 200
     assert chat(registry, secret).status_code == 429
-    token_id = client_as(registry, "admin").get(TOKENS).get_json()["items"][0]["id"]
+    token_id = only_token_id(registry)
     lifted = client_as(registry, "admin").patch(f"{TOKENS}/{token_id}", json={"limits": {"requests_per_minute": 2}})
     assert lifted.status_code == 200
     assert chat(registry, secret).status_code == 200
@@ -243,17 +255,19 @@ def test_tokens_per_day_refuses_until_the_days_tokens_leave_it(registry, upstrea
 def test_the_days_tokens_are_read_from_its_hours_and_the_minutes_of_its_oldest_hour(registry, upstream):
     limit = 10**6
     secret = caller_token(registry, tokens_per_day=limit)
-    token_id = client_as(registry, "admin").get(TOKENS).get_json()["items"][0]["id"]
+    token_id = only_token_id(registry)
     five_hours_ago = utcnow() - timedelta(hours=5)
     buckets = [  # the hour's tokens, and one of its minutes (the same tokens, counted once)
         (3600, five_hours_ago.replace(minute=0, second=0, microsecond=0), 1000),
         (60, five_hours_ago.replace(second=0, microsecond=0), 7),
     ]
-    with registry.app_context():
-        for span, starts_at, tokens in buckets:
-            row = {"token_id": token_id, "span": span, "starts_at": starts_at, "tokens": tokens}
-            db.session.execute(sa.insert(LIMIT_BUCKETS).values(row))
-        db.session.commit()
+    add_buckets(
+        registry,
+        [
+            {"token_id": token_id, "span": span, "starts_at": starts_at, "tokens": tokens}
+            for span, starts_at, tokens in buckets
+        ],
+    )
     answer = chat(registry, secret)
     assert answer.status_code == 200 and answer.headers["x-ratelimit-remaining-tokens"] == str(limit - 1000)
 
@@ -296,7 +310,7 @@ def test_a_slot_comes_back_whatever_the_calls_end(registry, upstream):
 
 def test_the_ends_of_calls_delete_the_buckets_no_window_counts(registry, upstream):
     secret = caller_token(registry, max_parallel=5, tokens_per_day=10**6)
-    token_id = client_as(registry, "admin").get(TOKENS).get_json()["items"][0]["id"]
+    token_id = only_token_id(registry)
     now = utcnow().replace(microsecond=0)
     this_hour = now.replace(minute=0, second=0)
     slot_lifetime = timedelta(seconds=registry.config["GATEWAY_TIMEOUT"] + 60)
@@ -309,11 +323,13 @@ def test_the_ends_of_calls_delete_the_buckets_no_window_counts(registry, upstrea
         (3600, this_hour - timedelta(hours=3), 0): True,
         (3600, this_hour - timedelta(days=1, hours=2), 0): False,
     }
-    with registry.app_context():
-        for span, starts_at, slots in buckets:
-            row = {"token_id": token_id, "span": span, "starts_at": starts_at, "slots": slots, "tokens": 7}
-            db.session.execute(sa.insert(LIMIT_BUCKETS).values(row))
-        db.session.commit()
+    add_buckets(
+        registry,
+        [
+            {"token_id": token_id, "span": span, "starts_at": starts_at, "slots": slots, "tokens": 7}
+            for span, starts_at, slots in buckets
+        ],
+    )
     assert chat(registry, secret).status_code == 200
 
     def old_buckets():
